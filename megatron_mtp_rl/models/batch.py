@@ -1,0 +1,129 @@
+"""The packed token batch the model consumes, and the depth-k alignment of MTP targets.
+
+Conventions (Megatron's): ``labels[b, i] = tokens[b, i + 1]``; the main head at position
+``i`` scores ``labels[i]``; MTP depth ``k`` (1-based) at position ``p`` scores
+``labels[p + k]``. Several sequences may share a row ("packing"); ``segment_ids`` numbers
+them from 1 and marks padding with 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class TokenBatch:
+    """One micro-batch of packed sequences, all tensors ``[B, S]``."""
+
+    tokens: torch.Tensor  # int64 input ids
+    labels: torch.Tensor  # int64, labels[i] = tokens[i + 1] within a segment, else 0
+    loss_mask: torch.Tensor  # bool: labels[i] is a response token of the same segment
+    segment_ids: torch.Tensor  # int64: 1.. per packed sequence, 0 = padding
+    position_ids: torch.Tensor  # int64: restarts at 0 in every segment
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.tokens.shape)  # type: ignore[return-value]
+
+    def attention_mask(self) -> torch.Tensor:
+        """Block-diagonal causal mask ``[B, 1, S, S]``, True = masked (Megatron's convention).
+
+        A padding position attends only to itself, so no softmax row is empty.
+        """
+        seg = self.segment_ids
+        s = seg.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
+        eye = torch.eye(s, dtype=torch.bool, device=seg.device)
+        allowed = (same & causal) | eye
+        return ~allowed[:, None]
+
+
+def pack_sequences(
+    sequences: list[tuple[list[int], list[int]]],
+    seq_length: int,
+    *,
+    pad_id: int = 0,
+    rows: int | None = None,
+) -> tuple[TokenBatch, list[tuple[int, int, int]]]:
+    """Pack ``(prompt_ids, response_ids)`` pairs into rows of ``seq_length`` (first fit).
+
+    Returns the batch and, per input sequence, ``(row, start, length)`` so per-token
+    results can be mapped back. ``loss_mask`` covers the response tokens.
+    """
+    placements: list[tuple[int, int, int]] = []
+    used: list[int] = []
+    for prompt, response in sequences:
+        n = len(prompt) + len(response)
+        if n > seq_length:
+            raise ValueError(f"sequence of {n} tokens exceeds --seq-length {seq_length}")
+        for r, u in enumerate(used):
+            if u + n <= seq_length:
+                break
+        else:
+            used.append(0)
+            r = len(used) - 1
+        placements.append((r, used[r], n))
+        used[r] += n
+    num_rows = max(rows or 0, len(used), 1)
+    tokens = torch.full((num_rows, seq_length), pad_id, dtype=torch.long)
+    labels = torch.zeros((num_rows, seq_length), dtype=torch.long)
+    loss_mask = torch.zeros((num_rows, seq_length), dtype=torch.bool)
+    segment_ids = torch.zeros((num_rows, seq_length), dtype=torch.long)
+    position_ids = torch.zeros((num_rows, seq_length), dtype=torch.long)
+    next_segment = [1] * num_rows
+    for (prompt, response), (r, start, n) in zip(sequences, placements):
+        ids = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        tokens[r, start : start + n] = ids
+        labels[r, start : start + n - 1] = ids[1:]
+        # labels[i] is token i+1: response tokens start at index len(prompt).
+        loss_mask[r, start + len(prompt) - 1 : start + n - 1] = True
+        segment_ids[r, start : start + n] = next_segment[r]
+        position_ids[r, start : start + n] = torch.arange(n)
+        next_segment[r] += 1
+    return TokenBatch(tokens, labels, loss_mask, segment_ids, position_ids), placements
+
+
+def shift_left(x: torch.Tensor, k: int, fill=0) -> torch.Tensor:
+    """``out[..., p] = x[..., p + k]`` along the last dim, ``fill`` past the end."""
+    if k == 0:
+        return x
+    out = torch.full_like(x, fill)
+    if k < x.shape[-1]:
+        out[..., : x.shape[-1] - k] = x[..., k:]
+    return out
+
+
+def shift_right(x: torch.Tensor, k: int, fill=0) -> torch.Tensor:
+    """``out[..., i] = x[..., i - k]`` along the last dim, ``fill`` before the start."""
+    if k == 0:
+        return x
+    out = torch.full_like(x, fill)
+    if k < x.shape[-1]:
+        out[..., k:] = x[..., : x.shape[-1] - k]
+    return out
+
+
+def mtp_targets(batch: TokenBatch, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and validity of MTP depth ``depth`` in its own frame (position ``p``).
+
+    Depth ``k`` at position ``p`` predicts ``labels[p + k]``. A position is valid when that
+    label is a response token (``loss_mask``), lies inside the row, and belongs to the same
+    packed sequence as position ``p``.
+    """
+    if depth < 1:
+        raise ValueError(f"MTP depth is 1-based, got {depth}")
+    targets = shift_left(batch.labels, depth)
+    same_segment = shift_left(batch.segment_ids, depth, fill=-1) == batch.segment_ids
+    valid = shift_left(batch.loss_mask, depth, fill=False) & same_segment & (batch.segment_ids > 0)
+    return targets, valid
+
+
+def aligned_mtp_mask(batch: TokenBatch, depth: int) -> torch.Tensor:
+    """Validity of depth ``depth`` in the label frame: index ``i`` scores ``labels[i]``."""
+    return shift_right(mtp_targets(batch, depth)[1], depth, fill=False)

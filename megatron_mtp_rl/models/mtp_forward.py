@@ -1,0 +1,156 @@
+"""The RL forward: per-token log-probs of the main head and of every MTP depth.
+
+megatron-core's ``GPTModel.forward`` trains the MTP heads with its own cross-entropy and
+never returns their logits. RL needs the log-probabilities of the *sampled* tokens under
+each head, aligned to the same target token, so this module runs the model's parts
+(embedding → decoder → MTP block → shared output layer) itself and scores targets with the
+vocab-parallel, chunked :func:`~megatron_mtp_rl.ops.vocab_parallel_logprobs`. Full
+vocabulary logits are never gathered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_mtp_rl.models.batch import TokenBatch, mtp_targets, shift_right
+from megatron_mtp_rl.ops import (
+    vocab_parallel_draft_agreement,
+    vocab_parallel_entropy,
+    vocab_parallel_logprobs,
+)
+
+
+@dataclass
+class HeadLogProbs:
+    """Per-token outputs in the label frame: index ``i`` refers to ``labels[:, i]``.
+
+    ``mtp_*`` tensors are ``[D, B, S]``: depth ``k`` (row ``k-1``) at index ``i`` is the
+    depth-k head's score of ``labels[i]``, computed at position ``i - k``.
+    """
+
+    logprobs: torch.Tensor  # [B, S] fp32
+    loss_mask: torch.Tensor  # [B, S] bool
+    mtp_logprobs: torch.Tensor | None = None  # [D, B, S] fp32
+    mtp_mask: torch.Tensor | None = None  # [D, B, S] bool
+    entropy: torch.Tensor | None = None  # [B, S] fp32
+    mtp_accept: torch.Tensor | None = None  # [D, B, S] expected draft acceptance
+    mtp_top1: torch.Tensor | None = None  # [D, B, S] 1.0 where argmax agrees
+
+    @property
+    def num_depths(self) -> int:
+        return 0 if self.mtp_logprobs is None else self.mtp_logprobs.shape[0]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def forward_logprobs(
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    *,
+    with_mtp: bool = True,
+    detach_mtp: bool = False,
+    with_entropy: bool = False,
+    with_draft_stats: bool = False,
+    chunk_size: int | None = None,
+) -> HeadLogProbs | torch.Tensor:
+    """Run this pipeline stage; the last stage returns :class:`HeadLogProbs`.
+
+    ``detach_mtp`` cuts the MTP path off the trunk: the hidden states handed to the MTP
+    block, the token embeddings it looks up and the shared output head are detached, so
+    MTP losses reach the MTP layers only. Non-last pipeline stages return their hidden
+    states for the schedule to send on.
+    """
+    gpt = unwrap(model)
+    attention_mask = batch.attention_mask()
+    pre = gpt._preprocess(
+        input_ids=batch.tokens,
+        position_ids=batch.position_ids,
+        decoder_input=None,
+        inference_context=None,
+        packed_seq_params=None,
+    )
+    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, seq_len_offset = pre[:5]
+    hidden = gpt.decoder(
+        hidden_states=decoder_input,
+        attention_mask=attention_mask,
+        rotary_pos_emb=rotary_pos_emb,
+        rotary_pos_cos=rotary_pos_cos,
+        rotary_pos_sin=rotary_pos_sin,
+        sequence_len_offset=seq_len_offset,
+    )
+    run_mtp = with_mtp and gpt.mtp_process
+    mtp_hidden: list[torch.Tensor] = []
+    if run_mtp:
+        trunk = hidden.detach() if detach_mtp else hidden
+        embedding = gpt.embedding
+        if detach_mtp:
+
+            def embedding(input_ids, position_ids, _emb=gpt.embedding):
+                return _emb(input_ids=input_ids, position_ids=position_ids).detach()
+
+        stacked = gpt.mtp(
+            input_ids=batch.tokens,
+            position_ids=batch.position_ids,
+            hidden_states=trunk,
+            attention_mask=attention_mask,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin,
+            sequence_len_offset=seq_len_offset,
+            embedding=embedding,
+        )
+        mtp_hidden = list(torch.chunk(stacked, 1 + gpt.config.mtp_num_layers, dim=0))[1:]
+    if not gpt.post_process:
+        return hidden
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    labels_sb = batch.labels.t()  # work in Megatron's [S, B] layout: no copy of logits
+    logits, _ = gpt.output_layer(hidden, weight=weight)
+    out = HeadLogProbs(
+        logprobs=vocab_parallel_logprobs(
+            logits, labels_sb, tp_group=tp_group, chunk_size=chunk_size
+        ).t(),
+        loss_mask=batch.loss_mask,
+    )
+    if with_entropy:
+        out.entropy = vocab_parallel_entropy(logits, tp_group=tp_group, chunk_size=chunk_size).t()
+    if not mtp_hidden:
+        return out
+
+    if detach_mtp:
+        weight = (weight if weight is not None else gpt.output_layer.weight).detach()
+    lps, masks, accepts, top1s = [], [], [], []
+    for k, h in enumerate(mtp_hidden, start=1):
+        targets, valid = mtp_targets(batch, k)
+        mtp_logits, _ = gpt.output_layer(h, weight=weight)
+        lp = vocab_parallel_logprobs(mtp_logits, targets.t(), tp_group=tp_group, chunk_size=chunk_size)
+        lps.append(shift_right(lp.t(), k))
+        masks.append(shift_right(valid, k, fill=False))
+        if with_draft_stats:
+            s = logits.shape[0]
+            acc = torch.zeros(batch.shape, dtype=torch.float32, device=lp.device)
+            agree = torch.zeros_like(acc)
+            if k < s:
+                a, t1 = vocab_parallel_draft_agreement(
+                    logits[k:].detach(), mtp_logits[: s - k].detach(),
+                    tp_group=tp_group, chunk_size=chunk_size,
+                )
+                acc[:, k:] = a.t()
+                agree[:, k:] = t1.t()
+            accepts.append(acc)
+            top1s.append(agree)
+    out.mtp_logprobs = torch.stack(lps)
+    out.mtp_mask = torch.stack(masks)
+    if with_draft_stats:
+        out.mtp_accept = torch.stack(accepts)
+        out.mtp_top1 = torch.stack(top1s)
+    return out

@@ -1,0 +1,175 @@
+"""Model provider: megatron-core GPTModel (dense or MoE) with an MTP block, built from specs.
+
+Transformer Engine specs when TE and CUDA are present, megatron-core local specs otherwise.
+Pipeline stages, MTP placement (last stage) and expert sharding follow megatron-core.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_mtp_block_spec,
+)
+from megatron.core.transformer import TransformerConfig
+
+from megatron_mtp_rl.models import compat
+from megatron_mtp_rl.models.presets import ModelArgs
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_engine_available() -> bool:
+    """TE layer specs need both the package and a CUDA device."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def padded_vocab_size(args: ModelArgs, tp_size: int) -> int:
+    """Pad the vocabulary to a multiple of ``make_vocab_size_divisible_by``.
+
+    Unlike Megatron-LM we do not multiply the multiple by TP: the padded size (and so the
+    checkpoint) is the same for every TP size; TP must divide it.
+    """
+    m = args.make_vocab_size_divisible_by
+    padded = ((args.vocab_size + m - 1) // m) * m
+    if padded % tp_size != 0:
+        raise ValueError(
+            f"--tensor-model-parallel-size {tp_size} does not divide the padded vocabulary "
+            f"{padded} (vocab {args.vocab_size}, --make-vocab-size-divisible-by {m})"
+        )
+    return padded
+
+
+def build_config(args: ModelArgs, *, use_te: bool | None = None) -> TransformerConfig:
+    """TransformerConfig from ModelArgs and the current parallel_state sizes."""
+    if use_te is None:
+        use_te = transformer_engine_available()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    if args.num_attention_heads % tp != 0:
+        raise ValueError(
+            f"--tensor-model-parallel-size {tp} does not divide "
+            f"--num-attention-heads {args.num_attention_heads}"
+        )
+    if args.num_experts and args.num_experts % ep != 0:
+        raise ValueError(
+            f"--expert-model-parallel-size {ep} does not divide --num-experts {args.num_experts}"
+        )
+    if ep > 1 and not args.num_experts:
+        raise ValueError("--expert-model-parallel-size > 1 needs --num-experts")
+    if args.num_layers % pp != 0:
+        raise ValueError(
+            f"--pipeline-model-parallel-size {pp} does not divide --num-layers {args.num_layers}"
+        )
+    dtype = _DTYPES[args.params_dtype]
+    cuda = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size,
+        kv_channels=args.hidden_size // args.num_attention_heads,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        context_parallel_size=cp,
+        sequence_parallel=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        normalization=args.normalization,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=False,
+        init_method_std=args.init_method_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        use_cpu_initialization=not cuda,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=use_te,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        mtp_num_layers=args.mtp_num_layers or None,
+        mtp_loss_scaling_factor=0.0,
+    )
+    if args.num_experts:
+        kwargs.update(
+            num_moe_experts=args.num_experts,
+            moe_router_topk=args.moe_router_topk,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
+            moe_token_dispatcher_type=args.moe_token_dispatcher_type if cuda else "allgather",
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss" if args.moe_aux_loss_coeff > 0 else "none",
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+        )
+    return TransformerConfig(**kwargs)
+
+
+def build_model(
+    args: ModelArgs,
+    *,
+    use_te: bool | None = None,
+    device: torch.device | str | None = None,
+) -> GPTModel:
+    """Build this pipeline stage's GPTModel (MTP block only on the stage megatron places it)."""
+    if use_te is None:
+        use_te = transformer_engine_available()
+    compat.apply()
+    config = build_config(args, use_te=use_te)
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(num_experts=args.num_experts)
+    else:
+        layer_spec = get_gpt_layer_local_spec(
+            num_experts=args.num_experts, normalization=args.normalization
+        )
+    mtp_spec = None
+    if args.mtp_num_layers:
+        mtp_spec = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=use_te)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=padded_vocab_size(args, tp),
+        max_sequence_length=args.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=args.rotary_base,
+        mtp_block_spec=mtp_spec,
+    )
+    if device is not None:
+        model = model.to(device)
+    elif torch.cuda.is_available():
+        model = model.cuda(torch.cuda.current_device())
+    return model
+
+
+def is_mtp_parameter(name: str) -> bool:
+    """True for parameters that belong to the MTP block (``mtp.layers.*``)."""
+    return name.startswith("mtp.") or ".mtp." in name
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

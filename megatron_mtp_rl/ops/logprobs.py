@@ -1,0 +1,189 @@
+"""Log-probabilities, entropy and draft acceptance over a tensor-parallel vocabulary.
+
+The logits of one TP rank hold a contiguous slice ``[rank*V/TP, (rank+1)*V/TP)`` of the
+vocabulary. Softmax statistics need a max and a sum-exp over the whole vocabulary, so we
+all-reduce those (one all-reduce per statistic for the whole batch, not per chunk) and never
+gather full-vocabulary logits. Work runs in token chunks, so the extra memory beyond the
+logits themselves is O(chunk × V/TP) in fp32, in forward and in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_CHUNK = 1024
+
+
+def _tp_info(tp_group) -> tuple[int, int]:
+    if tp_group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
+
+
+def _all_reduce(t: torch.Tensor, op, tp_group) -> torch.Tensor:
+    if tp_group is not None and dist.is_initialized() and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(t, op=op, group=tp_group)
+    return t
+
+
+def _chunks(n: int, chunk: int):
+    for s in range(0, n, chunk):
+        yield s, min(n, s + chunk)
+
+
+def _logsumexp(x: torch.Tensor, chunk: int, tp_group) -> torch.Tensor:
+    """Global log-sum-exp per row of a [N, V/TP] shard, fp32, with two all-reduces."""
+    n = x.shape[0]
+    mx = torch.empty(n, dtype=torch.float32, device=x.device)
+    for s, e in _chunks(n, chunk):
+        mx[s:e] = x[s:e].amax(dim=-1).float()
+    _all_reduce(mx, dist.ReduceOp.MAX, tp_group)
+    se = torch.empty(n, dtype=torch.float32, device=x.device)
+    for s, e in _chunks(n, chunk):
+        se[s:e] = torch.exp(x[s:e].float() - mx[s:e, None]).sum(dim=-1)
+    _all_reduce(se, dist.ReduceOp.SUM, tp_group)
+    return mx + se.log()
+
+
+def _local_targets(targets: torch.Tensor, vocab_start: int, vocab_local: int):
+    local = targets - vocab_start
+    in_shard = (local >= 0) & (local < vocab_local)
+    return local.clamp(0, vocab_local - 1), in_shard
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, tp_group, chunk):
+        v_local = logits.shape[-1]
+        rank, _ = _tp_info(tp_group)
+        x = logits.reshape(-1, v_local)
+        t = targets.reshape(-1)
+        lse = _logsumexp(x, chunk, tp_group)
+        local_t, in_shard = _local_targets(t, rank * v_local, v_local)
+        picked = x.gather(1, local_t[:, None]).squeeze(1).float() * in_shard
+        _all_reduce(picked, dist.ReduceOp.SUM, tp_group)
+        ctx.save_for_backward(logits, local_t, in_shard, lse)
+        ctx.chunk = chunk
+        return (picked - lse).view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, local_t, in_shard, lse = ctx.saved_tensors
+        v_local = logits.shape[-1]
+        x = logits.reshape(-1, v_local)
+        g = grad_out.reshape(-1).float()
+        grad = torch.empty_like(x)
+        rows = torch.arange(x.shape[0], device=x.device)
+        for s, e in _chunks(x.shape[0], ctx.chunk):
+            gc = torch.exp(x[s:e].float() - lse[s:e, None]).mul_(-g[s:e, None])
+            sel = in_shard[s:e]
+            gc[rows[s:e][sel] - s, local_t[s:e][sel]] += g[s:e][sel]
+            grad[s:e] = gc.to(grad.dtype)
+        return grad.view_as(logits), None, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    tp_group=None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """fp32 ``log softmax(logits)[target]`` over a vocabulary sharded across ``tp_group``.
+
+    ``logits``: ``[..., V/TP]`` (any float dtype), this rank's vocabulary slice;
+    ``targets``: ``[...]`` global token ids. Returns fp32 ``[...]``; differentiable in logits.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
+            "expected logits [..., V/TP] with targets [...]"
+        )
+    return _VocabParallelLogProbs.apply(logits, targets, tp_group, chunk_size or DEFAULT_CHUNK)
+
+
+class _VocabParallelEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, tp_group, chunk):
+        v_local = logits.shape[-1]
+        x = logits.reshape(-1, v_local)
+        lse = _logsumexp(x, chunk, tp_group)
+        ex = torch.empty_like(lse)  # E_p[x]
+        for s, e in _chunks(x.shape[0], chunk):
+            xc = x[s:e].float()
+            ex[s:e] = (torch.exp(xc - lse[s:e, None]) * xc).sum(-1)
+        _all_reduce(ex, dist.ReduceOp.SUM, tp_group)
+        ctx.save_for_backward(logits, lse, ex)
+        ctx.chunk = chunk
+        return (lse - ex).view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, lse, ex = ctx.saved_tensors
+        v_local = logits.shape[-1]
+        x = logits.reshape(-1, v_local)
+        g = grad_out.reshape(-1).float()
+        grad = torch.empty_like(x)
+        for s, e in _chunks(x.shape[0], ctx.chunk):
+            xc = x[s:e].float()
+            p = torch.exp(xc - lse[s:e, None])
+            # dH/dx_j = -p_j (x_j - E_p[x])
+            grad[s:e] = (-p * (xc - ex[s:e, None]) * g[s:e, None]).to(grad.dtype)
+        return grad.view_as(logits), None, None
+
+
+def vocab_parallel_entropy(
+    logits: torch.Tensor, *, tp_group=None, chunk_size: int | None = None
+) -> torch.Tensor:
+    """fp32 entropy of ``softmax(logits)`` per row over a TP-sharded vocabulary."""
+    return _VocabParallelEntropy.apply(logits, tp_group, chunk_size or DEFAULT_CHUNK)
+
+
+@torch.no_grad()
+def vocab_parallel_draft_agreement(
+    main_logits: torch.Tensor,
+    draft_logits: torch.Tensor,
+    *,
+    tp_group=None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected speculative acceptance ``Σ_v min(p_v, q_v)`` and top-1 agreement per row.
+
+    ``p`` = softmax(main), ``q`` = softmax(draft), both ``[..., V/TP]`` shards of the same
+    rows. Returns two fp32 tensors of shape ``[...]``.
+    """
+    chunk = chunk_size or DEFAULT_CHUNK
+    v_local = main_logits.shape[-1]
+    rank, world = _tp_info(tp_group)
+    p_x = main_logits.reshape(-1, v_local)
+    q_x = draft_logits.reshape(-1, v_local)
+    lse_p = _logsumexp(p_x, chunk, tp_group)
+    lse_q = _logsumexp(q_x, chunk, tp_group)
+    n = p_x.shape[0]
+    accept = torch.empty(n, dtype=torch.float32, device=p_x.device)
+    for s, e in _chunks(n, chunk):
+        p = torch.exp(p_x[s:e].float() - lse_p[s:e, None])
+        q = torch.exp(q_x[s:e].float() - lse_q[s:e, None])
+        accept[s:e] = torch.minimum(p, q).sum(-1)
+    _all_reduce(accept, dist.ReduceOp.SUM, tp_group)
+    return accept.view(main_logits.shape[:-1]), (
+        _vocab_parallel_argmax(p_x, rank, world, tp_group)
+        == _vocab_parallel_argmax(q_x, rank, world, tp_group)
+    ).float().view(main_logits.shape[:-1])
+
+
+def _vocab_parallel_argmax(x: torch.Tensor, rank: int, world: int, tp_group) -> torch.Tensor:
+    """Global argmax per row; ties go to the lowest token id, as torch.argmax does."""
+    vals, idx = x.float().max(dim=-1)
+    idx = idx + rank * x.shape[-1]
+    if world == 1:
+        return idx
+    all_vals = [torch.empty_like(vals) for _ in range(world)]
+    all_idx = [torch.empty_like(idx) for _ in range(world)]
+    dist.all_gather(all_vals, vals, group=tp_group)
+    dist.all_gather(all_idx, idx, group=tp_group)
+    v = torch.stack(all_vals)  # [world, N]; shards are in rank order, so first max wins
+    i = torch.stack(all_idx)
+    best = v.argmax(dim=0)
+    return i.gather(0, best[None]).squeeze(0)

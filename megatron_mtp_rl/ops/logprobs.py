@@ -12,7 +12,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK = 1024
+# Rows per chunk are chosen so one fp32 chunk holds about this many elements (64 MiB).
+CHUNK_ELEMENTS = 2**24
+
+
+def _default_chunk(v_local: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, v_local))
+
+
+def _shifted_exp(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``exp(x - shift[:, None])`` in fp32 with a single chunk-sized temporary."""
+    t = x.to(torch.float32, copy=True)
+    return t.sub_(shift[:, None]).exp_()
 
 
 def _tp_info(tp_group) -> tuple[int, int]:
@@ -41,7 +52,7 @@ def _logsumexp(x: torch.Tensor, chunk: int, tp_group) -> torch.Tensor:
     _all_reduce(mx, dist.ReduceOp.MAX, tp_group)
     se = torch.empty(n, dtype=torch.float32, device=x.device)
     for s, e in _chunks(n, chunk):
-        se[s:e] = torch.exp(x[s:e].float() - mx[s:e, None]).sum(dim=-1)
+        se[s:e] = _shifted_exp(x[s:e], mx[s:e]).sum(dim=-1)
     _all_reduce(se, dist.ReduceOp.SUM, tp_group)
     return mx + se.log()
 
@@ -75,11 +86,17 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         g = grad_out.reshape(-1).float()
         grad = torch.empty_like(x)
         rows = torch.arange(x.shape[0], device=x.device)
+        in_place = grad.dtype == torch.float32
         for s, e in _chunks(x.shape[0], ctx.chunk):
-            gc = torch.exp(x[s:e].float() - lse[s:e, None]).mul_(-g[s:e, None])
+            if in_place:  # compute straight into the gradient: no temporary at all
+                gc = torch.sub(x[s:e], lse[s:e, None], out=grad[s:e]).exp_()
+            else:
+                gc = _shifted_exp(x[s:e], lse[s:e])
+            gc.mul_(-g[s:e, None])
             sel = in_shard[s:e]
             gc[rows[s:e][sel] - s, local_t[s:e][sel]] += g[s:e][sel]
-            grad[s:e] = gc.to(grad.dtype)
+            if not in_place:
+                grad[s:e] = gc.to(grad.dtype)
         return grad.view_as(logits), None, None, None
 
 
@@ -100,7 +117,7 @@ def vocab_parallel_logprobs(
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
             "expected logits [..., V/TP] with targets [...]"
         )
-    return _VocabParallelLogProbs.apply(logits, targets, tp_group, chunk_size or DEFAULT_CHUNK)
+    return _VocabParallelLogProbs.apply(logits, targets, tp_group, chunk_size or _default_chunk(logits.shape[-1]))
 
 
 class _VocabParallelEntropy(torch.autograd.Function):
@@ -111,8 +128,8 @@ class _VocabParallelEntropy(torch.autograd.Function):
         lse = _logsumexp(x, chunk, tp_group)
         ex = torch.empty_like(lse)  # E_p[x]
         for s, e in _chunks(x.shape[0], chunk):
-            xc = x[s:e].float()
-            ex[s:e] = (torch.exp(xc - lse[s:e, None]) * xc).sum(-1)
+            p = _shifted_exp(x[s:e], lse[s:e])
+            ex[s:e] = (p.mul_(x[s:e])).sum(-1)
         _all_reduce(ex, dist.ReduceOp.SUM, tp_group)
         ctx.save_for_backward(logits, lse, ex)
         ctx.chunk = chunk
@@ -126,10 +143,10 @@ class _VocabParallelEntropy(torch.autograd.Function):
         g = grad_out.reshape(-1).float()
         grad = torch.empty_like(x)
         for s, e in _chunks(x.shape[0], ctx.chunk):
-            xc = x[s:e].float()
-            p = torch.exp(xc - lse[s:e, None])
+            p = _shifted_exp(x[s:e], lse[s:e])
             # dH/dx_j = -p_j (x_j - E_p[x])
-            grad[s:e] = (-p * (xc - ex[s:e, None]) * g[s:e, None]).to(grad.dtype)
+            t = x[s:e].float().sub(ex[s:e, None])
+            grad[s:e] = p.mul_(t).mul_(-g[s:e, None]).to(grad.dtype)
         return grad.view_as(logits), None, None
 
 
@@ -137,7 +154,7 @@ def vocab_parallel_entropy(
     logits: torch.Tensor, *, tp_group=None, chunk_size: int | None = None
 ) -> torch.Tensor:
     """fp32 entropy of ``softmax(logits)`` per row over a TP-sharded vocabulary."""
-    return _VocabParallelEntropy.apply(logits, tp_group, chunk_size or DEFAULT_CHUNK)
+    return _VocabParallelEntropy.apply(logits, tp_group, chunk_size or _default_chunk(logits.shape[-1]))
 
 
 @torch.no_grad()
@@ -153,7 +170,7 @@ def vocab_parallel_draft_agreement(
     ``p`` = softmax(main), ``q`` = softmax(draft), both ``[..., V/TP]`` shards of the same
     rows. Returns two fp32 tensors of shape ``[...]``.
     """
-    chunk = chunk_size or DEFAULT_CHUNK
+    chunk = chunk_size or _default_chunk(main_logits.shape[-1])
     v_local = main_logits.shape[-1]
     rank, world = _tp_info(tp_group)
     p_x = main_logits.reshape(-1, v_local)
@@ -163,9 +180,8 @@ def vocab_parallel_draft_agreement(
     n = p_x.shape[0]
     accept = torch.empty(n, dtype=torch.float32, device=p_x.device)
     for s, e in _chunks(n, chunk):
-        p = torch.exp(p_x[s:e].float() - lse_p[s:e, None])
-        q = torch.exp(q_x[s:e].float() - lse_q[s:e, None])
-        accept[s:e] = torch.minimum(p, q).sum(-1)
+        p = _shifted_exp(p_x[s:e], lse_p[s:e])
+        accept[s:e] = torch.minimum(p, _shifted_exp(q_x[s:e], lse_q[s:e]), out=p).sum(-1)
     _all_reduce(accept, dist.ReduceOp.SUM, tp_group)
     return accept.view(main_logits.shape[:-1]), (
         _vocab_parallel_argmax(p_x, rank, world, tp_group)

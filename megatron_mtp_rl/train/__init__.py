@@ -1,0 +1,1 @@
+"""Arguments, the trainer loop, optimizer set-up, checkpoints and metrics."""

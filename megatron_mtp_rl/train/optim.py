@@ -1,0 +1,134 @@
+"""megatron-core DDP + optimizer, and gradient clipping with MTP parameters as their own group.
+
+Why our own clip: a single global grad-norm clip over all parameters lets MTP gradients
+rescale the main model's update (so ``detach`` would no longer leave the main model as
+``none`` leaves it). We therefore keep megatron's clip off (``clip_grad=0``; its fp32 clip
+also asserts CUDA tensors) and clip the main and MTP groups separately, computing each norm
+with megatron's ``get_grad_norm_fp32`` (model-parallel reduction included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+from megatron.core.transformer.module import param_is_not_shared
+
+from megatron_mtp_rl.models.provider import is_mtp_parameter
+
+
+def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
+    """Wrap a GPTModel in megatron-core's DDP (fp32 grad buffers, no overlap)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
+    return DistributedDataParallel(model.config, ddp_config, model)
+
+
+def build_optimizer(
+    model: DistributedDataParallel,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    adam_beta1: float = 0.9,
+    adam_beta2: float = 0.999,
+    adam_eps: float = 1e-8,
+):
+    """megatron-core Adam (non-distributed); clipping is done by :func:`clip_grads`."""
+    cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        min_lr=0.0,
+        weight_decay=weight_decay,
+        adam_beta1=adam_beta1,
+        adam_beta2=adam_beta2,
+        adam_eps=adam_eps,
+        clip_grad=0.0,
+        bf16=model.config.bf16,
+        fp16=model.config.fp16,
+        params_dtype=model.config.params_dtype,
+        use_distributed_optimizer=False,
+    )
+    return get_megatron_optimizer(cfg, [model])
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor | None:
+    g = getattr(p, "main_grad", None)
+    return g if g is not None else p.grad
+
+
+@dataclass
+class GradNorms:
+    main: float
+    mtp: float
+
+    @property
+    def total(self) -> float:
+        return math.sqrt(self.main**2 + self.mtp**2)
+
+
+def _group_norm(params: list[torch.nn.Parameter]) -> float:
+    """L2 norm of one group's grads, every model-parallel shard counted once.
+
+    Dense parameters reduce over the model-parallel group, experts over the expert
+    tensor×model×pipeline group, as megatron's optimizers do; collective on all ranks.
+    """
+    dense, expert = [], []
+    for p in params:
+        g = _grad(p)
+        if g is None or not param_is_not_shared(p):
+            continue
+        if not tensor_parallel.param_is_not_tensor_parallel_duplicate(p):
+            continue
+        (dense if getattr(p, "allreduce", True) else expert).append(g.float())
+    d = get_grad_norm_fp32(dense, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
+    e = get_grad_norm_fp32(
+        expert,
+        grad_stats_parallel_group=parallel_state.get_expert_tensor_model_pipeline_parallel_group(),
+    )
+    return math.sqrt(float(d) ** 2 + float(e) ** 2)
+
+
+def split_parameters(model: torch.nn.Module):
+    """(main parameters, MTP parameters) by name."""
+    main, mtp = [], []
+    for name, p in model.named_parameters():
+        (mtp if is_mtp_parameter(name) else main).append(p)
+    return main, mtp
+
+
+def clip_grads(model: torch.nn.Module, max_norm_main: float, max_norm_mtp: float) -> GradNorms:
+    """Clip main and MTP gradients separately; returns the norms before clipping.
+
+    A max norm of 0 disables clipping for that group. Norms are identical on every rank.
+    """
+    main, mtp = split_parameters(model)
+    norms = GradNorms(main=_group_norm(main), mtp=_group_norm(mtp))
+    for params, norm, limit in ((main, norms.main, max_norm_main), (mtp, norms.mtp, max_norm_mtp)):
+        if limit > 0 and math.isfinite(norm) and norm > limit:
+            coeff = limit / (norm + 1e-6)
+            for p in params:
+                g = _grad(p)
+                if g is not None:
+                    g.mul_(coeff)
+    return norms
+
+
+def param_norm(params: list[torch.nn.Parameter]) -> float:
+    """L2 norm of parameters, each model-parallel shard counted once (collective)."""
+    dense, expert = [], []
+    for p in params:
+        if not param_is_not_shared(p) or not tensor_parallel.param_is_not_tensor_parallel_duplicate(p):
+            continue
+        (dense if getattr(p, "allreduce", True) else expert).append(p.detach().float())
+    d = get_grad_norm_fp32(dense, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
+    e = get_grad_norm_fp32(
+        expert,
+        grad_stats_parallel_group=parallel_state.get_expert_tensor_model_pipeline_parallel_group(),
+    )
+    return math.sqrt(float(d) ** 2 + float(e) ** 2)

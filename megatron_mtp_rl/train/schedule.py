@@ -1,0 +1,90 @@
+"""One mini-batch through megatron-core's forward/backward schedule (PP-aware).
+
+Loss scaling: megatron divides each micro-batch loss by the number of micro-batches (and
+multiplies by CP), and DDP averages gradients over data-parallel ranks. Our loss functions
+return terms already normalised by *global* (all micro-batches, all DP ranks)
+denominators, so we pre-multiply by ``num_microbatches × dp / cp`` to undo both: the
+gradient is then exactly the gradient of the globally normalised loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_mtp_rl.models.batch import TokenBatch
+from megatron_mtp_rl.models.mtp_forward import HeadLogProbs, forward_logprobs
+
+# loss_fn(batch, head_logprobs) -> (loss tensor, {name: float tensor}) on the last stage.
+LossFn = Callable[[TokenBatch, HeadLogProbs], tuple[torch.Tensor, dict]]
+
+
+def configure(model: torch.nn.Module, finalize_hook: Callable | None = None) -> None:
+    """Install the grad-finalisation hook on the model config (once per model).
+
+    ``finalize_hook(model_chunks)`` runs right after megatron's ``finalize_model_grads``,
+    i.e. once per optimizer step after the last micro-batch: the OCC reducer lives there.
+    """
+    config = model.config
+
+    def finalize(model_chunks, num_tokens=None, **kwargs):
+        finalize_model_grads(model_chunks, num_tokens, **kwargs)
+        if finalize_hook is not None:
+            finalize_hook(model_chunks)
+
+    config.finalize_model_grads_func = finalize
+    if hasattr(model, "no_sync"):
+        config.no_sync_func = model.no_sync
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    micro_batches: list[TokenBatch],
+    loss_fn: LossFn | None,
+    *,
+    forward_only: bool = False,
+    **forward_kwargs,
+) -> list:
+    """Run the schedule; returns per-micro-batch metrics dicts (last stage) or outputs.
+
+    With ``loss_fn=None`` and ``forward_only=True`` the last stage returns the
+    :class:`HeadLogProbs` of each micro-batch (the old-log-prob pass).
+    """
+    if not micro_batches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    n = len(micro_batches)
+    seq, mbs = micro_batches[0].shape[1], micro_batches[0].shape[0]
+    scale = n * parallel_state.get_data_parallel_world_size() / max(
+        1, parallel_state.get_context_parallel_world_size()
+    )
+
+    def _loss(batch, out):
+        loss, metrics = loss_fn(batch, out)
+        return loss * scale, metrics
+
+    def _collect(out, non_loss_data=False):
+        return out
+
+    def step(data_iterator, m):
+        batch = next(data_iterator)
+        out = forward_logprobs(m, batch, **forward_kwargs)
+        if loss_fn is None:
+            return out, _collect
+        return out, partial(_loss, batch)
+
+    fb = get_forward_backward_func()
+    return fb(
+        forward_step_func=step,
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=n,
+        seq_length=seq,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+        collect_non_loss_data=loss_fn is None,
+    )

@@ -1,0 +1,98 @@
+"""Chunked vocab-parallel log-probs vs naive ``log_softmax`` + ``gather``: time and memory.
+
+Each variant runs in its own subprocess so its peak resident memory (``ru_maxrss``) is
+its own; "extra" memory is the peak minus the resident size right after the logits exist.
+Printed as ratios ours / naive from one run. Example:
+
+    .venv/bin/python tools/bench_logprobs.py --tokens 4096 --vocab 151936
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import psutil
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _run_variant(variant: str, mode: str, tokens: int, vocab: int, chunk: int, dtype: str, reps: int):
+    from megatron_mtp_rl.ops import vocab_parallel_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(tokens, vocab, dtype=DTYPES[dtype])
+    targets = torch.randint(0, vocab, (tokens,))
+    base = psutil.Process().memory_info().rss
+    times = []
+    for _ in range(reps):
+        x = logits.detach().requires_grad_(mode == "fwd+bwd")
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(mode == "fwd+bwd"):
+            if variant == "naive":
+                lp = torch.log_softmax(x.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+            else:
+                lp = vocab_parallel_logprobs(x, targets, chunk_size=chunk)
+            if mode == "fwd+bwd":
+                lp.sum().backward()
+        times.append(time.perf_counter() - t0)
+        del lp, x
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    grad_bytes = logits.numel() * logits.element_size() if mode == "fwd+bwd" else 0
+    return {"time_s": statistics.median(times), "extra_bytes": max(0, peak - base), "grad_bytes": grad_bytes}
+
+
+def _max_abs_diff(vocab: int, chunk: int, dtype: str) -> float:
+    from megatron_mtp_rl.ops import vocab_parallel_logprobs
+
+    torch.manual_seed(1)
+    logits = torch.randn(256, vocab, dtype=DTYPES[dtype])
+    targets = torch.randint(0, vocab, (256,))
+    ref = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    return (vocab_parallel_logprobs(logits, targets, chunk_size=chunk) - ref).abs().max().item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--chunk", type=int, default=None, help="rows per chunk (default: ~64 MiB of fp32 per chunk)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a._child:
+        res = _run_variant(a._child[0], a._child[1], a.tokens, a.vocab, a.chunk, a.dtype, a.reps)
+        print(json.dumps(res))
+        return
+    gib = 2**30
+    print(f"T={a.tokens} V={a.vocab} dtype={a.dtype} chunk={a.chunk} torch threads={torch.get_num_threads()}")
+    print(f"max |ours - naive| on 256 tokens: {_max_abs_diff(a.vocab, a.chunk, a.dtype):.2e}")
+    for mode in ("fwd", "fwd+bwd"):
+        res = {}
+        for variant in ("naive", "ours"):
+            cmd = [sys.executable, __file__, "--tokens", str(a.tokens), "--vocab", str(a.vocab),
+                   "--dtype", a.dtype, "--reps", str(a.reps), "--_child", variant, mode]
+            if a.chunk:
+                cmd += ["--chunk", str(a.chunk)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            res[variant] = json.loads(out.strip().splitlines()[-1])
+        n, o = res["naive"], res["ours"]
+        line = (f"{mode:8s} time naive {n['time_s']:.3f}s ours {o['time_s']:.3f}s ratio {o['time_s'] / n['time_s']:.2f}x | "
+                f"extra memory naive {n['extra_bytes'] / gib:.2f} GiB ours {o['extra_bytes'] / gib:.2f} GiB "
+                f"ratio {o['extra_bytes'] / max(1, n['extra_bytes']):.3f}x")
+        if mode == "fwd+bwd":
+            g = n["grad_bytes"]
+            line += (f" | beyond the logits gradient ({g / gib:.2f} GiB, needed by both): ratio "
+                     f"{max(0, o['extra_bytes'] - g) / max(1, n['extra_bytes'] - g):.3f}x")
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

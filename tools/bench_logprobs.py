@@ -23,7 +23,9 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _run_variant(variant: str, mode: str, tokens: int, vocab: int, chunk: int, dtype: str, reps: int):
+def _run_variant(
+    variant: str, mode: str, tokens: int, vocab: int, chunk: int, dtype: str, reps: int
+):
     from megatron_mtp_rl.ops import vocab_parallel_logprobs
 
     torch.manual_seed(0)
@@ -45,7 +47,11 @@ def _run_variant(variant: str, mode: str, tokens: int, vocab: int, chunk: int, d
         del lp, x
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     grad_bytes = logits.numel() * logits.element_size() if mode == "fwd+bwd" else 0
-    return {"time_s": statistics.median(times), "extra_bytes": max(0, peak - base), "grad_bytes": grad_bytes}
+    return {
+        "time_s": statistics.median(times),
+        "extra_bytes": max(0, peak - base),
+        "grad_bytes": grad_bytes,
+    }
 
 
 def _max_abs_diff(vocab: int, chunk: int, dtype: str) -> float:
@@ -59,10 +65,17 @@ def _max_abs_diff(vocab: int, chunk: int, dtype: str) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--chunk", type=int, default=None, help="rows per chunk (default: ~64 MiB of fp32 per chunk)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="rows per chunk (default: ~64 MiB of fp32 per chunk)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
@@ -72,25 +85,46 @@ def main() -> None:
         print(json.dumps(res))
         return
     gib = 2**30
-    print(f"T={a.tokens} V={a.vocab} dtype={a.dtype} chunk={a.chunk} torch threads={torch.get_num_threads()}")
+    print(
+        f"T={a.tokens} V={a.vocab} dtype={a.dtype} chunk={a.chunk} "
+        f"torch threads={torch.get_num_threads()}"
+    )
     print(f"max |ours - naive| on 256 tokens: {_max_abs_diff(a.vocab, a.chunk, a.dtype):.2e}")
     for mode in ("fwd", "fwd+bwd"):
         res = {}
         for variant in ("naive", "ours"):
-            cmd = [sys.executable, __file__, "--tokens", str(a.tokens), "--vocab", str(a.vocab),
-                   "--dtype", a.dtype, "--reps", str(a.reps), "--_child", variant, mode]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--tokens",
+                str(a.tokens),
+                "--vocab",
+                str(a.vocab),
+                "--dtype",
+                a.dtype,
+                "--reps",
+                str(a.reps),
+                "--_child",
+                variant,
+                mode,
+            ]
             if a.chunk:
                 cmd += ["--chunk", str(a.chunk)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             res[variant] = json.loads(out.strip().splitlines()[-1])
         n, o = res["naive"], res["ours"]
-        line = (f"{mode:8s} time naive {n['time_s']:.3f}s ours {o['time_s']:.3f}s ratio {o['time_s'] / n['time_s']:.2f}x | "
-                f"extra memory naive {n['extra_bytes'] / gib:.2f} GiB ours {o['extra_bytes'] / gib:.2f} GiB "
-                f"ratio {o['extra_bytes'] / max(1, n['extra_bytes']):.3f}x")
+        line = (
+            f"{mode:8s} time naive {n['time_s']:.3f}s ours {o['time_s']:.3f}s "
+            f"ratio {o['time_s'] / n['time_s']:.2f}x | extra memory "
+            f"naive {n['extra_bytes'] / gib:.2f} GiB ours {o['extra_bytes'] / gib:.2f} GiB "
+            f"ratio {o['extra_bytes'] / max(1, n['extra_bytes']):.3f}x"
+        )
         if mode == "fwd+bwd":
             g = n["grad_bytes"]
-            line += (f" | beyond the logits gradient ({g / gib:.2f} GiB, needed by both): ratio "
-                     f"{max(0, o['extra_bytes'] - g) / max(1, n['extra_bytes'] - g):.3f}x")
+            line += (
+                f" | beyond the logits gradient ({g / gib:.2f} GiB, needed by both): ratio "
+                f"{max(0, o['extra_bytes'] - g) / max(1, n['extra_bytes'] - g):.3f}x"
+            )
         print(line)
 
 

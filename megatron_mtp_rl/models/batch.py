@@ -23,7 +23,7 @@ class TokenBatch:
     segment_ids: torch.Tensor  # int64: 1.. per packed sequence, 0 = padding
     position_ids: torch.Tensor  # int64: restarts at 0 in every segment
 
-    def to(self, device) -> "TokenBatch":
+    def to(self, device) -> TokenBatch:
         return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     @property
@@ -62,12 +62,9 @@ def pack_sequences(
         n = len(prompt) + len(response)
         if n > seq_length:
             raise ValueError(f"sequence of {n} tokens exceeds --seq-length {seq_length}")
-        for r, u in enumerate(used):
-            if u + n <= seq_length:
-                break
-        else:
+        r = next((i for i, u in enumerate(used) if u + n <= seq_length), len(used))
+        if r == len(used):
             used.append(0)
-            r = len(used) - 1
         placements.append((r, used[r], n))
         used[r] += n
     num_rows = max(rows or 0, len(used), 1)

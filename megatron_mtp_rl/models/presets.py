@@ -30,7 +30,7 @@ class ModelArgs:
     make_vocab_size_divisible_by: int = 64
     params_dtype: str = "fp32"
 
-    def with_overrides(self, **overrides) -> "ModelArgs":
+    def with_overrides(self, **overrides) -> ModelArgs:
         """Return a copy with the non-None overrides applied (unknown keys raise)."""
         known = {f.name for f in fields(self)}
         unknown = set(overrides) - known

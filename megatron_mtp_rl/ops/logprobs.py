@@ -117,7 +117,9 @@ def vocab_parallel_logprobs(
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
             "expected logits [..., V/TP] with targets [...]"
         )
-    return _VocabParallelLogProbs.apply(logits, targets, tp_group, chunk_size or _default_chunk(logits.shape[-1]))
+    return _VocabParallelLogProbs.apply(
+        logits, targets, tp_group, chunk_size or _default_chunk(logits.shape[-1])
+    )
 
 
 class _VocabParallelEntropy(torch.autograd.Function):
@@ -154,7 +156,9 @@ def vocab_parallel_entropy(
     logits: torch.Tensor, *, tp_group=None, chunk_size: int | None = None
 ) -> torch.Tensor:
     """fp32 entropy of ``softmax(logits)`` per row over a TP-sharded vocabulary."""
-    return _VocabParallelEntropy.apply(logits, tp_group, chunk_size or _default_chunk(logits.shape[-1]))
+    return _VocabParallelEntropy.apply(
+        logits, tp_group, chunk_size or _default_chunk(logits.shape[-1])
+    )
 
 
 @torch.no_grad()

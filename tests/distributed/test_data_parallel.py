@@ -3,7 +3,13 @@
 import torch
 
 from tests.dist_utils import run_ranks
-from tests.distributed.workers import ce_loss_fn, grads_by_name, micro_batches, sequences, token_counts
+from tests.distributed.workers import (
+    ce_loss_fn,
+    grads_by_name,
+    micro_batches,
+    sequences,
+    token_counts,
+)
 
 
 def _worker(rank, world, preset):

@@ -64,7 +64,10 @@ def _model_worker(rank, world, preset):
     model = build_model(get_preset(preset))
     g = torch.Generator().manual_seed(3)
     seqs = [
-        (torch.randint(1, 60, (4,), generator=g).tolist(), torch.randint(1, 60, (6,), generator=g).tolist())
+        (
+            torch.randint(1, 60, (4,), generator=g).tolist(),
+            torch.randint(1, 60, (6,), generator=g).tolist(),
+        )
         for _ in range(5)
     ]
     batch, _ = pack_sequences(seqs, 24)

@@ -60,8 +60,14 @@ def test_model_mtp_logprobs_are_aligned_to_the_main_targets(single_process):
         pre = gpt._preprocess(batch.tokens, batch.position_ids, None, None, None)
         mask = batch.attention_mask()
         h = gpt.decoder(hidden_states=pre[0], attention_mask=mask, rotary_pos_emb=pre[1])
-        stacked = gpt.mtp(batch.tokens, batch.position_ids, h, mask, rotary_pos_emb=pre[1],
-                          embedding=gpt.embedding)
+        stacked = gpt.mtp(
+            batch.tokens,
+            batch.position_ids,
+            h,
+            mask,
+            rotary_pos_emb=pre[1],
+            embedding=gpt.embedding,
+        )
         chunks = torch.chunk(stacked, 3, dim=0)
         w = gpt.shared_embedding_or_output_weight()
         for k in (1, 2):
@@ -89,7 +95,12 @@ def test_packing_equals_separate_sequences(single_process):
     out_p = forward_logprobs(model, packed)
     for (row, start, n), b in zip(where, alone):
         out_a = forward_logprobs(model, b)
-        torch.testing.assert_close(out_p.logprobs[row, start : start + n], out_a.logprobs[0, :n], atol=1e-5, rtol=0)
-        mp = out_p.mtp_logprobs[:, row, start : start + n] * out_p.mtp_mask[:, row, start : start + n]
+        torch.testing.assert_close(
+            out_p.logprobs[row, start : start + n], out_a.logprobs[0, :n], atol=1e-5, rtol=0
+        )
+        mp = (
+            out_p.mtp_logprobs[:, row, start : start + n]
+            * out_p.mtp_mask[:, row, start : start + n]
+        )
         ma = out_a.mtp_logprobs[:, 0, :n] * out_a.mtp_mask[:, 0, :n]
         torch.testing.assert_close(mp, ma, atol=1e-5, rtol=0)

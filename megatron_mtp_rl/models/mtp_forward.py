@@ -40,6 +40,11 @@ class HeadLogProbs:
     mtp_top1: torch.Tensor | None = None  # [D, B, S] 1.0 where argmax agrees
 
     @property
+    def device(self) -> torch.device:
+        """megatron's schedules ask the forward output for its device."""
+        return self.logprobs.device
+
+    @property
     def num_depths(self) -> int:
         return 0 if self.mtp_logprobs is None else self.mtp_logprobs.shape[0]
 

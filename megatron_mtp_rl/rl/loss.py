@@ -1,0 +1,234 @@
+"""The RL loss of one micro-batch: policy surrogate + KL + entropy + Σ_k c_k · L_k (MTP).
+
+``RLLoss`` is the ``loss_fn`` handed to the training schedule. It returns the
+micro-batch's share of the step loss (normalised by global denominators) and metrics as
+``(sum, count)`` pairs: a metric's step value is Σsum/Σcount over micro-batches and DP
+ranks, or Σsum when every count is 0 (shares of the step loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_mtp_rl.models.batch import TokenBatch, aligned_mtp_mask
+from megatron_mtp_rl.models.mtp_forward import HeadLogProbs
+from megatron_mtp_rl.rl.occ import OCCEstimator, occ_statistics
+from megatron_mtp_rl.rl.policy_loss import (
+    AGG_MODES,
+    KL_TYPES,
+    Denominators,
+    aggregate,
+    clipped_surrogate,
+    kl_penalty,
+    local_denominators,
+    log_ratio,
+    sequence_index,
+)
+from megatron_mtp_rl.rl.regimes import Regime, get_regime
+
+
+@dataclass
+class RLBatch(TokenBatch):
+    """A packed micro-batch with what the RL loss needs, all in the label frame."""
+
+    advantages: torch.Tensor | None = None  # [B, S]
+    old_logprobs: torch.Tensor | None = None  # [B, S]
+    old_mtp_logprobs: torch.Tensor | None = None  # [D, B, S]
+    ref_logprobs: torch.Tensor | None = None  # [B, S]
+
+    def to(self, device) -> RLBatch:
+        return RLBatch(
+            **{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+        )
+
+
+@dataclass(frozen=True)
+class RLLossConfig:
+    """Loss flags (``--eps-clip`` ..., ``--mtp-regime``, ``--mtp-loss-coef``)."""
+
+    eps_clip: float = 0.2
+    eps_clip_high: float | None = None
+    eps_clip_c: float | None = None
+    loss_agg_mode: str = "token-mean"
+    ratio_type: str = "token"  # "sequence" = GSPO
+    kl_coef: float = 0.0
+    kl_type: str = "low-var-kl"
+    entropy_coef: float = 0.0
+    mtp_regime: str = "occ"
+    mtp_loss_coef: float = 0.1
+
+    def __post_init__(self):
+        get_regime(self.mtp_regime)
+        if self.loss_agg_mode not in AGG_MODES:
+            raise ValueError(f"--loss-agg-mode must be one of {AGG_MODES}")
+        if self.kl_type not in KL_TYPES:
+            raise ValueError(f"--kl-type must be one of {KL_TYPES}")
+        if self.ratio_type not in ("token", "sequence"):
+            raise ValueError("--ratio-type must be 'token' or 'sequence' (GSPO)")
+
+    @property
+    def regime(self) -> Regime:
+        return get_regime(self.mtp_regime)
+
+
+@dataclass
+class StepDenominators:
+    """Global token / sequence counts of one optimizer step: main head and each depth."""
+
+    main: Denominators
+    mtp: list[Denominators] = field(default_factory=list)
+
+
+def step_denominators(batches: list[TokenBatch], num_depths: int, group=None) -> StepDenominators:
+    """Count valid tokens and sequences over this rank's micro-batches, all-reduced over DP."""
+    rows = []
+    for k in range(num_depths + 1):
+        tok = seq = 0.0
+        for b in batches:
+            mask = b.loss_mask if k == 0 else aligned_mtp_mask(b, k)
+            d = local_denominators(mask, sequence_index(b.segment_ids))
+            tok += d.tokens
+            seq += d.sequences
+        rows.append([tok, seq])
+    t = torch.tensor(rows, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    dens = [Denominators(tokens=float(r[0]), sequences=float(r[1])) for r in t]
+    return StepDenominators(main=dens[0], mtp=dens[1:])
+
+
+def _pair(total, count) -> torch.Tensor:
+    return torch.stack(
+        [torch.as_tensor(total, dtype=torch.float64), torch.as_tensor(count, dtype=torch.float64)]
+    )
+
+
+def _masked_pair(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.bool()
+    return _pair(values.detach()[m].double().sum(), m.sum())
+
+
+class RLLoss:
+    """Callable ``(batch, HeadLogProbs) -> (loss, metrics)`` for one micro-batch."""
+
+    def __init__(
+        self,
+        config: RLLossConfig,
+        denominators: StepDenominators,
+        occ: OCCEstimator | None = None,
+        mtp_coef_override: list[float] | None = None,
+    ):
+        self.config = config
+        self.regime = config.regime
+        self.den = denominators
+        self.occ = occ
+        self.mtp_coef_override = mtp_coef_override  # tests: force λ
+
+    def forward_kwargs(self) -> dict:
+        """How the schedule must run the model for this loss."""
+        return {
+            "with_mtp": self.regime.runs_mtp,
+            "detach_mtp": self.regime.detach,
+            "with_entropy": self.config.entropy_coef > 0,
+            "with_draft_stats": self.regime.runs_mtp,
+        }
+
+    def __call__(self, batch: RLBatch, out: HeadLogProbs):
+        cfg = self.config
+        seq_index = sequence_index(batch.segment_ids)
+        mask = batch.loss_mask
+        agg = cfg.loss_agg_mode
+        metrics: dict[str, torch.Tensor] = {}
+
+        lr = log_ratio(out.logprobs, batch.old_logprobs, mask, seq_index, cfg.ratio_type)
+        sur = clipped_surrogate(
+            lr,
+            batch.advantages,
+            eps_clip=cfg.eps_clip,
+            eps_clip_high=cfg.eps_clip_high,
+            eps_clip_c=cfg.eps_clip_c,
+        )
+        pg = aggregate(sur.loss, mask, seq_index, agg, self.den.main)
+        loss = pg
+        metrics["train/policy_loss"] = _pair(pg.detach(), 0)
+        metrics["train/clipfrac"] = _masked_pair(sur.clipped.double(), mask)
+        metrics["train/ratio"] = _masked_pair(sur.ratio, mask)
+        metrics["train/logprob"] = _masked_pair(out.logprobs, mask)
+        if cfg.kl_coef > 0:
+            if batch.ref_logprobs is None:
+                raise ValueError("--kl-coef > 0 needs reference log-probs in the batch")
+            kl = kl_penalty(out.logprobs, batch.ref_logprobs, cfg.kl_type)
+            loss = loss + cfg.kl_coef * aggregate(kl, mask, seq_index, agg, self.den.main)
+            metrics["train/kl"] = _masked_pair(kl, mask)
+        if out.entropy is not None:
+            metrics["train/entropy"] = _masked_pair(out.entropy, mask)
+            if cfg.entropy_coef > 0:
+                ent = aggregate(out.entropy, mask, seq_index, agg, self.den.main)
+                loss = loss - cfg.entropy_coef * ent
+
+        if self.regime.runs_mtp and out.num_depths:
+            loss = loss + self._mtp_terms(batch, out, seq_index, metrics)
+        metrics["train/loss"] = _pair(loss.detach(), 0)
+        return loss, metrics
+
+    def _mtp_terms(self, batch, out, seq_index, metrics) -> torch.Tensor:
+        cfg = self.config
+        num_depths = out.num_depths
+        stats = None
+        if self.occ is not None:
+            baselines = [None] * num_depths
+            if self.occ.config.baseline == "mtp_old":
+                if batch.old_mtp_logprobs is None:
+                    raise ValueError("--occ-baseline mtp_old needs old MTP log-probs")
+                baselines = list(batch.old_mtp_logprobs)
+            stats = torch.stack(
+                [
+                    occ_statistics(
+                        out.logprobs,
+                        batch.old_logprobs,
+                        out.mtp_logprobs[k],
+                        out.mtp_mask[k],
+                        baselines[k],
+                    )
+                    for k in range(num_depths)
+                ]
+            )
+            self.occ.accumulate(stats)
+        if self.mtp_coef_override is not None:
+            coefs = list(self.mtp_coef_override)
+        elif self.regime.adaptive:
+            coefs = self.occ.coefficients_for(stats)
+        else:
+            coefs = [cfg.mtp_loss_coef] * num_depths
+
+        total = out.logprobs.new_zeros(())
+        for k in range(num_depths):
+            m = out.mtp_mask[k]
+            lp = out.mtp_logprobs[k]
+            den = self.den.mtp[k]
+            if self.regime.objective == "ce":
+                term = aggregate(-lp, m, seq_index, cfg.loss_agg_mode, den)
+            else:
+                if batch.old_mtp_logprobs is None:
+                    raise ValueError(f"--mtp-regime {self.regime.name} needs old MTP log-probs")
+                lr_k = log_ratio(lp, batch.old_mtp_logprobs[k], m, seq_index, cfg.ratio_type)
+                sur_k = clipped_surrogate(
+                    lr_k,
+                    batch.advantages,
+                    eps_clip=cfg.eps_clip,
+                    eps_clip_high=cfg.eps_clip_high,
+                    eps_clip_c=cfg.eps_clip_c,
+                )
+                term = aggregate(sur_k.loss, m, seq_index, cfg.loss_agg_mode, den)
+            total = total + coefs[k] * term
+            d = k + 1
+            metrics[f"mtp/loss_{d}"] = _pair(term.detach(), 0)
+            metrics[f"mtp/coef_{d}"] = _pair(coefs[k], 1)
+            metrics[f"mtp/logprob_{d}"] = _masked_pair(lp, m)
+            if out.mtp_accept is not None:
+                metrics[f"mtp/accept_{d}"] = _masked_pair(out.mtp_accept[k], m)
+                metrics[f"mtp/top1_agree_{d}"] = _masked_pair(out.mtp_top1[k], m)
+        return total

@@ -1,0 +1,201 @@
+"""Optimal Coefficient Calibration (OCC): the per-depth MTP coefficient λ_k.
+
+Per MTP depth k and valid response token i (mask m_i), with ℓ the current main log-prob,
+ℓ_old the old main log-prob (recomputed before the update), ℓ^k the current depth-k MTP
+log-prob of the same token and b the baseline (ℓ_old by default, or the MTP head's own old
+log-prob):
+
+    d_i = ℓ_i − ℓ_old_i          (log-prob change: proxy of the RL gradient direction)
+    e_i = ℓ^k_i − b_i            (proxy of the MTP gradient direction)
+    S_A = Σ m d e,  S_V = Σ m e²,  N = Σ m      over every DP(×CP) rank's tokens
+    A = S_A/N,  V = S_V/N,  λ*_k = clamp((ρ/D) · A/(V + ε), λ_min, λ_max)
+
+The sums of all micro-batches of one optimizer step are all-reduced once (a ``[D, 3]``
+tensor) right before ``optimizer.step()``; the λ so obtained is used from the next
+mini-batch on, because the loss of a micro-batch must exist before its backward.
+``reduce="local"`` reproduces the paper's public code instead: λ from each micro-batch
+alone, used for that micro-batch, no communication (for ablations).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+BASELINES = ("main_old", "mtp_old")
+REDUCE_MODES = ("global", "local")
+
+
+@torch.no_grad()
+def occ_statistics(
+    main_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    mtp_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    baseline: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(Σ m·d·e, Σ m·e², Σ m)`` for one depth, fp64; ``baseline`` defaults to ``old_logprobs``.
+
+    ``mask`` may be bool or 0/1 of any shape matching the log-prob tensors. Masked
+    positions contribute nothing, even when their log-probs are not finite.
+    """
+    m = mask.bool()
+    b = old_logprobs if baseline is None else baseline
+    d = (main_logprobs.double() - old_logprobs.double())[m]
+    e = (mtp_logprobs.double() - b.double())[m]
+    return torch.stack(
+        [(d * e).sum(), (e * e).sum(), torch.tensor(float(m.sum()), dtype=torch.float64)]
+    )
+
+
+def occ_coefficient(
+    stats: torch.Tensor,
+    *,
+    ratio: float,
+    num_depths: int,
+    eps: float = 1e-8,
+    lo: float = 0.0,
+    hi: float = 1.0,
+) -> float:
+    """``clamp((ratio/num_depths) · A/(V + eps), lo, hi)`` with A, V the token means.
+
+    Raises ``ValueError`` when the statistics hold no token or are not finite: the caller
+    (the estimator) keeps its previous λ then.
+    """
+    s_a, s_v, n = (float(x) for x in stats)
+    if n <= 0:
+        raise ValueError("no valid token")
+    a, v = s_a / n, s_v / n
+    lam = (ratio / num_depths) * a / (v + eps)
+    if not math.isfinite(lam):
+        raise ValueError(f"non-finite coefficient (A={a}, V={v})")
+    return min(max(lam, lo), hi)
+
+
+@dataclass(frozen=True)
+class OCCConfig:
+    """The ``--occ-*`` flags."""
+
+    ratio: float = 0.1
+    eps: float = 1e-8
+    lo: float = 0.0
+    hi: float = 1.0
+    ema: float = 0.0
+    init: float | None = None  # default ρ/D
+    baseline: str = "main_old"
+    reduce: str = "global"
+
+    def __post_init__(self):
+        if self.baseline not in BASELINES:
+            raise ValueError(f"--occ-baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.reduce not in REDUCE_MODES:
+            raise ValueError(f"--occ-reduce must be one of {REDUCE_MODES}, got {self.reduce!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"--occ-ema must be in [0, 1), got {self.ema}")
+        if self.lo > self.hi:
+            raise ValueError(f"--occ-min {self.lo} is larger than --occ-max {self.hi}")
+
+
+class OCCEstimator:
+    """Holds λ_k per depth, accumulates the statistics of one optimizer step and reduces them.
+
+    ``accumulate`` is called per micro-batch (by the loss), ``reduce`` once per optimizer
+    step (from megatron's ``finalize_model_grads_func``) on every rank of the DP(×CP)
+    group: one ``all_reduce(SUM)`` of the ``[D, 3]`` statistics.
+    """
+
+    def __init__(self, num_depths: int, config: OCCConfig | None = None, group=None):
+        if num_depths < 1:
+            raise ValueError("OCC needs at least one MTP layer (--mtp-num-layers ≥ 1)")
+        self.config = config or OCCConfig()
+        self.num_depths = num_depths
+        self.group = group
+        init = self.config.init if self.config.init is not None else self.config.ratio / num_depths
+        self.lambdas = [float(init)] * num_depths
+        self.guard_events = 0
+        self.reduce_calls = 0
+        self.last: dict[str, float] = {}
+        self._stats = torch.zeros(num_depths, 3, dtype=torch.float64)
+
+    # -- per micro-batch -------------------------------------------------------------
+    def accumulate(self, depth_stats: torch.Tensor) -> None:
+        """Add one micro-batch's ``[D, 3]`` statistics to this step's running sums."""
+        self._stats += depth_stats.detach().to(torch.float64).cpu()
+
+    def coefficients_for(self, depth_stats: torch.Tensor) -> list[float]:
+        """λ to use for a micro-batch: the lagged global λ, or (``local``) its own λ."""
+        if self.config.reduce == "global":
+            return list(self.lambdas)
+        out = []
+        for k in range(self.num_depths):
+            out.append(self._coefficient(depth_stats[k], fallback=self.lambdas[k]))
+        return out
+
+    # -- per optimizer step ------------------------------------------------------------
+    def reduce(self) -> dict[str, float]:
+        """All-reduce this step's statistics, update λ, return the step's OCC metrics."""
+        stats = self._stats.clone()
+        if self.config.reduce == "global" and dist.is_initialized():
+            if dist.get_world_size(self.group) > 1:
+                dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
+            self.reduce_calls += 1
+        self._stats.zero_()
+        metrics: dict[str, float] = {"occ/tokens": float(stats[0, 2])}
+        for k in range(self.num_depths):
+            s_a, s_v, n = (float(x) for x in stats[k])
+            a = s_a / n if n > 0 else float("nan")
+            v = s_v / n if n > 0 else float("nan")
+            new = self._coefficient(stats[k], fallback=self.lambdas[k])
+            beta = self.config.ema
+            self.lambdas[k] = beta * self.lambdas[k] + (1.0 - beta) * new if beta else new
+            metrics[f"occ/alignment_{k + 1}"] = a
+            metrics[f"occ/variance_{k + 1}"] = v
+            metrics[f"occ/lambda_{k + 1}"] = self.lambdas[k]
+        metrics["occ/guard_events"] = float(self.guard_events)
+        self.last = metrics
+        return metrics
+
+    def _coefficient(self, stats: torch.Tensor, fallback: float) -> float:
+        c = self.config
+        try:
+            return occ_coefficient(
+                stats, ratio=c.ratio, num_depths=self.num_depths, eps=c.eps, lo=c.lo, hi=c.hi
+            )
+        except ValueError:
+            self.guard_events += 1
+            return fallback
+
+    # -- checkpointing -----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"lambdas": list(self.lambdas), "guard_events": self.guard_events}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["lambdas"]) != self.num_depths:
+            raise ValueError(
+                f"checkpoint has OCC state for {len(state['lambdas'])} MTP depths, "
+                f"the model has {self.num_depths}"
+            )
+        self.lambdas = [float(x) for x in state["lambdas"]]
+        self.guard_events = int(state["guard_events"])
+
+
+def zero_alignment_warning(
+    *, regime: str, reduce: str, minibatches_per_rollout: int, epochs: int = 1
+) -> str | None:
+    """The start-up warning for configurations in which OCC's d ≡ 0.
+
+    d = ℓ − ℓ_old is zero whenever the optimizer step runs with θ = θ_old, which is every
+    step when each rollout batch is consumed by a single optimizer step.
+    """
+    if regime != "occ" or minibatches_per_rollout * epochs > 1:
+        return None
+    return (
+        "OCC: each rollout batch is used for exactly one optimizer step "
+        "(--global-batch-size equals --rollout-batch-size × --n-samples-per-prompt), so every "
+        "step runs with θ = θ_old and the alignment proxy d = ℓ − ℓ_old is identically 0: "
+        f"λ collapses to --occ-min{' after the first step' if reduce == 'global' else ''}. "
+        "Use a smaller --global-batch-size (several mini-batches per rollout batch)."
+    )

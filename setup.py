@@ -19,6 +19,9 @@ setup(
         "psutil",
         "einops",
         "math-verify>=0.7",
+        "tensorboard",
+        "matplotlib",
+        "pyarrow",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],

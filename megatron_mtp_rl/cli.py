@@ -1,0 +1,53 @@
+"""``mtp-rl``: the command-line entry point (``train``, ``pretrain``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": _train, "pretrain": _pretrain}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: mtp-rl {train,pretrain} [flags]   (mtp-rl train --help lists every flag)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    return commands[argv[0]](argv[1:])
+
+
+def _train(argv) -> int:
+    from megatron_mtp_rl import platform
+    from megatron_mtp_rl.train.arguments import parse_args
+    from megatron_mtp_rl.train.setup import ConfigError
+    from megatron_mtp_rl.train.trainer import run_training
+
+    args = parse_args(argv)
+    try:
+        run_training(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        platform.destroy()
+    return 0
+
+
+def _pretrain(argv) -> int:
+    from megatron_mtp_rl import platform
+    from megatron_mtp_rl.train.pretrain import parse_pretrain_args, run_pretrain
+    from megatron_mtp_rl.train.setup import ConfigError
+
+    args = parse_pretrain_args(argv)
+    try:
+        run_pretrain(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        platform.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Rollout side: engines (local, SGLang), manager, data sources, rewards. No Megatron imports."""

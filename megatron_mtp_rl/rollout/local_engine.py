@@ -1,0 +1,53 @@
+"""The embedded engine: generates in-process with the training model itself.
+
+Nothing to synchronise (it *is* the trainer's model). Requests are served in batches of
+``max_batch_size`` rows; ``speculative=True`` drafts with the MTP layers (exact sampling).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_mtp_rl.models.generation import SamplingParams, generate
+from megatron_mtp_rl.rollout.engine import Completion
+
+
+class LocalEngine:
+    def __init__(
+        self, model, *, vocab_size: int, speculative: bool = False, max_batch_size: int = 256
+    ):
+        self.model = model
+        self.vocab_size = vocab_size
+        self.speculative = speculative
+        self.max_batch_size = max_batch_size
+
+    def sync_weights(self) -> None:
+        """Shares the trainer's parameters: always in sync."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        out: list[Completion] = []
+        stats = {"tokens": 0, "seconds": 0.0, "rounds": 0, "accept_len_sum": 0.0, "calls": 0}
+        for s in range(0, len(prompts), self.max_batch_size):
+            chunk = prompts[s : s + self.max_batch_size]
+            res = generate(
+                self.model,
+                chunk,
+                params,
+                vocab_size=self.vocab_size,
+                generator=g,
+                speculative=self.speculative,
+            )
+            for ids, lps, fin in zip(res.responses, res.logprobs, res.finished):
+                out.append(Completion(ids, lps, fin))
+            stats["tokens"] += res.stats["tokens"]
+            stats["seconds"] += res.stats["seconds"]
+            stats["rounds"] += res.stats["rounds"]
+            stats["accept_len_sum"] += res.stats.get("row_accept_len", 1.0)
+            stats["calls"] += 1
+        summary = {
+            "rollout/gen_tokens_per_s": stats["tokens"] / max(stats["seconds"], 1e-9),
+        }
+        if self.speculative:
+            summary["rollout/spec_accept_len"] = stats["accept_len_sum"] / max(stats["calls"], 1)
+        return out, summary

@@ -1,0 +1,136 @@
+"""Rollout manager: prompts → groups of n samples → rewards → dynamic-sampling filter.
+
+Engine-agnostic: the same manager drives the local engine and SGLang. Rewards and the
+filter are plain functions, so a task plugs in by dotted path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.rollout.data import Prompt
+from megatron_mtp_rl.rollout.engine import RolloutEngine
+from megatron_mtp_rl.rollout.rewards import RewardFn
+from megatron_mtp_rl.rollout.tokenizer import Tokenizer
+
+
+@dataclass
+class Sample:
+    prompt: Prompt
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    response_text: str
+    finished: bool
+    reward: float = 0.0
+    group: int = 0
+
+
+@dataclass
+class RolloutBatch:
+    samples: list[Sample]  # grouped: n consecutive samples share a prompt
+    group_size: int
+    metrics: dict = field(default_factory=dict)
+    prompts_consumed: int = 0
+
+
+def all_equal_groups(rewards: list[float], n: int) -> list[bool]:
+    """Per group: True when every sample of the group has the same reward."""
+    return [max(rewards[i : i + n]) == min(rewards[i : i + n]) for i in range(0, len(rewards), n)]
+
+
+class RolloutManager:
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        tokenizer: Tokenizer,
+        reward_fn: RewardFn,
+        *,
+        n_samples: int,
+        sampling: SamplingParams,
+    ):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.n = n_samples
+        self.sampling = sampling
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        ids = self.tokenizer.encode(prompt.text)
+        if self.tokenizer.bos_id is not None:
+            ids = [self.tokenizer.bos_id] + ids
+        return ids
+
+    def generate_groups(
+        self, prompts: list[Prompt], seed: int, params: SamplingParams | None = None
+    ):
+        """n samples for each prompt, with rewards; returns (samples, engine stats)."""
+        params = params or self.sampling
+        enc = [self.encode_prompt(p) for p in prompts]
+        requests = [ids for ids in enc for _ in range(self.n)]
+        completions, stats = self.engine.generate(requests, params, seed=seed)
+        samples = []
+        for j, c in enumerate(completions):
+            g = j // self.n
+            ids = c.response_ids
+            text_ids = ids[:-1] if c.finished and ids else ids
+            text = self.tokenizer.decode(text_ids)
+            s = Sample(prompts[g], enc[g], ids, c.logprobs, text, c.finished, group=g)
+            s.reward = float(self.reward_fn(prompts[g].text, text, prompts[g].label))
+            samples.append(s)
+        return samples, stats
+
+    def rollout(
+        self,
+        fetch,
+        *,
+        num_prompts: int,
+        seed: int,
+        dynamic_sampling: bool = False,
+        max_rounds: int = 4,
+    ) -> RolloutBatch:
+        """Generate ``num_prompts`` groups. ``fetch(count)`` returns the next prompts.
+
+        With ``dynamic_sampling`` (DAPO), groups whose rewards are all equal are dropped
+        and more prompts are fetched until ``num_prompts`` groups are kept or
+        ``max_rounds`` rounds ran (then the batch is topped up with dropped groups so its
+        size stays fixed, and ``rollout/filter_shortfall`` counts them).
+        """
+        t0 = time.perf_counter()
+        kept: list[list[Sample]] = []
+        dropped: list[list[Sample]] = []
+        consumed = 0
+        stats: dict = {}
+        generated = 0
+        for r in range(max_rounds if dynamic_sampling else 1):
+            need = num_prompts - len(kept)
+            if need <= 0:
+                break
+            prompts = fetch(need)
+            consumed += len(prompts)
+            samples, stats = self.generate_groups(prompts, seed=seed * 1000 + r)
+            generated += len(samples)
+            groups = [samples[i : i + self.n] for i in range(0, len(samples), self.n)]
+            flat = [s.reward for s in samples]
+            for grp, same in zip(groups, all_equal_groups(flat, self.n)):
+                (dropped if dynamic_sampling and same else kept).append(grp)
+        shortfall = max(0, num_prompts - len(kept))
+        kept = kept[:num_prompts] + dropped[:shortfall]
+        out = [s for grp in kept for s in grp]
+        for g, grp in enumerate(kept):
+            for s in grp:
+                s.group = g
+        rewards = [s.reward for s in out]
+        lengths = [len(s.response_ids) for s in out]
+        metrics = {
+            "rollout/reward_mean": sum(rewards) / max(len(rewards), 1),
+            "rollout/response_len": sum(lengths) / max(len(lengths), 1),
+            "rollout/truncated": sum(not s.finished for s in out) / max(len(out), 1),
+            "rollout/generated_samples": float(generated),
+            "rollout/filter_shortfall": float(shortfall),
+            "perf/rollout_time": time.perf_counter() - t0,
+        }
+        metrics.update(stats)
+        return RolloutBatch(out, self.n, metrics, consumed)

@@ -1,0 +1,71 @@
+"""Reward functions: ``fn(prompt: str, response: str, label) -> float``.
+
+Custom rewards are plugged in by dotted path (``--reward-fn package.module:function``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+RewardFn = Callable[[str, str, object], float]
+
+
+def exact_match(prompt: str, response: str, label) -> float:
+    """1.0 when the response, stripped, equals the label."""
+    return float(response.strip() == str(label).strip())
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (balanced braces), or None."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None
+
+
+def math_verify(prompt: str, response: str, label) -> float:
+    """1.0 when the last ``\\boxed{}`` answer is mathematically equal to the label (math-verify)."""
+    from math_verify import parse, verify
+
+    answer = last_boxed(response)
+    if answer is None:
+        return 0.0
+    gold = str(label)
+    gold_parsed = parse(gold if "\\boxed" in gold or "$" in gold else f"${gold}$")
+    pred_parsed = parse(f"${answer}$")
+    if not gold_parsed or not pred_parsed:
+        return 0.0
+    return float(verify(gold_parsed, pred_parsed))
+
+
+BUILTIN: dict[str, RewardFn] = {"exact_match": exact_match, "math_verify": math_verify}
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """A built-in name (``exact_match``, ``math_verify``) or ``module:function`` / ``module.function``."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    module, sep, name = spec.partition(":")
+    if not sep:
+        module, _, name = spec.rpartition(".")
+    if not module or not name:
+        raise ValueError(f"--reward-fn {spec!r}: expected a built-in name or 'module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--reward-fn {spec!r}: cannot load ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"--reward-fn {spec!r} is not callable")
+    return fn

@@ -1,0 +1,239 @@
+"""Command-line flags (Megatron-style names) and ``--config FILE.yaml`` whose keys are flag names."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from megatron_mtp_rl.models.presets import PRESETS
+from megatron_mtp_rl.rl.occ import BASELINES, REDUCE_MODES
+from megatron_mtp_rl.rl.policy_loss import AGG_MODES, KL_TYPES
+from megatron_mtp_rl.rl.regimes import REGIMES
+
+ALGORITHMS = {
+    # Defaults each algorithm sets, unless the flag is given explicitly.
+    "grpo": {},
+    "dapo": {
+        "eps_clip_high": 0.28,
+        "loss_agg_mode": "token-mean",
+        "dynamic_sampling": True,
+        "overlong_buffer_len": 4,
+    },
+    "gspo": {
+        "ratio_type": "sequence",
+        "eps_clip": 3e-4,
+        "eps_clip_high": 4e-4,
+        "loss_agg_mode": "seq-mean-token-mean",
+    },
+}
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (Megatron names; override the preset)")
+    g.add_argument(
+        "--preset", choices=sorted(PRESETS), default="tiny-moe", help="model shape preset"
+    )
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--num-query-groups", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--seq-length", type=int, default=64, help="tokens per packed row")
+    g.add_argument("--mtp-num-layers", type=int, help="MTP depths D (preset: 2)")
+    g.add_argument("--num-experts", type=int, help="MoE experts per layer (0 = dense)")
+    g.add_argument("--moe-router-topk", type=int)
+    g.add_argument("--moe-ffn-hidden-size", type=int)
+    g.add_argument("--moe-aux-loss-coeff", type=float)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
+    g.add_argument("--make-vocab-size-divisible-by", type=int)
+    g.add_argument("--init-method-std", type=float)
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters (GPU)")
+
+
+def _parallel_flags(p):
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+
+
+def _data_flags(p):
+    g = p.add_argument_group("task and data")
+    g.add_argument("--task", choices=["arith"], default="arith", help="built-in verifiable task")
+    g.add_argument("--arith-digits", type=int, default=2)
+    g.add_argument("--arith-ops", default="+", help="operators drawn from '+-*'")
+    g.add_argument("--prompt-data", help="JSONL or Parquet prompts (replaces --task)")
+    g.add_argument("--eval-data", help="JSONL or Parquet held-out prompts for eval/accuracy")
+    g.add_argument("--input-key", default="prompt")
+    g.add_argument("--label-key", default="label")
+    g.add_argument("--prompt-template", default="{input}", help="format string around the input")
+    g.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail")
+    g.add_argument(
+        "--tokenizer", help="arith | byte | hf:PATH (default: arith for the task, byte for files)"
+    )
+    g.add_argument(
+        "--reward-fn",
+        help="exact_match | math_verify | module:function (default: exact_match for the task, math_verify for files)",
+    )
+    g.add_argument("--num-eval-prompts", type=int, default=200)
+
+
+def _rollout_flags(p):
+    g = p.add_argument_group("rollout")
+    g.add_argument("--rollout-engine", choices=["local", "sglang"], default="local")
+    g.add_argument("--rollout-batch-size", type=int, default=16, help="prompts per RL step")
+    g.add_argument("--n-samples-per-prompt", type=int, default=8)
+    g.add_argument("--rollout-temperature", type=float, default=1.0)
+    g.add_argument("--rollout-top-p", type=float, default=1.0)
+    g.add_argument("--rollout-max-response-len", type=int, default=8)
+    g.add_argument(
+        "--local-spec-decode", action="store_true", help="draft with the MTP layers (exact)"
+    )
+    g.add_argument(
+        "--dynamic-sampling", action="store_true", default=None, help="DAPO: drop all-equal groups"
+    )
+    g.add_argument("--max-sampling-rounds", type=int, default=4)
+    g.add_argument(
+        "--overlong-buffer-len", type=int, default=None, help="DAPO soft overlong penalty buffer"
+    )
+    g.add_argument("--overlong-penalty-factor", type=float, default=1.0)
+
+
+def _algo_flags(p):
+    g = p.add_argument_group("RL algorithm")
+    g.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="grpo")
+    g.add_argument("--no-grpo-std-normalization", action="store_true")
+    g.add_argument("--eps-clip", type=float, default=None)
+    g.add_argument("--eps-clip-high", type=float, default=None)
+    g.add_argument("--eps-clip-c", type=float, default=None, help="dual-clip constant (> 1)")
+    g.add_argument("--loss-agg-mode", choices=AGG_MODES, default=None)
+    g.add_argument(
+        "--ratio-type", choices=["token", "sequence"], default=None, help="sequence = GSPO"
+    )
+    g.add_argument("--kl-coef", type=float, default=0.0)
+    g.add_argument("--kl-type", choices=KL_TYPES, default="low-var-kl")
+    g.add_argument("--entropy-coef", type=float, default=0.0)
+    g = p.add_argument_group("MTP and OCC")
+    g.add_argument("--mtp-regime", choices=REGIMES, default="occ")
+    g.add_argument(
+        "--mtp-loss-coef", type=float, default=0.1, help="fixed coefficient c (detach/ce/policy)"
+    )
+    g.add_argument("--occ-ratio", type=float, default=0.1, help="ρ")
+    g.add_argument("--occ-eps", type=float, default=1e-8)
+    g.add_argument("--occ-min", type=float, default=0.0)
+    g.add_argument("--occ-max", type=float, default=1.0)
+    g.add_argument("--occ-ema", type=float, default=0.0)
+    g.add_argument("--occ-init", type=float, default=None, help="first-step λ (default ρ/D)")
+    g.add_argument("--occ-baseline", choices=BASELINES, default="main_old")
+    g.add_argument("--occ-reduce", choices=REDUCE_MODES, default="global")
+
+
+def _optim_flags(p):
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-steps", type=int, default=0, help="in optimizer steps")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="grad-norm clip of the main model")
+    g.add_argument(
+        "--clip-grad-mtp",
+        type=float,
+        default=None,
+        help="clip of the MTP group (default --clip-grad)",
+    )
+    g.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="samples per optimizer step (default: rollout/2)",
+    )
+    g.add_argument("--micro-batch-size", type=int, default=16, help="samples per micro-batch")
+
+
+def _run_flags(p):
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="YAML file whose keys are flag names")
+    g.add_argument("--num-steps", type=int, default=30, help="RL steps (rollout + updates)")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--save", help="checkpoint directory")
+    g.add_argument("--load", help="checkpoint directory to resume from")
+    g.add_argument(
+        "--finetune", action="store_true", help="with --load: weights only, restart at step 0"
+    )
+    g.add_argument(
+        "--save-interval", type=int, default=0, help="steps between checkpoints (0: at the end)"
+    )
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --save")
+    g.add_argument("--eval-interval", type=int, default=5)
+    g.add_argument("--metrics-jsonl", help="one JSON object per step")
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def build_parser(prog: str = "mtp-rl train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="RL with jointly trained MTP layers (OCC).")
+    for add in (
+        _model_flags,
+        _parallel_flags,
+        _data_flags,
+        _rollout_flags,
+        _algo_flags,
+        _optim_flags,
+        _run_flags,
+    ):
+        add(p)
+    return p
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Read the YAML config; unknown keys are errors that name the file and line."""
+    text = Path(path).read_text(encoding="utf-8")
+    node = yaml.compose(text)
+    if node is None:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        raise SystemExit(f"{path}:1: expected a mapping of flag names to values")
+    data = yaml.safe_load(text)
+    dests = {a.dest for a in parser._actions}
+    out = {}
+    for key_node, _ in node.value:
+        key = key_node.value
+        dest = key.lstrip("-").replace("-", "_")
+        if dest not in dests or dest == "config":
+            raise SystemExit(
+                f"{path}:{key_node.start_mark.line + 1}: unknown key {key!r} (not a flag of {parser.prog})"
+            )
+        out[dest] = data[key]
+    return out
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "mtp-rl train") -> argparse.Namespace:
+    parser = build_parser(prog)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_config_defaults(parser, pre.config))
+    args = parser.parse_args(argv)
+    for k, v in ALGORITHMS[args.algorithm].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.eps_clip is None:
+        args.eps_clip = 0.2
+    if args.loss_agg_mode is None:
+        args.loss_agg_mode = "token-mean"
+    if args.ratio_type is None:
+        args.ratio_type = "token"
+    if args.dynamic_sampling is None:
+        args.dynamic_sampling = False
+    if args.tokenizer is None:
+        args.tokenizer = "byte" if args.prompt_data else "arith"
+    if args.reward_fn is None:
+        args.reward_fn = "math_verify" if args.prompt_data else "exact_match"
+    if args.global_batch_size is None:
+        args.global_batch_size = max(1, args.rollout_batch_size * args.n_samples_per_prompt // 2)
+    return args

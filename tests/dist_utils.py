@@ -46,10 +46,7 @@ def run_ranks(fn, world_size: int, tmp_path: Path, *args, timeout: float = 300.0
     tmp_path.mkdir(parents=True, exist_ok=True)
     port = free_port()
     ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_entry, args=(fn, r, world_size, port, str(tmp_path), args))
-        for r in range(world_size)
-    ]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, str(tmp_path), args)) for r in range(world_size)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -64,9 +61,7 @@ def run_ranks(fn, world_size: int, tmp_path: Path, *args, timeout: float = 300.0
                 p.terminate()
             p.join(5)
     errors = [
-        (tmp_path / f"rank{r}.err").read_text()
-        for r in range(world_size)
-        if (tmp_path / f"rank{r}.err").exists()
+        (tmp_path / f"rank{r}.err").read_text() for r in range(world_size) if (tmp_path / f"rank{r}.err").exists()
     ]
     if errors:
         raise AssertionError("a rank failed:\n" + "\n".join(errors))

@@ -23,9 +23,7 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _run_variant(
-    variant: str, mode: str, tokens: int, vocab: int, chunk: int, dtype: str, reps: int
-):
+def _run_variant(variant: str, mode: str, tokens: int, vocab: int, chunk: int, dtype: str, reps: int):
     from megatron_mtp_rl.ops import vocab_parallel_logprobs
 
     torch.manual_seed(0)
@@ -65,9 +63,7 @@ def _max_abs_diff(vocab: int, chunk: int, dtype: str) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument(
@@ -85,10 +81,7 @@ def main() -> None:
         print(json.dumps(res))
         return
     gib = 2**30
-    print(
-        f"T={a.tokens} V={a.vocab} dtype={a.dtype} chunk={a.chunk} "
-        f"torch threads={torch.get_num_threads()}"
-    )
+    print(f"T={a.tokens} V={a.vocab} dtype={a.dtype} chunk={a.chunk} torch threads={torch.get_num_threads()}")
     print(f"max |ours - naive| on 256 tokens: {_max_abs_diff(a.vocab, a.chunk, a.dtype):.2e}")
     for mode in ("fwd", "fwd+bwd"):
         res = {}

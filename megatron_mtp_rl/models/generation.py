@@ -79,9 +79,7 @@ class _Runner:
         self.ctx = StaticInferenceContext(self.B, self.L)
         self.hidden: torch.Tensor | None = None  # [L, B, H] trunk outputs (for MTP drafts)
         self.weight = (
-            self.gpt.shared_embedding_or_output_weight()
-            if self.gpt.share_embeddings_and_output_weights
-            else None
+            self.gpt.shared_embedding_or_output_weight() if self.gpt.share_embeddings_and_output_weights else None
         )
 
     def _mask(self, start: int, end: int) -> torch.Tensor:
@@ -209,9 +207,7 @@ def _plain(run: _Runner, generator) -> GenerationResult:
     logits = run.logits(h[-1:])[0]
     t = P
     for _ in range(params.max_new_tokens):
-        tok = torch.multinomial(
-            _probs(logits, params, run.vocab_size), 1, generator=generator
-        ).squeeze(-1)
+        tok = torch.multinomial(_probs(logits, params, run.vocab_size), 1, generator=generator).squeeze(-1)
         lp = _logp(logits, tok, params, run.vocab_size)
         for i in range(run.B):
             col.add(i, int(tok[i]), float(lp[i]))
@@ -231,9 +227,7 @@ def _speculative(run: _Runner, generator) -> GenerationResult:
     h = run.forward(0, P)
     logits = run.logits(h[-1:])[0]
     # The pending token u sits at position n+1 = P: sampled from the main model, exact.
-    u = torch.multinomial(_probs(logits, params, run.vocab_size), 1, generator=generator).squeeze(
-        -1
-    )
+    u = torch.multinomial(_probs(logits, params, run.vocab_size), 1, generator=generator).squeeze(-1)
     u_lp = _logp(logits, u, params, run.vocab_size)
     n = P - 1
     rounds = accepted_total = row_accept_total = 0

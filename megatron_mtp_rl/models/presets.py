@@ -45,9 +45,7 @@ class ModelArgs:
 
 PRESETS: dict[str, ModelArgs] = {
     # ~0.2M parameters: fast enough for the whole test suite on 2 cores.
-    "tiny-dense": ModelArgs(
-        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, mtp_num_layers=2
-    ),
+    "tiny-dense": ModelArgs(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, mtp_num_layers=2),
     # 4 experts, top-2 routing; the MTP layers use the same (MoE) layer spec as the trunk.
     "tiny-moe": ModelArgs(
         num_layers=2,

@@ -59,19 +59,14 @@ def build_config(args: ModelArgs, *, use_te: bool | None = None) -> TransformerC
     cp = parallel_state.get_context_parallel_world_size()
     if args.num_attention_heads % tp != 0:
         raise ValueError(
-            f"--tensor-model-parallel-size {tp} does not divide "
-            f"--num-attention-heads {args.num_attention_heads}"
+            f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads {args.num_attention_heads}"
         )
     if args.num_experts and args.num_experts % ep != 0:
-        raise ValueError(
-            f"--expert-model-parallel-size {ep} does not divide --num-experts {args.num_experts}"
-        )
+        raise ValueError(f"--expert-model-parallel-size {ep} does not divide --num-experts {args.num_experts}")
     if ep > 1 and not args.num_experts:
         raise ValueError("--expert-model-parallel-size > 1 needs --num-experts")
     if args.num_layers % pp != 0:
-        raise ValueError(
-            f"--pipeline-model-parallel-size {pp} does not divide --num-layers {args.num_layers}"
-        )
+        raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide --num-layers {args.num_layers}")
     dtype = _DTYPES[args.params_dtype]
     cuda = torch.cuda.is_available()
     kwargs = dict(
@@ -139,9 +134,7 @@ def build_model(
 
         layer_spec = get_gpt_layer_with_transformer_engine_spec(num_experts=args.num_experts)
     else:
-        layer_spec = get_gpt_layer_local_spec(
-            num_experts=args.num_experts, normalization=args.normalization
-        )
+        layer_spec = get_gpt_layer_local_spec(num_experts=args.num_experts, normalization=args.normalization)
     mtp_spec = None
     if args.mtp_num_layers:
         mtp_spec = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=use_te)

@@ -28,12 +28,8 @@ def full_name(model: torch.nn.Module, local_name: str) -> str:
     """The PP=1 name of this stage's parameter/buffer ``local_name``."""
     m = _LAYER.match(local_name)
     if m:
-        return (
-            f"decoder.layers.{int(m.group(1)) + stage_layer_offset(model)}." + local_name[m.end() :]
-        )
-    if local_name == "output_layer.weight" and getattr(
-        model, "share_embeddings_and_output_weights", False
-    ):
+        return f"decoder.layers.{int(m.group(1)) + stage_layer_offset(model)}." + local_name[m.end() :]
+    if local_name == "output_layer.weight" and getattr(model, "share_embeddings_and_output_weights", False):
         return "embedding.word_embeddings.weight"
     return local_name
 

@@ -117,9 +117,7 @@ def vocab_parallel_logprobs(
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
             "expected logits [..., V/TP] with targets [...]"
         )
-    return _VocabParallelLogProbs.apply(
-        logits, targets, tp_group, chunk_size or _default_chunk(logits.shape[-1])
-    )
+    return _VocabParallelLogProbs.apply(logits, targets, tp_group, chunk_size or _default_chunk(logits.shape[-1]))
 
 
 class _VocabParallelEntropy(torch.autograd.Function):
@@ -152,13 +150,9 @@ class _VocabParallelEntropy(torch.autograd.Function):
         return grad.view_as(logits), None, None
 
 
-def vocab_parallel_entropy(
-    logits: torch.Tensor, *, tp_group=None, chunk_size: int | None = None
-) -> torch.Tensor:
+def vocab_parallel_entropy(logits: torch.Tensor, *, tp_group=None, chunk_size: int | None = None) -> torch.Tensor:
     """fp32 entropy of ``softmax(logits)`` per row over a TP-sharded vocabulary."""
-    return _VocabParallelEntropy.apply(
-        logits, tp_group, chunk_size or _default_chunk(logits.shape[-1])
-    )
+    return _VocabParallelEntropy.apply(logits, tp_group, chunk_size or _default_chunk(logits.shape[-1]))
 
 
 @torch.no_grad()
@@ -188,8 +182,7 @@ def vocab_parallel_draft_agreement(
         accept[s:e] = torch.minimum(p, _shifted_exp(q_x[s:e], lse_q[s:e]), out=p).sum(-1)
     _all_reduce(accept, dist.ReduceOp.SUM, tp_group)
     return accept.view(main_logits.shape[:-1]), (
-        _vocab_parallel_argmax(p_x, rank, world, tp_group)
-        == _vocab_parallel_argmax(q_x, rank, world, tp_group)
+        _vocab_parallel_argmax(p_x, rank, world, tp_group) == _vocab_parallel_argmax(q_x, rank, world, tp_group)
     ).float().view(main_logits.shape[:-1])
 
 

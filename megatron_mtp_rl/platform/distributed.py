@@ -67,11 +67,7 @@ def initialize(
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     world = dist.get_world_size()
-    model_parallel = (
-        sizes.tensor_model_parallel_size
-        * sizes.pipeline_model_parallel_size
-        * sizes.context_parallel_size
-    )
+    model_parallel = sizes.tensor_model_parallel_size * sizes.pipeline_model_parallel_size * sizes.context_parallel_size
     if world % model_parallel != 0:
         raise ValueError(
             f"world size {world} is not divisible by TP×PP×CP = {model_parallel} "

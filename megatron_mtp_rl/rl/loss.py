@@ -40,9 +40,7 @@ class RLBatch(TokenBatch):
     ref_logprobs: torch.Tensor | None = None  # [B, S]
 
     def to(self, device) -> RLBatch:
-        return RLBatch(
-            **{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
-        )
+        return RLBatch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
 
 
 @dataclass(frozen=True)
@@ -101,9 +99,7 @@ def step_denominators(batches: list[TokenBatch], num_depths: int, group=None) ->
 
 
 def _pair(total, count) -> torch.Tensor:
-    return torch.stack(
-        [torch.as_tensor(total, dtype=torch.float64), torch.as_tensor(count, dtype=torch.float64)]
-    )
+    return torch.stack([torch.as_tensor(total, dtype=torch.float64), torch.as_tensor(count, dtype=torch.float64)])
 
 
 def _masked_pair(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,7 @@ def occ_statistics(
     b = old_logprobs if baseline is None else baseline
     d = (main_logprobs.double() - old_logprobs.double())[m]
     e = (mtp_logprobs.double() - b.double())[m]
-    return torch.stack(
-        [(d * e).sum(), (e * e).sum(), torch.tensor(float(m.sum()), dtype=torch.float64)]
-    )
+    return torch.stack([(d * e).sum(), (e * e).sum(), torch.tensor(float(m.sum()), dtype=torch.float64)])
 
 
 def occ_coefficient(
@@ -161,9 +159,7 @@ class OCCEstimator:
     def _coefficient(self, stats: torch.Tensor, fallback: float) -> float:
         c = self.config
         try:
-            return occ_coefficient(
-                stats, ratio=c.ratio, num_depths=self.num_depths, eps=c.eps, lo=c.lo, hi=c.hi
-            )
+            return occ_coefficient(stats, ratio=c.ratio, num_depths=self.num_depths, eps=c.eps, lo=c.lo, hi=c.hi)
         except ValueError:
             self.guard_events += 1
             return fallback
@@ -175,16 +171,13 @@ class OCCEstimator:
     def load_state_dict(self, state: dict) -> None:
         if len(state["lambdas"]) != self.num_depths:
             raise ValueError(
-                f"checkpoint has OCC state for {len(state['lambdas'])} MTP depths, "
-                f"the model has {self.num_depths}"
+                f"checkpoint has OCC state for {len(state['lambdas'])} MTP depths, the model has {self.num_depths}"
             )
         self.lambdas = [float(x) for x in state["lambdas"]]
         self.guard_events = int(state["guard_events"])
 
 
-def zero_alignment_warning(
-    *, regime: str, reduce: str, minibatches_per_rollout: int, epochs: int = 1
-) -> str | None:
+def zero_alignment_warning(*, regime: str, reduce: str, minibatches_per_rollout: int, epochs: int = 1) -> str | None:
     """The start-up warning for configurations in which OCC's d ≡ 0.
 
     d = ℓ − ℓ_old is zero whenever the optimizer step runs with θ = θ_old, which is every

@@ -170,9 +170,7 @@ class FilePromptSource:
                 self._bad(where, f"{self.input_key!r} is empty")
                 continue
             label = row[self.label_key]
-            if not isinstance(label, (str, int, float)) or (
-                isinstance(label, str) and not label.strip()
-            ):
+            if not isinstance(label, (str, int, float)) or (isinstance(label, str) and not label.strip()):
                 self._bad(where, f"{self.label_key!r} must be a non-empty string or number")
                 continue
             prompt = self.template.format(input=text)

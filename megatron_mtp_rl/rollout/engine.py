@@ -19,9 +19,7 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
-    def generate(
-        self, prompts: list[list[int]], params: SamplingParams, *, seed: int
-    ) -> tuple[list[Completion], dict]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int) -> tuple[list[Completion], dict]:
         """Completions in prompt order, plus engine statistics for the metrics."""
         ...
 

@@ -13,9 +13,7 @@ from megatron_mtp_rl.rollout.engine import Completion
 
 
 class LocalEngine:
-    def __init__(
-        self, model, *, vocab_size: int, speculative: bool = False, max_batch_size: int = 256
-    ):
+    def __init__(self, model, *, vocab_size: int, speculative: bool = False, max_batch_size: int = 256):
         self.model = model
         self.vocab_size = vocab_size
         self.speculative = speculative

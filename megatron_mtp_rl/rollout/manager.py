@@ -63,9 +63,7 @@ class RolloutManager:
             ids = [self.tokenizer.bos_id] + ids
         return ids
 
-    def generate_groups(
-        self, prompts: list[Prompt], seed: int, params: SamplingParams | None = None
-    ):
+    def generate_groups(self, prompts: list[Prompt], seed: int, params: SamplingParams | None = None):
         """n samples for each prompt, with rewards; returns (samples, engine stats)."""
         params = params or self.sampling
         enc = [self.encode_prompt(p) for p in prompts]

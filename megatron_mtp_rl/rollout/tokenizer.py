@@ -36,9 +36,7 @@ class CharTokenizer:
         try:
             return [self._ids[c] for c in text]
         except KeyError as e:
-            raise ValueError(
-                f"character {e.args[0]!r} is not in the tokenizer alphabet {self.alphabet!r}"
-            ) from None
+            raise ValueError(f"character {e.args[0]!r} is not in the tokenizer alphabet {self.alphabet!r}") from None
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.alphabet[i - 3] for i in ids if 3 <= i < self.vocab_size)

@@ -32,9 +32,7 @@ ALGORITHMS = {
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (Megatron names; override the preset)")
-    g.add_argument(
-        "--preset", choices=sorted(PRESETS), default="tiny-moe", help="model shape preset"
-    )
+    g.add_argument("--preset", choices=sorted(PRESETS), default="tiny-moe", help="model shape preset")
     g.add_argument("--num-layers", type=int)
     g.add_argument("--hidden-size", type=int)
     g.add_argument("--num-attention-heads", type=int)
@@ -71,9 +69,7 @@ def _data_flags(p):
     g.add_argument("--label-key", default="label")
     g.add_argument("--prompt-template", default="{input}", help="format string around the input")
     g.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail")
-    g.add_argument(
-        "--tokenizer", help="arith | byte | hf:PATH (default: arith for the task, byte for files)"
-    )
+    g.add_argument("--tokenizer", help="arith | byte | hf:PATH (default: arith for the task, byte for files)")
     g.add_argument(
         "--reward-fn",
         help="exact_match | math_verify | module:function (default: exact_match for the task, math_verify for files)",
@@ -89,16 +85,10 @@ def _rollout_flags(p):
     g.add_argument("--rollout-temperature", type=float, default=1.0)
     g.add_argument("--rollout-top-p", type=float, default=1.0)
     g.add_argument("--rollout-max-response-len", type=int, default=8)
-    g.add_argument(
-        "--local-spec-decode", action="store_true", help="draft with the MTP layers (exact)"
-    )
-    g.add_argument(
-        "--dynamic-sampling", action="store_true", default=None, help="DAPO: drop all-equal groups"
-    )
+    g.add_argument("--local-spec-decode", action="store_true", help="draft with the MTP layers (exact)")
+    g.add_argument("--dynamic-sampling", action="store_true", default=None, help="DAPO: drop all-equal groups")
     g.add_argument("--max-sampling-rounds", type=int, default=4)
-    g.add_argument(
-        "--overlong-buffer-len", type=int, default=None, help="DAPO soft overlong penalty buffer"
-    )
+    g.add_argument("--overlong-buffer-len", type=int, default=None, help="DAPO soft overlong penalty buffer")
     g.add_argument("--overlong-penalty-factor", type=float, default=1.0)
 
 
@@ -110,17 +100,13 @@ def _algo_flags(p):
     g.add_argument("--eps-clip-high", type=float, default=None)
     g.add_argument("--eps-clip-c", type=float, default=None, help="dual-clip constant (> 1)")
     g.add_argument("--loss-agg-mode", choices=AGG_MODES, default=None)
-    g.add_argument(
-        "--ratio-type", choices=["token", "sequence"], default=None, help="sequence = GSPO"
-    )
+    g.add_argument("--ratio-type", choices=["token", "sequence"], default=None, help="sequence = GSPO")
     g.add_argument("--kl-coef", type=float, default=0.0)
     g.add_argument("--kl-type", choices=KL_TYPES, default="low-var-kl")
     g.add_argument("--entropy-coef", type=float, default=0.0)
     g = p.add_argument_group("MTP and OCC")
     g.add_argument("--mtp-regime", choices=REGIMES, default="occ")
-    g.add_argument(
-        "--mtp-loss-coef", type=float, default=0.1, help="fixed coefficient c (detach/ce/policy)"
-    )
+    g.add_argument("--mtp-loss-coef", type=float, default=0.1, help="fixed coefficient c (detach/ce/policy)")
     g.add_argument("--occ-ratio", type=float, default=0.1, help="ρ")
     g.add_argument("--occ-eps", type=float, default=1e-8)
     g.add_argument("--occ-min", type=float, default=0.0)
@@ -163,12 +149,8 @@ def _run_flags(p):
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--save", help="checkpoint directory")
     g.add_argument("--load", help="checkpoint directory to resume from")
-    g.add_argument(
-        "--finetune", action="store_true", help="with --load: weights only, restart at step 0"
-    )
-    g.add_argument(
-        "--save-interval", type=int, default=0, help="steps between checkpoints (0: at the end)"
-    )
+    g.add_argument("--finetune", action="store_true", help="with --load: weights only, restart at step 0")
+    g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: at the end)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --save")
     g.add_argument("--eval-interval", type=int, default=5)
     g.add_argument("--metrics-jsonl", help="one JSON object per step")

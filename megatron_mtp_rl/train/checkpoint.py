@@ -45,9 +45,7 @@ def _sharded(model, optimizer, *, loading: bool) -> dict:
     return state
 
 
-def save_checkpoint(
-    save_dir: str, step: int, model, optimizer, trainer_state: dict, keep_last: int = 2
-) -> Path:
+def save_checkpoint(save_dir: str, step: int, model, optimizer, trainer_state: dict, keep_last: int = 2) -> Path:
     """Write ``SAVE/iter_{step}`` atomically (collective: every rank calls it)."""
     root = Path(save_dir)
     name = f"iter_{step:07d}"

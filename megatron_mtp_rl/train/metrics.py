@@ -11,9 +11,7 @@ from pathlib import Path
 class MetricsWriter:
     """Writes on the logging rank only; ``log`` is a no-op elsewhere."""
 
-    def __init__(
-        self, jsonl: str | None, tensorboard_dir: str | None, *, enabled: bool, resume_step: int = 0
-    ):
+    def __init__(self, jsonl: str | None, tensorboard_dir: str | None, *, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
         self._f = None
         self._tb = None
@@ -33,9 +31,7 @@ class MetricsWriter:
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(
-                tensorboard_dir, purge_step=resume_step + 1 if resume_step else None
-            )
+            self._tb = SummaryWriter(tensorboard_dir, purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -86,9 +86,7 @@ def _group_norm(params: list[torch.nn.Parameter]) -> float:
         if not tensor_parallel.param_is_not_tensor_parallel_duplicate(p):
             continue
         (dense if getattr(p, "allreduce", True) else expert).append(g.float())
-    d = get_grad_norm_fp32(
-        dense, grad_stats_parallel_group=parallel_state.get_model_parallel_group()
-    )
+    d = get_grad_norm_fp32(dense, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
     e = get_grad_norm_fp32(
         expert,
         grad_stats_parallel_group=parallel_state.get_expert_tensor_model_pipeline_parallel_group(),
@@ -125,14 +123,10 @@ def param_norm(params: list[torch.nn.Parameter]) -> float:
     """L2 norm of parameters, each model-parallel shard counted once (collective)."""
     dense, expert = [], []
     for p in params:
-        if not param_is_not_shared(p) or not tensor_parallel.param_is_not_tensor_parallel_duplicate(
-            p
-        ):
+        if not param_is_not_shared(p) or not tensor_parallel.param_is_not_tensor_parallel_duplicate(p):
             continue
         (dense if getattr(p, "allreduce", True) else expert).append(p.detach().float())
-    d = get_grad_norm_fp32(
-        dense, grad_stats_parallel_group=parallel_state.get_model_parallel_group()
-    )
+    d = get_grad_norm_fp32(dense, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
     e = get_grad_norm_fp32(
         expert,
         grad_stats_parallel_group=parallel_state.get_expert_tensor_model_pipeline_parallel_group(),

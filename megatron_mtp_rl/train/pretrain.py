@@ -43,11 +43,7 @@ def ce_loss(den, mtp_weight: float):
     def fn(batch, out):
         main = -(out.logprobs * batch.loss_mask).sum() / max(den.main.tokens, 1.0)
         loss = main
-        metrics = {
-            "pretrain/main_ce": torch.stack(
-                [main.detach().double(), torch.zeros((), dtype=torch.float64)]
-            )
-        }
+        metrics = {"pretrain/main_ce": torch.stack([main.detach().double(), torch.zeros((), dtype=torch.float64)])}
         for k in range(out.num_depths):
             ce = -(out.mtp_logprobs[k] * out.mtp_mask[k]).sum() / max(den.mtp[k].tokens, 1.0)
             loss = loss + mtp_weight * ce
@@ -73,10 +69,7 @@ def run_pretrain(args) -> dict:
     for step in range(1, args.num_steps + 1):
         start = (step - 1) * args.global_batch_size + dp_rank * per_rank
         prompts = run.source.take(10_000_000 + start, per_rank)  # disjoint from RL's stream
-        seqs = [
-            (trainer.manager.encode_prompt(p), tok.encode(str(p.label)) + [tok.eos_id])
-            for p in prompts
-        ]
+        seqs = [(trainer.manager.encode_prompt(p), tok.encode(str(p.label)) + [tok.eos_id]) for p in prompts]
         mbs = [
             pack_sequences(seqs[i : i + args.micro_batch_size], args.seq_length)[0]
             for i in range(0, len(seqs), args.micro_batch_size)
@@ -86,9 +79,7 @@ def run_pretrain(args) -> dict:
         run.optimizer.zero_grad()
         from megatron_mtp_rl.train.step import reduce_metrics
 
-        res = forward_backward(
-            run.model, mbs, ce_loss(den, 1.0 / max(depths, 1)), with_mtp=depths > 0
-        )
+        res = forward_backward(run.model, mbs, ce_loss(den, 1.0 / max(depths, 1)), with_mtp=depths > 0)
         norms = clip_grads(run.model, args.clip_grad, args.clip_grad)
         run.optimizer.step()
         run.scheduler.step(increment=1)
@@ -98,13 +89,9 @@ def run_pretrain(args) -> dict:
             writer.log(step, last)
             if is_logging_rank() and not args.quiet:
                 ce = " ".join(
-                    f"{k.split('/')[1]} {v:.3f}"
-                    for k, v in sorted(last.items())
-                    if k.startswith("pretrain/")
+                    f"{k.split('/')[1]} {v:.3f}" for k, v in sorted(last.items()) if k.startswith("pretrain/")
                 )
-                print_progress(
-                    f"pretrain step {step}/{args.num_steps} | {ce} | {time.perf_counter() - t0:.0f}s"
-                )
+                print_progress(f"pretrain step {step}/{args.num_steps} | {ce} | {time.perf_counter() - t0:.0f}s")
     ev = trainer.evaluate()
     if is_logging_rank() and not args.quiet and ev:
         print_progress(f"pretrain done | held-out accuracy {ev['eval/accuracy']:.3f}")

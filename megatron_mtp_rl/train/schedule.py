@@ -59,11 +59,7 @@ def forward_backward(
         raise ValueError("forward_backward needs at least one micro-batch")
     n = len(micro_batches)
     seq, mbs = micro_batches[0].shape[1], micro_batches[0].shape[0]
-    scale = (
-        n
-        * parallel_state.get_data_parallel_world_size()
-        / max(1, parallel_state.get_context_parallel_world_size())
-    )
+    scale = n * parallel_state.get_data_parallel_world_size() / max(1, parallel_state.get_context_parallel_world_size())
 
     def _loss(batch, out):
         loss, metrics = loss_fn(batch, out)

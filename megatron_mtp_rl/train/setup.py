@@ -73,9 +73,7 @@ def validate(args, model_args: ModelArgs, dp: int) -> list[str]:
     problems = []
     regime = get_regime(args.mtp_regime)
     if regime.runs_mtp and not model_args.mtp_num_layers:
-        problems.append(
-            f"--mtp-regime {args.mtp_regime} needs MTP layers: set --mtp-num-layers ≥ 1"
-        )
+        problems.append(f"--mtp-regime {args.mtp_regime} needs MTP layers: set --mtp-num-layers ≥ 1")
     if args.local_spec_decode and not model_args.mtp_num_layers:
         problems.append("--local-spec-decode drafts with the MTP layers: set --mtp-num-layers ≥ 1")
     samples = args.rollout_batch_size * args.n_samples_per_prompt
@@ -84,25 +82,16 @@ def validate(args, model_args: ModelArgs, dp: int) -> list[str]:
             f"--rollout-batch-size {args.rollout_batch_size} is not divisible by the data-parallel size {dp}"
         )
     if args.global_batch_size % dp:
-        problems.append(
-            f"--global-batch-size {args.global_batch_size} is not divisible by the data-parallel size {dp}"
-        )
+        problems.append(f"--global-batch-size {args.global_batch_size} is not divisible by the data-parallel size {dp}")
     if samples % args.global_batch_size:
         problems.append(
             f"--global-batch-size {args.global_batch_size} does not divide the rollout batch "
             f"({args.rollout_batch_size} prompts × {args.n_samples_per_prompt} samples = {samples})"
         )
-    if (
-        args.global_batch_size // max(dp, 1) % args.micro_batch_size
-        and args.pipeline_model_parallel_size > 1
-    ):
-        problems.append(
-            "with pipeline parallelism --micro-batch-size must divide --global-batch-size / DP"
-        )
+    if args.global_batch_size // max(dp, 1) % args.micro_batch_size and args.pipeline_model_parallel_size > 1:
+        problems.append("with pipeline parallelism --micro-batch-size must divide --global-batch-size / DP")
     if args.pipeline_model_parallel_size > 1 and args.rollout_engine == "local":
-        problems.append(
-            "the local rollout engine generates with PP=1 only; use --rollout-engine sglang for PP > 1"
-        )
+        problems.append("the local rollout engine generates with PP=1 only; use --rollout-engine sglang for PP > 1")
     if args.context_parallel_size > 1:
         problems.append("--context-parallel-size > 1 is not supported by the RL forward yet")
     if args.n_samples_per_prompt < 2:
@@ -155,9 +144,7 @@ def build_run(args) -> Run:
         adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2,
     )
-    steps_per_rollout = (
-        args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
-    )
+    steps_per_rollout = args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
     total_updates = max(1, args.num_steps * steps_per_rollout)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -195,6 +182,4 @@ def build_run(args) -> Run:
     )
     if msg:
         warnings.warn(msg, stacklevel=2)
-    return Run(
-        args, model_args, tokenizer, source, reward_fn, gpt, model, optimizer, scheduler, occ
-    )
+    return Run(args, model_args, tokenizer, source, reward_fn, gpt, model, optimizer, scheduler, occ)

@@ -59,9 +59,7 @@ def is_logging_rank() -> bool:
     )
 
 
-def build_micro_batches(
-    samples: list[Sample], advantages: list[float], mbs: int, seq_length: int, pad_rows: bool
-):
+def build_micro_batches(samples: list[Sample], advantages: list[float], mbs: int, seq_length: int, pad_rows: bool):
     """Pack samples (``mbs`` per micro-batch) into RLBatches with per-token advantages."""
     out = []
     for s in range(0, len(samples), mbs):
@@ -83,9 +81,7 @@ class Trainer:
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.engine = LocalEngine(
-            run.gpt, vocab_size=run.tokenizer.vocab_size, speculative=a.local_spec_decode
-        )
+        self.engine = LocalEngine(run.gpt, vocab_size=run.tokenizer.vocab_size, speculative=a.local_spec_decode)
         self.sampling = SamplingParams(
             temperature=a.rollout_temperature,
             top_p=a.rollout_top_p,
@@ -128,23 +124,13 @@ class Trainer:
             return
         path = latest_checkpoint(a.load)
         if path is None:
-            raise ConfigError(
-                f"--load {a.load}: no checkpoint there (no latest_checkpointed_iteration.txt)"
-            )
+            raise ConfigError(f"--load {a.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
         saved = read_trainer_state(path)["model_args"]
         mine = asdict(r.model_args)
-        diff = {
-            k: (saved.get(k), mine[k])
-            for k in mine
-            if k not in ("seq_length",) and saved.get(k) != mine[k]
-        }
+        diff = {k: (saved.get(k), mine[k]) for k in mine if k not in ("seq_length",) and saved.get(k) != mine[k]}
         if diff:
-            lines = ", ".join(
-                f"{k}: checkpoint {v[0]} vs run {v[1]}" for k, v in sorted(diff.items())
-            )
-            raise ConfigError(
-                f"--load {path}: the checkpoint has a different model shape ({lines})"
-            )
+            lines = ", ".join(f"{k}: checkpoint {v[0]} vs run {v[1]}" for k, v in sorted(diff.items()))
+            raise ConfigError(f"--load {path}: the checkpoint has a different model shape ({lines})")
         _, state = load_checkpoint(a.load, r.model, None if a.finetune else r.optimizer)
         if a.finetune:
             return
@@ -195,9 +181,7 @@ class Trainer:
                 buffer_len=min(a.overlong_buffer_len, a.rollout_max_response_len),
                 penalty_factor=a.overlong_penalty_factor,
             )
-        adv = grpo_advantages(
-            shaped, a.n_samples_per_prompt, normalize_std=not a.no_grpo_std_normalization
-        )
+        adv = grpo_advantages(shaped, a.n_samples_per_prompt, normalize_std=not a.no_grpo_std_normalization)
         metrics = dict(batch.metrics)
         metrics["rollout/accuracy"] = float((raw >= 1.0 - 1e-6).float().mean())
         metrics["rollout/reward_mean"] = float(shaped.mean())
@@ -282,9 +266,7 @@ class Trainer:
     def train(self) -> list[dict]:
         a, r = self.args, self.run
         self.maybe_load()
-        writer = MetricsWriter(
-            a.metrics_jsonl, a.tensorboard_dir, enabled=is_logging_rank(), resume_step=self.step
-        )
+        writer = MetricsWriter(a.metrics_jsonl, a.tensorboard_dir, enabled=is_logging_rank(), resume_step=self.step)
         history = []
         try:
             if self.step == 0:
@@ -292,25 +274,19 @@ class Trainer:
                 writer.log(0, m0)
                 history.append({"step": 0, **m0})
                 if not a.quiet and is_logging_rank() and m0:
-                    print_progress(
-                        f"step 0/{a.num_steps} | eval {m0['eval/accuracy']:.3f} (before RL)"
-                    )
+                    print_progress(f"step 0/{a.num_steps} | eval {m0['eval/accuracy']:.3f} (before RL)")
             while self.step < a.num_steps:
                 m = self.rl_step()
                 if self.step % a.eval_interval == 0 or self.step == a.num_steps:
                     m.update(self.evaluate())
                 if a.save and a.save_interval and self.step % a.save_interval == 0:
-                    save_checkpoint(
-                        a.save, self.step, r.model, r.optimizer, self.trainer_state(), a.keep_last
-                    )
+                    save_checkpoint(a.save, self.step, r.model, r.optimizer, self.trainer_state(), a.keep_last)
                 writer.log(self.step, m)
                 history.append({"step": self.step, **m})
                 if not a.quiet and is_logging_rank():
                     print_progress(progress_line(self.step, a.num_steps, m))
             if a.save and not (a.save_interval and self.step % a.save_interval == 0):
-                save_checkpoint(
-                    a.save, self.step, r.model, r.optimizer, self.trainer_state(), a.keep_last
-                )
+                save_checkpoint(a.save, self.step, r.model, r.optimizer, self.trainer_state(), a.keep_last)
         finally:
             writer.close()
         return history

@@ -41,10 +41,7 @@ def _worker(rank, world, ep):
 def _check(results, experts_per_rank):
     for r in results:
         assert r["ok"] and math.isfinite(r["loss"])
-        assert (
-            len([e for e in r["experts"] if e.startswith("decoder.layers.0.")])
-            == 2 * experts_per_rank
-        )
+        assert len([e for e in r["experts"] if e.startswith("decoder.layers.0.")]) == 2 * experts_per_rank
         assert set(r["experts"]) <= r["changed"]  # every local expert received an update
         assert all(math.isfinite(x) and x > 0 for x in r["norms"])
     # Grad norms are collective: identical on every rank.

@@ -40,9 +40,7 @@ def _worker(rank, world, full_state):
     dead = {"output_layer.weight"} if gpt.mtp_process and not gpt.pre_process else set()
     grads = {full_name(gpt, k): v for k, v in grads_by_name(model).items() if k not in dead}
     ok, _, _ = opt.step()
-    params = {
-        full_name(gpt, n): p.detach().clone() for n, p in gpt.named_parameters() if n not in dead
-    }
+    params = {full_name(gpt, n): p.detach().clone() for n, p in gpt.named_parameters() if n not in dead}
     return {
         "state": full_state,
         "loss": sum(float(x["loss"]) for x in losses) if losses else None,

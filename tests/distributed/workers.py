@@ -18,10 +18,7 @@ def sequences(n: int, seed: int = 3, vocab: int = 60) -> list[tuple[list[int], l
 
 
 def micro_batches(seqs, per_mb: int, seq_len: int = 16):
-    return [
-        pack_sequences(seqs[i : i + per_mb], seq_len, rows=per_mb)[0]
-        for i in range(0, len(seqs), per_mb)
-    ]
+    return [pack_sequences(seqs[i : i + per_mb], seq_len, rows=per_mb)[0] for i in range(0, len(seqs), per_mb)]
 
 
 def ce_loss_fn(total_main: float, total_mtp: float):

@@ -8,9 +8,7 @@ from megatron_mtp_rl.models import aligned_mtp_mask, mtp_targets, pack_sequences
 def _batch():
     # Row 0: seq A = prompt [11, 12] + response [13, 14, 15]; seq B = [21] + [22, 23].
     # Row 1: seq C = [31, 32, 33] + [34]; then padding.
-    batch, where = pack_sequences(
-        [([11, 12], [13, 14, 15]), ([21], [22, 23]), ([31, 32, 33], [34])], seq_length=10
-    )
+    batch, where = pack_sequences([([11, 12], [13, 14, 15]), ([21], [22, 23]), ([31, 32, 33], [34])], seq_length=10)
     return batch, where
 
 
@@ -95,12 +93,7 @@ def test_packing_equals_separate_sequences(single_process):
     out_p = forward_logprobs(model, packed)
     for (row, start, n), b in zip(where, alone):
         out_a = forward_logprobs(model, b)
-        torch.testing.assert_close(
-            out_p.logprobs[row, start : start + n], out_a.logprobs[0, :n], atol=1e-5, rtol=0
-        )
-        mp = (
-            out_p.mtp_logprobs[:, row, start : start + n]
-            * out_p.mtp_mask[:, row, start : start + n]
-        )
+        torch.testing.assert_close(out_p.logprobs[row, start : start + n], out_a.logprobs[0, :n], atol=1e-5, rtol=0)
+        mp = out_p.mtp_logprobs[:, row, start : start + n] * out_p.mtp_mask[:, row, start : start + n]
         ma = out_a.mtp_logprobs[:, 0, :n] * out_a.mtp_mask[:, 0, :n]
         torch.testing.assert_close(mp, ma, atol=1e-5, rtol=0)

@@ -25,9 +25,7 @@ def _naive_greedy(model, prompt, n):
     for _ in range(n):
         batch, _ = pack_sequences([(ids, [])], len(ids))
         pre = gpt._preprocess(batch.tokens, batch.position_ids, None, None, None)
-        h = gpt.decoder(
-            hidden_states=pre[0], attention_mask=batch.attention_mask(), rotary_pos_emb=pre[1]
-        )
+        h = gpt.decoder(hidden_states=pre[0], attention_mask=batch.attention_mask(), rotary_pos_emb=pre[1])
         logits = gpt.output_layer(h, weight=gpt.shared_embedding_or_output_weight())[0]
         ids.append(int(logits[-1, 0, :60].argmax()))
     return ids[len(prompt) :]
@@ -78,12 +76,8 @@ def _exact_joint(model, prompt, n, vocab, temperature):
             b, _ = pack_sequences([(ids, [])], len(ids))
             with torch.no_grad():
                 pre = gpt._preprocess(b.tokens, b.position_ids, None, None, None)
-                h = gpt.decoder(
-                    hidden_states=pre[0], attention_mask=b.attention_mask(), rotary_pos_emb=pre[1]
-                )
-                lg = gpt.output_layer(h, weight=gpt.shared_embedding_or_output_weight())[0][
-                    -1, 0, :vocab
-                ]
+                h = gpt.decoder(hidden_states=pre[0], attention_mask=b.attention_mask(), rotary_pos_emb=pre[1])
+                lg = gpt.output_layer(h, weight=gpt.shared_embedding_or_output_weight())[0][-1, 0, :vocab]
             table[prefix] = torch.softmax(lg.float() / temperature, -1)
     probs = {}
     for seq in itertools.product(range(vocab), repeat=n):

@@ -40,9 +40,7 @@ def test_coefficient_is_a_ratio_of_sums_not_a_mean_of_ratios():
 def test_coefficient_clamps_and_rejects_empty_or_nonfinite():
     assert occ_coefficient(torch.tensor([-5.0, 1.0, 1.0]), ratio=1, num_depths=1) == 0.0
     assert occ_coefficient(torch.tensor([50.0, 1.0, 1.0]), ratio=1, num_depths=1) == 1.0
-    assert occ_coefficient(
-        torch.tensor([0.3, 1.0, 1.0]), ratio=1, num_depths=1, eps=0
-    ) == pytest.approx(0.3)
+    assert occ_coefficient(torch.tensor([0.3, 1.0, 1.0]), ratio=1, num_depths=1, eps=0) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="no valid token"):
         occ_coefficient(torch.tensor([0.0, 0.0, 0.0]), ratio=1, num_depths=1)
     with pytest.raises(ValueError, match="non-finite"):
@@ -99,6 +97,4 @@ def test_zero_alignment_warning():
     msg = zero_alignment_warning(regime="occ", reduce="global", minibatches_per_rollout=1)
     assert msg and "identically 0" in msg
     assert zero_alignment_warning(regime="occ", reduce="global", minibatches_per_rollout=2) is None
-    assert (
-        zero_alignment_warning(regime="policy", reduce="global", minibatches_per_rollout=1) is None
-    )
+    assert zero_alignment_warning(regime="policy", reduce="global", minibatches_per_rollout=1) is None

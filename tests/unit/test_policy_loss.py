@@ -21,13 +21,9 @@ def test_grpo_normalisation():
     adv = grpo_advantages(r, 3)
     # group 1: mean 1/3, sample std sqrt(1/3)
     std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
-    assert adv[:3].tolist() == pytest.approx(
-        [(2 / 3) / std, -(1 / 3) / std, -(1 / 3) / std], rel=1e-5
-    )
+    assert adv[:3].tolist() == pytest.approx([(2 / 3) / std, -(1 / 3) / std, -(1 / 3) / std], rel=1e-5)
     assert adv[3:].tolist() == [0.0, 0.0, 0.0]
-    assert grpo_advantages(r, 3, normalize_std=False)[:3].tolist() == pytest.approx(
-        [2 / 3, -1 / 3, -1 / 3]
-    )
+    assert grpo_advantages(r, 3, normalize_std=False)[:3].tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3])
     with pytest.raises(ValueError, match="multiple of the group size"):
         grpo_advantages(torch.ones(5), 3)
 
@@ -75,12 +71,8 @@ def test_aggregation_modes():
     loss = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0], [5.0, 7.0, 100.0, 100.0, 100.0]])
     den = Denominators(tokens=6, sequences=3)
     assert aggregate(loss, mask, seq, "token-mean", den).item() == pytest.approx(22 / 6)
-    assert aggregate(loss, mask, seq, "seq-mean-token-sum", den).item() == pytest.approx(
-        (6 + 4 + 12) / 3
-    )
-    assert aggregate(loss, mask, seq, "seq-mean-token-mean", den).item() == pytest.approx(
-        (2 + 4 + 6) / 3
-    )
+    assert aggregate(loss, mask, seq, "seq-mean-token-sum", den).item() == pytest.approx((6 + 4 + 12) / 3)
+    assert aggregate(loss, mask, seq, "seq-mean-token-mean", den).item() == pytest.approx((2 + 4 + 6) / 3)
     # Global denominators: two halves sum to the whole.
     big = Denominators(tokens=12, sequences=6)
     half = aggregate(loss, mask, seq, "seq-mean-token-mean", big).item()

@@ -84,6 +84,4 @@ def test_entropy_bonus_keeps_the_mtp_term(setup):
     assert all(g.abs().sum() > 0 for g in mtp.values())
     base_trunk, _ = _split(_grads(model, batches, "occ"))
     ent_trunk, _ = _split(_grads(model, batches, "occ", entropy_coef=0.01))
-    assert not torch.equal(
-        base_trunk["decoder.final_layernorm.weight"], ent_trunk["decoder.final_layernorm.weight"]
-    )
+    assert not torch.equal(base_trunk["decoder.final_layernorm.weight"], ent_trunk["decoder.final_layernorm.weight"])

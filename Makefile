@@ -24,8 +24,19 @@ lint: install
 	$(VENV)/bin/ruff check megatron_mtp_rl tests tools
 	$(VENV)/bin/ruff format --check megatron_mtp_rl tests tools
 
+DEMO_DIR ?= runs/demo
+
+# The main job: warm start (reused when present), then RL with OCC, then the plot.
 demo: install
-	@echo "the demo job lands with the main-job issue; the package is installed in $(VENV)"
+	@test -f $(DEMO_DIR)/warmstart/latest_checkpointed_iteration.txt || \
+	  $(VENV)/bin/mtp-rl pretrain --config examples/tiny_cpu/pretrain.yaml --save $(DEMO_DIR)/warmstart
+	$(VENV)/bin/mtp-rl train --config examples/tiny_cpu/demo.yaml \
+	  --load $(DEMO_DIR)/warmstart --finetune --save $(DEMO_DIR)/checkpoints \
+	  --metrics-jsonl $(DEMO_DIR)/metrics.jsonl --tensorboard-dir $(DEMO_DIR)/tensorboard
+	$(PY) tools/plot_metrics.py $(DEMO_DIR)/metrics.jsonl -o $(DEMO_DIR)/plot.png --title "tiny-moe + 2 MTP, GRPO + OCC (arith)"
+	@echo "metrics:     $(DEMO_DIR)/metrics.jsonl"
+	@echo "tensorboard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/tensorboard"
+	@echo "plot:        $(DEMO_DIR)/plot.png"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,6 +6,25 @@ import os
 import sys
 
 
+def quiet_known_noise() -> None:
+    """Silence start-up chatter that says nothing actionable (CPU runs, optional extras).
+
+    megatron-core warns at import about missing Transformer Engine / apex / absl, torch about
+    the absent CUDA runtime, GPTModel about its deprecation, dist-checkpointing about its
+    async API. Set MTP_RL_VERBOSE=1 to see them.
+    """
+    if os.environ.get("MTP_RL_VERBOSE") == "1":
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("torch.utils.cpp_extension", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": _train, "pretrain": _pretrain}
@@ -13,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: mtp-rl {train,pretrain} [flags]   (mtp-rl train --help lists every flag)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    quiet_known_noise()
     return commands[argv[0]](argv[1:])
 
 

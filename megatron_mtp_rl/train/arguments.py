@@ -33,99 +33,144 @@ ALGORITHMS = {
 def _model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (Megatron names; override the preset)")
     g.add_argument("--preset", choices=sorted(PRESETS), default="tiny-moe", help="model shape preset")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--num-query-groups", type=int)
-    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-layers", type=int, help="transformer layers of the trunk")
+    g.add_argument("--hidden-size", type=int, help="model width")
+    g.add_argument("--num-attention-heads", type=int, help="attention heads")
+    g.add_argument("--num-query-groups", type=int, help="GQA groups (default: heads)")
+    g.add_argument("--ffn-hidden-size", type=int, help="MLP width")
     g.add_argument("--seq-length", type=int, default=64, help="tokens per packed row")
     g.add_argument("--mtp-num-layers", type=int, help="MTP depths D (preset: 2)")
     g.add_argument("--num-experts", type=int, help="MoE experts per layer (0 = dense)")
-    g.add_argument("--moe-router-topk", type=int)
-    g.add_argument("--moe-ffn-hidden-size", type=int)
-    g.add_argument("--moe-aux-loss-coeff", type=float)
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
-    g.add_argument("--make-vocab-size-divisible-by", type=int)
-    g.add_argument("--init-method-std", type=float)
+    g.add_argument("--moe-router-topk", type=int, help="experts per token")
+    g.add_argument("--moe-ffn-hidden-size", type=int, help="expert MLP width")
+    g.add_argument("--moe-aux-loss-coeff", type=float, help="load-balancing loss coefficient (0 = off)")
+    g.add_argument(
+        "--untie-embeddings-and-output-weights", action="store_true", default=None, help="separate output head"
+    )
+    g.add_argument(
+        "--make-vocab-size-divisible-by", type=int, help="vocabulary padding multiple (TP must divide the padded size)"
+    )
+    g.add_argument("--init-method-std", type=float, help="weight init std")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters (GPU)")
 
 
 def _parallel_flags(p):
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size (MTP block on the last stage)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1, help="EP size")
+    g.add_argument("--context-parallel-size", type=int, default=1, help="CP size (not supported by the RL forward yet)")
 
 
 def _data_flags(p):
     g = p.add_argument_group("task and data")
     g.add_argument("--task", choices=["arith"], default="arith", help="built-in verifiable task")
-    g.add_argument("--arith-digits", type=int, default=2)
+    g.add_argument("--arith-digits", type=int, default=2, help="digits per operand of the arith task")
     g.add_argument("--arith-ops", default="+", help="operators drawn from '+-*'")
     g.add_argument("--prompt-data", help="JSONL or Parquet prompts (replaces --task)")
     g.add_argument("--eval-data", help="JSONL or Parquet held-out prompts for eval/accuracy")
-    g.add_argument("--input-key", default="prompt")
-    g.add_argument("--label-key", default="label")
+    g.add_argument("--input-key", default="prompt", help="prompt field of each data row")
+    g.add_argument("--label-key", default="label", help="answer field of each data row")
     g.add_argument("--prompt-template", default="{input}", help="format string around the input")
-    g.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail")
+    g.add_argument(
+        "--on-bad-row",
+        choices=["fail", "skip"],
+        default="fail",
+        help="malformed data rows: stop with file:line, or skip and count",
+    )
     g.add_argument("--tokenizer", help="arith | byte | hf:PATH (default: arith for the task, byte for files)")
     g.add_argument(
         "--reward-fn",
         help="exact_match | math_verify | module:function (default: exact_match for the task, math_verify for files)",
     )
-    g.add_argument("--num-eval-prompts", type=int, default=200)
+    g.add_argument("--num-eval-prompts", type=int, default=200, help="held-out arith problems for eval/accuracy")
 
 
 def _rollout_flags(p):
     g = p.add_argument_group("rollout")
-    g.add_argument("--rollout-engine", choices=["local", "sglang"], default="local")
+    g.add_argument(
+        "--rollout-engine",
+        choices=["local", "sglang"],
+        default="local",
+        help="local = generate in-process with the training model",
+    )
     g.add_argument("--rollout-batch-size", type=int, default=16, help="prompts per RL step")
-    g.add_argument("--n-samples-per-prompt", type=int, default=8)
-    g.add_argument("--rollout-temperature", type=float, default=1.0)
-    g.add_argument("--rollout-top-p", type=float, default=1.0)
-    g.add_argument("--rollout-max-response-len", type=int, default=8)
+    g.add_argument("--n-samples-per-prompt", type=int, default=8, help="samples per prompt (group size)")
+    g.add_argument("--rollout-temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--rollout-top-p", type=float, default=1.0, help="nucleus sampling")
+    g.add_argument("--rollout-max-response-len", type=int, default=8, help="max generated tokens per sample")
     g.add_argument("--local-spec-decode", action="store_true", help="draft with the MTP layers (exact)")
     g.add_argument("--dynamic-sampling", action="store_true", default=None, help="DAPO: drop all-equal groups")
-    g.add_argument("--max-sampling-rounds", type=int, default=4)
+    g.add_argument(
+        "--max-sampling-rounds", type=int, default=4, help="dynamic sampling: max generation rounds per step"
+    )
     g.add_argument("--overlong-buffer-len", type=int, default=None, help="DAPO soft overlong penalty buffer")
-    g.add_argument("--overlong-penalty-factor", type=float, default=1.0)
+    g.add_argument(
+        "--overlong-penalty-factor", type=float, default=1.0, help="DAPO overlong penalty at the length limit"
+    )
 
 
 def _algo_flags(p):
     g = p.add_argument_group("RL algorithm")
-    g.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="grpo")
-    g.add_argument("--no-grpo-std-normalization", action="store_true")
-    g.add_argument("--eps-clip", type=float, default=None)
-    g.add_argument("--eps-clip-high", type=float, default=None)
+    g.add_argument(
+        "--algorithm",
+        choices=sorted(ALGORITHMS),
+        default="grpo",
+        help="sets defaults: dapo = clip-higher + dynamic sampling + overlong shaping; gspo = sequence ratio",
+    )
+    g.add_argument(
+        "--no-grpo-std-normalization", action="store_true", help="advantages r - mean (no division by the group std)"
+    )
+    g.add_argument("--eps-clip", type=float, default=None, help="PPO clip ε (default 0.2)")
+    g.add_argument("--eps-clip-high", type=float, default=None, help="upper clip ε_high (DAPO clip-higher)")
     g.add_argument("--eps-clip-c", type=float, default=None, help="dual-clip constant (> 1)")
-    g.add_argument("--loss-agg-mode", choices=AGG_MODES, default=None)
+    g.add_argument(
+        "--loss-agg-mode",
+        choices=AGG_MODES,
+        default=None,
+        help="token-mean (default) | seq-mean-token-sum | seq-mean-token-mean",
+    )
     g.add_argument("--ratio-type", choices=["token", "sequence"], default=None, help="sequence = GSPO")
-    g.add_argument("--kl-coef", type=float, default=0.0)
-    g.add_argument("--kl-type", choices=KL_TYPES, default="low-var-kl")
-    g.add_argument("--entropy-coef", type=float, default=0.0)
+    g.add_argument("--kl-coef", type=float, default=0.0, help="KL to the initial model (0 = off)")
+    g.add_argument("--kl-type", choices=KL_TYPES, default="low-var-kl", help="KL estimator")
+    g.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus (never drops the MTP term)")
     g = p.add_argument_group("MTP and OCC")
-    g.add_argument("--mtp-regime", choices=REGIMES, default="occ")
+    g.add_argument("--mtp-regime", choices=REGIMES, default="occ", help="how the MTP layers train during RL")
     g.add_argument("--mtp-loss-coef", type=float, default=0.1, help="fixed coefficient c (detach/ce/policy)")
     g.add_argument("--occ-ratio", type=float, default=0.1, help="ρ")
-    g.add_argument("--occ-eps", type=float, default=1e-8)
-    g.add_argument("--occ-min", type=float, default=0.0)
-    g.add_argument("--occ-max", type=float, default=1.0)
-    g.add_argument("--occ-ema", type=float, default=0.0)
+    g.add_argument("--occ-eps", type=float, default=1e-8, help="ε in λ = (ρ/D)·A/(V+ε)")
+    g.add_argument("--occ-min", type=float, default=0.0, help="λ lower clamp")
+    g.add_argument("--occ-max", type=float, default=1.0, help="λ upper clamp")
+    g.add_argument("--occ-ema", type=float, default=0.0, help="EMA β of λ across steps")
     g.add_argument("--occ-init", type=float, default=None, help="first-step λ (default ρ/D)")
-    g.add_argument("--occ-baseline", choices=BASELINES, default="main_old")
-    g.add_argument("--occ-reduce", choices=REDUCE_MODES, default="global")
+    g.add_argument(
+        "--occ-baseline",
+        choices=BASELINES,
+        default="main_old",
+        help="b in e = ℓ^k − b: main head's old log-prob, or the MTP head's own",
+    )
+    g.add_argument(
+        "--occ-reduce",
+        choices=REDUCE_MODES,
+        default="global",
+        help="global = all-reduce over DP before each step; local = per micro-batch (paper code)",
+    )
 
 
 def _optim_flags(p):
     g = p.add_argument_group("optimizer")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="final learning rate of linear/cosine decay")
     g.add_argument("--lr-warmup-steps", type=int, default=0, help="in optimizer steps")
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument(
+        "--lr-decay-style",
+        choices=["constant", "linear", "cosine"],
+        default="constant",
+        help="LR schedule after warmup",
+    )
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam β1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam β2")
     g.add_argument("--clip-grad", type=float, default=1.0, help="grad-norm clip of the main model")
     g.add_argument(
         "--clip-grad-mtp",
@@ -146,15 +191,15 @@ def _run_flags(p):
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML file whose keys are flag names")
     g.add_argument("--num-steps", type=int, default=30, help="RL steps (rollout + updates)")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=1234, help="seed of data, sampling and init")
     g.add_argument("--save", help="checkpoint directory")
     g.add_argument("--load", help="checkpoint directory to resume from")
     g.add_argument("--finetune", action="store_true", help="with --load: weights only, restart at step 0")
     g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: at the end)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --save")
-    g.add_argument("--eval-interval", type=int, default=5)
+    g.add_argument("--eval-interval", type=int, default=5, help="steps between held-out evaluations")
     g.add_argument("--metrics-jsonl", help="one JSON object per step")
-    g.add_argument("--tensorboard-dir")
+    g.add_argument("--tensorboard-dir", help="TensorBoard event directory")
     g.add_argument("--quiet", action="store_true", help="no progress line")
 
 
@@ -195,8 +240,11 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     return out
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "mtp-rl train") -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "mtp-rl train", extend=None) -> argparse.Namespace:
+    """Parse flags (``--config`` values first, command line over them); ``extend(parser)`` adds flags."""
     parser = build_parser(prog)
+    if extend is not None:
+        extend(parser)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**_config_defaults(parser, pre.config))

@@ -22,19 +22,30 @@ from megatron_mtp_rl.train.schedule import forward_backward
 from megatron_mtp_rl.train.setup import build_run
 from megatron_mtp_rl.train.trainer import Trainer, is_logging_rank
 
-PRETRAIN_DEFAULTS = {"num_steps": 300, "lr": 1e-3, "global_batch_size": 64, "micro_batch_size": 64}
+PRETRAIN_DEFAULTS = {
+    "num_steps": 300,
+    "lr": 1e-3,
+    "global_batch_size": 64,
+    "micro_batch_size": 64,
+    "eval_interval": 25,
+}
+VALIDATION_OFFSET = 20_000_000  # validation problems: training distribution, never the held-out set
+TRAIN_OFFSET = 10_000_000  # supervised problems: disjoint from the RL prompt stream
 
 
 def parse_pretrain_args(argv: list[str] | None = None):
     """The train flags, with pretraining defaults for steps, LR and batch size."""
-    import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-    args = parse_args(argv, prog="mtp-rl pretrain")
-    for k, v in PRETRAIN_DEFAULTS.items():
-        if k not in given:
-            setattr(args, k, v)
+    def extend(parser):
+        parser.set_defaults(**PRETRAIN_DEFAULTS)  # --config and the command line override these
+        g = parser.add_argument_group("warm start")
+        g.add_argument(
+            "--stop-at-accuracy",
+            type=float,
+            help="stop once greedy accuracy on validation problems (training distribution) reaches this",
+        )
+
+    args = parse_args(argv, prog="mtp-rl pretrain", extend=extend)
     args.mtp_regime = "ce"
     return args
 
@@ -55,6 +66,12 @@ def ce_loss(den, mtp_weight: float):
     return fn
 
 
+def validation_accuracy(trainer: Trainer, n: int) -> float:
+    """Greedy accuracy on ``n`` problems of the training distribution (not the held-out set)."""
+    prompts = trainer.run.source.take(VALIDATION_OFFSET, n)
+    return trainer.evaluate(prompts)["eval/accuracy"]
+
+
 def run_pretrain(args) -> dict:
     run = build_run(args)
     trainer = Trainer(run)
@@ -68,7 +85,7 @@ def run_pretrain(args) -> dict:
     last = {}
     for step in range(1, args.num_steps + 1):
         start = (step - 1) * args.global_batch_size + dp_rank * per_rank
-        prompts = run.source.take(10_000_000 + start, per_rank)  # disjoint from RL's stream
+        prompts = run.source.take(TRAIN_OFFSET + start, per_rank)
         seqs = [(trainer.manager.encode_prompt(p), tok.encode(str(p.label)) + [tok.eos_id]) for p in prompts]
         mbs = [
             pack_sequences(seqs[i : i + args.micro_batch_size], args.seq_length)[0]
@@ -85,6 +102,16 @@ def run_pretrain(args) -> dict:
         run.scheduler.step(increment=1)
         last = reduce_metrics(res, parallel_state.get_data_parallel_group()) if res else {}
         last["train/grad_norm"] = norms.main
+        if args.stop_at_accuracy is not None and step % args.eval_interval == 0:
+            last["pretrain/val_accuracy"] = validation_accuracy(trainer, 200)
+            if last["pretrain/val_accuracy"] >= args.stop_at_accuracy:
+                writer.log(step, last)
+                if is_logging_rank() and not args.quiet:
+                    print_progress(
+                        f"pretrain step {step} | validation accuracy {last['pretrain/val_accuracy']:.3f} "
+                        f"≥ --stop-at-accuracy {args.stop_at_accuracy}: stopping"
+                    )
+                break
         if step % 50 == 0 or step == args.num_steps:
             writer.log(step, last)
             if is_logging_rank() and not args.quiet:

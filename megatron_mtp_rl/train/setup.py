@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import warnings
+import sys
 from dataclasses import dataclass, replace
 
 from megatron.core import parallel_state
@@ -36,6 +36,14 @@ class Run:
     optimizer: object
     scheduler: object
     occ: OCCEstimator | None
+
+
+def warn(msg: str) -> None:
+    """A start-up warning on stderr, once (global rank 0)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def model_args_from(args, vocab_size: int) -> ModelArgs:
@@ -181,5 +189,5 @@ def build_run(args) -> Run:
         regime=args.mtp_regime, reduce=args.occ_reduce, minibatches_per_rollout=steps_per_rollout
     )
     if msg:
-        warnings.warn(msg, stacklevel=2)
+        warn(msg)
     return Run(args, model_args, tokenizer, source, reward_fn, gpt, model, optimizer, scheduler, occ)

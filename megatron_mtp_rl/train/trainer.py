@@ -238,8 +238,9 @@ class Trainer:
         return metrics
 
     # -- evaluation --------------------------------------------------------------------
-    def evaluate(self) -> dict:
-        prompts = self.run.source.eval_prompts()
+    def evaluate(self, prompts=None) -> dict:
+        """Greedy accuracy on the held-out prompts (or ``prompts``), split over DP ranks."""
+        prompts = self.run.source.eval_prompts() if prompts is None else prompts
         if not prompts:
             return {}
         mine = prompts[self.dp_rank :: self.dp]

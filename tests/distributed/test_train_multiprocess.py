@@ -1,0 +1,28 @@
+"""The main job on 2 gloo processes: DP=2 and TP=2; λ is identical on both ranks."""
+
+import math
+
+import pytest
+
+from tests.dist_utils import run_ranks
+from tests.e2e.test_train import FAST
+
+
+def _worker(rank, world, extra, out_dir):
+    from megatron_mtp_rl.train.arguments import parse_args
+    from megatron_mtp_rl.train.trainer import run_training
+
+    args = parse_args([*FAST, "--num-steps", "2", "--metrics-jsonl", f"{out_dir}/m.jsonl", *extra])
+    return run_training(args)
+
+
+@pytest.mark.parametrize("extra", [[], ["--tensor-model-parallel-size", "2"]], ids=["dp2", "tp2"])
+def test_two_process_job(tmp_path, extra):
+    a, b = run_ranks(_worker, 2, tmp_path, extra, str(tmp_path))
+    assert [h["step"] for h in a] == [0, 1, 2]
+    for ha, hb in zip(a[1:], b[1:]):
+        for k in ("occ/lambda_1", "occ/lambda_2"):
+            assert ha[k] == hb[k] and math.isfinite(ha[k])
+        assert ha["train/grad_norm"] == hb["train/grad_norm"]
+        assert ha["train/param_norm_main"] == pytest.approx(hb["train/param_norm_main"], rel=1e-6)
+    assert (tmp_path / "m.jsonl").read_text().count("\n") == 3  # one writer

@@ -95,3 +95,17 @@ def test_config_file_and_errors(tmp_path):
     bad.write_text("num-steps: 1\n\nnot-a-flag: 3\n")
     with pytest.raises(SystemExit, match=r"bad.yaml:3: unknown key 'not-a-flag'"):
         parse_args(["--config", str(bad)])
+
+
+def test_prompt_file_with_math_verify_and_a_custom_reward(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"problem": f"{i}+{i}", "answer": str(2 * i)}) for i in range(6)) + "\n"
+    )
+    common = ["--prompt-data", str(data), "--eval-data", str(data), "--input-key", "problem",
+              "--label-key", "answer", "--seq-length", "24", "--num-steps", "1"]  # fmt: skip
+    hist = _run(tmp_path, *common)  # byte tokenizer + math_verify by default for files
+    _finite(hist[1], REQUIRED)
+    assert hist[0]["eval/num_prompts"] == 6.0
+    hist = _run(tmp_path, *common, "--reward-fn", "tests.unit.test_data_rewards:always_half")
+    assert hist[1]["rollout/reward_mean"] == 0.5

@@ -99,9 +99,7 @@ def test_config_file_and_errors(tmp_path):
 
 def test_prompt_file_with_math_verify_and_a_custom_reward(tmp_path):
     data = tmp_path / "train.jsonl"
-    data.write_text(
-        "\n".join(json.dumps({"problem": f"{i}+{i}", "answer": str(2 * i)}) for i in range(6)) + "\n"
-    )
+    data.write_text("\n".join(json.dumps({"problem": f"{i}+{i}", "answer": str(2 * i)}) for i in range(6)) + "\n")
     common = ["--prompt-data", str(data), "--eval-data", str(data), "--input-key", "problem",
               "--label-key", "answer", "--seq-length", "24", "--num-steps", "1"]  # fmt: skip
     hist = _run(tmp_path, *common)  # byte tokenizer + math_verify by default for files

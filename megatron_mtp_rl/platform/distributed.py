@@ -54,14 +54,19 @@ def initialize(
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
+        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+            init_method = "env://"
+        elif world == 1:
+            # A private rendezvous for a single process; nothing is written to os.environ,
+            # so subprocesses (tools, tests) never inherit a port that is already taken.
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            raise RuntimeError("WORLD_SIZE > 1 needs MASTER_ADDR and MASTER_PORT (launch with torchrun)")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
+            init_method=init_method,
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),

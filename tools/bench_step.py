@@ -1,0 +1,141 @@
+"""Training-step time and peak memory of each MTP regime relative to ``detach``, in one run.
+
+One fixed rollout batch (generated once with the local engine) is trained on by every regime
+in interleaved repetitions (regime order shuffled each repetition); the timed part is what a
+regime changes: the old-log-prob pass plus the optimizer steps of one RL step. Prints the
+median and min–max spread per regime and ratios against ``detach``; the headline is
+``occ / policy`` (OCC's statistics and its one all-reduce). Peak memory: CUDA's allocator
+peak when on GPU; on CPU, with ``--memory``, the peak RSS of one subprocess per regime.
+
+    .venv/bin/python tools/bench_step.py --preset tiny-moe --reps 7
+    torchrun --nproc_per_node 8 tools/bench_step.py --preset ... (on a GPU node)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+REGIMES = ["none", "detach", "ce", "policy", "occ"]
+
+
+def _setup(argv):
+    from megatron_mtp_rl.cli import quiet_known_noise
+
+    quiet_known_noise()
+    from megatron_mtp_rl.rl import grpo_advantages
+    from megatron_mtp_rl.train.arguments import parse_args
+    from megatron_mtp_rl.train.setup import build_run
+    from megatron_mtp_rl.train.trainer import Trainer, build_micro_batches, step_seed
+
+    args = parse_args(["--quiet", "--mtp-regime", "occ", *argv])
+    run = build_run(args)
+    trainer = Trainer(run)
+    trainer.maybe_load()
+    batch = trainer.manager.rollout(
+        trainer._fetch_factory(), num_prompts=args.rollout_batch_size // trainer.dp, seed=step_seed(args.seed, 1, 0)
+    )
+    rewards = torch.tensor([s.reward for s in batch.samples])
+    if rewards.max() == rewards.min():  # an untrained model: give the loss something to do
+        rewards = torch.rand(len(batch.samples), generator=torch.Generator().manual_seed(0))
+    adv = grpo_advantages(rewards, args.n_samples_per_prompt)
+    per = args.global_batch_size // trainer.dp
+    samples = batch.samples
+
+    def minibatches():
+        return [
+            build_micro_batches(
+                samples[i : i + per], adv[i : i + per].tolist(), args.micro_batch_size, args.seq_length, False
+            )
+            for i in range(0, len(samples), per)
+        ]
+
+    return args, run, trainer, minibatches
+
+
+def _one_step(run, trainer, minibatches, regime: str) -> float:
+    from megatron_mtp_rl.rl import get_regime
+    from megatron_mtp_rl.train.step import compute_old_logprobs, train_step
+    from megatron_mtp_rl.train.trainer import loss_config
+
+    trainer.args.mtp_regime = regime
+    cfg = loss_config(trainer.args)
+    mbs = minibatches()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    compute_old_logprobs(run.model, [m for mb in mbs for m in mb], with_mtp=get_regime(regime).runs_mtp)
+    for mb in mbs:
+        train_step(run.model, run.optimizer, mb, cfg, run.occ, clip_grad=trainer.args.clip_grad)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    reps = 5
+    if "--reps" in argv:
+        i = argv.index("--reps")
+        reps = int(argv[i + 1])
+        del argv[i : i + 2]
+    memory = "--memory" in argv
+    argv = [a for a in argv if a != "--memory"]
+    only = None
+    if "--only" in argv:  # child mode: one regime, print peak RSS
+        i = argv.index("--only")
+        only = argv[i + 1]
+        del argv[i : i + 2]
+    args, run, trainer, minibatches = _setup(argv)
+    from megatron_mtp_rl import platform
+
+    if only:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        _one_step(run, trainer, minibatches, only)
+        print(json.dumps({"peak_rss_delta_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base}))
+        platform.destroy()
+        return
+
+    for r in REGIMES:  # warm-up: allocator, lazy init
+        _one_step(run, trainer, minibatches, r)
+    times = {r: [] for r in REGIMES}
+    peak = {}
+    rng = random.Random(0)
+    for _ in range(reps):
+        order = REGIMES[:]
+        rng.shuffle(order)
+        for r in order:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            times[r].append(_one_step(run, trainer, minibatches, r))
+            if torch.cuda.is_available():
+                peak[r] = max(peak.get(r, 0), torch.cuda.max_memory_allocated())
+    platform.destroy()
+    if memory and not torch.cuda.is_available():
+        for r in REGIMES:
+            out = subprocess.run(
+                [sys.executable, __file__, "--only", r, *argv], check=True, capture_output=True, text=True
+            ).stdout
+            peak[r] = json.loads(out.strip().splitlines()[-1])["peak_rss_delta_kib"] * 1024
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    samples = args.rollout_batch_size * args.n_samples_per_prompt
+    print(f"{device}; preset {args.preset}, {samples} samples/step, {reps} interleaved repetitions")
+    ref = statistics.median(times["detach"])
+    print("regime | median step (s) | spread (min–max) | time / detach | peak memory / detach")
+    for r in REGIMES:
+        med = statistics.median(times[r])
+        mem = f"{peak[r] / max(peak['detach'], 1):.3f}x" if peak else "n/a (add --memory on CPU)"
+        print(f"{r:6s} | {med:15.3f} | {min(times[r]):.3f}–{max(times[r]):.3f} | {med / ref:13.3f}x | {mem}")
+    ratio = statistics.median(times["occ"]) / statistics.median(times["policy"])
+    print(f"headline: occ / policy step time = {ratio:.3f}x (goal ≤ 1.02)")
+
+
+if __name__ == "__main__":
+    main()

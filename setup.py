@@ -24,7 +24,7 @@ setup(
         "pyarrow",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        "test": ["pytest>=8", "ruff>=0.6", "aiohttp"],
         "gpu": ["transformer-engine[pytorch]"],
         "rollout": ["sglang", "sglang-router", "aiohttp"],
         "ray": ["ray[default]"],

@@ -96,6 +96,10 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def no_reward(prompt, response, label) -> float:
+    return 0.0
+
+
 def local_generator(train_argv: list[str]):
     """Greedy and sampled responses from a checkpoint with the local engine."""
     from megatron_mtp_rl.cli import quiet_known_noise
@@ -103,6 +107,7 @@ def local_generator(train_argv: list[str]):
     quiet_known_noise()
     from megatron_mtp_rl.models.generation import SamplingParams
     from megatron_mtp_rl.rollout.data import Prompt
+    from megatron_mtp_rl.rollout.reward_sandbox import build_scorer
     from megatron_mtp_rl.train.arguments import parse_args
     from megatron_mtp_rl.train.setup import build_run
     from megatron_mtp_rl.train.trainer import Trainer
@@ -123,7 +128,8 @@ def local_generator(train_argv: list[str]):
             mgr.n = saved
         return [[s.response_text for s in samples[i * n : (i + 1) * n]] for i in range(len(texts))]
 
-    mgr.reward_fn = lambda *a: 0.0  # scoring happens here, with math-verify on the answer
+    mgr.scorer.close()
+    mgr.scorer = build_scorer("tools.eval_math:no_reward", workers=0, timeout_s=0)  # scored below
     return generate
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from megatron_mtp_rl.models.generation import SamplingParams
 from megatron_mtp_rl.rollout.data import Prompt
 from megatron_mtp_rl.rollout.engine import RolloutEngine
-from megatron_mtp_rl.rollout.rewards import RewardFn
 from megatron_mtp_rl.rollout.tokenizer import Tokenizer
 
 
@@ -46,14 +45,14 @@ class RolloutManager:
         self,
         engine: RolloutEngine,
         tokenizer: Tokenizer,
-        reward_fn: RewardFn,
+        scorer,
         *,
         n_samples: int,
         sampling: SamplingParams,
     ):
         self.engine = engine
         self.tokenizer = tokenizer
-        self.reward_fn = reward_fn
+        self.scorer = scorer  # .score([(prompt, response, label)]) -> [float]; .stats.errors
         self.n = n_samples
         self.sampling = sampling
 
@@ -75,9 +74,10 @@ class RolloutManager:
             ids = c.response_ids
             text_ids = ids[:-1] if c.finished and ids else ids
             text = self.tokenizer.decode(text_ids)
-            s = Sample(prompts[g], enc[g], ids, c.logprobs, text, c.finished, group=g)
-            s.reward = float(self.reward_fn(prompts[g].text, text, prompts[g].label))
-            samples.append(s)
+            samples.append(Sample(prompts[g], enc[g], ids, c.logprobs, text, c.finished, group=g))
+        rewards = self.scorer.score([(s.prompt.text, s.response_text, s.prompt.label) for s in samples])
+        for s, r in zip(samples, rewards):
+            s.reward = r
         return samples, stats
 
     def rollout(
@@ -97,6 +97,7 @@ class RolloutManager:
         size stays fixed, and ``rollout/filter_shortfall`` counts them).
         """
         t0 = time.perf_counter()
+        errors_before = self.scorer.stats.errors
         kept: list[list[Sample]] = []
         dropped: list[list[Sample]] = []
         consumed = 0
@@ -128,6 +129,7 @@ class RolloutManager:
             "rollout/truncated": sum(not s.finished for s in out) / max(len(out), 1),
             "rollout/generated_samples": float(generated),
             "rollout/filter_shortfall": float(shortfall),
+            "rollout/reward_errors": float(self.scorer.stats.errors - errors_before),
             "perf/rollout_time": time.perf_counter() - t0,
         }
         metrics.update(stats)

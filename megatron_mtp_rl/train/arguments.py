@@ -83,6 +83,8 @@ def _data_flags(p):
         "--reward-fn",
         help="exact_match | math_verify | module:function (default: exact_match for the task, math_verify for files)",
     )
+    g.add_argument("--reward-workers", type=int, default=2, help="reward worker processes (0: in-process, no timeout)")
+    g.add_argument("--reward-timeout", type=float, default=10.0, help="seconds per reward call before it scores 0")
     g.add_argument("--num-eval-prompts", type=int, default=200, help="held-out arith problems for eval/accuracy")
 
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_mtp_rl.models.mtp_forward import unwrap
+from megatron_mtp_rl.train import faults
 
 LATEST = "latest_checkpointed_iteration.txt"
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -58,6 +59,8 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, trainer_state: d
         tmp.mkdir()
     _barrier()
     dist_checkpointing.save(_sharded(model, optimizer, loading=False), str(tmp))
+    if faults.active("crash_in_save"):
+        os._exit(17)  # fault injection: die after the shards, before publishing
     _barrier()
     if _rank() == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, replace
 
@@ -12,6 +13,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_mtp_rl import platform
 from megatron_mtp_rl.models import build_model, get_preset
 from megatron_mtp_rl.models.presets import ModelArgs
+from megatron_mtp_rl.models.provider import padded_vocab_size
 from megatron_mtp_rl.rl import OCCConfig, OCCEstimator, get_regime, zero_alignment_warning
 from megatron_mtp_rl.rollout.data import ArithTask, FilePromptSource
 from megatron_mtp_rl.rollout.rewards import load_reward_fn
@@ -76,9 +78,44 @@ def model_args_from(args, vocab_size: int) -> ModelArgs:
     return out
 
 
-def validate(args, model_args: ModelArgs, dp: int) -> list[str]:
-    """Every problem with the configuration, one clear message each (empty list: fine)."""
+def validate(args, model_args: ModelArgs, world: int) -> list[str]:
+    """Every problem with the configuration, one clear message each (empty list: fine).
+
+    Runs before anything is built, so a bad launch fails in seconds with all its problems.
+    """
     problems = []
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ep, cp = args.expert_model_parallel_size, args.context_parallel_size
+    if world % (tp * pp * cp):
+        problems.append(
+            f"the world size {world} is not divisible by TP×PP×CP = {tp}×{pp}×{cp} "
+            "(--tensor-/--pipeline-/--context-parallel-size)"
+        )
+    dp = max(1, world // (tp * pp * cp))
+    if model_args.num_attention_heads % tp:
+        problems.append(
+            f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads {model_args.num_attention_heads}"
+        )
+    groups = model_args.num_query_groups or model_args.num_attention_heads
+    if groups % tp:
+        problems.append(f"--tensor-model-parallel-size {tp} does not divide --num-query-groups {groups}")
+    try:
+        padded_vocab_size(model_args, tp)
+    except ValueError as e:
+        problems.append(str(e))
+    if model_args.num_experts and model_args.num_experts % ep:
+        problems.append(f"--expert-model-parallel-size {ep} does not divide --num-experts {model_args.num_experts}")
+    if ep > 1 and not model_args.num_experts:
+        problems.append(f"--expert-model-parallel-size {ep} needs a MoE model (--num-experts)")
+    if model_args.num_layers % pp:
+        problems.append(f"--pipeline-model-parallel-size {pp} does not divide --num-layers {model_args.num_layers}")
+    if not args.prompt_data:
+        longest = 1 + 2 * args.arith_digits + 2 + args.rollout_max_response_len
+        if longest > args.seq_length:
+            problems.append(
+                f"--seq-length {args.seq_length} is shorter than the longest arith sample "
+                f"({longest} tokens with --rollout-max-response-len {args.rollout_max_response_len})"
+            )
     regime = get_regime(args.mtp_regime)
     if regime.runs_mtp and not model_args.mtp_num_layers:
         problems.append(f"--mtp-regime {args.mtp_regime} needs MTP layers: set --mtp-num-layers ≥ 1")
@@ -116,13 +153,12 @@ def build_run(args) -> Run:
         expert_model_parallel_size=args.expert_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
     )
-    platform.initialize(sizes, seed=args.seed)
     tokenizer = build_tokenizer(args.tokenizer)
     model_args = model_args_from(args, tokenizer.vocab_size)
-    dp = parallel_state.get_data_parallel_world_size()
-    problems = validate(args, model_args, dp)
+    problems = validate(args, model_args, int(os.environ.get("WORLD_SIZE", "1")))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    platform.initialize(sizes, seed=args.seed)
     if args.prompt_data:
         source = FilePromptSource(
             args.prompt_data,

@@ -10,6 +10,7 @@ from megatron.core import parallel_state
 
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
 from megatron_mtp_rl.rl.occ import OCCEstimator
+from megatron_mtp_rl.train import faults
 from megatron_mtp_rl.train.optim import clip_grads
 from megatron_mtp_rl.train.schedule import configure, forward_backward
 
@@ -52,6 +53,17 @@ def reduce_metrics(per_microbatch: list[dict], group=None) -> dict[str, float]:
     return out
 
 
+def _poisoned(loss_fn):
+    """Fault injection: the same loss times NaN (gradients become NaN everywhere)."""
+
+    def fn(batch, out):
+        loss, metrics = loss_fn(batch, out)
+        return loss * float("nan"), metrics
+
+    fn.forward_kwargs = loss_fn.forward_kwargs
+    return fn
+
+
 def train_step(
     model,
     optimizer,
@@ -73,6 +85,8 @@ def train_step(
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     den = step_denominators(micro_batches, num_depths, group=dp_group)
     loss_fn = RLLoss(loss_config, den, occ, mtp_coef_override=mtp_coef_override)
+    if faults.active("nan_loss"):
+        loss_fn = _poisoned(loss_fn)
     model.zero_grad_buffer()
     optimizer.zero_grad()
     results = forward_backward(model, micro_batches, loss_fn, **loss_fn.forward_kwargs())

@@ -10,6 +10,7 @@ import random
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -20,6 +21,8 @@ from megatron_mtp_rl.models.mtp_forward import forward_logprobs
 from megatron_mtp_rl.rl import RLBatch, RLLossConfig, grpo_advantages, overlong_penalty
 from megatron_mtp_rl.rollout.local_engine import LocalEngine
 from megatron_mtp_rl.rollout.manager import RolloutManager, Sample
+from megatron_mtp_rl.rollout.reward_sandbox import build_scorer
+from megatron_mtp_rl.train import faults
 from megatron_mtp_rl.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -88,12 +91,9 @@ class Trainer:
             max_new_tokens=a.rollout_max_response_len,
             eos_id=run.tokenizer.eos_id,
         )
+        self.scorer = build_scorer(a.reward_fn, workers=a.reward_workers, timeout_s=a.reward_timeout)
         self.manager = RolloutManager(
-            self.engine,
-            run.tokenizer,
-            run.reward_fn,
-            n_samples=a.n_samples_per_prompt,
-            sampling=self.sampling,
+            self.engine, run.tokenizer, self.scorer, n_samples=a.n_samples_per_prompt, sampling=self.sampling
         )
         self.loss_cfg = loss_config(a)
         self.step = 0
@@ -115,6 +115,7 @@ class Trainer:
             "occ": r.occ.state_dict() if r.occ else None,
             "scheduler": r.scheduler.state_dict(),
             "model_args": asdict(r.model_args),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
             "mtp_regime": self.args.mtp_regime,
         }
 
@@ -139,6 +140,10 @@ class Trainer:
         r.scheduler.load_state_dict(state["scheduler"])
         if r.occ and state.get("occ"):
             r.occ.load_state_dict(state["occ"])
+        if state.get("rng"):
+            random.setstate(state["rng"]["python"])
+            np.random.set_state(state["rng"]["numpy"])
+            torch.set_rng_state(state["rng"]["torch"])
 
     # -- one RL step -------------------------------------------------------------------
     def _fetch_factory(self):
@@ -160,6 +165,7 @@ class Trainer:
     def rl_step(self) -> dict:
         a, r = self.args, self.run
         step = self.step + 1
+        faults.current_step = step
         t0 = time.perf_counter()
         per_rank = a.rollout_batch_size // self.dp
         batch = self.manager.rollout(
@@ -184,6 +190,8 @@ class Trainer:
         adv = grpo_advantages(shaped, a.n_samples_per_prompt, normalize_std=not a.no_grpo_std_normalization)
         metrics = dict(batch.metrics)
         metrics["rollout/accuracy"] = float((raw >= 1.0 - 1e-6).float().mean())
+        if hasattr(r.source, "skipped"):
+            metrics["data/skipped_rows"] = float(r.source.skipped)
         metrics["rollout/reward_mean"] = float(shaped.mean())
 
         t_train = time.perf_counter()
@@ -290,6 +298,7 @@ class Trainer:
                 save_checkpoint(a.save, self.step, r.model, r.optimizer, self.trainer_state(), a.keep_last)
         finally:
             writer.close()
+            self.scorer.close()
         return history
 
 

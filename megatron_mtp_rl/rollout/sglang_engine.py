@@ -1,0 +1,189 @@
+"""``RolloutEngine`` backed by SGLang servers (``--rollout-engine sglang``).
+
+The trainer is synchronous, so the engine keeps one private asyncio loop on a daemon thread and
+its aiohttp clients live there across calls (connections are reused between rollout steps).
+/generate goes to the router (or the only engine); abort, pause/flush/continue and weight
+updates go to every engine, because the router does not proxy them.
+
+Weight sync (Megatron → SGLang names, TP/EP gather, the MTP layers as SGLang's draft, buckets)
+is not implemented yet; ``pause_flush_update_continue`` is the frame it will run in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+
+from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.rollout.engine import Completion
+from megatron_mtp_rl.rollout.sglang_client import SGLangClient
+from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig, SGLangSupervisor
+
+UpdateFn = Callable[[list[SGLangClient]], Awaitable] | Awaitable
+
+
+class SGLangEngine:
+    """Generates through SGLang's HTTP API; see ``launch`` to start the servers too."""
+
+    def __init__(
+        self,
+        generate_url: str,
+        *,
+        engine_urls: Sequence[str] | None = None,
+        supervisor: SGLangSupervisor | None = None,
+        request_timeout_s: float = 600.0,
+        control_timeout_s: float = 600.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 8.0,
+        max_concurrency: int = 256,
+    ):
+        self.generate_url = generate_url.rstrip("/")
+        self.engine_urls = [u.rstrip("/") for u in (engine_urls or [generate_url])]
+        self.supervisor = supervisor
+        self._client_kw = dict(
+            request_timeout_s=request_timeout_s,
+            control_timeout_s=control_timeout_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            backoff_max_s=backoff_max_s,
+        )
+        self.max_concurrency = max_concurrency
+        self._rid_prefix = uuid.uuid4().hex[:8]
+        self._calls = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-engine-loop", daemon=True)
+        self._thread.start()
+        self._gen_client: SGLangClient | None = None
+        self._engine_clients: list[SGLangClient] = []
+        self._closed = False
+
+    @classmethod
+    def launch(cls, config: SGLangServerConfig, **kw) -> SGLangEngine:
+        """Start the servers (engines, then the router) and an engine talking to them."""
+        sup = SGLangSupervisor(config).start()
+        try:
+            return cls(sup.generate_url, engine_urls=sup.engine_urls, supervisor=sup, **kw)
+        except BaseException:
+            sup.close()
+            raise
+
+    # -- loop plumbing ----------------------------------------------------------------------
+    def _run(self, coro):
+        if self._closed:
+            raise RuntimeError("SGLangEngine is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _clients(self) -> tuple[SGLangClient, list[SGLangClient]]:
+        if self._gen_client is None:
+            self._gen_client = await SGLangClient(
+                self.generate_url, abort_urls=self.engine_urls, max_concurrency=self.max_concurrency, **self._client_kw
+            ).__aenter__()
+            self._engine_clients = [await SGLangClient(u, **self._client_kw).__aenter__() for u in self.engine_urls]
+        return self._gen_client, self._engine_clients
+
+    def close(self) -> None:
+        """Close the clients, the loop and, when this engine launched them, the servers."""
+        if self._closed:
+            return
+
+        async def _close():
+            for c in ([self._gen_client] if self._gen_client else []) + self._engine_clients:
+                await c.aclose()
+
+        with contextlib.suppress(Exception):
+            self._run(_close())
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+        if self.supervisor is not None:
+            self.supervisor.close()
+
+    def __enter__(self) -> SGLangEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- RolloutEngine ----------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int) -> tuple[list[Completion], dict]:
+        """Completions in prompt order, plus throughput and speculative-decoding statistics."""
+        if self.supervisor is not None:
+            self.supervisor.check()
+        return self._run(self.agenerate(prompts, params, seed=seed))
+
+    async def agenerate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
+        gen, _ = await self._clients()
+        self._calls += 1
+        retries0, timeouts0 = gen.stats["retries"], gen.stats["timeouts"]
+        t0 = time.perf_counter()
+        outs = await gen.generate_many(prompts, params, seed=seed, rid_prefix=f"{self._rid_prefix}-{self._calls}")
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(o.response_ids) for o in outs)
+        stats = {
+            "rollout/gen_tokens_per_s": tokens / max(seconds, 1e-9),
+            "rollout/sglang_retries": gen.stats["retries"] - retries0,
+            "rollout/sglang_timeouts": gen.stats["timeouts"] - timeouts0,
+        }
+        # Token-weighted accept length: Σ completion tokens / Σ verify rounds (SGLang's
+        # per-request spec_accept_length is completion_tokens / spec_verify_ct).
+        spec = [o for o in outs if o.meta.get("spec_verify_ct")]
+        if spec:
+            toks = sum(o.meta.get("completion_tokens", len(o.response_ids)) for o in spec)
+            stats["rollout/spec_accept_len"] = toks / sum(o.meta["spec_verify_ct"] for o in spec)
+        return outs, stats
+
+    def sync_weights(self) -> None:
+        raise NotImplementedError(
+            "SGLangEngine.sync_weights: mapping Megatron parameters (TP/EP shards, MTP layers as the "
+            "SGLang draft model) to SGLang weight names is not implemented yet. Until it is, push "
+            "weights yourself inside SGLangEngine.pause_flush_update_continue(...) with "
+            "SGLangClient.update_weights_from_tensor / _from_distributed / _from_disk."
+        )
+
+    # -- weight-update frame ----------------------------------------------------------------
+    def pause_flush_update_continue(self, update: UpdateFn, **kw):
+        """Synchronous ``apause_flush_update_continue``."""
+        return self._run(self.apause_flush_update_continue(update, **kw))
+
+    async def apause_flush_update_continue(
+        self,
+        update: UpdateFn,
+        *,
+        pause_mode: str = "abort",
+        flush_timeout_s: float = 60.0,
+        weight_update_session: bool = True,
+        session_selector: str = "all",
+    ):
+        """Pause every engine → flush their caches → run ``update`` → continue them.
+
+        ``update`` is an awaitable, or a callable given the per-engine clients that returns one.
+        With ``weight_update_session`` the update runs between /begin_weight_update and
+        /end_weight_update, which SGLang 0.5.23 requires for tensor and distributed updates
+        (pass False for ``update_weights_from_disk``). Engines are continued even when the
+        update fails (the error is re-raised), so a failed sync never leaves them paused.
+        """
+        _, engines = await self._clients()
+        await asyncio.gather(*(c.pause_generation(pause_mode) for c in engines))
+        try:
+            await asyncio.gather(*(c.flush_cache(flush_timeout_s) for c in engines))
+            if weight_update_session:
+                await asyncio.gather(*(c.begin_weight_update(session_selector) for c in engines))
+            try:
+                aw = update(engines) if callable(update) else update
+                result = await aw if inspect.isawaitable(aw) else aw
+            finally:
+                if weight_update_session:
+                    await asyncio.gather(*(c.end_weight_update() for c in engines))
+        finally:
+            await asyncio.gather(*(c.continue_generation() for c in engines))
+        return result
+
+
+__all__ = ["SGLangEngine"]

@@ -22,6 +22,7 @@ setup(
         "tensorboard",
         "matplotlib",
         "pyarrow",
+        "safetensors",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "aiohttp"],

@@ -114,6 +114,7 @@ class State:
                 "aborted": self.aborted,
                 "paused": self.paused.is_set(),
                 "session_open": self.session_open,
+                "weight_version": self.weight_version,
                 "first_healthy_at": self.first_healthy_at,
                 "workers": list(self.workers.values()),
                 "workers_healthy_at_start": self.workers_healthy_at_start,
@@ -477,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     if not a.router and not a.model_path:
         print("fake_sglang_server: --model-path is required", file=sys.stderr)
         return 2
+    vocab = 32
+    cfg_path = Path(a.model_path or "", "config.json")
+    if a.model_path and cfg_path.exists():  # generate ids the model's tokenizer knows
+        vocab = int(json.loads(cfg_path.read_text()).get("vocab_size", vocab))
     server = FakeServer(
         a.port,
         a.host,
@@ -491,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         startup_delay=a.fake_startup_delay,
         health_interval=a.fake_health_interval,
         evict_unhealthy=not a.fake_keep_unhealthy,
+        vocab=vocab,
     ).start()
     print(f"fake {'router' if a.router else 'engine'} listening on {server.url}", flush=True)
     try:

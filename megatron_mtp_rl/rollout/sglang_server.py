@@ -162,6 +162,9 @@ class SGLangSupervisor:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._logs: list = []
+        # Called with an engine's URL after it was restarted and is healthy, before it is
+        # registered with the router again: the trainer pushes its current weights there.
+        self.on_restart = None
 
     # -- commands ---------------------------------------------------------------------------
     def engine_command(self, i: int) -> list[str]:
@@ -344,6 +347,14 @@ class SGLangSupervisor:
                 log.warning("sglang supervisor: restart of %s failed: %s", e.name, err)
                 self._terminate(e)  # counted as dead: the next round tries again (up to max_restarts)
                 continue
+            if self.on_restart is not None:
+                try:
+                    self.on_restart(e.url)
+                    self._event("resynced", e.name)
+                except Exception as err:  # keep it out of service: kill it, the next round retries
+                    log.warning("sglang supervisor: weight re-sync of %s failed: %s", e.name, err)
+                    self._terminate(e)
+                    continue
             self._event("restarted", e.name)
         if self.router and not self._stop.is_set():
             if self.router.popen is not None and self._exited(self.router):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import yaml
@@ -102,6 +103,19 @@ def _rollout_flags(p):
     g.add_argument("--rollout-top-p", type=float, default=1.0, help="nucleus sampling")
     g.add_argument("--rollout-max-response-len", type=int, default=8, help="max generated tokens per sample")
     g.add_argument("--local-spec-decode", action="store_true", help="draft with the MTP layers (exact)")
+    g.add_argument("--rollout-num-engines", type=int, default=1, help="SGLang engines (router in front when > 1)")
+    g.add_argument("--rollout-engine-tp", type=int, default=1, help="tensor parallelism of each SGLang engine")
+    g.add_argument("--rollout-base-port", type=int, default=30000, help="port of SGLang engine 0 (engine i: +10·i)")
+    g.add_argument("--rollout-router-port", type=int, default=30100, help="sglang-router port")
+    g.add_argument("--rollout-hf-dir", default=None, help="where HF exports for SGLang go (default <save or runs>/hf)")
+    g.add_argument("--hf-flavour", choices=["deepseek_v3", "mimo"], default=None, help="HF naming SGLang loads")
+    g.add_argument(
+        "--weight-sync-mode", choices=["tensor", "distributed", "disk"], default="tensor", help="Megatron → SGLang"
+    )
+    g.add_argument("--update-weight-buffer-size", type=int, default=512 * 2**20, help="bytes per weight-sync bucket")
+    g.add_argument("--rollout-server-cmd", default=None, help="SGLang server command prefix (tests: a fake)")
+    g.add_argument("--rollout-router-cmd", default=None, help="sglang-router command prefix")
+    g.add_argument("--rollout-startup-timeout", type=float, default=900.0, help="seconds for engines to come up")
     g.add_argument("--dynamic-sampling", action="store_true", default=None, help="DAPO: drop all-equal groups")
     g.add_argument(
         "--max-sampling-rounds", type=int, default=4, help="dynamic sampling: max generation rounds per step"
@@ -244,13 +258,18 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
 
 def parse_args(argv: list[str] | None = None, prog: str = "mtp-rl train", extend=None) -> argparse.Namespace:
     """Parse flags (``--config`` values first, command line over them); ``extend(parser)`` adds flags."""
+    from megatron_mtp_rl.rollout.sglang_server import split_passthrough_args
+
     parser = build_parser(prog)
     if extend is not None:
         extend(parser)
+    # --sglang-X v / --sglang-router-X v go to SGLang / the router verbatim (as --X v).
+    engine_flags, router_flags, argv = split_passthrough_args(list(sys.argv[1:] if argv is None else argv))
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**_config_defaults(parser, pre.config))
     args = parser.parse_args(argv)
+    args.sglang_engine_flags, args.sglang_router_flags = engine_flags, router_flags
     for k, v in ALGORITHMS[args.algorithm].items():
         if getattr(args, k) is None:
             setattr(args, k, v)

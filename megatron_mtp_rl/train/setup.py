@@ -141,8 +141,10 @@ def validate(args, model_args: ModelArgs, world: int) -> list[str]:
         problems.append("--context-parallel-size > 1 is not supported by the RL forward yet")
     if args.n_samples_per_prompt < 2:
         problems.append("--n-samples-per-prompt must be ≥ 2 (group-normalised advantages)")
-    if args.rollout_engine == "sglang":
-        problems.append("--rollout-engine sglang is not available yet (bridge issue); use local")
+    if args.rollout_engine == "local" and (args.sglang_engine_flags or args.sglang_router_flags):
+        problems.append("--sglang-* flags need --rollout-engine sglang")
+    if args.local_spec_decode and args.rollout_engine != "local":
+        problems.append("--local-spec-decode is for the local engine; SGLang drafts with --sglang-speculative-*")
     return problems
 
 

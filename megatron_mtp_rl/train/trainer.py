@@ -84,7 +84,11 @@ class Trainer:
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.engine = LocalEngine(run.gpt, vocab_size=run.tokenizer.vocab_size, speculative=a.local_spec_decode)
+        self.remote = a.rollout_engine != "local"
+        self.engine = None
+        self.weight_sync = None
+        if not self.remote:
+            self.engine = LocalEngine(run.gpt, vocab_size=run.tokenizer.vocab_size, speculative=a.local_spec_decode)
         self.sampling = SamplingParams(
             temperature=a.rollout_temperature,
             top_p=a.rollout_top_p,
@@ -132,7 +136,16 @@ class Trainer:
         if diff:
             lines = ", ".join(f"{k}: checkpoint {v[0]} vs run {v[1]}" for k, v in sorted(diff.items()))
             raise ConfigError(f"--load {path}: the checkpoint has a different model shape ({lines})")
-        _, state = load_checkpoint(a.load, r.model, None if a.finetune else r.optimizer)
+        try:
+            _, state = load_checkpoint(a.load, r.model, None if a.finetune else r.optimizer)
+        except ValueError as e:
+            if "parameter group" not in str(e):
+                raise
+            raise ConfigError(
+                f"--load {path}: the checkpoint's optimizer parameter groups differ from this run's (changed "
+                "--lr, --min-lr or --weight-decay?). Resume with the original values, or add --finetune to load "
+                f"the weights only. megatron-core said: {str(e).splitlines()[0]}"
+            ) from None
         if a.finetune:
             return
         self.step = state["step"]
@@ -168,12 +181,14 @@ class Trainer:
         faults.current_step = step
         t0 = time.perf_counter()
         per_rank = a.rollout_batch_size // self.dp
-        batch = self.manager.rollout(
-            self._fetch_factory(),
-            num_prompts=per_rank,
-            seed=step_seed(a.seed, step, self.dp_rank),
-            dynamic_sampling=a.dynamic_sampling,
-            max_rounds=a.max_sampling_rounds,
+        batch = self._on_mp_leader(
+            lambda: self.manager.rollout(
+                self._fetch_factory(),
+                num_prompts=per_rank,
+                seed=step_seed(a.seed, step, self.dp_rank),
+                dynamic_sampling=a.dynamic_sampling,
+                max_rounds=a.max_sampling_rounds,
+            )
         )
         self.cursor += self._max_over_dp(batch.prompts_consumed) * self.dp
         samples = batch.samples
@@ -233,6 +248,10 @@ class Trainer:
             )
             r.scheduler.step(increment=1)
         metrics.update(_average_updates(per_update))
+        if self.weight_sync is not None:
+            t_sync = time.perf_counter()
+            metrics.update(self.weight_sync())
+            metrics["perf/weight_sync_time"] = time.perf_counter() - t_sync
         main, mtp = split_parameters(r.gpt)
         metrics["train/param_norm_main"] = param_norm(main)
         metrics["train/param_norm_mtp"] = param_norm(mtp)
@@ -259,22 +278,104 @@ class Trainer:
                 max_new_tokens=self.sampling.max_new_tokens,
                 eos_id=self.sampling.eos_id,
             )
-            n_save = self.manager.n
-            self.manager.n = 1
-            try:
-                samples, _ = self.manager.generate_groups(mine, seed=0, params=greedy)
-            finally:
-                self.manager.n = n_save
-            correct = sum(float(s.reward >= 1.0 - 1e-6) for s in samples)
+
+            def score():
+                n_save = self.manager.n
+                self.manager.n = 1
+                try:
+                    samples, _ = self.manager.generate_groups(mine, seed=0, params=greedy)
+                finally:
+                    self.manager.n = n_save
+                return sum(float(s.reward >= 1.0 - 1e-6) for s in samples)
+
+            correct = self._on_mp_leader(score)
         t = torch.tensor([correct, float(len(mine))], dtype=torch.float64)
         if dist.is_initialized() and self.dp > 1:
             dist.all_reduce(t, group=self.dp_group)
         return {"eval/accuracy": float(t[0] / max(t[1], 1.0)), "eval/num_prompts": float(t[1])}
 
+    # -- remote engines ----------------------------------------------------------------
+    def _on_mp_leader(self, fn):
+        """Local engine: every rank runs ``fn`` (generation is a collective forward).
+
+        Remote engine: only the first rank of each model-parallel (TP×PP) group talks to
+        SGLang; the result is broadcast to the rest of its group, so a sample is generated once.
+        """
+        if not self.remote:
+            return fn()
+        group = parallel_state.get_model_parallel_group()
+        ranks = dist.get_process_group_ranks(group) if dist.is_initialized() else [0]
+        if len(ranks) == 1:
+            return fn()
+        box = [fn() if dist.get_rank() == ranks[0] else None]
+        dist.broadcast_object_list(box, src=ranks[0], group=group)
+        return box[0]
+
+    def start_engine(self) -> None:
+        """SGLang: export the current weights, launch engines (global rank 0), connect, sync."""
+        if not self.remote or self.engine is not None:
+            return
+        import shlex
+        from pathlib import Path
+
+        from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
+        from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig
+        from megatron_mtp_rl.train.weight_sync import WeightSync, default_flavour, export_hf, resync_engine
+
+        a, r = self.args, self.run
+        root = Path(a.rollout_hf_dir or Path(a.save or "runs") / "hf")
+        flavour = a.hf_flavour or default_flavour(r.model_args)
+        init = export_hf(r.model, r.model_args, root / "init", flavour)
+        urls = [None]
+        engine = None
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            kw = {}
+            if a.rollout_server_cmd:
+                kw["server_cmd"] = shlex.split(a.rollout_server_cmd)
+            if a.rollout_router_cmd:
+                kw["router_cmd"] = shlex.split(a.rollout_router_cmd)
+            cfg = SGLangServerConfig(
+                model_path=str(init),
+                num_engines=a.rollout_num_engines,
+                tp_size=a.rollout_engine_tp,
+                port=a.rollout_base_port,
+                router_port=a.rollout_router_port,
+                engine_flags=list(a.sglang_engine_flags),
+                router_flags=list(a.sglang_router_flags),
+                startup_timeout_s=a.rollout_startup_timeout,
+                log_dir=str(root / "logs"),
+                **kw,
+            )
+            engine = SGLangEngine.launch(cfg)
+            urls = [(engine.generate_url, engine.engine_urls)]
+        if dist.is_initialized():
+            dist.broadcast_object_list(urls, src=0)
+        mp_leader = (
+            not dist.is_initialized()
+            or dist.get_rank() == dist.get_process_group_ranks(parallel_state.get_model_parallel_group())[0]
+        )
+        if engine is None and mp_leader:
+            engine = SGLangEngine(urls[0][0], engine_urls=urls[0][1])
+        self.engine = engine
+        self.manager.engine = engine
+        self.weight_sync = WeightSync(
+            engine, r.model, r.model_args, mode=a.weight_sync_mode, bucket_bytes=a.update_weight_buffer_size,
+            export_dir=str(root / "sync"), flavour=flavour,
+        )  # fmt: skip
+        if engine is not None and engine.supervisor is not None:
+            sync = self.weight_sync
+            engine.supervisor.on_restart = lambda url: resync_engine(sync, url)
+
+    def close_engine(self) -> None:
+        if self.remote and self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
     # -- the loop ----------------------------------------------------------------------
     def train(self) -> list[dict]:
         a, r = self.args, self.run
         self.maybe_load()
+        self.start_engine()
         writer = MetricsWriter(a.metrics_jsonl, a.tensorboard_dir, enabled=is_logging_rank(), resume_step=self.step)
         history = []
         try:
@@ -299,6 +400,7 @@ class Trainer:
         finally:
             writer.close()
             self.scorer.close()
+            self.close_engine()
         return history
 
 

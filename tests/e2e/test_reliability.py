@@ -166,3 +166,9 @@ def test_crash_during_checkpoint_save_leaves_the_previous_one(tmp_path):
     assert [r["step"] for r in rows_b] == [0, 1, 2, 3, 4]
     assert _strip(rows_b) == _strip(rows_a)
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+
+def test_resume_with_a_different_lr_says_how_to_fix_it(tmp_path):
+    run_training(parse_args([*FAST, "--num-steps", "1", "--save", str(tmp_path / "c")]))
+    with pytest.raises(ConfigError, match=r"optimizer parameter groups differ .* add --finetune"):
+        run_training(parse_args([*FAST, "--num-steps", "2", "--load", str(tmp_path / "c"), "--lr", "5e-4"]))

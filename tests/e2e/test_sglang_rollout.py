@@ -1,0 +1,93 @@
+"""The trainer with --rollout-engine sglang against fake SGLang servers on 127.0.0.1.
+
+The fake implements the subset of SGLang 0.5.23's HTTP schema we use (tests/fake_sglang_server.py)
+and rejects unknown fields, so this checks the whole bridge: HF export for the first load,
+engines + router start-up, generation through the router, rewards, training, and weight sync
+with the MTP (draft) layers after every step.
+"""
+
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+from megatron_mtp_rl.train.arguments import parse_args
+from megatron_mtp_rl.train.setup import build_run
+from megatron_mtp_rl.train.trainer import Trainer
+from tests.dist_utils import free_port
+from tests.e2e.test_train import FAST
+
+FAKE = str(Path(__file__).resolve().parents[1] / "fake_sglang_server.py")
+
+
+def _state(url):
+    with urllib.request.urlopen(url + "/_fake/state", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path):
+    ports = [free_port() for _ in range(3)]
+    args = parse_args(
+        [
+            *FAST,
+            "--preset",
+            "tiny-moe",
+            "--num-steps",
+            "2",
+            "--rollout-engine",
+            "sglang",
+            "--rollout-num-engines",
+            "2",
+            "--rollout-server-cmd",
+            f"{sys.executable} {FAKE} --fake-spec-accept-length 2.5",
+            "--rollout-router-cmd",
+            f"{sys.executable} {FAKE} --router",
+            "--rollout-base-port",
+            str(ports[0]),
+            "--rollout-router-port",
+            str(ports[2]),
+            "--rollout-hf-dir",
+            str(tmp_path / "hf"),
+            "--weight-sync-mode",
+            "tensor",
+            "--update-weight-buffer-size",
+            str(64 * 1024),
+            "--sglang-speculative-algorithm",
+            "EAGLE",
+            "--sglang-speculative-num-steps",
+            "2",
+            "--metrics-jsonl",
+            str(tmp_path / "m.jsonl"),
+        ]  # fmt: skip
+    )
+    # The second engine listens on base + 10; make sure it is free too.
+    args.rollout_base_port = ports[0]
+    trainer = Trainer(build_run(args))
+    try:
+        trainer.maybe_load()
+        trainer.start_engine()
+        engine_urls = list(trainer.engine.engine_urls)
+        hist = [trainer.rl_step() for _ in range(2)]
+        states = [_state(u) for u in engine_urls]
+    finally:
+        trainer.close_engine()
+        trainer.scorer.close()
+    assert (tmp_path / "hf/init/model.safetensors").exists() and (tmp_path / "hf/init/config.json").exists()
+    for h in hist:
+        assert h["rollout/spec_accept_len"] > 1.0
+        assert h["rollout/weight_buckets"] > 1  # 64 KiB buckets: several per sync
+    assert [h["rollout/weight_version"] for h in hist] == [1.0, 2.0]
+    names = [n for b in trainer.weight_sync.last_buckets for n in b]
+    assert len(names) == len(set(names))  # every tensor exactly once
+    assert any(n.startswith("model.layers.2.") and "eh_proj" in n for n in names)  # MTP depth 1 (DeepSeek naming)
+    assert any(n.startswith("model.layers.3.") for n in names)  # MTP depth 2
+    for st in states:
+        assert st["weight_version"] == "2"
+        routes = [r["route"] for r in st["log"] if not r["route"].startswith(("/health", "/_fake"))]
+        # every sync: pause → flush → begin → update… → end → continue
+        i = routes.index("/pause_generation")
+        assert routes[i : i + 3] == ["/pause_generation", "/flush_cache", "/begin_weight_update"]
+        assert routes.count("/update_weights_from_tensor") == 2 * hist[0]["rollout/weight_buckets"]
+        assert routes.count("/continue_generation") == 2
+    # 2 steps × 4 prompts × 4 samples, eval off: every sample generated exactly once, via the router
+    assert sum(st["generate_count"] for st in states) == 2 * 4 * 4

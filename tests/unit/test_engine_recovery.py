@@ -1,0 +1,86 @@
+"""A rollout engine killed mid-batch: the batch completes with every sample exactly once, the
+engine is restarted and gets the current weights before it serves again (fake SGLang servers)."""
+
+import os
+import signal
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
+from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig
+from megatron_mtp_rl.train.weight_sync import resync_engine
+from tests.dist_utils import free_port
+
+FAKE = str(Path(__file__).resolve().parents[1] / "fake_sglang_server.py")
+
+
+def _state(url):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/_fake/state", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_kill_an_engine_mid_batch(tmp_path):
+    base, router = free_port(), free_port()
+    cfg = SGLangServerConfig(
+        model_path=str(tmp_path),
+        num_engines=2,
+        port=base,
+        port_stride=1,
+        router_port=router,
+        server_cmd=[sys.executable, FAKE, "--fake-delay", "0.15"],
+        router_cmd=[sys.executable, FAKE, "--router"],
+        watch_interval_s=0.2,
+        startup_timeout_s=60,
+        restart_timeout_s=60,
+        log_dir=str(tmp_path / "logs"),
+    )
+    engine = SGLangEngine.launch(cfg, max_retries=6, backoff_s=0.1, backoff_max_s=0.5, max_concurrency=8)
+    try:
+        sync = types.SimpleNamespace(_last_payload=("tensor", [[("model.layers.0.mlp.w", torch.ones(3))]], 7))
+        engine.supervisor.on_restart = lambda url: resync_engine(sync, url)
+        prompts = [[i + 1, i + 2, i + 3] for i in range(32)]
+        sp = SamplingParams(temperature=1.0, max_new_tokens=4)
+        reference, _ = engine.generate(prompts, sp, seed=11)
+
+        victim = engine.supervisor.engines[0]
+        pid = victim.popen.pid
+
+        killed_at = []
+
+        def kill():
+            time.sleep(0.3)
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+        t = threading.Thread(target=kill)
+        t.start()
+        outs, stats = engine.generate(prompts, sp, seed=11)
+        done_at = time.monotonic()
+        t.join()
+        assert killed_at and killed_at[0] < done_at  # the engine died while the batch was running
+        # Every prompt answered once, in order, with the same completion as without the kill.
+        assert [o.response_ids for o in outs] == [o.response_ids for o in reference]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(ev[1] == "restarted" and ev[2] == "engine0" for ev in engine.supervisor.events):
+                break
+            time.sleep(0.2)
+        events = [(what, who) for _, what, who in engine.supervisor.events]
+        assert ("died", "engine0") in events and ("resynced", "engine0") in events
+        assert events.index(("resynced", "engine0")) < events.index(("restarted", "engine0"))
+        assert victim.popen.pid != pid
+        st = _state(victim.url)
+        assert st["weight_version"] == "7"  # re-synced before serving again
+        routes = [r["route"] for r in st["log"] if not r["route"].startswith(("/health", "/_fake"))]
+        assert routes[:3] == ["/pause_generation", "/flush_cache", "/begin_weight_update"]
+    finally:
+        engine.close()

@@ -25,7 +25,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "aiohttp"],
+        "test": ["pytest>=8", "ruff>=0.6", "aiohttp", "ray[default]"],
         "gpu": ["transformer-engine[pytorch]"],
         "rollout": ["sglang", "sglang-router", "aiohttp"],
         "ray": ["ray[default]"],

@@ -44,7 +44,12 @@ def _train(argv) -> int:
 
     args = parse_args(argv)
     try:
-        run_training(args)
+        if args.ray:
+            from megatron_mtp_rl.train.ray_launch import launch
+
+            launch(args)
+        else:
+            run_training(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

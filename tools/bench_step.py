@@ -5,7 +5,8 @@ in interleaved repetitions (regime order shuffled each repetition); the timed pa
 regime changes: the old-log-prob pass plus the optimizer steps of one RL step. Prints the
 median and min–max spread per regime and ratios against ``detach``; the headline is
 ``occ / policy`` (OCC's statistics and its one all-reduce). Peak memory: CUDA's allocator
-peak when on GPU; on CPU, with ``--memory``, the peak RSS of one subprocess per regime.
+peak when on GPU; on CPU, with ``--memory``, one subprocess per regime samples its resident
+memory every millisecond during a step and reports the peak above the level before it.
 
     .venv/bin/python tools/bench_step.py --preset tiny-moe --reps 7
     torchrun --nproc_per_node 8 tools/bench_step.py --preset ... (on a GPU node)
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -79,6 +79,32 @@ def _one_step(run, trainer, minibatches, regime: str) -> float:
     return time.perf_counter() - t0
 
 
+def _peak_rss_during(fn) -> int:
+    """Peak resident memory above the level before ``fn``, sampled every millisecond (CPU)."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(0, peak[0] - base)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     reps = 5
@@ -97,9 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_mtp_rl import platform
 
     if only:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        _one_step(run, trainer, minibatches, only)
-        print(json.dumps({"peak_rss_delta_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base}))
+        _one_step(run, trainer, minibatches, only)  # warm-up: allocator pools, lazy init
+        peak = _peak_rss_during(lambda: _one_step(run, trainer, minibatches, only))
+        print(json.dumps({"peak_rss_delta_bytes": peak}))
         platform.destroy()
         return
 
@@ -123,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             out = subprocess.run(
                 [sys.executable, __file__, "--only", r, *argv], check=True, capture_output=True, text=True
             ).stdout
-            peak[r] = json.loads(out.strip().splitlines()[-1])["peak_rss_delta_kib"] * 1024
+            peak[r] = json.loads(out.strip().splitlines()[-1])["peak_rss_delta_bytes"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     samples = args.rollout_batch_size * args.n_samples_per_prompt
     print(f"{device}; preset {args.preset}, {samples} samples/step, {reps} interleaved repetitions")

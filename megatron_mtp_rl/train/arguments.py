@@ -217,6 +217,16 @@ def _run_flags(p):
     g.add_argument("--metrics-jsonl", help="one JSON object per step")
     g.add_argument("--tensorboard-dir", help="TensorBoard event directory")
     g.add_argument("--quiet", action="store_true", help="no progress line")
+    g = p.add_argument_group("Ray")
+    g.add_argument("--ray", action="store_true", help="run trainer ranks and a rollout actor on Ray")
+    g.add_argument("--ray-num-trainers", type=int, default=1, help="trainer actors (the torch.distributed world)")
+    g.add_argument("--ray-gpus-per-trainer", type=int, default=0, choices=[0, 1], help="1 on GPU clusters")
+    g.add_argument(
+        "--ray-rollout-placement",
+        choices=["colocated", "disaggregated"],
+        default="colocated",
+        help="rollout actor shares trainer rank 0's bundle, or gets its own",
+    )
 
 
 def build_parser(prog: str = "mtp-rl train") -> argparse.ArgumentParser:

@@ -77,17 +77,20 @@ def build_micro_batches(samples: list[Sample], advantages: list[float], mbs: int
 
 
 class Trainer:
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, engine=None, weight_push=None):
         self.run = run
         a = run.args
         self.args = a
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.remote = a.rollout_engine != "local"
-        self.engine = None
+        self.remote = a.rollout_engine != "local" or engine is not None
+        self.engine = engine
         self.weight_sync = None
-        if not self.remote:
+        self._external = engine is not None  # e.g. a Ray rollout actor; weights go via weight_push
+        self._weight_push = weight_push
+        self._push_version = 0
+        if engine is None and not self.remote:
             self.engine = LocalEngine(run.gpt, vocab_size=run.tokenizer.vocab_size, speculative=a.local_spec_decode)
         self.sampling = SamplingParams(
             temperature=a.rollout_temperature,
@@ -311,8 +314,20 @@ class Trainer:
         dist.broadcast_object_list(box, src=ranks[0], group=group)
         return box[0]
 
+    def _push_weights(self) -> dict:
+        self._push_version += 1
+        return self._weight_push(self.run.model, self._push_version)
+
     def start_engine(self) -> None:
-        """SGLang: export the current weights, launch engines (global rank 0), connect, sync."""
+        """SGLang: export the current weights, launch engines (global rank 0), connect, sync.
+
+        An external engine (Ray rollout actor) gets the current weights pushed instead.
+        """
+        if self._external:
+            if self._weight_push is not None:
+                self._push_weights()
+                self.weight_sync = self._push_weights
+            return
         if not self.remote or self.engine is not None:
             return
         import shlex
@@ -367,7 +382,7 @@ class Trainer:
             engine.supervisor.on_restart = lambda url: resync_engine(sync, url)
 
     def close_engine(self) -> None:
-        if self.remote and self.engine is not None:
+        if self.remote and self.engine is not None and not self._external:
             self.engine.close()
             self.engine = None
 
@@ -420,6 +435,7 @@ def _average_updates(per_update: list[dict]) -> dict:
     return out
 
 
-def run_training(args) -> list[dict]:
+def run_training(args, engine=None, weight_push=None) -> list[dict]:
+    """Build the run and train. ``engine``/``weight_push``: an external rollout engine (Ray)."""
     run = build_run(args)
-    return Trainer(run).train()
+    return Trainer(run, engine=engine, weight_push=weight_push).train()

@@ -1,0 +1,62 @@
+"""A rollout actor on Ray holding its own model replica with the local engine, and the proxy
+engine the trainers use to reach it (``mtp-rl train --ray``).
+
+The actor is a separate process (its own single-rank torch.distributed group); the trainer
+pushes weights to it after every step (full, TP-gathered tensors under TP=1 names, MTP
+layers included), so rollouts always sample from the current policy.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from megatron_mtp_rl.models.generation import SamplingParams
+
+
+@ray.remote
+class RolloutActor:
+    """Generates with a TP=1 replica of the policy (``LocalEngine``), on CPU or one GPU."""
+
+    def __init__(self, model_args: dict, *, seed: int, speculative: bool, vocab_size: int):
+        from megatron_mtp_rl import platform
+        from megatron_mtp_rl.models.presets import ModelArgs
+        from megatron_mtp_rl.models.provider import build_model
+        from megatron_mtp_rl.rollout.local_engine import LocalEngine
+
+        platform.initialize(seed=seed)
+        self.model = build_model(ModelArgs(**model_args))
+        self.engine = LocalEngine(self.model, vocab_size=vocab_size, speculative=speculative)
+        self.version = 0
+
+    def load_weights(self, state: dict, version: int) -> int:
+        """Full megatron tensors (TP=1/EP=1 names) from the trainer; returns the version held."""
+        own = self.model.state_dict()
+        missing = [k for k in own if not k.endswith("_extra_state") and k not in state]
+        if missing:
+            raise KeyError(f"rollout actor: no weights for {missing[:5]} ...")
+        self.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        self.version = version
+        return version
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int):
+        return self.engine.generate(prompts, params, seed=seed)
+
+    def weight_version(self) -> int:
+        return self.version
+
+
+class RayRolloutEngine:
+    """The trainer-side handle: RolloutEngine protocol over a RolloutActor."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
+        outs, stats = ray.get(self.actor.generate.remote(prompts, params, seed))
+        return outs, stats
+
+    def sync_weights(self) -> None:
+        """Weights are pushed by the trainer (collective gather first): see ``RayWeightSync``."""
+
+    def close(self) -> None:
+        pass

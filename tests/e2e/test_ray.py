@@ -1,0 +1,39 @@
+"""``mtp-rl train --ray``: the tiny job on a local Ray cluster (loopback) on CPU."""
+
+import math
+
+import pytest
+
+import ray  # noqa: E402  (installed by the test extra)
+
+from megatron_mtp_rl.train.arguments import parse_args  # noqa: E402
+from megatron_mtp_rl.train.ray_launch import launch  # noqa: E402
+from tests.e2e.test_train import FAST  # noqa: E402
+
+
+@pytest.mark.parametrize("placement, trainers", [("disaggregated", 2)])
+def test_two_rl_steps_on_ray(tmp_path, placement, trainers):
+    args = parse_args(
+        [
+            *FAST,
+            "--num-steps",
+            "2",
+            "--ray",
+            "--ray-num-trainers",
+            str(trainers),
+            "--ray-rollout-placement",
+            placement,
+            "--metrics-jsonl",
+            str(tmp_path / "m.jsonl"),
+        ]  # fmt: skip
+    )
+    try:
+        hist = launch(args)
+    finally:
+        ray.shutdown()
+    assert [h["step"] for h in hist] == [0, 1, 2]
+    for h in hist[1:]:
+        assert math.isfinite(h["train/policy_loss"]) and math.isfinite(h["occ/lambda_1"])
+    # initial push (version 1) + one push after each step
+    assert [h["rollout/weight_version"] for h in hist[1:]] == [2.0, 3.0]
+    assert (tmp_path / "m.jsonl").read_text().count("\n") == 3

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 import ray  # noqa: E402  (installed by the test extra)
 
 from megatron_mtp_rl.train.arguments import parse_args  # noqa: E402

@@ -3,11 +3,11 @@
 import math
 
 import pytest
-import ray  # noqa: E402  (installed by the test extra)
+import ray  # installed by the test extra
 
-from megatron_mtp_rl.train.arguments import parse_args  # noqa: E402
-from megatron_mtp_rl.train.ray_launch import launch  # noqa: E402
-from tests.e2e.test_train import FAST  # noqa: E402
+from megatron_mtp_rl.train.arguments import parse_args
+from megatron_mtp_rl.train.ray_launch import launch
+from tests.e2e.test_train import FAST
 
 
 @pytest.mark.parametrize("placement, trainers", [("disaggregated", 2)])

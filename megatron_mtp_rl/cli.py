@@ -36,42 +36,37 @@ def main(argv: list[str] | None = None) -> int:
     return commands[argv[0]](argv[1:])
 
 
-def _train(argv) -> int:
+def _run(job, args) -> int:
+    """Run a job; configuration errors print one message and exit 2 instead of a traceback."""
     from megatron_mtp_rl import platform
-    from megatron_mtp_rl.train.arguments import parse_args
     from megatron_mtp_rl.train.setup import ConfigError
+
+    try:
+        job(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        platform.destroy()
+    return 0
+
+
+def _train(argv) -> int:
+    from megatron_mtp_rl.train.arguments import parse_args
     from megatron_mtp_rl.train.trainer import run_training
 
     args = parse_args(argv)
-    try:
-        if args.ray:
-            from megatron_mtp_rl.train.ray_launch import launch
+    if args.ray:
+        from megatron_mtp_rl.train.ray_launch import launch
 
-            launch(args)
-        else:
-            run_training(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        platform.destroy()
-    return 0
+        return _run(launch, args)
+    return _run(run_training, args)
 
 
 def _pretrain(argv) -> int:
-    from megatron_mtp_rl import platform
     from megatron_mtp_rl.train.pretrain import parse_pretrain_args, run_pretrain
-    from megatron_mtp_rl.train.setup import ConfigError
 
-    args = parse_pretrain_args(argv)
-    try:
-        run_pretrain(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        platform.destroy()
-    return 0
+    return _run(run_pretrain, parse_pretrain_args(argv))
 
 
 if __name__ == "__main__":

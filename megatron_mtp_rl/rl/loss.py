@@ -132,6 +132,14 @@ class RLLoss:
             "with_draft_stats": self.regime.runs_mtp,
         }
 
+    def _surrogate(self, logprobs, old_logprobs, advantages, mask, seq_index):
+        """The clipped surrogate with this config's ratio and clips (main head and MTP depths)."""
+        cfg = self.config
+        lr = log_ratio(logprobs, old_logprobs, mask, seq_index, cfg.ratio_type)
+        return clipped_surrogate(
+            lr, advantages, eps_clip=cfg.eps_clip, eps_clip_high=cfg.eps_clip_high, eps_clip_c=cfg.eps_clip_c
+        )
+
     def __call__(self, batch: RLBatch, out: HeadLogProbs):
         cfg = self.config
         seq_index = sequence_index(batch.segment_ids)
@@ -139,14 +147,7 @@ class RLLoss:
         agg = cfg.loss_agg_mode
         metrics: dict[str, torch.Tensor] = {}
 
-        lr = log_ratio(out.logprobs, batch.old_logprobs, mask, seq_index, cfg.ratio_type)
-        sur = clipped_surrogate(
-            lr,
-            batch.advantages,
-            eps_clip=cfg.eps_clip,
-            eps_clip_high=cfg.eps_clip_high,
-            eps_clip_c=cfg.eps_clip_c,
-        )
+        sur = self._surrogate(out.logprobs, batch.old_logprobs, batch.advantages, mask, seq_index)
         pg = aggregate(sur.loss, mask, seq_index, agg, self.den.main)
         loss = pg
         metrics["train/policy_loss"] = _pair(pg.detach(), 0)
@@ -210,14 +211,7 @@ class RLLoss:
             else:
                 if batch.old_mtp_logprobs is None:
                     raise ValueError(f"--mtp-regime {self.regime.name} needs old MTP log-probs")
-                lr_k = log_ratio(lp, batch.old_mtp_logprobs[k], m, seq_index, cfg.ratio_type)
-                sur_k = clipped_surrogate(
-                    lr_k,
-                    batch.advantages,
-                    eps_clip=cfg.eps_clip,
-                    eps_clip_high=cfg.eps_clip_high,
-                    eps_clip_c=cfg.eps_clip_c,
-                )
+                sur_k = self._surrogate(lp, batch.old_mtp_logprobs[k], batch.advantages, m, seq_index)
                 term = aggregate(sur_k.loss, m, seq_index, cfg.loss_agg_mode, den)
             total = total + coefs[k] * term
             d = k + 1

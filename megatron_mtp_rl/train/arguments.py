@@ -107,6 +107,11 @@ def _rollout_flags(p):
     g.add_argument("--rollout-engine-tp", type=int, default=1, help="tensor parallelism of each SGLang engine")
     g.add_argument("--rollout-base-port", type=int, default=30000, help="port of SGLang engine 0 (engine i: +10·i)")
     g.add_argument("--rollout-router-port", type=int, default=30100, help="sglang-router port")
+    g.add_argument(
+        "--rollout-host",
+        default="127.0.0.1",
+        help="address SGLang engines and router bind to and are reached at (multi-node: this node's IP)",
+    )
     g.add_argument("--rollout-hf-dir", default=None, help="where HF exports for SGLang go (default <save or runs>/hf)")
     g.add_argument("--hf-flavour", choices=["deepseek_v3", "mimo"], default=None, help="HF naming SGLang loads")
     g.add_argument(

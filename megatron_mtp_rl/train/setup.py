@@ -105,6 +105,11 @@ def validate(args, model_args: ModelArgs, world: int) -> list[str]:
         problems.append(str(e))
     if model_args.num_experts and model_args.num_experts % ep:
         problems.append(f"--expert-model-parallel-size {ep} does not divide --num-experts {model_args.num_experts}")
+    if model_args.num_experts and tp > 1:
+        problems.append(
+            f"MoE with --tensor-model-parallel-size {tp} needs sequence parallelism in megatron-core's training "
+            "mode, which this build does not enable; shard the experts with --expert-model-parallel-size instead"
+        )
     if ep > 1 and not model_args.num_experts:
         problems.append(f"--expert-model-parallel-size {ep} needs a MoE model (--num-experts)")
     if model_args.num_layers % pp:

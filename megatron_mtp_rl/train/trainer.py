@@ -355,6 +355,7 @@ class Trainer:
                 tp_size=a.rollout_engine_tp,
                 port=a.rollout_base_port,
                 router_port=a.rollout_router_port,
+                host=a.rollout_host,
                 engine_flags=list(a.sglang_engine_flags),
                 router_flags=list(a.sglang_router_flags),
                 startup_timeout_s=a.rollout_startup_timeout,

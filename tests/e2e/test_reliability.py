@@ -32,6 +32,7 @@ def _problems(*flags, world=1):
         (["--tensor-model-parallel-size", "4", "--make-vocab-size-divisible-by", "9"], 4,
          "does not divide the padded vocabulary 18"),
         (["--preset", "tiny-moe", "--expert-model-parallel-size", "3"], 3, "does not divide --num-experts 4"),
+        (["--preset", "tiny-moe", "--tensor-model-parallel-size", "2"], 2, "MoE with --tensor-model-parallel-size 2"),
         (["--global-batch-size", "7"], 1, "--global-batch-size 7 does not divide the rollout batch"),
         (["--rollout-batch-size", "3"], 2, "--rollout-batch-size 3 is not divisible by the data-parallel size 2"),
         (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by TP×PP×CP"),

@@ -1,0 +1,132 @@
+"""examples/recipes: every key is a flag, every layout validates, the memory arithmetic is current.
+
+Each recipe names its world size and tokenizer vocabulary in ``# world-size:`` / ``# vocab-size:``
+comment lines; its ``# --- estimate:`` block must equal what tools/estimate_memory.py prints for it
+(regenerate the block when a recipe changes), and the launch command in its comment must parse.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "examples" / "recipes").glob("*.yaml"))
+
+
+def _estimator():
+    if "estimate_memory" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "tools" / "estimate_memory.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["estimate_memory"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["estimate_memory"]
+
+
+def _header(text: str, key: str) -> int:
+    m = re.search(rf"^# {key}: (\d+)$", text, re.M)
+    assert m, f"recipe lacks a '# {key}: N' line"
+    return int(m.group(1))
+
+
+def _parsed(path: Path):
+    from megatron_mtp_rl.train.arguments import parse_args
+    from megatron_mtp_rl.train.setup import model_args_from
+
+    text = path.read_text(encoding="utf-8")
+    args = parse_args(["--config", str(path)])
+    return text, args, model_args_from(args, _header(text, "vocab-size"))
+
+
+def test_there_are_recipes_for_each_family():
+    names = {p.stem for p in RECIPES}
+    assert {"mimo_7b_dapo_occ", "moonlight_16b_a3b_occ", "deepseek_v3_671b_layout", "qwen3_next_80b_a3b_occ"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_parses_and_validates(path):
+    from megatron_mtp_rl.train.setup import validate
+
+    text, args, margs = _parsed(path)
+    world = _header(text, "world-size")
+    assert world % 8 == 0, "recipes are laid out for whole 8-GPU nodes"
+    assert validate(args, margs, world) == []
+    assert args.bf16 and args.rollout_engine == "sglang" and args.mtp_regime == "occ"
+    assert margs.mtp_num_layers >= 1
+    if margs.is_moe:
+        # megatron-core raises in training for MoE + TP > 1 without sequence parallelism (ours is off)
+        assert args.tensor_model_parallel_size == 1
+    steps = args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
+    assert steps > 1, "OCC needs more than one optimizer step per rollout batch (else d ≡ 0)"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_memory_estimate_block_is_current(path):
+    text, args, margs = _parsed(path)
+    m = re.search(r"^# --- estimate: tools/estimate_memory.py (.*)\n((?:#.*\n)*?)# --- end estimate$", text, re.M)
+    assert m, "recipe lacks its '# --- estimate:' block"
+    flags = m.group(1).split()
+    assert flags[:2] == ["--config", str(path.relative_to(ROOT))]
+    assert flags[2:] == [
+        "--world-size",
+        str(_header(text, "world-size")),
+        "--vocab-size",
+        str(_header(text, "vocab-size")),
+    ]
+    want = _estimator().estimate(args, margs, _header(text, "world-size"))
+    have = [line.removeprefix("#   ") for line in m.group(2).splitlines()]
+    assert have == want, "stale estimate: rerun tools/estimate_memory.py and paste its output"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_launch_command_in_the_comment_parses(path):
+    """The documented launcher line (with its --sglang-* passthrough flags) is a valid command line."""
+    from megatron_mtp_rl.train.arguments import parse_args
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, x in enumerate(lines) if re.match(r"#\s+(sbatch .*)?launchers/", x))
+    cmd = []
+    for x in lines[start:]:
+        cmd.append(x.lstrip("#").strip().removesuffix("\\"))
+        if not x.endswith("\\"):
+            break
+    argv = shlex.split(" ".join(cmd))
+    script = next(i for i, a in enumerate(argv) if a.startswith("launchers/"))
+    train_argv = [a for a in argv[script + 1 :] if a != "--dry-run"]
+    args = parse_args(train_argv)
+    assert args.config == str(path.relative_to(ROOT))
+    assert "--speculative-algorithm" in args.sglang_engine_flags  # MTP layers draft in the rollouts
+
+
+def test_unknown_and_sglang_keys_are_rejected(tmp_path):
+    from megatron_mtp_rl.train.arguments import parse_args
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num-layers: 2\nnum-layer: 3\n")
+    with pytest.raises(SystemExit, match="bad.yaml:2: unknown key 'num-layer'"):
+        parse_args(["--config", str(bad)])
+    sgl = tmp_path / "sgl.yaml"
+    sgl.write_text("sglang-mem-fraction-static: 0.2\n")
+    with pytest.raises(SystemExit, match="unknown key 'sglang-mem-fraction-static'"):
+        parse_args(["--config", str(sgl)])
+
+
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("tiny-dense", {}),
+        ("tiny-dense", {"num_query_groups": 2, "untie_embeddings_and_output_weights": True, "vocab_size": 100}),
+        ("tiny-moe", {"num_query_groups": 1, "mtp_num_layers": 1, "moe_ffn_hidden_size": 40}),
+    ],
+)
+def test_parameter_formula_counts_what_the_provider_builds(single_process, preset, overrides):
+    from megatron_mtp_rl.models import build_model, get_preset
+    from megatron_mtp_rl.models.provider import count_parameters
+
+    m = get_preset(preset).with_overrides(**overrides)
+    assert _estimator().count_params(m).total == count_parameters(build_model(m, device="cpu"))

@@ -86,6 +86,8 @@ class State:
         self.paused = threading.Event()
         self.session_open = False
         self.weight_version = "default"
+        self.update_groups: dict = {}  # group name -> torch ProcessGroup (gloo, tests)
+        self.received: list = []  # (name, sum) of every tensor received by broadcast
         self.first_healthy_at: float | None = None
         self.workers: dict[str, dict] = {}  # router: id -> {"url", "is_healthy"}
         self.rr = itertools.count()
@@ -115,6 +117,7 @@ class State:
                 "paused": self.paused.is_set(),
                 "session_open": self.session_open,
                 "weight_version": self.weight_version,
+                "received": list(self.received),
                 "first_healthy_at": self.first_healthy_at,
                 "workers": list(self.workers.values()),
                 "workers_healthy_at_start": self.workers_healthy_at_start,
@@ -279,6 +282,21 @@ class Handler(BaseHTTPRequestHandler):
         if route in NEEDS_SESSION and not st.session_open:
             msg = f"{route[1:]} must run between begin_weight_update() and end_weight_update()"
             return self._send(400, {"success": False, "message": msg})
+        if route == "/init_weights_update_group" and body.get("backend") == "gloo":
+            # Join the trainer's group as SGLang's weight updater does (CPU/gloo in tests):
+            # tcp rendezvous, PrefixStore(group_name), rank = rank_offset + tp_rank (0 here).
+            st.update_groups[body["group_name"]] = _join_group(body)
+        if route == "/update_weights_from_distributed" and body.get("group_name") in st.update_groups:
+            import torch
+
+            pg = st.update_groups[body["group_name"]]
+            got = []
+            for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+                t = torch.empty(shape, dtype=getattr(torch, dtype))
+                torch.distributed.broadcast(t, src=0, group=pg)
+                got.append((name, float(t.double().sum())))
+            with st.lock:
+                st.received.extend(got)
         if route.startswith("/update_weights") and body.get("weight_version"):
             st.weight_version = body["weight_version"]
         content = {"success": True, "message": "Success"}
@@ -407,6 +425,24 @@ def _router_health_loop(st: State, stop: threading.Event) -> None:
                     st.workers.pop(wid, None)
                 else:
                     w["is_healthy"] = False
+
+
+def _join_group(body: dict):
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    timeout = datetime.timedelta(seconds=60)
+    url = f"tcp://{body['master_address']}:{body['master_port']}"
+    store, rank, world = next(rendezvous(url, int(body["rank_offset"]), int(body["world_size"]), timeout=timeout))
+    store.set_timeout(timeout)
+    pg, _ = _new_process_group_helper(
+        world, rank, [], "gloo", PrefixStore(body["group_name"], store), group_name=body["group_name"], timeout=timeout
+    )
+    _world.pg_group_ranks[pg] = {i: i for i in range(world)}
+    del dist
+    return pg
 
 
 class FakeServer:

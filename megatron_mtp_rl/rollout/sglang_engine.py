@@ -74,6 +74,16 @@ class SGLangEngine:
             raise
 
     # -- loop plumbing ----------------------------------------------------------------------
+    def submit(self, coro):
+        """Schedule ``coro`` on the engine's loop without waiting (a concurrent.futures.Future).
+
+        Distributed weight sync needs this: the engines' HTTP calls block until the trainer's
+        broadcasts, which the calling thread performs meanwhile.
+        """
+        if self._closed:
+            raise RuntimeError("SGLangEngine is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
     def _run(self, coro):
         if self._closed:
             raise RuntimeError("SGLangEngine is closed")

@@ -376,7 +376,8 @@ class Trainer:
         self.manager.engine = engine
         self.weight_sync = WeightSync(
             engine, r.model, r.model_args, mode=a.weight_sync_mode, bucket_bytes=a.update_weight_buffer_size,
-            export_dir=str(root / "sync"), flavour=flavour,
+            export_dir=str(root / "sync"), flavour=flavour, engine_tp=a.rollout_engine_tp,
+            num_engines=a.rollout_num_engines, master_address=a.rollout_host,
         )  # fmt: skip
         if engine is not None and engine.supervisor is not None:
             sync = self.weight_sync

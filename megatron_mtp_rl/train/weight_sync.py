@@ -9,8 +9,11 @@ them inside pause → flush → update → continue:
 * ``disk``: rank 0 writes an HF directory (safetensors + config.json), engines reload it.
 * ``tensor`` (colocated): buckets of ≤ ``--update-weight-buffer-size`` bytes go to
   ``/update_weights_from_tensor``.
-* ``distributed``: NCCL broadcast to the engines (``/init_weights_update_group`` +
-  ``/update_weights_from_distributed``); needs GPUs on both sides — not runnable here.
+* ``distributed``: the trainer's rank 0 and every engine rank join one process group
+  (``/init_weights_update_group``: tcp rendezvous at the trainer, ``PrefixStore(group_name)``,
+  engine rank = 1 + offset + its TP rank — SGLang 0.5.23's construction) and each bucket is
+  announced with ``/update_weights_from_distributed`` while rank 0 broadcasts its tensors in the
+  same order. NCCL on GPUs; the CPU tests run the same protocol over gloo against a fake engine.
 
 Stale draft weights silently collapse speculative acceptance, so the MTP layers are always
 part of the payload; :func:`check_payload` refuses a payload without them.
@@ -113,7 +116,8 @@ class WeightSync:
     """Pushes the trainer's weights to an SGLangEngine after each RL step."""
 
     def __init__(self, engine, model, model_args: ModelArgs, *, mode: str, bucket_bytes: int, export_dir: str,
-                 flavour: str | None = None):  # fmt: skip
+                 flavour: str | None = None, engine_tp: int = 1, num_engines: int = 1,
+                 master_address: str = "127.0.0.1"):  # fmt: skip
         if mode not in SYNC_MODES:
             raise ValueError(f"--weight-sync-mode must be one of {SYNC_MODES}")
         self.engine, self.model, self.model_args = engine, model, model_args
@@ -121,6 +125,11 @@ class WeightSync:
         self.export_dir = Path(export_dir)
         self.flavour = flavour or default_flavour(model_args)
         self.version = 0
+        self.engine_tp = engine_tp
+        self.num_engines = num_engines
+        self.master_address = master_address
+        self.group_name = "mtp_rl_weight_sync"
+        self._group = None
         self.last_buckets: list[list[str]] = []
         self._last_payload = None  # rank 0: what the engines hold now (for a restarted engine)
 
@@ -143,10 +152,12 @@ class WeightSync:
         buckets = bucket_named_tensors(list(tensors.items()), self.bucket_bytes)
         self.last_buckets = [[n for n, _ in b] for b in buckets]
         if self.mode == "distributed":
-            raise NotImplementedError(
-                "--weight-sync-mode distributed needs NCCL between the trainer and the SGLang engines (GPU "
-                "only); it is not implemented in this build. Use tensor (colocated) or disk."
-            )
+            if is_sender:
+                self._broadcast(buckets)
+                # A restarted engine is not in the broadcast group; it gets this payload over
+                # /update_weights_from_tensor (colocated engines only, see README).
+                self._last_payload = ("tensor", buckets, self.version)
+            return {"rollout/weight_version": float(self.version), "rollout/weight_buckets": float(len(buckets))}
         if is_sender:
             version = str(self.version)
 
@@ -161,11 +172,114 @@ class WeightSync:
             self._last_payload = ("tensor", buckets, self.version)
         return {"rollout/weight_version": float(self.version), "rollout/weight_buckets": float(len(buckets))}
 
+    # -- distributed mode ---------------------------------------------------------------
+    def _ensure_group(self):
+        """Create the trainer ↔ engines group once: engines join via HTTP while rank 0 joins here."""
+        if self._group is not None:
+            return self._group
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        world = 1 + self.num_engines * self.engine_tp
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+
+        async def engines_join(clients):
+            import asyncio
+
+            return await asyncio.gather(
+                *(
+                    c.init_weights_update_group(
+                        self.master_address,
+                        port,
+                        1 + i * self.engine_tp,
+                        world,
+                        group_name=self.group_name,
+                        backend=backend,
+                    )  # fmt: skip
+                    for i, c in enumerate(clients)
+                )
+            )
+
+        async def with_clients():
+            _, clients = await self.engine._clients()
+            return await engines_join(clients)
+
+        fut = self.engine.submit(with_clients())
+        self._group = join_update_group(self.master_address, port, world, self.group_name, backend)
+        fut.result(timeout=600)
+        return self._group
+
+    def _broadcast(self, buckets) -> None:
+        """Announce each bucket to the engines and broadcast its tensors, inside the sync frame."""
+        import threading
+
+        group = self._ensure_group()
+        announced = [threading.Event() for _ in buckets]
+        version = str(self.version)
+
+        async def update(clients):
+            import asyncio
+
+            for i, bucket in enumerate(buckets):
+                names = [n for n, _ in bucket]
+                dtypes = [str(t.dtype).removeprefix("torch.") for _, t in bucket]
+                shapes = [list(t.shape) for _, t in bucket]
+                calls = asyncio.gather(
+                    *(
+                        c.update_weights_from_distributed(
+                            names,
+                            dtypes,
+                            shapes,
+                            group_name=self.group_name,
+                            flush_cache=i == len(buckets) - 1,
+                            weight_version=version,
+                        )  # fmt: skip
+                        for c in clients
+                    )
+                )
+                announced[i].set()
+                await calls  # returns once every engine has received the bucket
+
+        fut = self.engine.submit(self.engine.apause_flush_update_continue(update))
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        for i, bucket in enumerate(buckets):
+            while not announced[i].wait(0.1):
+                if fut.done():
+                    fut.result()  # the frame failed before announcing: raise its error
+                    raise RuntimeError("weight sync frame ended before every bucket was announced")
+            for _, t in bucket:
+                t = t.detach().contiguous()
+                dist.broadcast(t.to(device) if device is not None else t, src=0, group=group)
+        fut.result(timeout=600)
+
 
 async def _gather(coros):
     import asyncio
 
     return await asyncio.gather(*coros)
+
+
+def join_update_group(master_address: str, port: int, world_size: int, group_name: str, backend: str):
+    """Rank 0 of the weight-update group, built the way SGLang's engines build theirs.
+
+    The engines construct the group with a tcp rendezvous, a ``PrefixStore(group_name)`` and
+    torch's process-group helper; joining it needs the same construction on this side (a plain
+    ``new_group`` would need the engines inside our default group).
+    """
+    import datetime
+
+    from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    timeout = datetime.timedelta(seconds=600)
+    store, rank, world = next(rendezvous(f"tcp://{master_address}:{port}", 0, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    pg, _ = _new_process_group_helper(
+        world, rank, [], backend, PrefixStore(group_name, store), group_name=group_name, timeout=timeout
+    )
+    _world.pg_group_ranks[pg] = {i: i for i in range(world)}
+    return pg
 
 
 def resync_engine(sync: WeightSync, url: str) -> None:

@@ -8,6 +8,8 @@ with the MTP (draft) layers after every step.
 
 import json
 import sys
+
+import pytest
 import urllib.request
 from pathlib import Path
 
@@ -25,7 +27,8 @@ def _state(url):
         return json.loads(r.read())
 
 
-def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path):
+@pytest.mark.parametrize("mode", ["tensor", "distributed", "disk"])
+def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
     ports = [free_port() for _ in range(3)]
     args = parse_args(
         [
@@ -49,7 +52,7 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path):
             "--rollout-hf-dir",
             str(tmp_path / "hf"),
             "--weight-sync-mode",
-            "tensor",
+            mode,
             "--update-weight-buffer-size",
             str(64 * 1024),
             "--sglang-speculative-algorithm",
@@ -75,19 +78,30 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path):
     assert (tmp_path / "hf/init/model.safetensors").exists() and (tmp_path / "hf/init/config.json").exists()
     for h in hist:
         assert h["rollout/spec_accept_len"] > 1.0
-        assert h["rollout/weight_buckets"] > 1  # 64 KiB buckets: several per sync
     assert [h["rollout/weight_version"] for h in hist] == [1.0, 2.0]
+    for st in states:
+        assert st["weight_version"] == "2"
+        routes = [r["route"] for r in st["log"] if not r["route"].startswith(("/health", "/_fake"))]
+        assert routes.count("/continue_generation") == 2
+        i = routes.index("/pause_generation")
+        if mode == "disk":
+            assert routes[i : i + 3] == ["/pause_generation", "/flush_cache", "/update_weights_from_disk"]
+            assert routes.count("/update_weights_from_disk") == 2
+            continue
+        # every sync: pause → flush → begin → update… → end → continue
+        assert routes[i : i + 3] == ["/pause_generation", "/flush_cache", "/begin_weight_update"]
+        route = f"/update_weights_from_{mode}"
+        assert routes.count(route) == 2 * hist[0]["rollout/weight_buckets"]
+    if mode == "disk":
+        assert (tmp_path / "hf/sync/v2/model.safetensors").exists()
+        return
+    assert hist[0]["rollout/weight_buckets"] > 1  # 64 KiB buckets: several per sync
     names = [n for b in trainer.weight_sync.last_buckets for n in b]
     assert len(names) == len(set(names))  # every tensor exactly once
     assert any(n.startswith("model.layers.2.") and "eh_proj" in n for n in names)  # MTP depth 1 (DeepSeek naming)
     assert any(n.startswith("model.layers.3.") for n in names)  # MTP depth 2
-    for st in states:
-        assert st["weight_version"] == "2"
-        routes = [r["route"] for r in st["log"] if not r["route"].startswith(("/health", "/_fake"))]
-        # every sync: pause → flush → begin → update… → end → continue
-        i = routes.index("/pause_generation")
-        assert routes[i : i + 3] == ["/pause_generation", "/flush_cache", "/begin_weight_update"]
-        assert routes.count("/update_weights_from_tensor") == 2 * hist[0]["rollout/weight_buckets"]
-        assert routes.count("/continue_generation") == 2
+    if mode == "distributed":
+        for st in states:  # both engines received every tensor of both syncs, in bucket order
+            assert [n for n, _ in st["received"]] == names + names
     # 2 steps × 4 prompts × 4 samples, eval off: every sample generated exactly once, via the router
     assert sum(st["generate_count"] for st in states) == 2 * 4 * 4

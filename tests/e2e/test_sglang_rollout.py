@@ -8,10 +8,10 @@ with the MTP (draft) layers after every step.
 
 import json
 import sys
-
-import pytest
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from megatron_mtp_rl.train.arguments import parse_args
 from megatron_mtp_rl.train.setup import build_run

@@ -105,6 +105,7 @@ class SGLangServerConfig:
     health_poll_s: float = 1.0
     watch_interval_s: float = 2.0
     max_restarts: int = 3  # per engine
+    hung_after: int = 5  # consecutive failed /health probes (one per watch round) that mark an engine hung
     log_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
 
@@ -123,6 +124,7 @@ class _Proc:
     popen: subprocess.Popen | None = None
     restarts: int = 0
     failed: bool = False
+    unhealthy: int = 0  # consecutive failed /health probes while the process is alive
 
 
 def _http_status(url: str, timeout: float = 2.0) -> int:
@@ -331,8 +333,20 @@ class SGLangSupervisor:
         for e in self.engines:
             if self._stop.is_set():
                 return
-            if e.failed or e.popen is None or not self._exited(e):
+            if e.failed or e.popen is None:
                 continue
+            if not self._exited(e):
+                # Alive: a hung engine (no /health for hung_after rounds) is killed and then
+                # handled like a dead one on the next round.
+                if _http_status(e.url + S.HEALTH, timeout=5.0) == 200:
+                    e.unhealthy = 0
+                else:
+                    e.unhealthy += 1
+                    if e.unhealthy >= self.config.hung_after:
+                        self._event("hung", e.name)
+                        self._signal(e, signal.SIGKILL)
+                continue
+            e.unhealthy = 0
             self._event("died", e.name)
             self._terminate(e)  # reap what is left of its process group
             if e.restarts >= self.config.max_restarts:

@@ -84,3 +84,41 @@ def test_kill_an_engine_mid_batch(tmp_path):
         assert routes[:3] == ["/pause_generation", "/flush_cache", "/begin_weight_update"]
     finally:
         engine.close()
+
+
+def test_a_hung_engine_is_killed_and_restarted(tmp_path):
+    import json
+    import urllib.request
+
+    cfg = SGLangServerConfig(
+        model_path=str(tmp_path),
+        num_engines=1,
+        port=free_port(),
+        server_cmd=[sys.executable, FAKE],
+        watch_interval_s=0.2,
+        hung_after=3,
+        startup_timeout_s=60,
+        restart_timeout_s=60,
+        log_dir=str(tmp_path / "logs"),
+    )
+    engine = SGLangEngine.launch(cfg, max_retries=8, backoff_s=0.2, backoff_max_s=1.0)
+    try:
+        url = engine.supervisor.engines[0].url
+        pid = engine.supervisor.engines[0].popen.pid
+        # Make the live engine stop answering /health (as a wedged scheduler would).
+        req = urllib.request.Request(
+            url + "/_fake/config", json.dumps({"startup_delay": 1e9}).encode(), {"Content-Type": "application/json"}
+        )
+        urllib.request.urlopen(req, timeout=5).read()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(what == "restarted" for _, what, _ in engine.supervisor.events):
+                break
+            time.sleep(0.2)
+        events = [what for _, what, who in engine.supervisor.events if who == "engine0"]
+        assert "hung" in events and "died" in events and "restarted" in events
+        assert engine.supervisor.engines[0].popen.pid != pid
+        outs, _ = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3), seed=1)
+        assert len(outs) == 1 and len(outs[0].response_ids) == 3
+    finally:
+        engine.close()

@@ -70,14 +70,14 @@ def launch(args) -> list[dict]:
     gpus = 1 if args.ray_gpus_per_trainer else 0
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address="auto", log_to_driver=False)
+            ray.init(address="auto")
         else:
             # A private local cluster bound to loopback (CPU machines, tests).
             ray.init(
                 num_cpus=max(2, world + 1),
                 _node_ip_address="127.0.0.1",
                 include_dashboard=False,
-                log_to_driver=False,
+                log_to_driver=True,
             )
     bundles = [{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1} for _ in range(world)]
     disaggregated = args.ray_rollout_placement == "disaggregated"

@@ -59,7 +59,7 @@ def _clean(v):
     return v
 
 
-def progress_line(step: int, total: int, m: dict) -> str:
+def progress_line(step: int, total: int, m: dict, regime: str = "occ") -> str:
     lams = [m[k] for k in sorted(m) if k.startswith("occ/lambda_")]
     coefs = [m[k] for k in sorted(m) if k.startswith("mtp/coef_")]
     parts = [
@@ -69,7 +69,8 @@ def progress_line(step: int, total: int, m: dict) -> str:
     ]
     if "eval/accuracy" in m:
         parts.append(f"eval {m['eval/accuracy']:.3f}")
-    if lams:
+    # OCC: the current λ_k; fixed-coefficient regimes: the c they use (OCC's λ is only monitored).
+    if regime == "occ" and lams:
         parts.append("λ " + ",".join(f"{x:.4f}" for x in lams))
     elif coefs:
         parts.append("c " + ",".join(f"{x:.3f}" for x in coefs))

@@ -411,7 +411,7 @@ class Trainer:
                 writer.log(self.step, m)
                 history.append({"step": self.step, **m})
                 if not a.quiet and is_logging_rank():
-                    print_progress(progress_line(self.step, a.num_steps, m))
+                    print_progress(progress_line(self.step, a.num_steps, m, a.mtp_regime))
             if a.save and not (a.save_interval and self.step % a.save_interval == 0):
                 save_checkpoint(a.save, self.step, r.model, r.optimizer, self.trainer_state(), a.keep_last)
         finally:

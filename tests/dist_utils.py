@@ -12,10 +12,32 @@ from pathlib import Path
 import torch
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(span: int = 1) -> int:
+    """A free loopback port below the kernel's ephemeral range (``span`` consecutive ones free).
+
+    Ports handed out by ``bind(0)`` come from the ephemeral range, where the local ends of
+    outgoing connections (health probes, HTTP clients) can take them before the server that
+    was meant to listen there starts; staying below that range avoids the race.
+    """
+    import random
+
+    lo, hi = 20000, 32000
+    try:
+        lo_eph = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        hi = min(hi, lo_eph - span - 1)
+    except OSError:
+        pass
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(lo, hi)
+        try:
+            for p in range(port, port + span):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free loopback port found")
 
 
 def _entry(fn, rank, world, port, out_dir, args):

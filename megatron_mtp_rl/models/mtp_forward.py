@@ -117,15 +117,18 @@ def forward_logprobs(
         return hidden
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
+    vocab = getattr(gpt, "real_vocab_size", None)
     weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
     labels_sb = batch.labels.t()  # work in Megatron's [S, B] layout: no copy of logits
     logits, _ = gpt.output_layer(hidden, weight=weight)
     out = HeadLogProbs(
-        logprobs=vocab_parallel_logprobs(logits, labels_sb, tp_group=tp_group, chunk_size=chunk_size).t(),
+        logprobs=vocab_parallel_logprobs(
+            logits, labels_sb, tp_group=tp_group, chunk_size=chunk_size, vocab_size=vocab
+        ).t(),
         loss_mask=batch.loss_mask,
     )
     if with_entropy:
-        out.entropy = vocab_parallel_entropy(logits, tp_group=tp_group, chunk_size=chunk_size).t()
+        out.entropy = vocab_parallel_entropy(logits, tp_group=tp_group, chunk_size=chunk_size, vocab_size=vocab).t()
     if not mtp_hidden:
         return out
 
@@ -135,7 +138,9 @@ def forward_logprobs(
     for k, h in enumerate(mtp_hidden, start=1):
         targets, valid = mtp_targets(batch, k)
         mtp_logits, _ = gpt.output_layer(h, weight=weight)
-        lp = vocab_parallel_logprobs(mtp_logits, targets.t(), tp_group=tp_group, chunk_size=chunk_size)
+        lp = vocab_parallel_logprobs(
+            mtp_logits, targets.t(), tp_group=tp_group, chunk_size=chunk_size, vocab_size=vocab
+        )
         lps.append(shift_right(lp.t(), k))
         masks.append(shift_right(valid, k, fill=False))
         if with_draft_stats:
@@ -148,6 +153,7 @@ def forward_logprobs(
                     mtp_logits[: s - k].detach(),
                     tp_group=tp_group,
                     chunk_size=chunk_size,
+                    vocab_size=vocab,
                 )
                 acc[:, k:] = a.t()
                 agree[:, k:] = t1.t()

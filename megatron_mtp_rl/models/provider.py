@@ -152,6 +152,8 @@ def build_model(
         rotary_base=args.rotary_base,
         mtp_block_spec=mtp_spec,
     )
+    # The tokenizer's vocabulary: log-probs leave megatron's padding ids out, as samplers do.
+    model.real_vocab_size = args.vocab_size
     if device is not None:
         model = model.to(device)
     elif torch.cuda.is_available():

@@ -43,15 +43,27 @@ def _chunks(n: int, chunk: int):
         yield s, min(n, s + chunk)
 
 
+def _valid_columns(v_local: int, vocab_size: int | None, tp_group) -> int:
+    """How many of this shard's columns are real tokens (the rest is megatron's vocab padding)."""
+    if vocab_size is None:
+        return v_local
+    rank, _ = _tp_info(tp_group)
+    return max(0, min(v_local, vocab_size - rank * v_local))
+
+
 def _logsumexp(x: torch.Tensor, chunk: int, tp_group) -> torch.Tensor:
-    """Global log-sum-exp per row of a [N, V/TP] shard, fp32, with two all-reduces."""
+    """Global log-sum-exp per row of a [N, V/TP] shard, fp32, with two all-reduces.
+
+    A shard with no real columns (only padding) contributes -inf / 0.
+    """
     n = x.shape[0]
-    mx = torch.empty(n, dtype=torch.float32, device=x.device)
-    for s, e in _chunks(n, chunk):
+    empty = x.shape[1] == 0
+    mx = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
+    for s, e in _chunks(n, chunk) if not empty else ():
         mx[s:e] = x[s:e].amax(dim=-1).float()
     _all_reduce(mx, dist.ReduceOp.MAX, tp_group)
-    se = torch.empty(n, dtype=torch.float32, device=x.device)
-    for s, e in _chunks(n, chunk):
+    se = torch.zeros(n, dtype=torch.float32, device=x.device)
+    for s, e in _chunks(n, chunk) if not empty else ():
         se[s:e] = _shifted_exp(x[s:e], mx[s:e]).sum(dim=-1)
     _all_reduce(se, dist.ReduceOp.SUM, tp_group)
     return mx + se.log()
@@ -60,31 +72,39 @@ def _logsumexp(x: torch.Tensor, chunk: int, tp_group) -> torch.Tensor:
 def _local_targets(targets: torch.Tensor, vocab_start: int, vocab_local: int):
     local = targets - vocab_start
     in_shard = (local >= 0) & (local < vocab_local)
-    return local.clamp(0, vocab_local - 1), in_shard
+    return local.clamp(0, max(vocab_local - 1, 0)), in_shard
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, tp_group, chunk):
+    def forward(ctx, logits, targets, tp_group, chunk, valid):
         v_local = logits.shape[-1]
         rank, _ = _tp_info(tp_group)
-        x = logits.reshape(-1, v_local)
+        x = logits.reshape(-1, v_local)[:, :valid]
         t = targets.reshape(-1)
         lse = _logsumexp(x, chunk, tp_group)
-        local_t, in_shard = _local_targets(t, rank * v_local, v_local)
-        picked = x.gather(1, local_t[:, None]).squeeze(1).float() * in_shard
+        local_t, in_shard = _local_targets(t, rank * v_local, valid)
+        if valid:
+            picked = x.gather(1, local_t[:, None]).squeeze(1).float() * in_shard
+        else:
+            picked = torch.zeros(t.shape[0], dtype=torch.float32, device=t.device)
         _all_reduce(picked, dist.ReduceOp.SUM, tp_group)
         ctx.save_for_backward(logits, local_t, in_shard, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.valid = chunk, valid
         return (picked - lse).view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, local_t, in_shard, lse = ctx.saved_tensors
-        v_local = logits.shape[-1]
-        x = logits.reshape(-1, v_local)
+        v_local, valid = logits.shape[-1], ctx.valid
         g = grad_out.reshape(-1).float()
-        grad = torch.empty_like(x)
+        # Padding columns get a zero gradient; the real ones are written in place below.
+        alloc = torch.zeros if valid < v_local else torch.empty
+        full = alloc(logits.numel() // v_local, v_local, dtype=logits.dtype, device=logits.device)
+        if not valid:
+            return full.view_as(logits), None, None, None, None
+        x = logits.reshape(-1, v_local)[:, :valid]
+        grad = full[:, :valid]
         rows = torch.arange(x.shape[0], device=x.device)
         in_place = grad.dtype == torch.float32
         for s, e in _chunks(x.shape[0], ctx.chunk):
@@ -97,7 +117,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             gc[rows[s:e][sel] - s, local_t[s:e][sel]] += g[s:e][sel]
             if not in_place:
                 grad[s:e] = gc.to(grad.dtype)
-        return grad.view_as(logits), None, None, None
+        return full.view_as(logits), None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -106,53 +126,62 @@ def vocab_parallel_logprobs(
     *,
     tp_group=None,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """fp32 ``log softmax(logits)[target]`` over a vocabulary sharded across ``tp_group``.
 
     ``logits``: ``[..., V/TP]`` (any float dtype), this rank's vocabulary slice;
     ``targets``: ``[...]`` global token ids. Returns fp32 ``[...]``; differentiable in logits.
+    ``vocab_size``: the real vocabulary; ids at or above it (megatron's padding) are left out
+    of the softmax, as samplers leave them out, and get zero gradient.
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
             "expected logits [..., V/TP] with targets [...]"
         )
-    return _VocabParallelLogProbs.apply(logits, targets, tp_group, chunk_size or _default_chunk(logits.shape[-1]))
+    valid = _valid_columns(logits.shape[-1], vocab_size, tp_group)
+    chunk = chunk_size or _default_chunk(logits.shape[-1])
+    return _VocabParallelLogProbs.apply(logits, targets, tp_group, chunk, valid)
 
 
 class _VocabParallelEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, tp_group, chunk):
+    def forward(ctx, logits, tp_group, chunk, valid):
         v_local = logits.shape[-1]
-        x = logits.reshape(-1, v_local)
+        x = logits.reshape(-1, v_local)[:, :valid]
         lse = _logsumexp(x, chunk, tp_group)
-        ex = torch.empty_like(lse)  # E_p[x]
-        for s, e in _chunks(x.shape[0], chunk):
+        ex = torch.zeros_like(lse)  # E_p[x]
+        for s, e in _chunks(x.shape[0], chunk) if valid else ():
             p = _shifted_exp(x[s:e], lse[s:e])
             ex[s:e] = (p.mul_(x[s:e])).sum(-1)
         _all_reduce(ex, dist.ReduceOp.SUM, tp_group)
         ctx.save_for_backward(logits, lse, ex)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.valid = chunk, valid
         return (lse - ex).view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, lse, ex = ctx.saved_tensors
-        v_local = logits.shape[-1]
-        x = logits.reshape(-1, v_local)
+        v_local, valid = logits.shape[-1], ctx.valid
+        full = torch.zeros(logits.numel() // v_local, v_local, dtype=logits.dtype, device=logits.device)
+        x = logits.reshape(-1, v_local)[:, :valid]
         g = grad_out.reshape(-1).float()
-        grad = torch.empty_like(x)
-        for s, e in _chunks(x.shape[0], ctx.chunk):
+        grad = full[:, :valid]
+        for s, e in _chunks(x.shape[0], ctx.chunk) if valid else ():
             p = _shifted_exp(x[s:e], lse[s:e])
             # dH/dx_j = -p_j (x_j - E_p[x])
             t = x[s:e].float().sub(ex[s:e, None])
             grad[s:e] = p.mul_(t).mul_(-g[s:e, None]).to(grad.dtype)
-        return grad.view_as(logits), None, None
+        return full.view_as(logits), None, None, None
 
 
-def vocab_parallel_entropy(logits: torch.Tensor, *, tp_group=None, chunk_size: int | None = None) -> torch.Tensor:
-    """fp32 entropy of ``softmax(logits)`` per row over a TP-sharded vocabulary."""
-    return _VocabParallelEntropy.apply(logits, tp_group, chunk_size or _default_chunk(logits.shape[-1]))
+def vocab_parallel_entropy(
+    logits: torch.Tensor, *, tp_group=None, chunk_size: int | None = None, vocab_size: int | None = None
+) -> torch.Tensor:
+    """fp32 entropy of ``softmax(logits)`` per row over a TP-sharded vocabulary (real ids only)."""
+    valid = _valid_columns(logits.shape[-1], vocab_size, tp_group)
+    return _VocabParallelEntropy.apply(logits, tp_group, chunk_size or _default_chunk(logits.shape[-1]), valid)
 
 
 @torch.no_grad()
@@ -162,6 +191,7 @@ def vocab_parallel_draft_agreement(
     *,
     tp_group=None,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expected speculative acceptance ``Σ_v min(p_v, q_v)`` and top-1 agreement per row.
 
@@ -171,25 +201,31 @@ def vocab_parallel_draft_agreement(
     chunk = chunk_size or _default_chunk(main_logits.shape[-1])
     v_local = main_logits.shape[-1]
     rank, world = _tp_info(tp_group)
-    p_x = main_logits.reshape(-1, v_local)
-    q_x = draft_logits.reshape(-1, v_local)
+    valid = _valid_columns(v_local, vocab_size, tp_group)
+    p_x = main_logits.reshape(-1, v_local)[:, :valid]
+    q_x = draft_logits.reshape(-1, v_local)[:, :valid]
     lse_p = _logsumexp(p_x, chunk, tp_group)
     lse_q = _logsumexp(q_x, chunk, tp_group)
     n = p_x.shape[0]
-    accept = torch.empty(n, dtype=torch.float32, device=p_x.device)
-    for s, e in _chunks(n, chunk):
+    accept = torch.zeros(n, dtype=torch.float32, device=p_x.device)
+    for s, e in _chunks(n, chunk) if valid else ():
         p = _shifted_exp(p_x[s:e], lse_p[s:e])
         accept[s:e] = torch.minimum(p, _shifted_exp(q_x[s:e], lse_q[s:e]), out=p).sum(-1)
     _all_reduce(accept, dist.ReduceOp.SUM, tp_group)
     return accept.view(main_logits.shape[:-1]), (
-        _vocab_parallel_argmax(p_x, rank, world, tp_group) == _vocab_parallel_argmax(q_x, rank, world, tp_group)
+        _vocab_parallel_argmax(p_x, rank, world, tp_group, v_local)
+        == _vocab_parallel_argmax(q_x, rank, world, tp_group, v_local)
     ).float().view(main_logits.shape[:-1])
 
 
-def _vocab_parallel_argmax(x: torch.Tensor, rank: int, world: int, tp_group) -> torch.Tensor:
+def _vocab_parallel_argmax(x: torch.Tensor, rank: int, world: int, tp_group, v_local: int) -> torch.Tensor:
     """Global argmax per row; ties go to the lowest token id, as torch.argmax does."""
-    vals, idx = x.float().max(dim=-1)
-    idx = idx + rank * x.shape[-1]
+    if x.shape[-1] == 0:  # a shard holding only padding
+        vals = torch.full((x.shape[0],), float("-inf"), device=x.device)
+        idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    else:
+        vals, idx = x.float().max(dim=-1)
+    idx = idx + rank * v_local
     if world == 1:
         return idx
     all_vals = [torch.empty_like(vals) for _ in range(world)]

@@ -7,7 +7,7 @@ from tests.dist_utils import run_ranks
 V = 96
 
 
-def _op_worker(rank, world, dtype):
+def _op_worker(rank, world, dtype, vocab_size=None):
     from megatron_mtp_rl import platform
     from megatron_mtp_rl.ops import vocab_parallel_entropy, vocab_parallel_logprobs
 
@@ -16,27 +16,28 @@ def _op_worker(rank, world, dtype):
 
     g = torch.Generator().manual_seed(0)
     full = (torch.randn(4, 9, V, generator=g) * 3).to(dtype)
-    targets = torch.randint(0, V, (4, 9), generator=g)
+    targets = torch.randint(0, vocab_size or V, (4, 9), generator=g)
     w = torch.randn(4, 9, generator=g)
     shard = full.chunk(world, dim=-1)[rank].clone().requires_grad_()
     tp = parallel_state.get_tensor_model_parallel_group()
     out = {}
     for chunk in (1, 5, None):
-        lp = vocab_parallel_logprobs(shard, targets, tp_group=tp, chunk_size=chunk)
-        ent = vocab_parallel_entropy(shard, tp_group=tp, chunk_size=chunk)
+        lp = vocab_parallel_logprobs(shard, targets, tp_group=tp, chunk_size=chunk, vocab_size=vocab_size)
+        ent = vocab_parallel_entropy(shard, tp_group=tp, chunk_size=chunk, vocab_size=vocab_size)
         (lp * w + ent).sum().backward()
         out[chunk] = (lp.detach(), ent.detach(), shard.grad.clone())
         shard.grad = None
     return out
 
 
-def _check_op(tmp_path, dtype, tol):
-    results = run_ranks(_op_worker, 2, tmp_path, dtype)
+def _check_op(tmp_path, dtype, tol, vocab_size=None):
+    results = run_ranks(_op_worker, 2, tmp_path, dtype, vocab_size)
     g = torch.Generator().manual_seed(0)
     full = (torch.randn(4, 9, V, generator=g) * 3).to(dtype).requires_grad_()
-    targets = torch.randint(0, V, (4, 9), generator=g)
+    targets = torch.randint(0, vocab_size or V, (4, 9), generator=g)
     w = torch.randn(4, 9, generator=g)
-    logp = torch.log_softmax(full.float(), -1)
+    real = full[..., : vocab_size or V]
+    logp = torch.log_softmax(real.float(), -1)
     ref_lp = logp.gather(-1, targets[..., None]).squeeze(-1)
     ref_ent = -(logp.exp() * logp).sum(-1)
     (ref_lp * w + ref_ent).sum().backward()
@@ -44,7 +45,7 @@ def _check_op(tmp_path, dtype, tol):
         for lp, ent, grad in res.values():
             torch.testing.assert_close(lp, ref_lp.detach(), atol=tol, rtol=tol)
             torch.testing.assert_close(ent, ref_ent.detach(), atol=tol, rtol=tol)
-            ref_grad = full.grad.chunk(2, dim=-1)[rank]
+            ref_grad = full.grad.chunk(2, dim=-1)[rank]  # zero on padding columns
             torch.testing.assert_close(grad.float(), ref_grad.float(), atol=tol, rtol=tol)
 
 
@@ -54,6 +55,11 @@ def test_vocab_parallel_logprobs_tp2_fp32(tmp_path):
 
 def test_vocab_parallel_logprobs_tp2_bf16(tmp_path):
     _check_op(tmp_path, torch.bfloat16, 2e-2)
+
+
+def test_vocab_parallel_logprobs_tp2_with_padding(tmp_path):
+    _check_op(tmp_path / "part", torch.float32, 1e-5, vocab_size=70)  # rank 1 holds 22 real ids
+    _check_op(tmp_path / "none", torch.float32, 1e-5, vocab_size=40)  # rank 1 holds only padding
 
 
 def _model_worker(rank, world, preset):

@@ -29,7 +29,7 @@ def _state(url):
 
 @pytest.mark.parametrize("mode", ["tensor", "distributed", "disk"])
 def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port(span=11), 0, free_port()]  # engines at base and base + 10
     args = parse_args(
         [
             *FAST,

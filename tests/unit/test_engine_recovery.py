@@ -29,7 +29,7 @@ def _state(url):
 
 
 def test_kill_an_engine_mid_batch(tmp_path):
-    base, router = free_port(), free_port()
+    base, router = free_port(span=2), free_port()
     cfg = SGLangServerConfig(
         model_path=str(tmp_path),
         num_engines=2,

@@ -66,3 +66,23 @@ def test_draft_agreement_matches_reference():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match=r"expected logits \[\.\.\., V/TP\]"):
         vocab_parallel_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_vocabulary_is_left_out(dtype):
+    """Ids ≥ vocab_size (megatron's padding) take no probability mass and get no gradient."""
+    torch.manual_seed(3)
+    logits = (torch.randn(4, 5, 16) * 2).to(dtype).requires_grad_()
+    targets = torch.randint(0, 11, (4, 5))
+    lp = vocab_parallel_logprobs(logits, targets, chunk_size=3, vocab_size=11)
+    ent = vocab_parallel_entropy(logits, vocab_size=11)
+    (lp.sum() + ent.sum()).backward()
+    ref = torch.log_softmax(logits.detach().float()[..., :11], -1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(lp, ref.gather(-1, targets[..., None]).squeeze(-1), atol=tol, rtol=tol)
+    torch.testing.assert_close(ent, -(ref.exp() * ref).sum(-1), atol=tol, rtol=tol)
+    assert logits.grad[..., 11:].abs().sum() == 0 and logits.grad[..., :11].abs().sum() > 0
+    accept, _ = vocab_parallel_draft_agreement(logits.detach(), logits.detach() + 0.1, vocab_size=11)
+    p = ref.exp()
+    q = torch.softmax(logits.detach().float()[..., :11] + 0.1, -1)
+    torch.testing.assert_close(accept, torch.minimum(p, q).sum(-1), atol=tol, rtol=tol)

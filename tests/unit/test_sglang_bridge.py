@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import sys
 import time
 import urllib.error
@@ -49,14 +48,14 @@ def run(coro):
 
 
 def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """Distinct free ports below the ephemeral range (see tests/dist_utils.free_port)."""
+    from tests.dist_utils import free_port
+
+    ports: list[int] = []
+    while len(ports) < n:
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
     return ports
 
 

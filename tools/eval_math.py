@@ -120,12 +120,7 @@ def local_generator(train_argv: list[str]):
 
     def generate(texts: list[str], n: int, temperature: float, max_new: int, seed: int) -> list[list[str]]:
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new, eos_id=run.tokenizer.eos_id)
-        saved = mgr.n
-        mgr.n = n
-        try:
-            samples, _ = mgr.generate_groups([Prompt(t, None, i) for i, t in enumerate(texts)], seed, params)
-        finally:
-            mgr.n = saved
+        samples, _ = mgr.generate_groups([Prompt(t, None, i) for i, t in enumerate(texts)], seed, params, n=n)
         return [[s.response_text for s in samples[i * n : (i + 1) * n]] for i in range(len(texts))]
 
     mgr.scorer.close()

@@ -62,15 +62,18 @@ class RolloutManager:
             ids = [self.tokenizer.bos_id] + ids
         return ids
 
-    def generate_groups(self, prompts: list[Prompt], seed: int, params: SamplingParams | None = None):
-        """n samples for each prompt, with rewards; returns (samples, engine stats)."""
+    def generate_groups(
+        self, prompts: list[Prompt], seed: int, params: SamplingParams | None = None, n: int | None = None
+    ):
+        """``n`` (default ``--n-samples-per-prompt``) samples per prompt, with rewards; (samples, engine stats)."""
         params = params or self.sampling
+        n = n or self.n
         enc = [self.encode_prompt(p) for p in prompts]
-        requests = [ids for ids in enc for _ in range(self.n)]
+        requests = [ids for ids in enc for _ in range(n)]
         completions, stats = self.engine.generate(requests, params, seed=seed)
         samples = []
         for j, c in enumerate(completions):
-            g = j // self.n
+            g = j // n
             ids = c.response_ids
             text_ids = ids[:-1] if c.finished and ids else ids
             text = self.tokenizer.decode(text_ids)

@@ -20,6 +20,7 @@ from megatron_mtp_rl.train.metrics import MetricsWriter, print_progress
 from megatron_mtp_rl.train.optim import clip_grads
 from megatron_mtp_rl.train.schedule import forward_backward
 from megatron_mtp_rl.train.setup import build_run
+from megatron_mtp_rl.train.step import reduce_metrics
 from megatron_mtp_rl.train.trainer import Trainer, is_logging_rank
 
 PRETRAIN_DEFAULTS = {
@@ -94,8 +95,6 @@ def run_pretrain(args) -> dict:
         den = step_denominators(mbs, depths, group=parallel_state.get_data_parallel_group())
         run.model.zero_grad_buffer()
         run.optimizer.zero_grad()
-        from megatron_mtp_rl.train.step import reduce_metrics
-
         res = forward_backward(run.model, mbs, ce_loss(den, 1.0 / max(depths, 1)), with_mtp=depths > 0)
         norms = clip_grads(run.model, args.clip_grad, args.clip_grad)
         run.optimizer.step()

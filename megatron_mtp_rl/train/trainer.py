@@ -283,12 +283,7 @@ class Trainer:
             )
 
             def score():
-                n_save = self.manager.n
-                self.manager.n = 1
-                try:
-                    samples, _ = self.manager.generate_groups(mine, seed=0, params=greedy)
-                finally:
-                    self.manager.n = n_save
+                samples, _ = self.manager.generate_groups(mine, seed=0, params=greedy, n=1)
                 return sum(float(s.reward >= 1.0 - 1e-6) for s in samples)
 
             correct = self._on_mp_leader(score)

@@ -1,4 +1,4 @@
-"""Prompt sources: the built-in ``arith`` task and JSONL / Parquet prompt files.
+"""Prompt sources: the built-in ``arith`` task and JSONL / JSON / Parquet prompt files.
 
 A source is indexed by a global cursor: ``take(start, count)`` returns the prompts at
 positions ``start .. start+count-1`` of an endless, seed-determined stream, so a resumed
@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from megatron_mtp_rl.errors import DataError
+from megatron_mtp_rl.rollout.chat import ChatFormatError, PromptFormat, format_prompt
+
 
 @dataclass(frozen=True)
 class Prompt:
-    text: str
+    text: str  # exactly what the model is given (chat template and BOS applied)
     label: object
     index: int
+    where: str = ""  # file:line of the data row ("" for generated tasks)
 
 
 class PromptSource(Protocol):
@@ -75,33 +80,95 @@ class ArithTask:
         return [self._prompt(p, i) for i, p in enumerate(self._eval)]
 
 
-class BadRowError(ValueError):
-    """A malformed prompt row: the message names the file, the line and what was expected."""
+class BadRowError(DataError):
+    """Malformed prompt rows: the message names every file:line (the first 20) and what was expected."""
 
 
-def _read_rows(path: Path) -> list[tuple[int, object]]:
-    """(line or row number, parsed row) pairs; invalid JSON rows carry the exception."""
+MAX_REPORTED = 20  # bad rows listed in one message; the rest are counted
+_MISSING = object()
+_FIELD = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+
+
+def lookup(row: object, key: str) -> object:
+    """``row[key]`` where ``key`` may be dotted (``reward_model.ground_truth``); a literal key wins."""
+    if isinstance(row, dict) and key in row:
+        return row[key]
+    cur = row
+    for part in key.split("."):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            return _MISSING
+    return cur
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{name}`` / ``{a.b}`` fields of a prompt template; other braces (``\\boxed{}``) are literal."""
+    return [m.group(1) for m in _FIELD.finditer(template) if m.group(1)]
+
+
+def render_template(template: str, values: dict[str, str]) -> str:
+    """Substitute ``{field}``; ``{{``/``}}`` give literal braces, as in ``str.format``."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(1) is None:
+            return m.group(0)[0]
+        return values[m.group(1)]
+
+    return _FIELD.sub(sub, template)
+
+
+def _read_rows(path: Path) -> list[tuple[str, int, object]]:
+    """(where, position, parsed row) triples; a row that cannot be parsed carries a message (str)."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                rows.append((n, e))
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's errors name no row; the file is unreadable as a whole
+            raise DataError(f"{path}: cannot read as Parquet ({e})") from None
+        return [(f"{path} row {n}", n, row) for n, row in enumerate(table.to_pylist(), start=1)]
+    data = path.read_bytes()
+    if path.suffix == ".json" and data.lstrip()[:1] == b"[":  # a JSON array (DeepScaleR ships one)
+        try:
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected one JSON array of objects") from None
+        return [(f"{path} item {n}", n, row) for n, row in enumerate(items, start=1)]
+    rows: list[tuple[str, int, object]] = []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rows.append((where, n, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
+            continue
+        if not line.strip():
+            continue
+        try:
+            rows.append((where, n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            rows.append((where, n, f"invalid JSON ({e.msg}); expected one JSON object per line"))
     return rows
 
 
 class FilePromptSource:
-    """Prompts from a JSONL or Parquet file, reshuffled every epoch with the seed.
+    """Prompts from a JSONL, JSON-array or Parquet file, reshuffled every epoch with the seed.
 
-    ``on_bad_row="fail"`` raises on the first malformed row; ``"skip"`` drops it and counts
-    it in ``skipped`` (with the reasons in ``problems``).
+    A row's prompt is ``input_key`` (dotted keys reach into nested objects): a string, or a
+    list of ``{role, content}`` messages (veRL / slime layout). ``template`` builds the text
+    from named row fields (``{problem}``, ``{extra_info.question}``; ``{input}`` is the
+    ``input_key`` value). ``fmt`` applies the tokenizer's chat template (see ``rollout/chat.py``).
+    Every row is read, formatted and (with ``max_prompt_tokens``) tokenized once here, so every
+    problem is known at start-up: ``on_bad_row="fail"`` raises one :class:`BadRowError` listing
+    them all (the first 20, then a count); ``"skip"`` drops them and keeps the reasons in
+    ``problems``.
     """
 
     def __init__(
@@ -113,7 +180,9 @@ class FilePromptSource:
         seed: int = 0,
         template: str = "{input}",
         max_prompt_tokens: int | None = None,
+        length_rule: str = "",
         tokenizer=None,
+        fmt: PromptFormat | None = None,
         on_bad_row: str = "fail",
         eval_path: str | None = None,
     ):
@@ -122,68 +191,114 @@ class FilePromptSource:
         self.path = Path(path)
         self.input_key, self.label_key = input_key, label_key
         self.seed, self.template = seed, template
+        self.fields = template_fields(template)
         self.max_prompt_tokens, self.tokenizer = max_prompt_tokens, tokenizer
+        self.length_rule = length_rule
+        self.fmt = fmt or PromptFormat()
         self.on_bad_row = on_bad_row
         self.problems: list[str] = []
         self.rows = self._load(self.path)
-        if not self.rows:
-            raise BadRowError(f"{self.path}: no usable prompt rows")
         self._eval = self._load(Path(eval_path)) if eval_path else []
+        if self.problems and on_bad_row == "fail":
+            raise BadRowError(self._summary())
+        if not self.rows:
+            what = self._summary() if self.problems else f"{self.path}: no prompt rows (the file is empty)"
+            raise BadRowError(f"no usable prompt rows; {what}" if self.problems else what)
         self._perms: dict[int, list[int]] = {}
 
     @property
     def skipped(self) -> int:
         return len(self.problems)
 
-    def _bad(self, where: str, msg: str) -> None:
-        text = f"{where}: {msg}"
-        if self.on_bad_row == "fail":
-            raise BadRowError(text)
-        self.problems.append(text)
+    def _summary(self) -> str:
+        n = len(self.problems)
+        lines = self.problems[:MAX_REPORTED]
+        more = [f"... and {n - MAX_REPORTED} more bad row(s)"] if n > MAX_REPORTED else []
+        hint = "" if self.on_bad_row == "skip" else " (--on-bad-row skip drops them)"
+        return f"{n} bad prompt row(s){hint}:\n  " + "\n  ".join(lines + more)
 
-    def _load(self, path: Path) -> list[tuple[str, object]]:
+    def _prompt_of(self, row: dict) -> tuple[object, str | None]:
+        """(prompt for ``format_prompt``, problem) of one row."""
+        values: dict[str, str] = {}
+        missing = []
+        needs_input = "input" in self.fields
+        keys = ([self.input_key] if needs_input else []) + [f for f in self.fields if f != "input"]
+        keys.append(self.label_key)
+        for k in keys:
+            if lookup(row, k) is _MISSING:
+                missing.append(k)
+        if missing:
+            have = ", ".join(sorted(row)[:12])
+            return None, (
+                f"missing key(s) {missing}; expected --input-key {self.input_key!r}, --label-key "
+                f"{self.label_key!r} and the --prompt-template fields (the row has: {have})"
+            )
+        if needs_input:
+            value = lookup(row, self.input_key)
+            if isinstance(value, list):
+                if self.template.strip() != "{input}":
+                    return None, f"{self.input_key!r} is a message list; --prompt-template applies to text prompts"
+                return value, None
+            if not isinstance(value, str):
+                return None, f"{self.input_key!r} must be a string or a list of messages, got {type(value).__name__}"
+            if not value.strip():
+                return None, f"{self.input_key!r} is empty"
+            values["input"] = value
+        for f in self.fields:
+            if f == "input":
+                continue
+            v = lookup(row, f)
+            if isinstance(v, (dict, list)) or v is None:
+                return None, f"template field {{{f}}} must be text or a number, got {type(v).__name__}"
+            values[f] = str(v)
+        text = render_template(self.template, values)
+        if not text.strip():
+            return None, "the formatted prompt is empty"
+        return text, None
+
+    def _load(self, path: Path) -> list[tuple[str, object, str]]:
         if not path.exists():
-            raise FileNotFoundError(f"prompt data {path} does not exist")
-        good = []
-        unit = "row" if path.suffix == ".parquet" else "line"
-        for n, row in _read_rows(path):
-            where = f"{path}:{n}" if unit == "line" else f"{path} row {n}"
-            if isinstance(row, Exception):
-                self._bad(where, f"invalid JSON ({row.msg}); expected one JSON object per line")
+            raise DataError(f"prompt data {path} does not exist")
+        good: list[tuple[str, object, str]] = []
+        bad: list[tuple[int, str]] = []
+        for where, n, row in _read_rows(path):
+            if isinstance(row, str):
+                bad.append((n, f"{where}: {row}"))
                 continue
             if not isinstance(row, dict):
-                self._bad(where, f"expected a JSON object, got {type(row).__name__}")
+                bad.append((n, f"{where}: expected a JSON object, got {type(row).__name__}"))
                 continue
-            missing = [k for k in (self.input_key, self.label_key) if k not in row]
-            if missing:
-                self._bad(
-                    where,
-                    f"missing key(s) {missing}; expected --input-key {self.input_key!r} "
-                    f"and --label-key {self.label_key!r}",
-                )
+            prompt, problem = self._prompt_of(row)
+            if problem is None:
+                label = lookup(row, self.label_key)
+                if not isinstance(label, (str, int, float)) or isinstance(label, bool):
+                    problem = f"{self.label_key!r} must be a string or a number, got {type(label).__name__}"
+                elif isinstance(label, str) and not label.strip():
+                    problem = f"{self.label_key!r} is empty"
+            if problem is None:
+                try:
+                    text = format_prompt(prompt, self.tokenizer, self.fmt)
+                except ChatFormatError as e:
+                    problem = f"{self.input_key!r}: {e}"
+            if problem is not None:
+                bad.append((n, f"{where}: {problem}"))
                 continue
-            text = row[self.input_key]
-            if not isinstance(text, str):
-                self._bad(where, f"{self.input_key!r} must be a string, got {type(text).__name__}")
-                continue
-            if not text.strip():
-                self._bad(where, f"{self.input_key!r} is empty")
-                continue
-            label = row[self.label_key]
-            if not isinstance(label, (str, int, float)) or (isinstance(label, str) and not label.strip()):
-                self._bad(where, f"{self.label_key!r} must be a non-empty string or number")
-                continue
-            prompt = self.template.format(input=text)
-            if self.max_prompt_tokens and self.tokenizer is not None:
-                n_tok = len(self.tokenizer.encode(prompt))
-                if n_tok > self.max_prompt_tokens:
-                    self._bad(
-                        where,
-                        f"prompt has {n_tok} tokens, more than the {self.max_prompt_tokens} allowed",
-                    )
-                    continue
-            good.append((prompt, label))
-        return good
+            good.append((text, label, where, n))
+        if self.max_prompt_tokens and self.tokenizer is not None and good:
+            texts = [g[0] for g in good]
+            batch = getattr(self.tokenizer, "encode_batch", None)
+            lengths = [len(ids) for ids in batch(texts)] if batch else [len(self.tokenizer.encode(t)) for t in texts]
+            rule = f" ({self.length_rule})" if self.length_rule else ""
+            kept = []
+            for g, k in zip(good, lengths):
+                if k > self.max_prompt_tokens:
+                    msg = f"prompt has {k} tokens, more than the {self.max_prompt_tokens} allowed{rule}"
+                    bad.append((g[3], f"{g[2]}: {msg}"))
+                else:
+                    kept.append(g)
+            good = kept
+        self.problems.extend(msg for _, msg in sorted(bad, key=lambda b: b[0]))
+        return [(t, lab, w) for t, lab, w, _ in good]
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
@@ -196,9 +311,9 @@ class FilePromptSource:
         n = len(self.rows)
         out = []
         for i in range(start, start + count):
-            text, label = self.rows[self._perm(i // n)[i % n]]
-            out.append(Prompt(text=text, label=label, index=i))
+            text, label, where = self.rows[self._perm(i // n)[i % n]]
+            out.append(Prompt(text=text, label=label, index=i, where=where))
         return out
 
     def eval_prompts(self) -> list[Prompt]:
-        return [Prompt(text=t, label=lab, index=i) for i, (t, lab) in enumerate(self._eval)]
+        return [Prompt(text=t, label=lab, index=i, where=w) for i, (t, lab, w) in enumerate(self._eval)]

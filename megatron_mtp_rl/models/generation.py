@@ -1,15 +1,25 @@
 """In-process generation with the training model: KV-cached decoding and MTP self-speculation.
 
-Prompts are left-padded so every row shares megatron's static KV-cache offset; pads are
-masked out of attention. Plain decoding runs one cached forward per token. Self-speculative
-decoding drafts ``D`` tokens with the MTP layers and verifies them with one cached forward
-of the main model, accepting by exact speculative sampling (Leviathan et al.): every
-emitted token is distributed exactly as plain sampling would have produced it. Rows share
-the cache offset, so a round commits the draft prefix accepted by *every* row; this only
-shortens rounds, the output distribution is unchanged.
+Layout: one shared buffer of ``L`` cache *slots* for all rows, with per-row token positions and
+validity. Every forward writes the same slot window for all rows (megatron's static KV cache
+has one offset), but each row owns what its slots mean: ``pos[b, s]`` is the position of the
+token in slot ``s`` of row ``b`` and ``valid[b, s]`` says whether later queries may attend to
+it. Rotary tables are built per row from ``pos`` (``[L, B, 1, d]``, indexed by slot), so a row
+with gaps sees exactly the relative positions of its own tokens. Prompts are left-padded
+(padding slots invalid, positions start at 0 on the first prompt token, as in training).
 
-The MTP layers have no KV cache here: each round re-runs them over the prefix (they are one
-layer per depth). This keeps drafting exact but makes it O(prefix) per round.
+Plain decoding runs one cached forward per token. Self-speculative decoding drafts ``D``
+tokens with the MTP layers and verifies them with one cached forward of the main model,
+accepting by exact speculative sampling (Leviathan et al.), so every emitted token is
+distributed exactly as plain sampling would produce it. **Each row advances by its own
+accepted length**: the verify window's rejected slots of a row are marked invalid (a gap),
+and nothing waits for the slowest row.
+
+**The MTP layers keep a KV cache too** (one ``StaticInferenceContext`` for the MTP block: its
+layers are numbered 1..D, apart from the trunk's). A drafting round runs each depth over the
+last ``D`` slot windows only: the newly verified slots, plus the few trailing slots whose
+depth-k entries were computed from draft tokens the previous round (depth ``k`` at a position
+reads the token ``k`` ahead), which are overwritten with committed inputs.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from megatron_mtp_rl.models.mtp_forward import unwrap
+from megatron_mtp_rl.models.forward import gpt_forward, mtp_depth_forward, output_logits, output_weight, unwrap
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ class GenerationResult:
 
 
 def _probs(logits: torch.Tensor, params: SamplingParams, vocab_size: int) -> torch.Tensor:
-    """Sampling distribution [N, V] in fp32: temperature, top-p, padded vocab removed."""
+    """Sampling distribution [..., V] in fp32: temperature, top-p, padded vocab removed."""
     x = logits.float()[..., :vocab_size]
     if params.temperature <= 0:
         return torch.nn.functional.one_hot(x.argmax(-1), vocab_size).float()
@@ -54,92 +64,107 @@ def _probs(logits: torch.Tensor, params: SamplingParams, vocab_size: int) -> tor
     return p
 
 
-def _logp(logits: torch.Tensor, tokens: torch.Tensor, params: SamplingParams, vocab_size: int):
+def _logp(logits: torch.Tensor, tokens: torch.Tensor, params: SamplingParams, vocab_size: int) -> torch.Tensor:
     t = params.temperature if params.temperature > 0 else 1.0
     lp = torch.log_softmax(logits.float()[..., :vocab_size] / t, dim=-1)
     return lp.gather(-1, tokens[..., None]).squeeze(-1)
 
 
-class _Runner:
-    """Holds the model, the KV cache and the left-padded token buffer of one generate call."""
+def _sample(logits: torch.Tensor, params: SamplingParams, vocab_size: int, generator) -> torch.Tensor:
+    """One token per row of ``logits [N, V]``; greedy is argmax (no distribution built)."""
+    if params.temperature <= 0:
+        return logits[..., :vocab_size].argmax(-1)
+    return torch.multinomial(_probs(logits, params, vocab_size), 1, generator=generator).squeeze(-1)
 
-    def __init__(self, model, prompts, params, vocab_size):
+
+class _Runner:
+    """The slot buffer, the KV caches and the per-row bookkeeping of one generate call."""
+
+    def __init__(self, model, prompts: list[list[int]], params: SamplingParams, vocab_size: int, slots_per_token: int):
         self.gpt = unwrap(model)
         self.params = params
         self.vocab_size = vocab_size
-        self.B = len(prompts)
-        self.P = max(len(p) for p in prompts)
+        self.B = B = len(prompts)
+        self.P = P = max(len(p) for p in prompts)
         depths = self.gpt.config.mtp_num_layers or 0
-        self.L = self.P + params.max_new_tokens + depths + 2
-        self.tokens = torch.zeros(self.B, self.L, dtype=torch.long)
-        self.valid = torch.zeros(self.B, self.L, dtype=torch.bool)
+        self.L = L = P + slots_per_token * params.max_new_tokens + 1  # cache slots
+        self.Lpos = Lpos = L + depths + 2  # token positions per row (finished rows run on)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        self.tokens = torch.zeros(B, L, dtype=torch.long)  # token in each slot
+        self.pos = torch.zeros(B, L, dtype=torch.long)  # its position in the row
+        self.valid = torch.zeros(B, L, dtype=torch.bool)
+        self.seq = torch.zeros(B, Lpos, dtype=torch.long)  # tokens by position (incl. pending/drafts)
         for i, p in enumerate(prompts):
-            self.tokens[i, self.P - len(p) : self.P] = torch.tensor(p, dtype=torch.long)
-            self.valid[i, self.P - len(p) : self.P] = True
-        self.ctx = StaticInferenceContext(self.B, self.L)
-        self.hidden: torch.Tensor | None = None  # [L, B, H] trunk outputs (for MTP drafts)
-        self.weight = (
-            self.gpt.shared_embedding_or_output_weight() if self.gpt.share_embeddings_and_output_weights else None
-        )
+            ids = torch.tensor(p, dtype=torch.long)
+            self.tokens[i, P - len(p) : P] = ids
+            self.seq[i, : len(p)] = ids
+            self.valid[i, P - len(p) : P] = True
+        self.pos[:, :P] = (torch.arange(P)[None, :] - (P - lens)[:, None]).clamp_min(0)
+        self.lens = lens  # positions emitted so far per row = next free position
+        self.rows = torch.arange(B)
+        self.ctx = StaticInferenceContext(B, L)
+        self.mtp_ctx = StaticInferenceContext(B, L) if depths else None
+        self.hidden: torch.Tensor | None = None  # [L, B, H] trunk outputs (MTP inputs)
+        self.weight = output_weight(self.gpt)
+        table = self.gpt.rotary_pos_emb(Lpos)  # [Lpos, 1, 1, d]
+        self.rope_table = table[:, 0, 0]
+        self.freqs = table.new_zeros(L, B, 1, table.shape[-1])  # per-row rotary table by slot
+        self._set_freqs(0, P)
+        self.causal = torch.ones(L, L, dtype=torch.bool).tril()
+        self.eye = torch.eye(L, dtype=torch.bool)
 
-    def _mask(self, start: int, end: int) -> torch.Tensor:
-        """[B, 1, end-start, end] True = masked: causal over valid keys, pads see themselves."""
-        q = torch.arange(start, end)[:, None]
-        k = torch.arange(end)[None, :]
-        allowed = (k <= q)[None] & self.valid[:, None, :end]
-        allowed = allowed | (k == q)[None]
+    def _set_freqs(self, start: int, end: int) -> None:
+        self.freqs[start:end, :, 0] = self.rope_table[self.pos[:, start:end].t()]
+
+    def mask(self, start: int, end: int) -> torch.Tensor:
+        """[B, 1, end-start, end] True = masked: earlier valid slots of the row; every slot sees itself."""
+        allowed = (self.causal[start:end, :end][None] & self.valid[:, None, :end]) | self.eye[start:end, :end][None]
         return ~allowed[:, None]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out, _ = self.gpt.output_layer(h, weight=self.weight, runtime_gather_output=True)
-        return out  # [s, B, V]
+        return output_logits(self.gpt, h, weight=self.weight, gather=True)  # [s, B, V]
 
-    def forward(self, start: int, end: int) -> torch.Tensor:
-        """Main model over positions [start, end) with the KV cache; returns hidden [s, B, H]."""
+    def trunk(self, start: int, end: int) -> torch.Tensor:
+        """Main model over slots [start, end) with the KV cache; stores and returns hidden [s, B, H]."""
         self.ctx.sequence_len_offset = start
-        pos = torch.arange(start, end).expand(self.B, -1)
-        pre = self.gpt._preprocess(self.tokens[:, start:end], pos, None, self.ctx, None)
-        h = self.gpt.decoder(
-            hidden_states=pre[0],
-            attention_mask=self._mask(start, end),
+        h = gpt_forward(
+            self.gpt,
+            self.tokens[:, start:end],
+            self.pos[:, start:end],
+            self.mask(start, end),
+            with_mtp=False,
             inference_context=self.ctx,
-            rotary_pos_emb=pre[1],
-            rotary_pos_cos=pre[2],
-            rotary_pos_sin=pre[3],
-            sequence_len_offset=pre[4],
-        )
+            rotary_pos_emb=self.freqs[:end],
+        ).hidden
         if self.hidden is None:
             self.hidden = h.new_zeros(self.L, self.B, h.shape[-1])
         self.hidden[start:end] = h
         return h
 
-    def draft(self, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """MTP drafts for positions n+2.. given the pending token at n+1; (tokens, q probs)."""
-        gpt = self.gpt
-        end = n + 2
-        ids = self.tokens[:, :end].clone()
-        pos = torch.arange(end).expand(self.B, -1)
-        h = self.hidden[:end].clone()
-        h[n + 1] = 0.0  # not computed yet; only positions ≤ n are read at position n
-        mask = self._mask(0, end)
-        rope = gpt.rotary_pos_emb(end) if gpt.position_embedding_type == "rope" else None
-        drafts, qs = [], []
-        for layer in gpt.mtp.layers:
-            h, ids, pos, _ = layer(
-                input_ids=ids,
-                position_ids=pos,
-                hidden_states=h,
-                attention_mask=mask,
-                rotary_pos_emb=rope,
-                embedding=gpt.embedding,
+    def draft(self, start: int, end: int, last: torch.Tensor, depths: int, generator):
+        """MTP drafts after each row's last verified slot ``last [B]``, depths 1..``depths``.
+
+        Runs each depth over slots [start, end) with the MTP KV cache (slots before ``start``
+        hold final entries). Returns draft tokens [B, depths] and their logits [B, depths, V].
+        """
+        self.mtp_ctx.sequence_len_offset = start
+        mask = self.mask(start, end)
+        pos = self.pos[:, start:end]
+        h = self.hidden[start:end]
+        q_idx = last - start
+        base = self.lens[:, None]  # position of the pending token (last + 1)
+        drafts, logits = [], []
+        for k in range(1, depths + 1):
+            nxt_pos = (pos + k).clamp_max(self.Lpos - 1)
+            h = mtp_depth_forward(
+                self.gpt, k, h, self.seq.gather(1, nxt_pos), nxt_pos, mask, self.freqs[:end], self.mtp_ctx
             )
-            q = _probs(self.logits(h[n : n + 1])[0], self.params, self.vocab_size)
-            d = torch.multinomial(q, 1, generator=generator).squeeze(-1)
-            ids = ids.clone()
-            ids[:, n + 1] = d  # the next depth reads the token after this draft
+            lg = self.logits(h[q_idx, self.rows][None])[0]  # [B, V]
+            d = _sample(lg, self.params, self.vocab_size, generator)
+            self.seq[self.rows, (base[:, 0] + k).clamp_max(self.Lpos - 1)] = d
             drafts.append(d)
-            qs.append(q)
-        return torch.stack(drafts, 1), torch.stack(qs, 1)
+            logits.append(lg)
+        return torch.stack(drafts, 1), torch.stack(logits, 1)
 
 
 @torch.no_grad()
@@ -151,23 +176,29 @@ def generate(
     vocab_size: int,
     generator: torch.Generator | None = None,
     speculative: bool = False,
+    draft_depths: int | None = None,
 ) -> GenerationResult:
-    """Sample continuations of ``prompts`` (token id lists) with the model in eval mode."""
+    """Sample continuations of ``prompts`` (token id lists) with the model in eval mode.
+
+    ``speculative`` drafts with the MTP layers (``draft_depths`` of them, all by default) and
+    verifies exactly; the output distribution is that of plain sampling.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
     gpt = unwrap(model)
-    if speculative and not (gpt.config.mtp_num_layers and getattr(gpt, "mtp_process", False)):
+    D = gpt.config.mtp_num_layers or 0
+    if speculative and not (D and getattr(gpt, "mtp_process", False)):
         raise ValueError("self-speculative decoding needs MTP layers (--mtp-num-layers ≥ 1)")
+    depths = min(draft_depths or D, D)
+    if speculative and depths < 1:
+        raise ValueError(f"draft_depths must be ≥ 1, got {draft_depths}")
     was_training = model.training
     model.eval()
     generator = generator or torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     try:
-        run = _Runner(model, prompts, params, vocab_size)
-        if speculative:
-            out = _speculative(run, generator)
-        else:
-            out = _plain(run, generator)
+        run = _Runner(model, prompts, params, vocab_size, slots_per_token=depths + 1 if speculative else 1)
+        out = _speculative(run, depths, generator) if speculative else _plain(run, generator)
     finally:
         model.train(was_training)
     elapsed = time.perf_counter() - t0
@@ -176,117 +207,124 @@ def generate(
     return out
 
 
-class _Collector:
-    def __init__(self, B, params):
+class _Output:
+    """Emitted tokens and log-probs per row, written with tensor ops (no per-row Python)."""
+
+    def __init__(self, B: int, params: SamplingParams, width: int):
         self.params = params
-        self.responses = [[] for _ in range(B)]
-        self.logprobs = [[] for _ in range(B)]
-        self.done = [False] * B
+        self.tokens = torch.zeros(B, width, dtype=torch.long)
+        self.logprobs = torch.zeros(B, width, dtype=torch.float32)
+        self.count = torch.zeros(B, dtype=torch.long)
+        self.done = torch.zeros(B, dtype=torch.bool)
+        self.cols = torch.arange(width)
 
-    def add(self, row: int, token: int, logprob: float) -> None:
-        if self.done[row]:
-            return
-        self.responses[row].append(token)
-        self.logprobs[row].append(logprob)
-        if token == self.params.eos_id or len(self.responses[row]) >= self.params.max_new_tokens:
-            self.done[row] = True
+    def add(self, tokens: torch.Tensor, logprobs: torch.Tensor, n: torch.Tensor) -> None:
+        """Append the first ``n[b]`` of ``tokens[b]`` to row ``b`` (rows already done skip)."""
+        n = torch.where(self.done, torch.zeros_like(n), n)
+        j = torch.arange(tokens.shape[1])
+        keep = j[None, :] < n[:, None]
+        idx = (self.count[:, None] + j[None, :]).clamp_max(self.tokens.shape[1] - 1)
+        self.tokens.scatter_(1, idx, torch.where(keep, tokens, self.tokens.gather(1, idx)))
+        self.logprobs.scatter_(1, idx, torch.where(keep, logprobs, self.logprobs.gather(1, idx)))
+        if self.params.eos_id is not None:
+            self.done |= (keep & (tokens == self.params.eos_id)).any(1)
+        self.count += n
+        self.done |= self.count >= self.params.max_new_tokens
 
-    def all_done(self) -> bool:
-        return all(self.done)
-
-    def result(self, stats) -> GenerationResult:
-        eos = self.params.eos_id
-        finished = [bool(r) and r[-1] == eos for r in self.responses]
-        return GenerationResult(self.responses, self.logprobs, finished, stats)
+    def result(self, stats: dict) -> GenerationResult:
+        eos, cap = self.params.eos_id, self.params.max_new_tokens
+        n = self.count.clamp_max(cap)
+        if eos is not None:
+            hit = (self.tokens == eos) & (self.cols[None] < n[:, None])
+            first = torch.where(hit.any(1), hit.float().argmax(1) + 1, n)
+            n = torch.minimum(n, first)
+        toks, lps, lens = self.tokens.tolist(), self.logprobs.tolist(), n.tolist()
+        responses = [t[:m] for t, m in zip(toks, lens)]
+        logprobs = [lp[:m] for lp, m in zip(lps, lens)]
+        finished = [bool(r) and r[-1] == eos for r in responses]
+        return GenerationResult(responses, logprobs, finished, stats)
 
 
 def _plain(run: _Runner, generator) -> GenerationResult:
-    params, P = run.params, run.P
-    col = _Collector(run.B, params)
-    h = run.forward(0, P)
-    logits = run.logits(h[-1:])[0]
-    t = P
+    params, P, vocab = run.params, run.P, run.vocab_size
+    out = _Output(run.B, params, params.max_new_tokens)
+    logits = run.logits(run.trunk(0, P)[-1:])[0]
+    one = torch.ones(run.B, dtype=torch.long)
+    s = P
     for _ in range(params.max_new_tokens):
-        tok = torch.multinomial(_probs(logits, params, run.vocab_size), 1, generator=generator).squeeze(-1)
-        lp = _logp(logits, tok, params, run.vocab_size)
-        for i in range(run.B):
-            col.add(i, int(tok[i]), float(lp[i]))
-        if col.all_done():
+        tok = _sample(logits, params, vocab, generator)
+        out.add(tok[:, None], _logp(logits, tok, params, vocab)[:, None], one)
+        if bool(out.done.all()):
             break
-        run.tokens[:, t] = tok
-        run.valid[:, t] = True
-        logits = run.logits(run.forward(t, t + 1))[0]
-        t += 1
-    return col.result({"rounds": t - P + 1})
+        run.tokens[:, s] = tok
+        run.pos[:, s] = run.lens
+        run.valid[:, s] = True
+        run.lens += 1
+        run._set_freqs(s, s + 1)
+        logits = run.logits(run.trunk(s, s + 1))[0]
+        s += 1
+    return out.result({"rounds": s - P + 1})
 
 
-def _speculative(run: _Runner, generator) -> GenerationResult:
-    params, P, B = run.params, run.P, run.B
-    D = run.gpt.config.mtp_num_layers
-    col = _Collector(B, params)
-    h = run.forward(0, P)
-    logits = run.logits(h[-1:])[0]
-    # The pending token u sits at position n+1 = P: sampled from the main model, exact.
-    u = torch.multinomial(_probs(logits, params, run.vocab_size), 1, generator=generator).squeeze(-1)
-    u_lp = _logp(logits, u, params, run.vocab_size)
-    n = P - 1
-    rounds = accepted_total = row_accept_total = 0
-    while True:
-        for i in range(B):
-            col.add(i, int(u[i]), float(u_lp[i]))
-        if col.all_done() or n + 2 + D >= run.L:
-            break
-        run.tokens[:, n + 1] = u
-        run.valid[:, n + 1] = True
-        drafts, q = run.draft(n, generator)  # [B, D], [B, D, V]
-        run.tokens[:, n + 2 : n + 2 + D] = drafts
-        run.valid[:, n + 2 : n + 2 + D] = True
-        # Verify u, d_1..d_D: main distributions for d_1..d_D and the token after d_D.
-        vl = run.logits(run.forward(n + 1, n + 2 + D))  # [D+1, B, V]
-        p = torch.stack([_probs(vl[j], params, run.vocab_size) for j in range(D + 1)], 1)
-        rows = torch.arange(B)
-        accept_n = torch.full((B,), D, dtype=torch.long)
-        for j in range(D):
-            pj = p[rows, j, drafts[:, j]]
-            qj = q[rows, j, drafts[:, j]]
-            r = torch.rand(B, generator=generator)
-            ok = r < torch.clamp(pj / qj.clamp_min(1e-20), max=1.0)
-            newly_rejected = (~ok) & (accept_n == D)
-            accept_n = torch.where(newly_rejected, torch.full_like(accept_n, j), accept_n)
-        m = int(accept_n.min())
-        # Next pending token per row: accepted draft d_{m+1}, or a corrected/bonus sample.
-        nxt = torch.empty(B, dtype=torch.long)
-        for i in range(B):
-            a = int(accept_n[i])
-            if a > m:
-                nxt[i] = drafts[i, m]
-            elif a < D:
-                resid = (p[i, a] - q[i, a]).clamp_min(0)
-                dist_ = resid if resid.sum() > 0 else p[i, a]
-                nxt[i] = torch.multinomial(dist_ / dist_.sum(), 1, generator=generator)
-            else:
-                nxt[i] = torch.multinomial(p[i, D], 1, generator=generator)
-        # Emit the m accepted drafts (u was emitted at the top of the round).
-        # Slots 0..m-1 hold the accepted drafts, slot m the next pending token.
-        emitted = torch.cat([drafts, nxt[:, None]], 1)
-        emitted[:, m] = nxt
-        lps = _logp(vl.transpose(0, 1), emitted, params, run.vocab_size)
-        for j in range(m):
-            for i in range(B):
-                col.add(i, int(drafts[i, j]), float(lps[i, j]))
+def _speculative(run: _Runner, D: int, generator) -> GenerationResult:
+    params, P, B, vocab = run.params, run.P, run.B, run.vocab_size
+    greedy = params.temperature <= 0
+    out = _Output(B, params, params.max_new_tokens + D + 1)
+    logits = run.logits(run.trunk(0, P)[-1:])[0]
+    # The pending token u (position lens[b]) is sampled from the main model: exact.
+    u = _sample(logits, params, vocab, generator)
+    out.add(u[:, None], _logp(logits, u, params, vocab)[:, None], torch.ones(B, dtype=torch.long))
+    run.seq[run.rows, run.lens] = u
+    last = torch.full((B,), P - 1, dtype=torch.long)  # each row's last slot with trunk hidden
+    starts = [0]  # start slot of every verified window; the MTP window spans the last D of them
+    c = P  # next free slot
+    rounds = emitted_rows = row_rounds = 0
+    j = torch.arange(D + 1)
+    while not bool(out.done.all()) and c + D + 1 <= run.L:
+        active = ~out.done
+        drafts, q_logits = run.draft(starts[max(0, len(starts) - D)], c, last, D, generator)  # [B, D], [B, D, V]
+        # Verify u, d_1..d_D in slots c..c+D: main logits for d_1..d_D and the token after d_D.
+        base = run.lens  # position of u
+        run.tokens[:, c : c + D + 1] = torch.cat([u[:, None], drafts], 1)
+        run.pos[:, c : c + D + 1] = base[:, None] + j[None]
+        run.valid[:, c : c + D + 1] = True
+        run._set_freqs(c, c + D + 1)
+        vl = run.logits(run.trunk(c, c + D + 1)).transpose(0, 1)  # [B, D+1, V]
+        if greedy:
+            top = vl[..., :vocab].argmax(-1)  # [B, D+1]
+            ok = drafts == top[:, :D]
+        else:
+            p = _probs(vl, params, vocab)  # [B, D+1, V]
+            q = _probs(q_logits, params, vocab)  # [B, D, V]
+            pd = p[:, :D].gather(-1, drafts[..., None]).squeeze(-1)
+            qd = q.gather(-1, drafts[..., None]).squeeze(-1)
+            r = torch.rand(B, D, generator=generator)
+            ok = r < torch.clamp(pd / qd.clamp_min(1e-20), max=1.0)
+        # a[b] = accepted drafts: the first rejection, D when all pass.
+        a = torch.where(ok.all(1), D, (~ok).float().argmax(1))
+        # Next pending token: a corrected sample at the first rejection, or a bonus sample.
+        if greedy:
+            nxt = top[run.rows, a]
+        else:
+            pa = p[run.rows, a]
+            qa = torch.where((a < D)[:, None], q[run.rows, a.clamp_max(D - 1)], torch.zeros_like(pa))
+            resid = (pa - qa).clamp_min(0)
+            dist_ = torch.where(resid.sum(-1, keepdim=True) > 0, resid, pa)
+            nxt = torch.multinomial(dist_, 1, generator=generator).squeeze(-1)
+        # Emit d_1..d_a and the next pending token (u was emitted when it was drawn).
+        emitted = torch.where(j[None, :] == a[:, None], nxt[:, None], torch.cat([drafts, nxt[:, None]], 1))
+        out.add(emitted, _logp(vl, emitted, params, vocab), a + 1)
         rounds += 1
-        accepted_total += m
-        row_accept_total += int(accept_n.sum())
-        # Commit u, d_1..d_m: the cache and trunk states at those positions are final.
-        run.valid[:, n + 2 + m :] = False
-        n = n + 1 + m
+        emitted_rows += int(((a + 1) * active).sum())
+        row_rounds += int(active.sum())
+        # Commit u, d_1..d_a per row: later slots of the window become a gap of that row.
+        run.valid[:, c : c + D + 1] &= j[None, :] <= a[:, None]
+        last = c + a
+        run.lens = base + a + 1
+        run.seq[run.rows, run.lens.clamp_max(run.Lpos - 1)] = nxt
         u = nxt
-        u_lp = lps[:, m]
-    stats = {
-        "rounds": rounds,
-        # Tokens emitted per round (u + the drafts every row accepted).
-        "accept_len": (rounds + accepted_total) / max(rounds, 1),
-        # What each row alone would have accepted (1 + accepted drafts): MTP quality.
-        "row_accept_len": 1 + row_accept_total / max(rounds * B, 1),
-    }
-    return col.result(stats)
+        starts.append(c)
+        c += D + 1
+    accept = emitted_rows / max(row_rounds, 1)
+    # accept_len: tokens per row per round (1 + accepted drafts), each row advancing on its own.
+    return out.result({"rounds": rounds, "accept_len": accept, "row_accept_len": accept})

@@ -1,9 +1,9 @@
-"""The RL forward: per-token log-probs of the main head and of every MTP depth.
+"""The RL scoring of a batch: per-token log-probs of the main head and of every MTP depth.
 
 megatron-core's ``GPTModel.forward`` trains the MTP heads with its own cross-entropy and
 never returns their logits. RL needs the log-probabilities of the *sampled* tokens under
-each head, aligned to the same target token, so this module runs the model's parts
-(embedding → decoder → MTP block → shared output layer) itself and scores targets with the
+each head, aligned to the same target token, so this module runs the one GPT forward
+(:func:`~megatron_mtp_rl.models.forward.gpt_forward`) and scores targets with the
 vocab-parallel, chunked :func:`~megatron_mtp_rl.ops.vocab_parallel_logprobs`. Full
 vocabulary logits are never gathered.
 """
@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_mtp_rl.models.batch import TokenBatch, mtp_targets, shift_right
+from megatron_mtp_rl.models.forward import gpt_forward, output_logits, output_weight, unwrap
 from megatron_mtp_rl.ops import (
     vocab_parallel_draft_agreement,
     vocab_parallel_entropy,
@@ -49,13 +50,6 @@ class HeadLogProbs:
         return 0 if self.mtp_logprobs is None else self.mtp_logprobs.shape[0]
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def forward_logprobs(
     model: torch.nn.Module,
     batch: TokenBatch,
@@ -74,53 +68,18 @@ def forward_logprobs(
     states for the schedule to send on.
     """
     gpt = unwrap(model)
-    attention_mask = batch.attention_mask()
-    pre = gpt._preprocess(
-        input_ids=batch.tokens,
-        position_ids=batch.position_ids,
-        decoder_input=None,
-        inference_context=None,
-        packed_seq_params=None,
+    fwd = gpt_forward(
+        gpt, batch.tokens, batch.position_ids, batch.attention_mask(), with_mtp=with_mtp, detach_mtp=detach_mtp
     )
-    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, seq_len_offset = pre[:5]
-    hidden = gpt.decoder(
-        hidden_states=decoder_input,
-        attention_mask=attention_mask,
-        rotary_pos_emb=rotary_pos_emb,
-        rotary_pos_cos=rotary_pos_cos,
-        rotary_pos_sin=rotary_pos_sin,
-        sequence_len_offset=seq_len_offset,
-    )
-    run_mtp = with_mtp and gpt.mtp_process
-    mtp_hidden: list[torch.Tensor] = []
-    if run_mtp:
-        trunk = hidden.detach() if detach_mtp else hidden
-        embedding = gpt.embedding
-        if detach_mtp:
-
-            def embedding(input_ids, position_ids, _emb=gpt.embedding):
-                return _emb(input_ids=input_ids, position_ids=position_ids).detach()
-
-        stacked = gpt.mtp(
-            input_ids=batch.tokens,
-            position_ids=batch.position_ids,
-            hidden_states=trunk,
-            attention_mask=attention_mask,
-            rotary_pos_emb=rotary_pos_emb,
-            rotary_pos_cos=rotary_pos_cos,
-            rotary_pos_sin=rotary_pos_sin,
-            sequence_len_offset=seq_len_offset,
-            embedding=embedding,
-        )
-        mtp_hidden = list(torch.chunk(stacked, 1 + gpt.config.mtp_num_layers, dim=0))[1:]
+    hidden, mtp_hidden = fwd.hidden, fwd.mtp_hidden
     if not gpt.post_process:
         return hidden
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     vocab = getattr(gpt, "real_vocab_size", None)
-    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    weight = output_weight(gpt)
     labels_sb = batch.labels.t()  # work in Megatron's [S, B] layout: no copy of logits
-    logits, _ = gpt.output_layer(hidden, weight=weight)
+    logits = output_logits(gpt, hidden, weight=weight)
     out = HeadLogProbs(
         logprobs=vocab_parallel_logprobs(
             logits, labels_sb, tp_group=tp_group, chunk_size=chunk_size, vocab_size=vocab
@@ -137,7 +96,7 @@ def forward_logprobs(
     lps, masks, accepts, top1s = [], [], [], []
     for k, h in enumerate(mtp_hidden, start=1):
         targets, valid = mtp_targets(batch, k)
-        mtp_logits, _ = gpt.output_layer(h, weight=weight)
+        mtp_logits = output_logits(gpt, h, weight=weight)
         lp = vocab_parallel_logprobs(
             mtp_logits, targets.t(), tp_group=tp_group, chunk_size=chunk_size, vocab_size=vocab
         )

@@ -16,7 +16,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer import TransformerConfig
 
-from megatron_mtp_rl.models import compat
+from megatron_mtp_rl.models import megatron_compat as compat
 from megatron_mtp_rl.models.presets import ModelArgs
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

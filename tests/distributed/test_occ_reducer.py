@@ -51,14 +51,18 @@ def _worker(rank, world, data_ranks):
                 "tokens": m["occ/tokens"],
                 "stat_all_reduces": CountingDist.calls - before,
                 "coef_used": [m["mtp/coef_1"], m["mtp/coef_2"]],
+                "skipped": m["occ/skipped_updates"],
             }
         )
-    return history
+    return history, _informative_check(rank)
 
 
 def test_lambda_identical_on_ranks_and_equal_to_union(tmp_path):
-    two = run_ranks(_worker, 2, tmp_path / "dp2", [[0], [1]])
-    one = run_ranks(_worker, 1, tmp_path / "dp1", [[0, 1]])[0]
+    two_res = run_ranks(_worker, 2, tmp_path / "dp2", [[0], [1]])
+    one = run_ranks(_worker, 1, tmp_path / "dp1", [[0, 1]])[0][0]
+    two = [h for h, _ in two_res]
+    for lams, skipped in (inf for _, inf in two_res):
+        assert lams[0] == [0.7] and lams[1] == [pytest.approx(0.25)] and skipped == 1
     for step in range(3):
         a, b, ref = two[0][step], two[1][step], one[step]
         assert a["lambdas"] == b["lambdas"]  # bit-identical on both ranks
@@ -67,9 +71,32 @@ def test_lambda_identical_on_ranks_and_equal_to_union(tmp_path):
         assert a["A"] == pytest.approx(ref["A"], rel=1e-4, abs=1e-9)
         assert a["V"] == pytest.approx(ref["V"], rel=1e-4)
         assert a["stat_all_reduces"] == 1 and b["stat_all_reduces"] == 1
-    # Step 1 runs with θ = θ_old: A = 0 exactly, so λ = 0; later steps move.
-    assert two[0][0]["A"] == [0.0, 0.0] and two[0][0]["lambdas"] == [0.0, 0.0]
+    # Step 1 runs with θ = θ_old: A = 0 exactly, an uninformative step: λ keeps --occ-init
+    # (ρ/D = 0.25) on both ranks and the skip is counted; later steps move λ.
+    for r in (0, 1):
+        assert two[r][0]["A"] == [0.0, 0.0] and two[r][0]["lambdas"] == [0.25, 0.25]
+        assert two[r][0]["skipped"] == 2 and two[r][1]["skipped"] == 2
     assert any(abs(x) > 0 for x in two[0][1]["A"])
+    assert two[0][1]["lambdas"] != [0.25, 0.25]
     # The λ used in a step is the one reduced after the previous step (lag of one).
     assert two[0][0]["coef_used"] == pytest.approx([0.25, 0.25])  # --occ-init = ρ/D
+    assert two[0][1]["coef_used"] == pytest.approx([0.25, 0.25])  # the θ = θ_old step left it
     assert two[0][2]["coef_used"] == pytest.approx(two[0][1]["lambdas"])
+
+
+def _informative_check(rank):
+    """Rank 0 sees only d = 0 tokens, rank 1 some d ≠ 0: the decision is global."""
+    from megatron_mtp_rl.rl import OCCConfig, OCCEstimator
+
+    est = OCCEstimator(1, OCCConfig(ratio=1.0, eps=0.0, lo=-5, hi=5, init=0.7))
+    out = []
+    # Step 1: every rank's d is exactly 0 → λ kept everywhere.
+    est.accumulate(torch.tensor([[0.0, 2.0, 4.0, 0.0]], dtype=torch.float64))
+    est.reduce()
+    out.append(list(est.lambdas))
+    # Step 2: only rank 1 has d ≠ 0 → informative on both ranks: λ = (0 + 1) / (2 + 2) = 0.25.
+    row = [0.0, 2.0, 4.0, 0.0] if rank == 0 else [1.0, 2.0, 4.0, 3.0]
+    est.accumulate(torch.tensor([row], dtype=torch.float64))
+    est.reduce()
+    out.append(list(est.lambdas))
+    return out, est.skipped_updates

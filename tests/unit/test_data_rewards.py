@@ -211,6 +211,10 @@ def test_math_layout_scores_against_the_boxed_solution():
     solution = r"We have $x^2=9$ and $x>0$, so $x = \boxed{3}$."
     assert math_verify("", r"so \boxed{3}", solution) == 1.0
     assert math_verify("", r"so \boxed{-3}", solution) == 0.0
+    # DAPO-Math-17k asks for "Answer: $Answer" on the last line instead of \boxed{}
+    assert math_verify("", "6*7 = 42.\nAnswer: 42", "42") == 1.0
+    assert math_verify("", "Answer: $\\frac{1}{2}$\n", "0.5") == 1.0
+    assert math_verify("", "Answer: 41", "42") == 0.0
 
 
 def test_every_bad_row_in_one_message_first_20_then_a_count(tmp_path):

@@ -39,8 +39,13 @@ HF names (where they come from, checked against the code, not copied from it):
   ``mlp.gate.e_score_correction_bias``, ``mlp.experts.{e}.{gate,up,down}_proj``,
   ``mlp.shared_experts.*``; ``model.norm``; ``lm_head`` only when embeddings are untied.
 
-Not covered: multi-latent attention (DeepSeek's ``q_a_proj``/``kv_a_proj_with_mqa``), the gated
-attention output, grouped-GEMM expert weights, learned absolute position embeddings, and
+* MLA (DeepSeek-V3): ``linear_q_down_proj``/``linear_q_up_proj``/``linear_kv_down_proj``/
+  ``linear_kv_up_proj`` ↔ ``q_a_proj``/``q_b_proj``/``kv_a_proj_with_mqa``/``kv_b_proj``, the
+  ``q_a``/``kv_a`` norms inside the up-projections (TE) or as ``q_layernorm``/``kv_layernorm`` (local).
+* Qwen3-MoE MTP (SGLang 0.5.23 ``qwen3_moe_mtp.py``): ``mtp.fc`` (= ``eh_proj``, same column order),
+  ``mtp.pre_fc_norm_embedding``/``mtp.pre_fc_norm_hidden``, ``mtp.layers.0.*``, ``mtp.norm``.
+
+Not covered: the gated attention output, grouped-GEMM expert weights, learned absolute position embeddings, and
 non-gated MLPs (no HF flavour here names them); each raises rather than guessing.
 """
 
@@ -59,7 +64,8 @@ from megatron.core import parallel_state
 from megatron_mtp_rl.models.mtp_forward import unwrap
 from megatron_mtp_rl.models.state import full_name
 
-MtpStyle = Literal["deepseek_v3", "mimo"]
+MtpStyle = Literal["deepseek_v3", "mimo", "qwen3"]
+_MTP_STYLES = ("deepseek_v3", "mimo", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,9 @@ class HFFlavour:
     """How one Hugging Face model family names our GPT + MTP tensors.
 
     ``mtp_style`` picks the MTP naming (``deepseek_v3``: ``model.layers.{L+k}.enorm`` ...;
-    ``mimo``: ``model.mtp_layers.{k}.token_layernorm`` ...). ``router``/``experts``/
-    ``shared_experts`` are the MoE module paths inside a layer. ``mtp_embed_head_copies`` makes
+    ``mimo``: ``model.mtp_layers.{k}.token_layernorm`` ...; ``qwen3``: ``mtp.fc``,
+    ``mtp.pre_fc_norm_{embedding,hidden}``, ``mtp.layers.0.*``, ``mtp.norm`` — one MTP layer only).
+    ``router``/``experts``/``shared_experts`` are the MoE module paths inside a layer. ``mtp_embed_head_copies`` makes
     DeepSeek-style output carry per-MTP-layer copies of the embedding and output head, as the
     published checkpoints do; SGLang ignores them, so weight sync can turn them off.
     """
@@ -81,15 +88,18 @@ class HFFlavour:
     mtp_embed_head_copies: bool = False
 
     def __post_init__(self) -> None:
-        if self.mtp_style not in ("deepseek_v3", "mimo"):
-            raise ValueError(f"unknown MTP naming style {self.mtp_style!r}; use 'deepseek_v3' or 'mimo'")
+        if self.mtp_style not in _MTP_STYLES:
+            raise ValueError(f"unknown MTP naming style {self.mtp_style!r}; use one of {_MTP_STYLES}")
         if self.mtp_embed_head_copies and self.mtp_style != "deepseek_v3":
             raise ValueError("per-MTP-layer embedding/head copies exist only in the deepseek_v3 naming")
 
 
 DEEPSEEK_V3 = HFFlavour("deepseek_v3", "deepseek_v3", mtp_embed_head_copies=True)
 MIMO = HFFlavour("mimo", "mimo")
-FLAVOURS: dict[str, HFFlavour] = {f.name: f for f in (DEEPSEEK_V3, MIMO)}
+GLM4_MOE = HFFlavour("glm4_moe", "deepseek_v3")  # GLM-4.5: DeepSeek's MTP names at model.layers.{L}
+QWEN3 = HFFlavour("qwen3", "qwen3")
+QWEN3_MOE = HFFlavour("qwen3_moe", "qwen3")
+FLAVOURS: dict[str, HFFlavour] = {f.name: f for f in (DEEPSEEK_V3, MIMO, GLM4_MOE, QWEN3, QWEN3_MOE)}
 
 
 def get_flavour(name: str | HFFlavour) -> HFFlavour:
@@ -142,12 +152,20 @@ class _Shape:
     head_dim: int
     gated: bool
     moe: bool
+    mla: bool
+    moe_layers: tuple[bool, ...]  # per trunk layer; MTP layers follow the last one (megatron's MTP spec)
+
+
+def _moe_layers(config: Any, num_layers: int, moe: bool) -> tuple[bool, ...]:
+    if not moe:
+        return (False,) * num_layers
+    from megatron_mtp_rl.models.presets import parse_moe_layer_freq
+
+    return tuple(bool(x) for x in parse_moe_layer_freq(getattr(config, "moe_layer_freq", 1), num_layers))
 
 
 def _shape(config: Any) -> _Shape:
     """The numbers the layouts depend on, from a TransformerConfig (or ModelArgs)."""
-    if getattr(config, "multi_latent_attention", False):
-        raise NotImplementedError("multi-latent attention (DeepSeek MLA) is not mapped")
     if getattr(config, "attention_output_gate", False):
         raise NotImplementedError("the gated attention output is not mapped")
     heads = config.num_attention_heads
@@ -167,6 +185,8 @@ def _shape(config: Any) -> _Shape:
         head_dim=head_dim,
         gated=bool(gated),
         moe=bool(experts),
+        mla=bool(getattr(config, "multi_latent_attention", False)),
+        moe_layers=_moe_layers(config, config.num_layers, bool(experts)),
     )
 
 
@@ -273,27 +293,52 @@ def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
+def _mla_rules(fused_layernorm: bool) -> list[_Rule]:
+    """DeepSeek MLA (megatron ``MLASelfAttention``); ``q_a``/``kv_a`` norms sit inside the up-projections
+    under TE. Megatron's MLA RoPE de-interleaves q_pe/k_pe as HF's ``rope_interleave=True`` does, so the
+    weights copy without a permutation."""
+    q_norm = "self_attention.linear_q_up_proj.layer_norm_{p}" if fused_layernorm else "self_attention.q_layernorm.{p}"
+    kv_norm = (
+        "self_attention.linear_kv_up_proj.layer_norm_{p}" if fused_layernorm else "self_attention.kv_layernorm.{p}"
+    )
+    return [
+        _Rule("self_attention.linear_q_proj.{p}", ("self_attn.q_proj.{p}",)),
+        _Rule("self_attention.linear_q_down_proj.{p}", ("self_attn.q_a_proj.{p}",)),
+        _Rule(q_norm, ("self_attn.q_a_layernorm.{p}",)),
+        _Rule("self_attention.linear_q_up_proj.{p}", ("self_attn.q_b_proj.{p}",)),
+        _Rule("self_attention.linear_kv_down_proj.{p}", ("self_attn.kv_a_proj_with_mqa.{p}",)),
+        _Rule(kv_norm, ("self_attn.kv_a_layernorm.{p}",)),
+        _Rule("self_attention.linear_kv_up_proj.{p}", ("self_attn.kv_b_proj.{p}",)),
+    ]
+
+
 @cache
-def _layer_rules(flavour: HFFlavour, fused_layernorm: bool, moe: bool) -> tuple[_Rule, ...]:
+def _layer_rules(flavour: HFFlavour, fused_layernorm: bool, moe: bool, mla: bool = False) -> tuple[_Rule, ...]:
     """Rules for one transformer layer. The TE spec fuses the norms into linear_qkv/linear_fc1.
 
     Forward (megatron → HF) accepts both spellings; the inverse emits the one ``fused_layernorm``
-    asks for (MoE layers keep ``pre_mlp_layernorm`` even under TE).
+    asks for (MoE layers keep ``pre_mlp_layernorm`` even under TE; so does MLA's input norm).
     """
     r, x, sx = flavour.router, flavour.experts, flavour.shared_experts
     input_norm = _Rule("input_layernorm.{p}", ("input_layernorm.{p}",))
     input_norm_te = _Rule("self_attention.linear_qkv.layer_norm_{p}", ("input_layernorm.{p}",))
     post_norm = _Rule("pre_mlp_layernorm.{p}", ("post_attention_layernorm.{p}",))
     post_norm_te = _Rule("mlp.linear_fc1.layer_norm_{p}", ("post_attention_layernorm.{p}",))
+    if mla:
+        attention = _mla_rules(fused_layernorm)
+    else:
+        attention = [
+            _Rule(
+                "self_attention.linear_qkv.{p}",
+                ("self_attn.q_proj.{p}", "self_attn.k_proj.{p}", "self_attn.v_proj.{p}"),
+                "qkv",
+            ),
+            _Rule("self_attention.q_layernorm.{p}", ("self_attn.q_norm.{p}",)),
+            _Rule("self_attention.k_layernorm.{p}", ("self_attn.k_norm.{p}",)),
+        ]
     rules = [
-        _Rule(
-            "self_attention.linear_qkv.{p}",
-            ("self_attn.q_proj.{p}", "self_attn.k_proj.{p}", "self_attn.v_proj.{p}"),
-            "qkv",
-        ),
+        *attention,
         _Rule("self_attention.linear_proj.{p}", ("self_attn.o_proj.{p}",)),
-        _Rule("self_attention.q_layernorm.{p}", ("self_attn.q_norm.{p}",)),
-        _Rule("self_attention.k_layernorm.{p}", ("self_attn.k_norm.{p}",)),
         _Rule("mlp.linear_fc1.{p}", ("mlp.gate_proj.{p}", "mlp.up_proj.{p}"), "glu"),
         _Rule("mlp.linear_fc2.{p}", ("mlp.down_proj.{p}",)),
         _Rule("mlp.router.weight", (f"{r}.weight",)),
@@ -307,17 +352,18 @@ def _layer_rules(flavour: HFFlavour, fused_layernorm: bool, moe: bool) -> tuple[
         _Rule("mlp.shared_experts.linear_fc1.{p}", (f"{sx}.gate_proj.{{p}}", f"{sx}.up_proj.{{p}}"), "glu"),
         _Rule("mlp.shared_experts.linear_fc2.{p}", (f"{sx}.down_proj.{{p}}",)),
     ]
-    rules.append(input_norm_te if fused_layernorm else input_norm)
+    rules.append(input_norm_te if fused_layernorm and not mla else input_norm)
     rules.append(post_norm_te if fused_layernorm and not moe else post_norm)
     return tuple(rules)
 
 
-def _all_layer_rules(flavour: HFFlavour) -> tuple[_Rule, ...]:
+@cache
+def _all_layer_rules(flavour: HFFlavour, mla: bool = False) -> tuple[_Rule, ...]:
     """Forward direction: every spelling megatron may use."""
     seen: dict[str, _Rule] = {}
     for fused in (False, True):
         for moe in (False, True):
-            for rule in _layer_rules(flavour, fused, moe):
+            for rule in _layer_rules(flavour, fused, moe, mla):
                 seen.setdefault(rule.meg, rule)
     return tuple(seen.values())
 
@@ -330,6 +376,13 @@ def _mtp_rules(flavour: HFFlavour) -> tuple[_Rule, ...]:
             _Rule("hnorm.{p}", ("hnorm.{p}",)),
             _Rule("eh_proj.weight", ("eh_proj.weight",)),
             _Rule("final_layernorm.{p}", ("shared_head.norm.{p}",)),
+        )
+    if flavour.mtp_style == "qwen3":  # relative to "mtp."; the layer itself is mtp.layers.0.
+        return (
+            _Rule("enorm.{p}", ("pre_fc_norm_embedding.{p}",)),
+            _Rule("hnorm.{p}", ("pre_fc_norm_hidden.{p}",)),
+            _Rule("eh_proj.weight", ("fc.weight",)),
+            _Rule("final_layernorm.{p}", ("norm.{p}",)),
         )
     return (
         _Rule("enorm.{p}", ("token_layernorm.{p}",)),
@@ -385,9 +438,16 @@ _DECODER_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _MTP_LAYER = re.compile(r"mtp\.layers\.(\d+)\.(.+)")
 
 
-def _mtp_prefix(flavour: HFFlavour, s: _Shape, k: int) -> str:
+def _mtp_prefix(flavour: HFFlavour, s: _Shape, k: int, *, layer: bool = False) -> str:
+    """HF prefix of MTP layer ``k``'s own modules (``layer``: of its transformer layer)."""
     if flavour.mtp_style == "deepseek_v3":
         return f"model.layers.{s.num_layers + k}."
+    if flavour.mtp_style == "qwen3":
+        if k > 0:
+            raise ValueError(
+                f"the {flavour.name} MTP naming (mtp.fc, mtp.layers.0 ...) holds one MTP layer; export depth 1"
+            )
+        return "mtp.layers.0." if layer else "mtp."
     return f"model.mtp_layers.{k}."
 
 
@@ -447,7 +507,7 @@ def megatron_tensor_to_hf(
         i, rest = int(m.group(1)), m.group(2)
         if i >= s.num_layers:
             raise KeyError(f"{name}: layer {i} is beyond num_layers {s.num_layers}")
-        out = _apply_rules(_all_layer_rules(flavour), rest, tensor, config, f"model.layers.{i}.")
+        out = _apply_rules(_all_layer_rules(flavour, s.mla), rest, tensor, config, f"model.layers.{i}.")
         if out is not None:
             return out
     m = _MTP_LAYER.fullmatch(name)
@@ -459,7 +519,8 @@ def megatron_tensor_to_hf(
         out = _apply_rules(_mtp_rules(flavour), rest, tensor, config, prefix)
         if out is None and rest.startswith("mtp_model_layer."):
             rest = rest.removeprefix("mtp_model_layer.")
-            out = _apply_rules(_all_layer_rules(flavour), rest, tensor, config, prefix)
+            prefix = _mtp_prefix(flavour, s, k, layer=True)
+            out = _apply_rules(_all_layer_rules(flavour, s.mla), rest, tensor, config, prefix)
         if out is not None:
             return out
     raise KeyError(f"no HF mapping for megatron tensor {name!r} (flavour {flavour.name})")
@@ -497,6 +558,7 @@ def megatron_to_hf(
 
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _HF_MIMO_MTP = re.compile(r"model\.mtp_layers\.(\d+)\.(.+)")
+_HF_QWEN3_MTP_LAYER = re.compile(r"mtp\.layers\.(\d+)\.(.+)")
 
 
 def hf_to_megatron(
@@ -516,8 +578,12 @@ def hf_to_megatron(
     """
     flavour = get_flavour(flavour)
     s = _shape(config)
-    layer_rules = _layer_rules(flavour, fused_layernorm, s.moe)
     mtp_rules = _mtp_rules(flavour)
+
+    def layer_rules_of(i: int) -> tuple[_Rule, ...]:  # i ≥ num_layers: an MTP layer (the last layer's spec)
+        moe = s.moe_layers[min(i, s.num_layers - 1)] if s.num_layers else s.moe
+        return _layer_rules(flavour, fused_layernorm, moe, s.mla)
+
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, tuple[_Rule, list[torch.Tensor | None], list[str]]] = {}
     copies: list[tuple[str, str, torch.Tensor]] = []
@@ -562,7 +628,7 @@ def hf_to_megatron(
         m = _HF_LAYER.fullmatch(hf_name)
         if m and int(m.group(1)) < s.num_layers:
             i, rest = int(m.group(1)), m.group(2)
-            if not place(layer_rules, rest, t, f"decoder.layers.{i}.", hf_name):
+            if not place(layer_rules_of(i), rest, t, f"decoder.layers.{i}.", hf_name):
                 unknown.append(hf_name)
             continue
         k, rest = None, None
@@ -571,6 +637,10 @@ def hf_to_megatron(
         m2 = _HF_MIMO_MTP.fullmatch(hf_name)
         if m2 and flavour.mtp_style == "mimo":
             k, rest = int(m2.group(1)), m2.group(2)
+        if flavour.mtp_style == "qwen3" and hf_name.startswith("mtp."):
+            m3 = _HF_QWEN3_MTP_LAYER.fullmatch(hf_name)
+            # mtp.fc / mtp.norm ... belong to MTP layer 0; its transformer layer is mtp.layers.0.
+            k, rest = (int(m3.group(1)), "mtp_model_layer." + m3.group(2)) if m3 else (0, hf_name[4:])
         if k is None or k >= s.mtp_layers:
             unknown.append(hf_name)
             continue
@@ -579,10 +649,17 @@ def hf_to_megatron(
             copies.append((hf_name, source, t))
             continue
         meg_prefix = f"mtp.layers.{k}."
-        if not (
-            place(mtp_rules, rest, t, meg_prefix, hf_name)
-            or place(layer_rules, rest, t, meg_prefix + "mtp_model_layer.", hf_name)
-        ):
+        if flavour.mtp_style == "qwen3":
+            placed = (
+                place(layer_rules_of(s.num_layers + k), rest[16:], t, meg_prefix + "mtp_model_layer.", hf_name)
+                if rest.startswith("mtp_model_layer.")
+                else place(mtp_rules, rest, t, meg_prefix, hf_name)
+            )
+        else:
+            placed = place(mtp_rules, rest, t, meg_prefix, hf_name) or place(
+                layer_rules_of(s.num_layers + k), rest, t, meg_prefix + "mtp_model_layer.", hf_name
+            )
+        if not placed:
             unknown.append(hf_name)
 
     problems = []

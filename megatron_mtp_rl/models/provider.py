@@ -75,7 +75,7 @@ def build_config(args: ModelArgs, *, use_te: bool | None = None) -> TransformerC
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups,
         ffn_hidden_size=args.ffn_hidden_size,
-        kv_channels=args.hidden_size // args.num_attention_heads,
+        kv_channels=args.head_dim,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
@@ -84,6 +84,10 @@ def build_config(args: ModelArgs, *, use_te: bool | None = None) -> TransformerC
         hidden_dropout=0.0,
         attention_dropout=0.0,
         normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        add_qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm,
+        attention_output_gate=args.attention_output_gate,
         gated_linear_unit=args.swiglu,
         activation_func=F.silu if args.swiglu else F.gelu,
         add_bias_linear=False,
@@ -112,8 +116,67 @@ def build_config(args: ModelArgs, *, use_te: bool | None = None) -> TransformerC
             moe_router_load_balancing_type="aux_loss" if args.moe_aux_loss_coeff > 0 else "none",
             moe_grouped_gemm=False,
             moe_permute_fusion=False,
+            moe_layer_freq=args.moe_layer_pattern(),
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size or None,
+            moe_shared_expert_gate=args.moe_shared_expert_gate,
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_pre_softmax=args.moe_router_pre_softmax,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+            moe_router_num_groups=args.moe_router_num_groups,
+            moe_router_group_topk=args.moe_router_group_topk,
+            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
         )
+    if args.multi_latent_attention:
+        if not use_te:
+            raise ValueError(MLA_NEEDS_TE)
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        kwargs.pop("kv_channels")
+        kwargs.update(
+            rotary_base=args.rotary_base,
+            rotary_percent=args.rotary_percent,
+            q_lora_rank=args.q_lora_rank,
+            kv_lora_rank=args.kv_lora_rank,
+            qk_head_dim=args.qk_head_dim,
+            qk_pos_emb_head_dim=args.qk_pos_emb_head_dim,
+            v_head_dim=args.v_head_dim,
+            rope_type=args.rope_type,
+            rotary_scaling_factor=args.rotary_scaling_factor,
+            original_max_position_embeddings=args.original_max_position_embeddings,
+            beta_fast=args.beta_fast,
+            beta_slow=args.beta_slow,
+            mscale=args.mscale,
+            mscale_all_dim=args.mscale_all_dim,
+        )
+        return MLATransformerConfig(**kwargs)
     return TransformerConfig(**kwargs)
+
+
+#: The one-line refusal for multi-latent attention without Transformer Engine.
+MLA_NEEDS_TE = (
+    "multi-latent attention (--multi-latent-attention, DeepSeek-V3 family) needs Transformer Engine and a CUDA "
+    "GPU: megatron-core's local (CPU) spec cannot build MLA"
+)
+
+
+def _uses_block_spec(args: ModelArgs) -> bool:
+    """Per-layer specs are needed for dense-first MoE models and MLA; the single layer spec otherwise."""
+    return args.multi_latent_attention or (args.is_moe and 0 in args.moe_layer_pattern())
+
+
+def layer_specs(args: ModelArgs, config: TransformerConfig, use_te: bool):
+    """This stage's decoder spec (a layer spec or megatron's block spec) — the MTP spec follows its last layer."""
+    if _uses_block_spec(args):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=args.normalization)
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=args.num_experts, qk_layernorm=args.qk_layernorm)
+    return get_gpt_layer_local_spec(
+        num_experts=args.num_experts, normalization=args.normalization, qk_layernorm=args.qk_layernorm
+    )
 
 
 def build_model(
@@ -127,14 +190,7 @@ def build_model(
         use_te = transformer_engine_available()
     compat.apply()
     config = build_config(args, use_te=use_te)
-    if use_te:
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        layer_spec = get_gpt_layer_with_transformer_engine_spec(num_experts=args.num_experts)
-    else:
-        layer_spec = get_gpt_layer_local_spec(num_experts=args.num_experts, normalization=args.normalization)
+    layer_spec = layer_specs(args, config, use_te)
     mtp_spec = None
     if args.mtp_num_layers:
         mtp_spec = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=use_te)
@@ -150,6 +206,7 @@ def build_model(
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent,
         mtp_block_spec=mtp_spec,
     )
     # The tokenizer's vocabulary: log-probs leave megatron's padding ids out, as samplers do.

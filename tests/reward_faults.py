@@ -49,3 +49,15 @@ def abort(prompt, response, label):
 
 def ok(prompt, response, label):
     return 1.0
+
+
+def nan(prompt, response, label):
+    return float("nan")
+
+
+def string(prompt, response, label):
+    return "0.75"
+
+
+def none(prompt, response, label):
+    return None

@@ -40,12 +40,15 @@ def initialize(
     sizes: ParallelSizes | None = None,
     *,
     seed: int = 1234,
-    timeout_s: float = 600.0,
+    timeout_s: float | None = None,
+    timeout_minutes: float = 10.0,
 ) -> None:
     """Initialise torch.distributed (NCCL on CUDA, gloo on CPU), parallel_state and the RNGs.
 
-    Reads the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT);
-    without them it starts a single-process group on 127.0.0.1.
+    Reads the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+    A single process without them gets an in-memory store (no socket at all). Collectives
+    give up after ``timeout_minutes`` (``--distributed-timeout-minutes``; ``timeout_s`` wins
+    when given), so a hung peer ends the run instead of holding it silently.
     """
     sizes = sizes or ParallelSizes()
     cuda = use_cuda()
@@ -54,22 +57,15 @@ def initialize(
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-            init_method = "env://"
-        elif world == 1:
-            # A private rendezvous for a single process; nothing is written to os.environ,
-            # so subprocesses (tools, tests) never inherit a port that is already taken.
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
-        else:
-            raise RuntimeError("WORLD_SIZE > 1 needs MASTER_ADDR and MASTER_PORT (launch with torchrun)")
+        timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else timeout_minutes * 60.0)
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
-            init_method=init_method,
+            store=_rendezvous_store(rank, world, timeout),
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
         )
     world = dist.get_world_size()
     model_parallel = sizes.tensor_model_parallel_size * sizes.pipeline_model_parallel_size * sizes.context_parallel_size
@@ -111,9 +107,94 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def _rendezvous_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The store the default group meets in; never a socket listening on every interface.
+
+    * one process, no MASTER_ADDR: an in-memory ``HashStore`` (nothing listens);
+    * torchrun: torchrun's agent store (it owns that socket; ``--master-addr`` chooses it);
+    * MASTER_ADDR/MASTER_PORT set by hand (Slurm, tests): rank 0 serves the store on a
+      socket bound to MASTER_ADDR only (torch's own server would bind ``*:port``).
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr is None or port is None:
+        if world == 1:
+            return dist.HashStore()
+        raise RuntimeError("WORLD_SIZE > 1 needs MASTER_ADDR and MASTER_PORT (launch with torchrun)")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return dist.TCPStore(addr, int(port), world, False, timeout, use_libuv=True)
+    if rank == 0:
+        return bound_tcp_store(addr, int(port), world, timeout)
+    return dist.TCPStore(addr, int(port), world, False, timeout, use_libuv=True)
+
+
+def bound_tcp_store(host: str, port: int, world: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """A TCPStore server listening on ``host:port`` only (``port`` 0: any free one; read ``store.port``).
+
+    torch binds its store server to every interface; handing it an already bound socket
+    (``master_listen_fd``, libuv backend) keeps it on the configured host.
+    """
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(sockaddr)
+        s.listen(1024)
+        bound = s.getsockname()[1]
+    except BaseException:
+        s.close()
+        raise
+    # The store owns the descriptor from here on (it closes it when destroyed).
+    return dist.TCPStore(host, bound, world, True, timeout, wait_for_workers=False, master_listen_fd=s.detach())
+
+
+def in_process_checkpoint_writes() -> None:
+    """Make megatron-core's synchronous checkpoint writer collect results in-process.
+
+    megatron-core 0.19.2 (``dist_checkpointing/strategies/filesystem_async.py``) keeps the
+    write results in a ``multiprocessing.Manager().Queue()``: a spawned helper process that
+    is never shut down and outlives a killed trainer. A synchronous save writes from threads
+    of this process, so a plain thread-safe ``queue.Queue`` (same ``put``/``get_nowait``)
+    serves it with no process at all. Private API: checked on 0.19.2.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def describe_timeout(exc: BaseException) -> str | None:
+    """One line naming the collective, its group's ranks and this rank when ``exc`` is a collective timeout.
+
+    torch/gloo say only "Timed out waiting Nms for recv"; the collective and its group are
+    recovered from the traceback (the innermost ``torch.distributed`` frame). None when
+    ``exc`` is not a timeout.
+    """
+    text = str(exc)
+    if "Timed out" not in text and "timed out" not in text and "Timeout" not in type(exc).__name__:
+        return None
+    collective, group = None, None
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if "torch/distributed" in code.co_filename.replace("\\", "/") and not code.co_name.startswith("_"):
+            if code.co_name not in ("wrapper",):
+                collective = code.co_name
+                group = tb.tb_frame.f_locals.get("group", group)
+        tb = tb.tb_next
+    me = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        ranks = dist.get_process_group_ranks(group or dist.group.WORLD) if dist.is_initialized() else []
+    except Exception:
+        ranks = []
+    others = [r for r in ranks if r != me]
+    where = f"in {collective}" if collective else "in a collective"
+    peers = f" with ranks {others} (group {ranks})" if ranks else ""
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return (
+        f"rank {me} timed out {where}{peers}: one of them is hung, stopped or dead "
+        f"(--distributed-timeout-minutes; torch said: {first})"
+    )

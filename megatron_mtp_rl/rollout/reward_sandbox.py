@@ -2,40 +2,86 @@
 
 math-verify can hang on adversarial LaTeX and a user's reward function can raise, leak or
 crash the interpreter. Each call runs in a separate worker process; a call that raises,
-exceeds ``timeout_s`` or kills its worker (segfault, ``os.abort``) scores 0 and is counted.
-A dead or hung worker is replaced and the rest of its work re-issued, so every sample gets
-exactly one score.
+returns something other than a finite number, exceeds ``timeout_s`` or kills its worker
+(segfault, ``os.abort``) scores 0 and is counted. A dead or hung worker is replaced and the
+rest of its work re-issued, so every sample gets exactly one score.
+
+Failures are loud: the step's progress line shows the count, and a step in which *every*
+call failed stops the run (:func:`check_step_rewards`) with the first failure's traceback
+from the worker: a reward function that always fails would otherwise train on zeros.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
 
 
 def _worker(conn, spec: str) -> None:
-    from megatron_mtp_rl.rollout.rewards import load_reward_fn
+    from megatron_mtp_rl.rollout.rewards import check_reward, load_reward_fn
 
+    # The trainer decides when to stop (it finishes its step on SIGTERM/SIGINT, which
+    # Ctrl-C and Slurm also deliver to this process); it closes the pipe to end a worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     fn = load_reward_fn(spec)
     while True:
-        chunk = conn.recv()
+        try:
+            chunk = conn.recv()
+        except (EOFError, OSError):
+            return  # the trainer is gone
         if chunk is None:
             return
         for idx, prompt, response, label in chunk:
             try:
-                conn.send((idx, float(fn(prompt, response, label)), None))
+                conn.send((idx, check_reward(fn(prompt, response, label)), None))
             except Exception:
-                conn.send((idx, 0.0, traceback.format_exc(limit=3)))
+                conn.send((idx, 0.0, traceback.format_exc()))
+
+
+class RewardError(RuntimeError):
+    """Every reward call of a step failed; the message carries the first failure's traceback."""
 
 
 @dataclass
 class RewardStats:
-    errors: int = 0  # raised, timed out or crashed
+    errors: int = 0  # raised, returned a non-number / non-finite value, timed out or crashed
     timeouts: int = 0
     crashes: int = 0
+    scored: int = 0  # calls made, failed or not
     last_errors: list[str] = field(default_factory=list)
+    first_error: str | None = None  # full text (worker traceback) of the first failure since the last check
+
+    def record(self, detail: str) -> None:
+        self.errors += 1
+        self.last_errors = (self.last_errors + [detail.strip().splitlines()[-1]])[-5:]
+        if self.first_error is None:
+            self.first_error = detail.strip()
+
+
+def check_step_rewards(stats: RewardStats, errors: float, scored: float, step: int, group=None) -> None:
+    """Stop the run when every reward call of a step failed (collective over ``group`` when distributed).
+
+    ``errors``/``scored``: this rank's counts for the step. All ranks raise together, so no
+    rank is left waiting in a collective; each prints its own first traceback when it has one.
+    """
+    import torch
+    import torch.distributed as dist
+
+    totals = torch.tensor([float(errors), float(scored)], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        nccl = dist.get_backend(group) == "nccl"
+        t = totals.to(torch.device("cuda", torch.cuda.current_device())) if nccl else totals
+        dist.all_reduce(t, group=group)
+        totals = t.cpu()
+    first, stats.first_error = stats.first_error, None
+    bad, total = int(totals[0]), int(totals[1])
+    if total > 0 and bad == total:
+        where = first if first else "(the failures happened on another rank; see its output)"
+        raise RewardError(f"every reward call of step {step} failed ({bad} of {total}); the first failure:\n{where}")
 
 
 class RewardSandbox:
@@ -66,12 +112,11 @@ class RewardSandbox:
         self._workers[i] = self._start()
 
     def _error(self, kind: str, detail: str) -> None:
-        self.stats.errors += 1
         if kind == "timeout":
             self.stats.timeouts += 1
         elif kind == "crash":
             self.stats.crashes += 1
-        self.stats.last_errors = (self.stats.last_errors + [detail])[-5:]
+        self.stats.record(detail)
 
     def score(self, items: list[tuple[str, str, object]], chunk: int = 32) -> list[float]:
         """Score ``(prompt, response, label)`` items; failures give 0.0.
@@ -81,6 +126,7 @@ class RewardSandbox:
         on scores 0 and the rest of its chunk is re-queued on a fresh worker.
         """
         results: list[float | None] = [None] * len(items)
+        self.stats.scored += len(items)
         queue = list(range(len(items)))
         busy: dict[int, tuple[list[int], float]] = {}  # worker -> (pending items, last progress)
         while queue or busy:
@@ -103,7 +149,7 @@ class RewardSandbox:
                         pending.remove(idx)
                         last = time.monotonic()
                         if err:
-                            self._error("raise", err.strip().splitlines()[-1])
+                            self._error("raise", err)
                 except (EOFError, OSError):
                     pass
                 if not pending:
@@ -145,7 +191,7 @@ class RewardSandbox:
 
 
 class InProcessScorer:
-    """``--reward-workers 0``: score in the trainer process (exceptions still score 0).
+    """``--reward-workers 0``: score in the trainer process (failures still score 0 and are counted).
 
     No timeout and no crash isolation: for debugging a reward function only.
     """
@@ -155,13 +201,15 @@ class InProcessScorer:
         self.stats = RewardStats()
 
     def score(self, items: list[tuple[str, str, object]]) -> list[float]:
+        from megatron_mtp_rl.rollout.rewards import check_reward
+
         out = []
+        self.stats.scored += len(items)
         for prompt, response, label in items:
             try:
-                out.append(float(self.fn(prompt, response, label)))
-            except Exception as e:
-                self.stats.errors += 1
-                self.stats.last_errors = (self.stats.last_errors + [repr(e)])[-5:]
+                out.append(check_reward(self.fn(prompt, response, label)))
+            except Exception:
+                self.stats.record(traceback.format_exc())
                 out.append(0.0)
         return out
 

@@ -1,12 +1,21 @@
 """Reward functions: ``fn(prompt: str, response: str, label) -> float``.
 
-Custom rewards are plugged in by dotted path (``--reward-fn package.module:function``).
+Custom rewards are plugged in by dotted path (``--reward-fn package.module:function``);
+modules in the working directory are found without ``PYTHONPATH=.``. A reward must be a
+finite int or float: anything else (None, a string such as ``"0.75"``, NaN) is an error
+the scorer counts and reports, never a silently coerced score.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
+import os
+import sys
 from collections.abc import Callable
+
+from megatron_mtp_rl.errors import ConfigError
 
 RewardFn = Callable[[str, str, object], float]
 
@@ -65,6 +74,35 @@ def math_verify(prompt: str, response: str, label) -> float:
 BUILTIN: dict[str, RewardFn] = {"exact_match": exact_match, "math_verify": math_verify}
 
 
+def check_reward(value) -> float:
+    """``value`` as a float when it is a finite real number; ``TypeError``/``ValueError`` otherwise.
+
+    Strings are refused rather than parsed: ``"0.75"`` from a reward function is almost
+    always a bug (a parsed answer returned instead of a score). 0-d tensors/arrays are read.
+    """
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise TypeError(f"reward function returned {type(value).__name__} {shown}; expected an int or float")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"reward function returned {out}; expected a finite number")
+    return out
+
+
+def _with_working_directory_on_path() -> None:
+    """``--reward-fn mymod:fn`` with ``mymod.py`` in the current directory: found as ``python -m`` would.
+
+    The console script's ``sys.path[0]`` is its bin directory, not the working directory.
+    Appended (not prepended) so a local file never shadows an installed package.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
 def load_reward_fn(spec: str) -> RewardFn:
     """A built-in name (``exact_match``, ``math_verify``) or ``module:function`` / ``module.function``."""
     if spec in BUILTIN:
@@ -73,11 +111,12 @@ def load_reward_fn(spec: str) -> RewardFn:
     if not sep:
         module, _, name = spec.rpartition(".")
     if not module or not name:
-        raise ValueError(f"--reward-fn {spec!r}: expected a built-in name or 'module:function'")
+        raise ConfigError(f"--reward-fn {spec!r}: expected a built-in name ({', '.join(BUILTIN)}) or 'module:function'")
+    _with_working_directory_on_path()
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"--reward-fn {spec!r}: cannot load ({e})") from None
+        raise ConfigError(f"--reward-fn {spec!r}: cannot load ({e})") from None
     if not callable(fn):
-        raise ValueError(f"--reward-fn {spec!r} is not callable")
+        raise ConfigError(f"--reward-fn {spec!r} is not callable")
     return fn

@@ -1,4 +1,5 @@
-"""Chunked vocab-parallel log-probs vs naive ``log_softmax`` + ``gather``: time and memory.
+"""Chunked vocab-parallel log-probs vs naive ``log_softmax`` + ``gather`` and vs megatron-core's
+fused vocab-parallel cross-entropy (what slime computes log-probs with): time and memory.
 
 Each variant runs in its own subprocess so its peak resident memory (``ru_maxrss``) is
 its own; "extra" memory is the peak minus the resident size right after the logits exist.
@@ -29,7 +30,11 @@ def _run_variant(variant: str, mode: str, tokens: int, vocab: int, chunk: int, d
     torch.manual_seed(0)
     logits = torch.randn(tokens, vocab, dtype=DTYPES[dtype])
     targets = torch.randint(0, vocab, (tokens,))
+    if variant == "megatron":
+        _tp_group()
     base = psutil.Process().memory_info().rss
+    # megatron's copy of the logits stands for the logits tensor itself, which every variant has.
+    own_copy = logits.numel() * logits.element_size() if variant == "megatron" else 0
     times = []
     for _ in range(reps):
         x = logits.detach().requires_grad_(mode == "fwd+bwd")
@@ -37,19 +42,54 @@ def _run_variant(variant: str, mode: str, tokens: int, vocab: int, chunk: int, d
         with torch.set_grad_enabled(mode == "fwd+bwd"):
             if variant == "naive":
                 lp = torch.log_softmax(x.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+            elif variant == "megatron":
+                # It works in place on fp32 logits (it would clobber ours): give it its own copy,
+                # made before the clock starts, as a fresh logits tensor would be in training.
+                t0 = _megatron_input(x, t0)
+                lp = -_megatron_ce()(x_m[0], targets, _tp_group())
             else:
                 lp = vocab_parallel_logprobs(x, targets, chunk_size=chunk)
             if mode == "fwd+bwd":
                 lp.sum().backward()
         times.append(time.perf_counter() - t0)
         del lp, x
+        x_m[0] = None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     grad_bytes = logits.numel() * logits.element_size() if mode == "fwd+bwd" else 0
     return {
         "time_s": statistics.median(times),
-        "extra_bytes": max(0, peak - base),
+        "extra_bytes": max(0, peak - base - own_copy),
         "grad_bytes": grad_bytes,
     }
+
+
+x_m: list = [None]
+
+
+def _megatron_input(x: torch.Tensor, t0: float) -> float:
+    """Copy ``x`` for megatron's in-place kernel outside the timed region; returns the new start time."""
+    x_m[0] = x.detach().clone().requires_grad_(x.requires_grad)
+    return time.perf_counter()
+
+
+def _megatron_ce():
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+    return fused_vocab_parallel_cross_entropy
+
+
+def _tp_group():
+    """A one-process gloo group: megatron's kernel all-reduces over its TP group."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return dist.group.WORLD
 
 
 def _max_abs_diff(vocab: int, chunk: int, dtype: str) -> float:
@@ -85,7 +125,7 @@ def main() -> None:
     print(f"max |ours - naive| on 256 tokens: {_max_abs_diff(a.vocab, a.chunk, a.dtype):.2e}")
     for mode in ("fwd", "fwd+bwd"):
         res = {}
-        for variant in ("naive", "ours"):
+        for variant in ("naive", "megatron", "ours"):
             cmd = [
                 sys.executable,
                 __file__,
@@ -105,7 +145,12 @@ def main() -> None:
                 cmd += ["--chunk", str(a.chunk)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             res[variant] = json.loads(out.strip().splitlines()[-1])
-        n, o = res["naive"], res["ours"]
+        n, m, o = res["naive"], res["megatron"], res["ours"]
+        print(
+            f"{mode:8s} vs megatron fused CE: time megatron {m['time_s']:.3f}s ours {o['time_s']:.3f}s "
+            f"ratio {o['time_s'] / m['time_s']:.2f}x | extra memory megatron {m['extra_bytes'] / gib:.2f} GiB "
+            f"ours {o['extra_bytes'] / gib:.2f} GiB ratio {o['extra_bytes'] / max(1, m['extra_bytes']):.3f}x"
+        )
         line = (
             f"{mode:8s} time naive {n['time_s']:.3f}s ours {o['time_s']:.3f}s "
             f"ratio {o['time_s'] / n['time_s']:.2f}x | extra memory "

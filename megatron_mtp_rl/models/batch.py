@@ -43,6 +43,47 @@ class TokenBatch:
         allowed = (same & causal) | eye
         return ~allowed[:, None]
 
+    def thd_lengths(self) -> list[int]:
+        """Lengths of the sequences of the flattened ``[1, B*S]`` layout (THD), in order.
+
+        Every packed sequence is one entry; the padding run at the end of a row is one more
+        (it is masked out of every loss, and as its own sequence attends to nothing real).
+        """
+        lengths: list[int] = []
+        for row in self.segment_ids.tolist():
+            run, prev = 0, None
+            for seg in row:
+                if run and seg != prev:
+                    lengths.append(run)
+                    run = 0
+                run += 1
+                prev = seg
+            if run:
+                lengths.append(run)
+        return lengths
+
+    def packed_seq_params(self):
+        """megatron's ``PackedSeqParams`` (``qkv_format="thd"``) for the flattened batch.
+
+        The GPU path feeds ``tokens.view(1, -1)`` with these instead of the block-diagonal
+        mask, which Transformer Engine's causal mask type would ignore.
+        """
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        lengths = self.thd_lengths()
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=self.tokens.device)
+        cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+        longest = max(lengths)
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            cu_seqlens_q_padded=cu,
+            cu_seqlens_kv_padded=cu,
+            max_seqlen_q=longest,
+            max_seqlen_kv=longest,
+        )
+
 
 def pack_sequences(
     sequences: list[tuple[list[int], list[int]]],

@@ -54,19 +54,22 @@ def _valid_columns(v_local: int, vocab_size: int | None, tp_group) -> int:
 def _logsumexp(x: torch.Tensor, chunk: int, tp_group) -> torch.Tensor:
     """Global log-sum-exp per row of a [N, V/TP] shard, fp32, with two all-reduces.
 
-    A shard with no real columns (only padding) contributes -inf / 0.
+    Each shard's own log-sum-exp comes from torch's fused kernel, chunk by chunk; the shards
+    are then combined as log Σ_r exp(lse_r) (stable: shifted by the max over ranks). A shard
+    with no real columns (only padding) contributes -inf.
     """
     n = x.shape[0]
-    empty = x.shape[1] == 0
-    mx = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
-    for s, e in _chunks(n, chunk) if not empty else ():
-        mx[s:e] = x[s:e].amax(dim=-1).float()
+    lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
+    if x.shape[1]:
+        for s, e in _chunks(n, chunk):
+            lse[s:e] = torch.logsumexp(x[s:e].float(), dim=-1)
+    if tp_group is None or not dist.is_initialized() or dist.get_world_size(tp_group) == 1:
+        return lse
+    mx = lse.clone()
     _all_reduce(mx, dist.ReduceOp.MAX, tp_group)
-    se = torch.zeros(n, dtype=torch.float32, device=x.device)
-    for s, e in _chunks(n, chunk) if not empty else ():
-        se[s:e] = _shifted_exp(x[s:e], mx[s:e]).sum(dim=-1)
+    se = (lse - mx).exp_()
     _all_reduce(se, dist.ReduceOp.SUM, tp_group)
-    return mx + se.log()
+    return mx + se.log_()
 
 
 def _local_targets(targets: torch.Tensor, vocab_start: int, vocab_local: int):

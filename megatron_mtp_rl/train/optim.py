@@ -21,11 +21,22 @@ from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_mtp_rl.models.provider import is_mtp_parameter
 
+# megatron-core's name for the parameter attribute and group that get their own grad norm.
+MTP_GRAD_NORM_GROUP = "mtp"
 
-def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
-    """Wrap a GPTModel in megatron-core's DDP (fp32 grad buffers, no overlap)."""
+
+def wrap_ddp(model: torch.nn.Module, *, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
+    """Wrap a GPTModel in megatron-core's DDP (fp32 grad buffers, no overlap).
+
+    MTP parameters are tagged with megatron's ``grad_norm_group = "mtp"`` first, so the
+    optimizer's (sharded) main parameters carry the tag too: that is how the clip finds the
+    MTP group when the distributed optimizer holds only a shard of each gradient.
+    """
+    for name, p in model.named_parameters():
+        if is_mtp_parameter(name):
+            p.grad_norm_group = MTP_GRAD_NORM_GROUP
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer
     )
     return DistributedDataParallel(model.config, ddp_config, model)
 
@@ -39,7 +50,7 @@ def build_optimizer(
     adam_beta2: float = 0.999,
     adam_eps: float = 1e-8,
 ):
-    """megatron-core Adam (non-distributed); clipping is done by :func:`clip_grads`."""
+    """megatron-core Adam (distributed = ZeRO-1 when DDP was built with it); we clip ourselves."""
     cfg = OptimizerConfig(
         optimizer="adam",
         lr=lr,
@@ -52,7 +63,7 @@ def build_optimizer(
         bf16=model.config.bf16,
         fp16=model.config.fp16,
         params_dtype=model.config.params_dtype,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=model.ddp_config.use_distributed_optimizer,
     )
     return get_megatron_optimizer(cfg, [model])
 
@@ -117,6 +128,49 @@ def clip_grads(model: torch.nn.Module, max_norm_main: float, max_norm_mtp: float
                 if g is not None:
                     g.mul_(coeff)
     return norms
+
+
+def _sharded_group_norm(optimizer, group: str | None) -> float:
+    """One group's grad norm from the optimizer's own (possibly sharded) main-parameter grads.
+
+    Each chained optimizer reduces over its grad-stats group (the whole world for the
+    distributed optimizer, so every shard is counted once); collective on all ranks.
+    """
+    total = 0.0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        grads = opt.get_grads_for_grad_norm(group)
+        total += float(get_grad_norm_fp32(grads, grad_stats_parallel_group=opt.get_grad_stats_parallel_group())) ** 2
+    return math.sqrt(total)
+
+
+def _sharded_params(optimizer, group: str | None) -> list[torch.nn.Parameter]:
+    out = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        out += [p for p in opt.get_parameters() if getattr(p, "grad_norm_group", None) == group]
+    return out
+
+
+def clip_sharded_and_step(optimizer, max_norm_main: float, max_norm_mtp: float) -> tuple[bool, GradNorms]:
+    """The optimizer step for the distributed optimizer, with main and MTP clipped apart.
+
+    After megatron's reduce-scatter each rank holds only its shard of every gradient, so the
+    norms must come from the optimizer's shard (``prepare_grads`` puts the reduced gradients
+    on its main parameters) rather than from the model's buffers. Megatron's own clip would
+    use one threshold for both groups and asserts CUDA tensors; the scaling here is the same
+    ``g *= max/(norm + 1e-6)`` as :func:`clip_grads`. Returns (stepped, norms before clipping).
+    """
+    found_inf = optimizer.prepare_grads()
+    main, mtp = (_sharded_group_norm(optimizer, g) for g in (None, MTP_GRAD_NORM_GROUP))
+    norms = GradNorms(main=main, mtp=mtp)
+    if found_inf or not (math.isfinite(norms.main) and math.isfinite(norms.mtp)):
+        return False, norms
+    for group, norm, limit in ((None, norms.main, max_norm_main), (MTP_GRAD_NORM_GROUP, norms.mtp, max_norm_mtp)):
+        if limit > 0 and norm > limit:
+            coeff = limit / (norm + 1e-6)
+            for p in _sharded_params(optimizer, group):
+                if p.grad is not None:
+                    p.grad.mul_(coeff)
+    return optimizer.step_with_ready_grads(), norms
 
 
 def param_norm(params: list[torch.nn.Parameter]) -> float:

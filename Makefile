@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo docker clean
+.PHONY: install test test-gpu lint demo docker clean
 
 $(VENV)/.installed: setup.py
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.12 found; run 'make install PYTHON=/path/to/python3.12'"; exit 1; }
@@ -19,6 +19,11 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# On a machine with CUDA: the gpu-marked tests (TE + bf16 step, CPU-fp32 vs GPU-bf16 log-probs,
+# THD packing, distributed optimizer + resume, speculative decoding). Elsewhere they skip, saying why.
+test-gpu: install
+	MTP_RL_TEST_GPU=1 $(PY) -m pytest -q -m gpu tests/gpu $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check megatron_mtp_rl tests tools

@@ -2,7 +2,30 @@ import os
 
 import pytest
 
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# CPU by default: tests see no CUDA device even on a GPU machine, so CPU results (and the CPU
+# shims) are what they check. `make test-gpu` sets MTP_RL_TEST_GPU=1 to run tests/gpu on CUDA.
+if os.environ.get("MTP_RL_TEST_GPU") != "1":
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (make test-gpu); skipped with the reason elsewhere")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip, saying why, wherever CUDA is absent or hidden."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = (
+        "needs a CUDA device: run `make test-gpu` on a GPU machine"
+        if os.environ.get("MTP_RL_TEST_GPU") == "1"
+        else "CPU run: CUDA is hidden from tests unless MTP_RL_TEST_GPU=1 (make test-gpu)"
+    )
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=why))
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ def quiet_known_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_mtp_rl.errors import ConfigError, DataError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": _train, "pretrain": _pretrain}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
@@ -33,40 +35,45 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     quiet_known_noise()
-    return commands[argv[0]](argv[1:])
-
-
-def _run(job, args) -> int:
-    """Run a job; configuration errors print one message and exit 2 instead of a traceback."""
-    from megatron_mtp_rl import platform
-    from megatron_mtp_rl.train.setup import ConfigError
-
     try:
-        job(args)
-    except ConfigError as e:
+        return commands[argv[0]](argv[1:])
+    except (ConfigError, DataError) as e:
+        # A user mistake (flag, config file, data): one message, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _run(job, cfg) -> int:
+    """Run a job; the parallel state is torn down whatever happens."""
+    from megatron_mtp_rl import platform
+
+    try:
+        job(cfg)
     finally:
         platform.destroy()
     return 0
 
 
 def _train(argv) -> int:
-    from megatron_mtp_rl.train.arguments import parse_args
-    from megatron_mtp_rl.train.trainer import run_training
+    from megatron_mtp_rl.config import parse_config
 
-    args = parse_args(argv)
-    if args.ray:
+    cfg = parse_config(argv, "train")  # argparse only: --help never imports torch or megatron
+    if cfg.ray.ray:
         from megatron_mtp_rl.train.ray_launch import launch
 
-        return _run(launch, args)
-    return _run(run_training, args)
+        return _run(launch, cfg)
+    from megatron_mtp_rl.train.loop import run_training
+
+    return _run(run_training, cfg)
 
 
 def _pretrain(argv) -> int:
-    from megatron_mtp_rl.train.pretrain import parse_pretrain_args, run_pretrain
+    from megatron_mtp_rl.config import parse_config
 
-    return _run(run_pretrain, parse_pretrain_args(argv))
+    cfg = parse_config(argv, "pretrain")
+    from megatron_mtp_rl.train.pretrain import run_pretrain
+
+    return _run(run_pretrain, cfg)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,12 @@ This module imports neither torch nor megatron, so ``--help`` stays fast.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import field
 from typing import Any
+
+ENGINE_PREFIX = "--sglang-"
+ROUTER_PREFIX = "--sglang-router-"
 
 
 def flag(
@@ -38,3 +42,27 @@ def flag(
 def flag_name(f) -> str:
     """``--flag-name`` of a dataclass field."""
     return f.metadata.get("name") or "--" + f.name.replace("_", "-")
+
+
+def split_passthrough_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """(engine flags, router flags, the rest) from a command line.
+
+    ``--sglang-router-X v`` → router ``--X v``; ``--sglang-X v`` → engine ``--X v``; ``=`` forms
+    and flags with several values (up to the next ``--`` token) or none (booleans) are kept as
+    written. Everything else is returned untouched, in order.
+    """
+    engine: list[str] = []
+    router: list[str] = []
+    rest: list[str] = []
+    target = rest
+    for tok in argv:
+        if tok.startswith(ROUTER_PREFIX) and len(tok) > len(ROUTER_PREFIX):
+            target = router
+            tok = "--" + tok[len(ROUTER_PREFIX) :]
+        elif tok.startswith(ENGINE_PREFIX) and len(tok) > len(ENGINE_PREFIX):
+            target = engine
+            tok = "--" + tok[len(ENGINE_PREFIX) :]
+        elif tok.startswith("--"):
+            target = rest
+        target.append(tok)
+    return engine, router, rest

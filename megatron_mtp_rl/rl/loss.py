@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_mtp_rl.config import AlgoConfig, MTPConfig
 from megatron_mtp_rl.models.batch import TokenBatch, aligned_mtp_mask
 from megatron_mtp_rl.models.mtp_forward import HeadLogProbs
+from megatron_mtp_rl.rl.head_loss import check_head_loss, head_loss_terms
+from megatron_mtp_rl.rl.mismatch import mismatch_per_token, tis_weights
 from megatron_mtp_rl.rl.occ import OCCEstimator, occ_statistics
 from megatron_mtp_rl.rl.policy_loss import (
     AGG_MODES,
@@ -38,6 +41,7 @@ class RLBatch(TokenBatch):
     old_logprobs: torch.Tensor | None = None  # [B, S]
     old_mtp_logprobs: torch.Tensor | None = None  # [D, B, S]
     ref_logprobs: torch.Tensor | None = None  # [B, S]
+    rollout_logprobs: torch.Tensor | None = None  # [B, S] the engine's log-probs (mismatch, TIS)
 
     def to(self, device) -> RLBatch:
         return RLBatch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
@@ -47,19 +51,28 @@ class RLBatch(TokenBatch):
 class RLLossConfig:
     """Loss flags (``--eps-clip`` ..., ``--mtp-regime``, ``--mtp-loss-coef``)."""
 
-    eps_clip: float = 0.2
-    eps_clip_high: float | None = None
-    eps_clip_c: float | None = None
-    loss_agg_mode: str = "token-mean"
-    ratio_type: str = "token"  # "sequence" = GSPO
-    kl_coef: float = 0.0
-    kl_type: str = "low-var-kl"
-    entropy_coef: float = 0.0
-    mtp_regime: str = "occ"
-    mtp_loss_coef: float = 0.1
+    # Defaults are the flags' (config.py; built from a RunConfig by train/builders.py:build_loss).
+    eps_clip: float = AlgoConfig.eps_clip
+    eps_clip_high: float | None = AlgoConfig.eps_clip_high
+    eps_clip_c: float | None = AlgoConfig.eps_clip_c
+    loss_agg_mode: str = AlgoConfig.loss_agg_mode
+    ratio_type: str = AlgoConfig.ratio_type  # "sequence" = GSPO
+    kl_coef: float = AlgoConfig.kl_coef
+    kl_type: str = AlgoConfig.kl_type
+    entropy_coef: float = AlgoConfig.entropy_coef
+    mtp_regime: str = MTPConfig.mtp_regime
+    mtp_loss_coef: float = MTPConfig.mtp_loss_coef
+
+    # MTP-head objective beside the regime (rl/head_loss.py) and rollout TIS (rl/mismatch.py).
+    mtp_head_loss: str = "none"
+    mtp_head_coef: float = 0.1
+    tis_cap: float | None = None
 
     def __post_init__(self):
         get_regime(self.mtp_regime)
+        check_head_loss(self.mtp_head_loss)
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"--tis-cap must be > 0, got {self.tis_cap}")
         if self.loss_agg_mode not in AGG_MODES:
             raise ValueError(f"--loss-agg-mode must be one of {AGG_MODES}")
         if self.kl_type not in KL_TYPES:
@@ -70,6 +83,11 @@ class RLLossConfig:
     @property
     def regime(self) -> Regime:
         return get_regime(self.mtp_regime)
+
+    @property
+    def runs_mtp(self) -> bool:
+        """The MTP block runs in the training forward (for the regime or for the head objective)."""
+        return self.regime.runs_mtp or self.mtp_head_loss != "none"
 
 
 @dataclass
@@ -125,11 +143,14 @@ class RLLoss:
 
     def forward_kwargs(self) -> dict:
         """How the schedule must run the model for this loss."""
+        head = self.config.mtp_head_loss
         return {
-            "with_mtp": self.regime.runs_mtp,
-            "detach_mtp": self.regime.detach,
+            "with_mtp": self.config.runs_mtp,
+            # a head objective alone (regime none) needs only the detached MTP pass
+            "detach_mtp": self.regime.detach or not self.regime.runs_mtp,
             "with_entropy": self.config.entropy_coef > 0,
-            "with_draft_stats": self.regime.runs_mtp,
+            "with_draft_stats": self.config.runs_mtp,
+            **({"mtp_head": head} if head != "none" else {}),
         }
 
     def _surrogate(self, logprobs, old_logprobs, advantages, mask, seq_index):
@@ -148,7 +169,17 @@ class RLLoss:
         metrics: dict[str, torch.Tensor] = {}
 
         sur = self._surrogate(out.logprobs, batch.old_logprobs, batch.advantages, mask, seq_index)
-        pg = aggregate(sur.loss, mask, seq_index, agg, self.den.main)
+        pg_tokens = sur.loss
+        if batch.rollout_logprobs is not None:
+            for name, v in mismatch_per_token(batch.old_logprobs, batch.rollout_logprobs).items():
+                metrics[name] = _masked_pair(v, mask)
+        if cfg.tis_cap is not None:
+            if batch.rollout_logprobs is None:
+                raise ValueError("--tis-cap needs the rollout engine's log-probs in the batch")
+            w = tis_weights(batch.old_logprobs, batch.rollout_logprobs, cfg.tis_cap)
+            pg_tokens = pg_tokens * w
+            metrics["train/tis_weight"] = _masked_pair(w, mask)
+        pg = aggregate(pg_tokens, mask, seq_index, agg, self.den.main)
         loss = pg
         metrics["train/policy_loss"] = _pair(pg.detach(), 0)
         metrics["train/clipfrac"] = _masked_pair(sur.clipped.double(), mask)
@@ -168,6 +199,12 @@ class RLLoss:
 
         if self.regime.runs_mtp and out.num_depths:
             loss = loss + self._mtp_terms(batch, out, seq_index, metrics)
+        elif out.num_depths:
+            self._mtp_metrics(out, metrics)
+        if cfg.mtp_head_loss != "none" and out.num_depths:
+            loss = loss + head_loss_terms(
+                out, cfg.mtp_head_loss, cfg.mtp_head_coef, seq_index, agg, self.den.mtp, metrics, _pair
+            )
         metrics["train/loss"] = _pair(loss.detach(), 0)
         return loss, metrics
 
@@ -214,11 +251,17 @@ class RLLoss:
                 sur_k = self._surrogate(lp, batch.old_mtp_logprobs[k], batch.advantages, m, seq_index)
                 term = aggregate(sur_k.loss, m, seq_index, cfg.loss_agg_mode, den)
             total = total + coefs[k] * term
-            d = k + 1
-            metrics[f"mtp/loss_{d}"] = _pair(term.detach(), 0)
-            metrics[f"mtp/coef_{d}"] = _pair(coefs[k], 1)
-            metrics[f"mtp/logprob_{d}"] = _masked_pair(lp, m)
+            metrics[f"mtp/loss_{k + 1}"] = _pair(term.detach(), 0)
+            metrics[f"mtp/coef_{k + 1}"] = _pair(coefs[k], 1)
+        self._mtp_metrics(out, metrics)
+        return total
+
+    @staticmethod
+    def _mtp_metrics(out, metrics) -> None:
+        """Per-depth MTP log-prob, expected draft acceptance and top-1 agreement."""
+        for k in range(out.num_depths):
+            m, d = out.mtp_mask[k], k + 1
+            metrics[f"mtp/logprob_{d}"] = _masked_pair(out.mtp_logprobs[k], m)
             if out.mtp_accept is not None:
                 metrics[f"mtp/accept_{d}"] = _masked_pair(out.mtp_accept[k], m)
                 metrics[f"mtp/top1_agree_{d}"] = _masked_pair(out.mtp_top1[k], m)
-        return total

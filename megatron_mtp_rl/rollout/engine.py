@@ -1,7 +1,17 @@
-"""The engine protocol every rollout backend implements (local in-process, SGLang)."""
+"""The one protocol every rollout backend implements: generate, and sync the trainer's weights.
+
+Three backends (built by ``train/builders.py:build_engine``):
+
+- local (:class:`~megatron_mtp_rl.rollout.local_engine.LocalEngine`): generates with the
+  training model itself; ``sync_weights`` has nothing to do.
+- SGLang and a Ray rollout actor (:class:`RemoteEngine`): a client that generates elsewhere,
+  plus the trainer-side push that sends the current weights there (``WeightSync`` for SGLang,
+  a full-tensor push for the Ray actor).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,13 +29,53 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
+    # True: generation happens outside the trainer's process group, so one rank per
+    # model-parallel group asks and broadcasts (train/step.py:on_mp_leader). False: every rank
+    # takes part (generation is a collective forward of the training model).
+    remote: bool
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int) -> tuple[list[Completion], dict]:
         """Completions in prompt order, plus engine statistics for the metrics."""
         ...
 
-    def sync_weights(self) -> None:
-        """Make the engine generate with the trainer's current weights."""
+    def sync_weights(self) -> dict:
+        """Make the engine generate with the trainer's current weights; metrics of the sync.
+
+        Called on EVERY trainer rank (a push gathers tensor-parallel shards collectively).
+        """
+        ...
+
+    def close(self) -> None:
+        """Stop what the engine started (servers, actors); idempotent."""
         ...
 
 
-__all__ = ["Completion", "RolloutEngine", "SamplingParams"]
+class RemoteEngine:
+    """A generator living elsewhere (SGLang servers, a Ray actor) + the push that updates it.
+
+    ``client`` is None on ranks that never generate (not the first of their model-parallel
+    group); ``push()`` runs on every rank and returns the sync's metrics.
+    """
+
+    remote = True
+
+    def __init__(self, client, push: Callable[[], dict], *, name: str):
+        self.client = client
+        self.push = push
+        self.name = name
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
+        if self.client is None:
+            raise RuntimeError(f"{self.name} engine: this rank does not generate (not a model-parallel leader)")
+        return self.client.generate(prompts, params, seed=seed)
+
+    def sync_weights(self) -> dict:
+        return self.push()
+
+    def close(self) -> None:
+        if self.client is not None and hasattr(self.client, "close"):
+            self.client.close()
+        self.client = None
+
+
+__all__ = ["Completion", "RemoteEngine", "RolloutEngine", "SamplingParams"]

@@ -13,14 +13,20 @@ from megatron_mtp_rl.rollout.engine import Completion
 
 
 class LocalEngine:
+    remote = False  # every rank generates (a collective forward of the training model)
+
     def __init__(self, model, *, vocab_size: int, speculative: bool = False, max_batch_size: int = 256):
         self.model = model
         self.vocab_size = vocab_size
         self.speculative = speculative
         self.max_batch_size = max_batch_size
 
-    def sync_weights(self) -> None:
+    def sync_weights(self) -> dict:
         """Shares the trainer's parameters: always in sync."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing to stop."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
         g = torch.Generator().manual_seed(seed)

@@ -1,13 +1,17 @@
-"""Rollout manager: prompts → groups of n samples → rewards → dynamic-sampling filter.
+"""Rollout manager: prompts → groups of n samples → rewards → group filter (dynamic sampling).
 
-Engine-agnostic: the same manager drives the local engine and SGLang. Rewards and the
-filter are plain functions, so a task plugs in by dotted path.
+Engine-agnostic: the same manager drives the local engine, SGLang and a Ray actor. Rewards,
+the group filter and the whole rollout function are plain functions, so a task plugs them in
+by dotted path (``--reward-fn``, ``--dynamic-sampling-filter``, ``--rollout-function``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from megatron_mtp_rl.models.generation import SamplingParams
 from megatron_mtp_rl.rollout.data import Prompt
@@ -35,9 +39,20 @@ class RolloutBatch:
     prompts_consumed: int = 0
 
 
-def all_equal_groups(rewards: list[float], n: int) -> list[bool]:
-    """Per group: True when every sample of the group has the same reward."""
-    return [max(rewards[i : i + n]) == min(rewards[i : i + n]) for i in range(0, len(rewards), n)]
+# group_filter(rewards [G·n], n) -> bool mask [G·n] of the samples to keep (whole groups);
+# the default is DAPO's (megatron_mtp_rl.rl.advantages:dynamic_sampling_mask).
+GroupFilter = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def kept_groups(group_filter: GroupFilter, rewards: list[float], n: int) -> list[bool]:
+    """Per group: whether ``group_filter`` keeps it (it must keep or drop whole groups)."""
+    mask = torch.as_tensor(group_filter(torch.tensor(rewards, dtype=torch.float32), n), dtype=torch.bool)
+    if mask.shape != (len(rewards),):
+        raise ValueError(f"group filter returned shape {tuple(mask.shape)}, expected ({len(rewards)},)")
+    per_group = mask.view(-1, n)
+    if not bool((per_group.all(dim=1) | ~per_group.any(dim=1)).all()):
+        raise ValueError("group filter must keep or drop whole groups (n consecutive samples)")
+    return per_group[:, 0].tolist()
 
 
 class RolloutManager:
@@ -89,15 +104,15 @@ class RolloutManager:
         *,
         num_prompts: int,
         seed: int,
-        dynamic_sampling: bool = False,
+        group_filter: GroupFilter | None = None,
         max_rounds: int = 4,
     ) -> RolloutBatch:
         """Generate ``num_prompts`` groups. ``fetch(count)`` returns the next prompts.
 
-        With ``dynamic_sampling`` (DAPO), groups whose rewards are all equal are dropped
-        and more prompts are fetched until ``num_prompts`` groups are kept or
-        ``max_rounds`` rounds ran (then the batch is topped up with dropped groups so its
-        size stays fixed, and ``rollout/filter_shortfall`` counts them).
+        With a ``group_filter`` (dynamic sampling; DAPO's drops groups whose rewards are all
+        equal) rejected groups are dropped and more prompts are fetched until ``num_prompts``
+        groups are kept or ``max_rounds`` rounds ran (then the batch is topped up with dropped
+        groups so its size stays fixed, and ``rollout/filter_shortfall`` counts them).
         """
         t0 = time.perf_counter()
         errors_before = self.scorer.stats.errors
@@ -106,7 +121,8 @@ class RolloutManager:
         consumed = 0
         stats: dict = {}
         generated = 0
-        for r in range(max_rounds if dynamic_sampling else 1):
+        filtered = 0
+        for r in range(max_rounds if group_filter is not None else 1):
             need = num_prompts - len(kept)
             if need <= 0:
                 break
@@ -115,9 +131,12 @@ class RolloutManager:
             samples, stats = self.generate_groups(prompts, seed=seed * 1000 + r)
             generated += len(samples)
             groups = [samples[i : i + self.n] for i in range(0, len(samples), self.n)]
-            flat = [s.reward for s in samples]
-            for grp, same in zip(groups, all_equal_groups(flat, self.n)):
-                (dropped if dynamic_sampling and same else kept).append(grp)
+            keep = [True] * len(groups)
+            if group_filter is not None:
+                keep = kept_groups(group_filter, [s.reward for s in samples], self.n)
+            for grp, ok in zip(groups, keep):
+                (kept if ok else dropped).append(grp)
+                filtered += not ok
         shortfall = max(0, num_prompts - len(kept))
         kept = kept[:num_prompts] + dropped[:shortfall]
         out = [s for grp in kept for s in grp]
@@ -132,6 +151,7 @@ class RolloutManager:
             "rollout/truncated": sum(not s.finished for s in out) / max(len(out), 1),
             "rollout/generated_samples": float(generated),
             "rollout/filter_shortfall": float(shortfall),
+            "rollout/filtered_groups": float(filtered),
             "rollout/reward_errors": float(self.scorer.stats.errors - errors_before),
             "perf/rollout_time": time.perf_counter() - t0,
         }

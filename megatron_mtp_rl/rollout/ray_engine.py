@@ -45,8 +45,11 @@ class RolloutActor:
         return self.version
 
 
-class RayRolloutEngine:
-    """The trainer-side handle: RolloutEngine protocol over a RolloutActor."""
+class RayRolloutClient:
+    """The trainer-side generate call into a RolloutActor (the client of a ``RemoteEngine``).
+
+    Weights reach the actor through the push ``train/builders.py:build_engine`` pairs it with.
+    """
 
     def __init__(self, actor):
         self.actor = actor
@@ -55,8 +58,5 @@ class RayRolloutEngine:
         outs, stats = ray.get(self.actor.generate.remote(prompts, params, seed))
         return outs, stats
 
-    def sync_weights(self) -> None:
-        """Weights are pushed by the trainer (collective gather first): see ``RayWeightSync``."""
-
     def close(self) -> None:
-        pass
+        """The actor belongs to the driver (``train/ray_launch.py``), which ends it."""

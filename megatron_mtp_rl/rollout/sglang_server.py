@@ -36,12 +36,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The --sglang-* passthrough is split off the command line in flags.py (torch-free, before argparse).
+from megatron_mtp_rl.flags import ENGINE_PREFIX, ROUTER_PREFIX, split_passthrough_args  # noqa: F401
 from megatron_mtp_rl.rollout import sglang_schema as S
 
 log = logging.getLogger(__name__)
-
-ENGINE_PREFIX = "--sglang-"
-ROUTER_PREFIX = "--sglang-router-"
 
 
 # SGLang's /health runs a one-token generation by default; while a weight sync pauses the
@@ -53,30 +52,6 @@ DEFAULT_ENGINE_ENV = {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"}
 
 class SGLangServerError(RuntimeError):
     """An engine or the router did not come up (or stay up)."""
-
-
-def split_passthrough_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
-    """(engine flags, router flags, the rest) from a command line.
-
-    ``--sglang-router-X v`` → router ``--X v``; ``--sglang-X v`` → engine ``--X v``; ``=`` forms
-    and flags with several values (up to the next ``--`` token) or none (booleans) are kept as
-    written. Everything else is returned untouched, in order.
-    """
-    engine: list[str] = []
-    router: list[str] = []
-    rest: list[str] = []
-    target = rest
-    for tok in argv:
-        if tok.startswith(ROUTER_PREFIX) and len(tok) > len(ROUTER_PREFIX):
-            target = router
-            tok = "--" + tok[len(ROUTER_PREFIX) :]
-        elif tok.startswith(ENGINE_PREFIX) and len(tok) > len(ENGINE_PREFIX):
-            target = engine
-            tok = "--" + tok[len(ENGINE_PREFIX) :]
-        elif tok.startswith("--"):
-            target = rest
-        target.append(tok)
-    return engine, router, rest
 
 
 def _flag_given(flags: Sequence[str], *names: str) -> bool:

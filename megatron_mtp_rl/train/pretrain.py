@@ -7,48 +7,29 @@ task, then saves a checkpoint that ``mtp-rl train --load DIR --finetune`` starts
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from megatron.core import parallel_state
 
+from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.models import pack_sequences
 from megatron_mtp_rl.rl.loss import step_denominators
-from megatron_mtp_rl.train.arguments import parse_args
+from megatron_mtp_rl.rollout.local_engine import LocalEngine
+from megatron_mtp_rl.rollout.manager import RolloutManager
+from megatron_mtp_rl.rollout.reward_sandbox import build_scorer
+from megatron_mtp_rl.train.builders import Run, build_run
 from megatron_mtp_rl.train.checkpoint import save_checkpoint
+from megatron_mtp_rl.train.loop import LoopState, evaluate_accuracy, is_logging_rank, trainer_state
 from megatron_mtp_rl.train.metrics import MetricsWriter, print_progress
 from megatron_mtp_rl.train.optim import clip_grads
 from megatron_mtp_rl.train.schedule import forward_backward
-from megatron_mtp_rl.train.setup import build_run
 from megatron_mtp_rl.train.step import reduce_metrics
-from megatron_mtp_rl.train.trainer import Trainer, is_logging_rank
 
-PRETRAIN_DEFAULTS = {
-    "num_steps": 300,
-    "lr": 1e-3,
-    "global_batch_size": 64,
-    "micro_batch_size": 64,
-    "eval_interval": 25,
-}
+# Its defaults (steps, LR, batch sizes) are the "pretrain" preset in config.py:COMMANDS.
 VALIDATION_OFFSET = 20_000_000  # validation problems: training distribution, never the held-out set
 TRAIN_OFFSET = 10_000_000  # supervised problems: disjoint from the RL prompt stream
-
-
-def parse_pretrain_args(argv: list[str] | None = None):
-    """The train flags, with pretraining defaults for steps, LR and batch size."""
-
-    def extend(parser):
-        parser.set_defaults(**PRETRAIN_DEFAULTS)  # --config and the command line override these
-        g = parser.add_argument_group("warm start")
-        g.add_argument(
-            "--stop-at-accuracy",
-            type=float,
-            help="stop once greedy accuracy on validation problems (training distribution) reaches this",
-        )
-
-    args = parse_args(argv, prog="mtp-rl pretrain", extend=extend)
-    args.mtp_regime = "ce"
-    return args
 
 
 def ce_loss(den, mtp_weight: float):
@@ -67,69 +48,88 @@ def ce_loss(den, mtp_weight: float):
     return fn
 
 
-def validation_accuracy(trainer: Trainer, n: int) -> float:
+class Evaluator:
+    """Greedy accuracy with the local engine and in-process scoring (no reward workers, no RL state)."""
+
+    def __init__(self, cfg: RunConfig, run: Run):
+        from megatron_mtp_rl.models.generation import SamplingParams
+
+        self.run = run
+        engine = LocalEngine(run.gpt, vocab_size=run.tokenizer.vocab_size, speculative=False)
+        sampling = SamplingParams(max_new_tokens=cfg.rollout.rollout_max_response_len, eos_id=run.tokenizer.eos_id)
+        scorer = build_scorer(cfg.rollout.reward_fn, workers=0, timeout_s=cfg.rollout.reward_timeout)
+        self.engine = engine
+        self.manager = RolloutManager(engine, run.tokenizer, scorer, n_samples=1, sampling=sampling)
+
+    def __call__(self, prompts=None) -> dict:
+        return evaluate_accuracy(self.run, self.manager, self.engine, prompts)
+
+
+def validation_accuracy(evaluate: Evaluator, run: Run, n: int) -> float:
     """Greedy accuracy on ``n`` problems of the training distribution (not the held-out set)."""
-    prompts = trainer.run.source.take(VALIDATION_OFFSET, n)
-    return trainer.evaluate(prompts)["eval/accuracy"]
+    return evaluate(run.source.take(VALIDATION_OFFSET, n))["eval/accuracy"]
 
 
-def run_pretrain(args) -> dict:
-    run = build_run(args)
-    trainer = Trainer(run)
+def run_pretrain(cfg: RunConfig) -> dict:
+    """Supervised CE on ``prompt → answer<EOS>`` for main and MTP heads; non-finite steps skipped."""
+    run = build_run(cfg)
+    cfg = run.cfg
+    evaluate = Evaluator(cfg, run)
     tok = run.tokenizer
+    op, log = cfg.optim, cfg.log
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    per_rank = args.global_batch_size // dp
+    dp_group = parallel_state.get_data_parallel_group()
+    per_rank = op.global_batch_size // dp
     depths = run.model_args.mtp_num_layers or 0
-    writer = MetricsWriter(args.metrics_jsonl, args.tensorboard_dir, enabled=is_logging_rank())
+    writer = MetricsWriter(log.metrics_jsonl, log.tensorboard_dir, enabled=is_logging_rank())
     t0 = time.perf_counter()
-    last = {}
-    for step in range(1, args.num_steps + 1):
-        start = (step - 1) * args.global_batch_size + dp_rank * per_rank
+    last, skipped = {}, 0
+    for step in range(1, cfg.num_steps + 1):
+        start = (step - 1) * op.global_batch_size + dp_rank * per_rank
         prompts = run.source.take(TRAIN_OFFSET + start, per_rank)
-        seqs = [(trainer.manager.encode_prompt(p), tok.encode(str(p.label)) + [tok.eos_id]) for p in prompts]
+        seqs = [(evaluate.manager.encode_prompt(p), tok.encode(str(p.label)) + [tok.eos_id]) for p in prompts]
         mbs = [
-            pack_sequences(seqs[i : i + args.micro_batch_size], args.seq_length)[0]
-            for i in range(0, len(seqs), args.micro_batch_size)
+            pack_sequences(seqs[i : i + op.micro_batch_size], cfg.data.seq_length)[0]
+            for i in range(0, len(seqs), op.micro_batch_size)
         ]
-        den = step_denominators(mbs, depths, group=parallel_state.get_data_parallel_group())
+        den = step_denominators(mbs, depths, group=dp_group)
         run.model.zero_grad_buffer()
         run.optimizer.zero_grad()
         res = forward_backward(run.model, mbs, ce_loss(den, 1.0 / max(depths, 1)), with_mtp=depths > 0)
-        norms = clip_grads(run.model, args.clip_grad, args.clip_grad)
-        run.optimizer.step()
+        norms = clip_grads(run.model, op.clip_grad, op.clip_grad)
+        # NaN/Inf gradients (norms are collective: every rank agrees) skip the update, as in RL.
+        ok = math.isfinite(norms.main) and math.isfinite(norms.mtp)
+        if ok:
+            ok, _, _ = run.optimizer.step()
+        skipped += not ok
         run.scheduler.step(increment=1)
-        last = reduce_metrics(res, parallel_state.get_data_parallel_group()) if res else {}
+        last = reduce_metrics(res, dp_group) if res else {}
         last["train/grad_norm"] = norms.main
-        if args.stop_at_accuracy is not None and step % args.eval_interval == 0:
-            last["pretrain/val_accuracy"] = validation_accuracy(trainer, 200)
-            if last["pretrain/val_accuracy"] >= args.stop_at_accuracy:
+        last["train/skipped_steps"] = float(skipped)
+        stop = cfg.pretrain.stop_at_accuracy
+        if stop is not None and step % cfg.eval_interval == 0:
+            last["pretrain/val_accuracy"] = validation_accuracy(evaluate, run, 200)
+            if last["pretrain/val_accuracy"] >= stop:
                 writer.log(step, last)
-                if is_logging_rank() and not args.quiet:
+                if is_logging_rank() and not log.quiet:
                     print_progress(
                         f"pretrain step {step} | validation accuracy {last['pretrain/val_accuracy']:.3f} "
-                        f"≥ --stop-at-accuracy {args.stop_at_accuracy}: stopping"
+                        f"≥ --stop-at-accuracy {stop}: stopping"
                     )
                 break
-        if step % 50 == 0 or step == args.num_steps:
+        if step % 50 == 0 or step == cfg.num_steps:
             writer.log(step, last)
-            if is_logging_rank() and not args.quiet:
+            if is_logging_rank() and not log.quiet:
                 ce = " ".join(
                     f"{k.split('/')[1]} {v:.3f}" for k, v in sorted(last.items()) if k.startswith("pretrain/")
                 )
-                print_progress(f"pretrain step {step}/{args.num_steps} | {ce} | {time.perf_counter() - t0:.0f}s")
-    ev = trainer.evaluate()
-    if is_logging_rank() and not args.quiet and ev:
+                print_progress(f"pretrain step {step}/{cfg.num_steps} | {ce} | {time.perf_counter() - t0:.0f}s")
+    ev = evaluate()
+    if is_logging_rank() and not log.quiet and ev:
         print_progress(f"pretrain done | held-out accuracy {ev['eval/accuracy']:.3f}")
     writer.close()
-    if args.save:
-        trainer.step = 0
-        save_checkpoint(
-            args.save,
-            args.num_steps,
-            run.model,
-            run.optimizer,
-            trainer.trainer_state(),
-            args.keep_last,
-        )
+    if cfg.ckpt.save:
+        state = trainer_state(run, LoopState())
+        save_checkpoint(cfg.ckpt.save, cfg.num_steps, run.model, run.optimizer, state, cfg.ckpt.keep_last)
     return {**last, **ev}

@@ -29,45 +29,27 @@ class TrainerActor:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def run(self, args, env: dict, rollout_actor) -> list[dict]:
+    def run(self, cfg, env: dict, rollout_actor) -> list[dict]:
+        """One trainer rank; its engine is the rollout actor (weights pushed: builders.build_engine)."""
         os.environ.update(env)
         from megatron_mtp_rl import platform
-        from megatron_mtp_rl.rollout.ray_engine import RayRolloutEngine
-        from megatron_mtp_rl.train.trainer import run_training
+        from megatron_mtp_rl.train.loop import run_training
 
         try:
-            return run_training(args, engine=RayRolloutEngine(rollout_actor), weight_push=_push_to(rollout_actor))
+            return run_training(cfg, rollout_actor=rollout_actor)
         finally:
             platform.destroy()
 
 
-def _push_to(actor):
-    """Weight push for the trainer: gather full tensors (collective), rank 0 sends them."""
-
-    def push(model, version: int) -> dict:
-        import torch.distributed as dist
-
-        from megatron_mtp_rl.models.hf_mapping import gather_full_state
-        from megatron_mtp_rl.models.mtp_forward import unwrap
-
-        state = gather_full_state(unwrap(model))
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            cpu = {k: v.detach().cpu() for k, v in state.items()}
-            ray.get(actor.load_weights.remote(cpu, version))
-        return {"rollout/weight_version": float(version)}
-
-    return push
-
-
-def launch(args) -> list[dict]:
+def launch(cfg) -> list[dict]:
     """Run the job on Ray; returns rank 0's metrics history."""
+    from megatron_mtp_rl.config import resolve_model_args
     from megatron_mtp_rl.models.presets import ModelArgs  # noqa: F401  (imported for pickling)
     from megatron_mtp_rl.rollout.ray_engine import RolloutActor
     from megatron_mtp_rl.rollout.tokenizer import build_tokenizer
-    from megatron_mtp_rl.train.setup import model_args_from
 
-    world = args.ray_num_trainers
-    gpus = 1 if args.ray_gpus_per_trainer else 0
+    world = cfg.ray.ray_num_trainers
+    gpus = 1 if cfg.ray.ray_gpus_per_trainer else 0
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address="auto")
@@ -80,21 +62,21 @@ def launch(args) -> list[dict]:
                 log_to_driver=True,
             )
     bundles = [{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1} for _ in range(world)]
-    disaggregated = args.ray_rollout_placement == "disaggregated"
+    disaggregated = cfg.ray.ray_rollout_placement == "disaggregated"
     if disaggregated:
         bundles.append({"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1})
     pg = placement_group(bundles, strategy="PACK")
     ray.get(pg.ready())
     try:
-        tok = build_tokenizer(args.tokenizer)
-        margs = model_args_from(args, tok.vocab_size)
+        tok = build_tokenizer(cfg.data.tokenizer)
+        margs = resolve_model_args(cfg, tok.vocab_size)
         rollout_bundle = world if disaggregated else 0
         share = 0.0 if disaggregated else 0.5  # colocated: shares rank 0's bundle
         rollout = RolloutActor.options(
             num_cpus=1 if disaggregated else share,
             num_gpus=gpus if disaggregated else share * gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rollout_bundle),
-        ).remote(margs.__dict__, seed=args.seed, speculative=args.local_spec_decode, vocab_size=tok.vocab_size)
+        ).remote(margs.__dict__, seed=cfg.seed, speculative=cfg.rollout.local_spec_decode, vocab_size=tok.vocab_size)
         trainers = [
             TrainerActor.options(
                 num_cpus=1 - (share if (i == 0 and not disaggregated) else 0.0),
@@ -114,7 +96,7 @@ def launch(args) -> list[dict]:
                 "MASTER_ADDR": master,
                 "MASTER_PORT": str(port),
             }
-            runs.append(t.run.remote(args, env, rollout))
+            runs.append(t.run.remote(cfg, env, rollout))
         histories = ray.get(runs)
         return histories[0]
     finally:

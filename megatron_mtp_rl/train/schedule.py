@@ -24,20 +24,14 @@ from megatron_mtp_rl.models.mtp_forward import HeadLogProbs, forward_logprobs
 LossFn = Callable[[TokenBatch, HeadLogProbs], tuple[torch.Tensor, dict]]
 
 
-def configure(model: torch.nn.Module, finalize_hook: Callable | None = None) -> None:
-    """Install the grad-finalisation hook on the model config (once per model).
+def configure(model: torch.nn.Module) -> None:
+    """Install megatron's grad finalisation (DP all-reduce) and no-sync on the model config.
 
-    ``finalize_hook(model_chunks)`` runs right after megatron's ``finalize_model_grads``,
-    i.e. once per optimizer step after the last micro-batch: the OCC reducer lives there.
+    Nothing else runs inside the schedule: the OCC reduce is called by the update phase
+    (``train/step.py:train_step``) right before ``optimizer.step()``.
     """
     config = model.config
-
-    def finalize(model_chunks, num_tokens=None, **kwargs):
-        finalize_model_grads(model_chunks, num_tokens, **kwargs)
-        if finalize_hook is not None:
-            finalize_hook(model_chunks)
-
-    config.finalize_model_grads_func = finalize
+    config.finalize_model_grads_func = finalize_model_grads
     if hasattr(model, "no_sync"):
         config.no_sync_func = model.no_sync
 

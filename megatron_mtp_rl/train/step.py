@@ -1,28 +1,171 @@
-"""One optimizer step of RL: old log-probs pass, forward/backward, OCC reduce, clip, step."""
+"""One RL step, as named phases read top to bottom:
+
+    generate → score → advantages → old/ref log-probs → updates → weight sync → metrics
+
+:func:`rl_step` calls them in that order; each phase is one function below, in the same order.
+The update phase (:func:`update`) calls the OCC reduce visibly, right before ``optimizer.step()``.
+
+Everything a step does is determined by (seed, step, DP rank) and the data cursor, so a run
+resumed from a checkpoint reproduces the metrics of an uninterrupted run.
+"""
 
 from __future__ import annotations
 
 import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_mtp_rl.config import RunConfig
+from megatron_mtp_rl.models import pack_sequences
+from megatron_mtp_rl.rl.advantages import overlong_penalty
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
 from megatron_mtp_rl.rl.occ import OCCEstimator
+from megatron_mtp_rl.rollout.engine import RolloutEngine
+from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
 from megatron_mtp_rl.train import faults
-from megatron_mtp_rl.train.optim import clip_grads
+from megatron_mtp_rl.train.builders import Reference, Rollout, Run
+from megatron_mtp_rl.train.optim import clip_grads, param_norm, split_parameters
 from megatron_mtp_rl.train.schedule import configure, forward_backward
 
 
-def attach_occ(model: torch.nn.Module, occ: OCCEstimator | None) -> None:
-    """Make megatron's ``finalize_model_grads_func`` run the OCC reducer once per step."""
+@dataclass
+class StepContext:
+    """Everything one RL step reads; built once by ``train/loop.py`` from the builders."""
 
-    def hook(_chunks):
-        if occ is not None and parallel_state.is_pipeline_last_stage():
-            occ.reduce()
+    cfg: RunConfig
+    run: Run  # model, optimizer, scheduler, OCC, data source
+    engine: RolloutEngine  # generates; sync_weights() after the updates
+    rollout: Rollout  # manager + --rollout-function + --dynamic-sampling-filter
+    advantage_fn: Callable  # --advantage-estimator
+    loss_cfg: RLLossConfig
+    reference: Reference | None  # --kl-coef > 0
 
-    configure(model, finalize_hook=hook)
+
+def step_seed(seed: int, step: int, dp_rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + dp_rank * 104_729) % (2**62)
+
+
+def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
+    """Run RL step ``step`` (1-based) from data position ``cursor``; (metrics, next cursor)."""
+    faults.current_step = step
+    t0 = time.perf_counter()
+    batch, cursor = generate(ctx, step, cursor)
+    raw, shaped, metrics = score(ctx, batch)
+    adv = advantages(ctx, shaped)
+    t_train = time.perf_counter()
+    minibatches = pack_minibatches(ctx, batch.samples, adv, step)
+    old_and_ref_logprobs(ctx, minibatches)
+    per_update = [update_and_schedule(ctx, m) for m in minibatches]
+    metrics.update(average_updates(per_update))
+    metrics.update(sync_weights(ctx))
+    metrics.update(step_metrics(ctx, batch.samples, len(minibatches), t0, t_train))
+    return metrics, cursor
+
+
+# -- phase 1: generate (rewards are scored inside: the group filter needs them) ----------------
+def generate(ctx: StepContext, step: int, cursor: int) -> tuple[RolloutBatch, int]:
+    """This DP rank's groups of samples, with rewards; advances the shared data cursor."""
+    cfg = ctx.cfg
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    consumed = [0]
+
+    def fetch(count: int):
+        idx = [cursor + (consumed[0] + k) * dp + dp_rank for k in range(count)]
+        consumed[0] += count
+        return [p for i in idx for p in ctx.run.source.take(i, 1)]
+
+    batch = on_mp_leader(
+        ctx.engine,
+        lambda: ctx.rollout.rollout_fn(
+            ctx.rollout.manager,
+            fetch,
+            num_prompts=cfg.rollout.rollout_batch_size // dp,
+            seed=step_seed(cfg.seed, step, dp_rank),
+            group_filter=ctx.rollout.group_filter,
+            max_rounds=cfg.algo.max_sampling_rounds,
+        ),
+    )
+    return batch, cursor + max_over_dp(batch.prompts_consumed) * dp
+
+
+# -- phase 2: score (reward shaping, accuracy) ------------------------------------------------
+def score(ctx: StepContext, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(raw rewards, shaped rewards, rollout metrics): DAPO's overlong penalty is the shaping."""
+    al, ro = ctx.cfg.algo, ctx.cfg.rollout
+    raw = torch.tensor([s.reward for s in batch.samples], dtype=torch.float32)
+    shaped = raw.clone()
+    if al.overlong_buffer_len:
+        lengths = torch.tensor([len(s.response_ids) for s in batch.samples])
+        shaped += overlong_penalty(
+            lengths,
+            max_len=ro.rollout_max_response_len,
+            buffer_len=min(al.overlong_buffer_len, ro.rollout_max_response_len),
+            penalty_factor=al.overlong_penalty_factor,
+        )
+    metrics = dict(batch.metrics)
+    metrics["rollout/accuracy"] = float((raw >= 1.0 - 1e-6).float().mean())
+    if hasattr(ctx.run.source, "skipped"):
+        metrics["data/skipped_rows"] = float(ctx.run.source.skipped)
+    metrics["rollout/reward_mean"] = float(shaped.mean())
+    return raw, shaped, metrics
+
+
+# -- phase 3: advantages ------------------------------------------------------------------------
+def advantages(ctx: StepContext, shaped: torch.Tensor) -> torch.Tensor:
+    """Per-sample advantages from the ``--advantage-estimator`` (GRPO by default)."""
+    return ctx.advantage_fn(shaped, ctx.cfg.rollout.n_samples_per_prompt, ctx.cfg.algo)
+
+
+def pack_minibatches(ctx: StepContext, samples: list[Sample], adv: torch.Tensor, step: int) -> list[list[RLBatch]]:
+    """Shuffle this rank's samples and cut them into mini-batches of micro-batches."""
+    cfg = ctx.cfg
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    order = list(range(len(samples)))
+    random.Random(step_seed(cfg.seed, step, dp_rank) + 1).shuffle(order)
+    per_step = cfg.optim.global_batch_size // dp
+    pad_rows = cfg.parallel.pipeline_model_parallel_size > 1
+    out = []
+    for s in range(0, len(order), per_step):
+        ids = order[s : s + per_step]
+        out.append(
+            build_micro_batches(
+                [samples[i] for i in ids],
+                [float(adv[i]) for i in ids],
+                cfg.optim.micro_batch_size,
+                cfg.data.seq_length,
+                pad_rows,
+            )
+        )
+    return out
+
+
+def build_micro_batches(samples: list[Sample], advantages: list[float], mbs: int, seq_length: int, pad_rows: bool):
+    """Pack samples (``mbs`` per micro-batch) into RLBatches with per-token advantages."""
+    out = []
+    for s in range(0, len(samples), mbs):
+        chunk = samples[s : s + mbs]
+        seqs = [(x.prompt_ids, x.response_ids) for x in chunk]
+        batch, where = pack_sequences(seqs, seq_length, rows=mbs if pad_rows else None)
+        adv = torch.zeros(batch.tokens.shape, dtype=torch.float32)
+        for x, a, (row, start, n) in zip(chunk, advantages[s : s + mbs], where):
+            adv[row, start + len(x.prompt_ids) - 1 : start + n - 1] = a
+        out.append(RLBatch(**batch.__dict__, advantages=adv))
+    return out
+
+
+# -- phase 4: old and reference log-probs -----------------------------------------------------
+def old_and_ref_logprobs(ctx: StepContext, minibatches: list[list[RLBatch]]) -> None:
+    """θ_old scores every micro-batch (main and, when trained, MTP heads); the reference too."""
+    all_mbs = [mb for m in minibatches for mb in m]
+    compute_old_logprobs(ctx.run.model, all_mbs, with_mtp=ctx.loss_cfg.regime.runs_mtp)
+    if ctx.reference is not None:
+        ctx.reference.score(all_mbs)
 
 
 @torch.no_grad()
@@ -39,29 +182,15 @@ def compute_old_logprobs(model, micro_batches: list[RLBatch], *, with_mtp: bool)
         batch.old_mtp_logprobs = out.mtp_logprobs.detach() if out.mtp_logprobs is not None else None
 
 
-def reduce_metrics(per_microbatch: list[dict], group=None) -> dict[str, float]:
-    """Σ (sum, count) over micro-batches and DP ranks; value = sum/count (or sum if count=0)."""
-    if not per_microbatch:
-        return {}
-    keys = sorted(per_microbatch[0])
-    t = torch.stack([torch.stack([m[k] for m in per_microbatch]).sum(0) for k in keys]).double()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    out = {}
-    for k, (s, c) in zip(keys, t.tolist()):
-        out[k] = s / c if c > 0 else s
-    return out
-
-
-def _poisoned(loss_fn):
-    """Fault injection: the same loss times NaN (gradients become NaN everywhere)."""
-
-    def fn(batch, out):
-        loss, metrics = loss_fn(batch, out)
-        return loss * float("nan"), metrics
-
-    fn.forward_kwargs = loss_fn.forward_kwargs
-    return fn
+# -- phase 5: updates -----------------------------------------------------------------------------
+def update_and_schedule(ctx: StepContext, micro_batches: list[RLBatch]) -> dict:
+    """One optimizer update on a mini-batch, then one LR-scheduler step."""
+    r, op = ctx.run, ctx.cfg.optim
+    metrics = train_step(
+        r.model, r.optimizer, micro_batches, ctx.loss_cfg, r.occ, clip_grad=op.clip_grad, clip_grad_mtp=op.clip_grad_mtp
+    )
+    r.scheduler.step(increment=1)
+    return metrics
 
 
 def train_step(
@@ -75,7 +204,7 @@ def train_step(
     clip_grad_mtp: float | None = None,
     mtp_coef_override: list[float] | None = None,
 ) -> dict[str, float]:
-    """Run one optimizer step over ``micro_batches`` (this rank's share of the mini-batch).
+    """forward/backward → OCC reduce → clip (main and MTP apart) → ``optimizer.step()``.
 
     Non-finite gradients skip ``optimizer.step()`` on every rank (grad norms are
     collective, so all ranks agree) and count ``train/skipped_steps``.
@@ -90,6 +219,10 @@ def train_step(
     model.zero_grad_buffer()
     optimizer.zero_grad()
     results = forward_backward(model, micro_batches, loss_fn, **loss_fn.forward_kwargs())
+    # OCC: the statistics the loss accumulated over this mini-batch are all-reduced over DP and
+    # λ for the NEXT update is computed (every DP rank of the last stage gets the same λ).
+    if occ is not None and parallel_state.is_pipeline_last_stage():
+        occ.reduce()
     norms = clip_grads(model, clip_grad, clip_grad if clip_grad_mtp is None else clip_grad_mtp)
     skipped = not (math.isfinite(norms.main) and math.isfinite(norms.mtp))
     if not skipped:
@@ -104,3 +237,103 @@ def train_step(
     metrics["train/grad_norm_mtp"] = norms.mtp
     metrics["train/skipped_steps"] = float(skipped)
     return metrics
+
+
+def attach_occ(model: torch.nn.Module, occ: OCCEstimator | None = None) -> None:
+    """Deprecated: install megatron's grad finalisation; :func:`train_step` now calls the OCC reduce."""
+    configure(model)
+
+
+def _poisoned(loss_fn):
+    """Fault injection: the same loss times NaN (gradients become NaN everywhere)."""
+
+    def fn(batch, out):
+        loss, metrics = loss_fn(batch, out)
+        return loss * float("nan"), metrics
+
+    fn.forward_kwargs = loss_fn.forward_kwargs
+    return fn
+
+
+def reduce_metrics(per_microbatch: list[dict], group=None) -> dict[str, float]:
+    """Σ (sum, count) over micro-batches and DP ranks; value = sum/count (or sum if count=0)."""
+    if not per_microbatch:
+        return {}
+    keys = sorted(per_microbatch[0])
+    t = torch.stack([torch.stack([m[k] for m in per_microbatch]).sum(0) for k in keys]).double()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    out = {}
+    for k, (s, c) in zip(keys, t.tolist()):
+        out[k] = s / c if c > 0 else s
+    return out
+
+
+def average_updates(per_update: list[dict]) -> dict:
+    """Mean over the step's optimizer updates; λ and event counters: the last value."""
+    out = {}
+    last_only = ("occ/lambda_", "occ/guard_events")
+    for k in per_update[0]:
+        vals = [u[k] for u in per_update if k in u]
+        if k.startswith(last_only):
+            out[k] = vals[-1]
+        elif k == "train/skipped_steps":
+            out[k] = float(sum(vals))
+        else:
+            finite = [v for v in vals if v == v]
+            out[k] = sum(finite) / len(finite) if finite else float("nan")
+    return out
+
+
+# -- phase 6: weight sync ---------------------------------------------------------------------
+def sync_weights(ctx: StepContext) -> dict:
+    """Push the updated weights to the engine (collective; a no-op for the local engine)."""
+    if not ctx.engine.remote:
+        return ctx.engine.sync_weights()
+    t = time.perf_counter()
+    metrics = dict(ctx.engine.sync_weights())
+    metrics["perf/weight_sync_time"] = time.perf_counter() - t
+    return metrics
+
+
+# -- phase 7: metrics -------------------------------------------------------------------------
+def step_metrics(ctx: StepContext, samples: list[Sample], updates: int, t0: float, t_train: float) -> dict:
+    """Parameter norms, LR and throughput (the phases above add their own metrics)."""
+    r = ctx.run
+    main, mtp = split_parameters(r.gpt)
+    m = {
+        "train/param_norm_main": param_norm(main),
+        "train/param_norm_mtp": param_norm(mtp),
+        "train/lr": r.optimizer.param_groups[0]["lr"],
+        "train/updates": float(updates),
+        "perf/train_time": time.perf_counter() - t_train,
+        "perf/step_time": time.perf_counter() - t0,
+    }
+    tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    m["perf/tokens_per_s"] = tokens * parallel_state.get_data_parallel_world_size() / max(m["perf/step_time"], 1e-9)
+    return m
+
+
+# -- helpers shared by the phases and evaluation ----------------------------------------------
+def on_mp_leader(engine: RolloutEngine, fn):
+    """Local engine: every rank runs ``fn`` (generation is a collective forward).
+
+    Remote engine: only the first rank of each model-parallel (TP×PP) group talks to it; the
+    result is broadcast to the rest of its group, so a sample is generated once.
+    """
+    if not engine.remote:
+        return fn()
+    group = parallel_state.get_model_parallel_group()
+    ranks = dist.get_process_group_ranks(group) if dist.is_initialized() else [0]
+    if len(ranks) == 1:
+        return fn()
+    box = [fn() if dist.get_rank() == ranks[0] else None]
+    dist.broadcast_object_list(box, src=ranks[0], group=group)
+    return box[0]
+
+
+def max_over_dp(x: int) -> int:
+    t = torch.tensor([x], dtype=torch.long)
+    if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    return int(t.item())

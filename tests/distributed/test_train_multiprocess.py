@@ -9,11 +9,11 @@ from tests.e2e.test_train import FAST
 
 
 def _worker(rank, world, extra, out_dir):
-    from megatron_mtp_rl.train.arguments import parse_args
-    from megatron_mtp_rl.train.trainer import run_training
+    from megatron_mtp_rl.config import parse_config
+    from megatron_mtp_rl.train.loop import run_training
 
-    args = parse_args([*FAST, "--num-steps", "2", "--metrics-jsonl", f"{out_dir}/m.jsonl", *extra])
-    return run_training(args)
+    cfg = parse_config([*FAST, "--num-steps", "2", "--metrics-jsonl", f"{out_dir}/m.jsonl", *extra])
+    return run_training(cfg)
 
 
 @pytest.mark.parametrize("extra", [[], ["--tensor-model-parallel-size", "2"]], ids=["dp2", "tp2"])

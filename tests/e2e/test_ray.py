@@ -5,14 +5,14 @@ import math
 import pytest
 import ray  # installed by the test extra
 
-from megatron_mtp_rl.train.arguments import parse_args
+from megatron_mtp_rl.config import parse_config
 from megatron_mtp_rl.train.ray_launch import launch
 from tests.e2e.test_train import FAST
 
 
 @pytest.mark.parametrize("placement, trainers", [("disaggregated", 2)])
 def test_two_rl_steps_on_ray(tmp_path, placement, trainers):
-    args = parse_args(
+    cfg = parse_config(
         [
             *FAST,
             "--num-steps",
@@ -27,7 +27,7 @@ def test_two_rl_steps_on_ray(tmp_path, placement, trainers):
         ]  # fmt: skip
     )
     try:
-        hist = launch(args)
+        hist = launch(cfg)
     finally:
         ray.shutdown()
     assert [h["step"] for h in hist] == [0, 1, 2]

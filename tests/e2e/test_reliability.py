@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mtp_rl.train.arguments import parse_args
-from megatron_mtp_rl.train.setup import ConfigError, model_args_from, validate
-from megatron_mtp_rl.train.trainer import run_training
+from megatron_mtp_rl.config import parse_config, resolve_model_args, validate
+from megatron_mtp_rl.config import parse_config as parse_args
+from megatron_mtp_rl.train.loop import run_training
+from megatron_mtp_rl.train.setup import ConfigError
 from tests.dist_utils import run_ranks
 from tests.e2e.test_train import FAST, _strip
 
@@ -19,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _problems(*flags, world=1):
-    args = parse_args([*FAST, *flags])
-    return validate(args, model_args_from(args, 18), world)
+    cfg = parse_config([*FAST, *flags])
+    return validate(cfg, world, resolve_model_args(cfg, 18))
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mtp_rl.train.arguments import parse_args
-from megatron_mtp_rl.train.setup import build_run
-from megatron_mtp_rl.train.trainer import Trainer
+from megatron_mtp_rl.config import parse_config
+from megatron_mtp_rl.train.loop import close, prepare
+from megatron_mtp_rl.train.step import rl_step
 from tests.dist_utils import free_port
 from tests.e2e.test_train import FAST
 
@@ -30,7 +30,7 @@ def _state(url):
 @pytest.mark.parametrize("mode", ["tensor", "distributed", "disk"])
 def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
     ports = [free_port(span=11), 0, free_port()]  # engines at base and base + 10
-    args = parse_args(
+    cfg = parse_config(
         [
             *FAST,
             "--preset",
@@ -63,18 +63,16 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
             str(tmp_path / "m.jsonl"),
         ]  # fmt: skip
     )
-    # The second engine listens on base + 10; make sure it is free too.
-    args.rollout_base_port = ports[0]
-    trainer = Trainer(build_run(args))
+    ctx, state = prepare(cfg)
     try:
-        trainer.maybe_load()
-        trainer.start_engine()
-        engine_urls = list(trainer.engine.engine_urls)
-        hist = [trainer.rl_step() for _ in range(2)]
+        engine_urls = list(ctx.engine.client.engine_urls)
+        hist = []
+        for step in (1, 2):
+            m, state.cursor = rl_step(ctx, step, state.cursor)
+            hist.append(m)
         states = [_state(u) for u in engine_urls]
     finally:
-        trainer.close_engine()
-        trainer.scorer.close()
+        close(ctx)
     assert (tmp_path / "hf/init/model.safetensors").exists() and (tmp_path / "hf/init/config.json").exists()
     for h in hist:
         assert h["rollout/spec_accept_len"] > 1.0
@@ -96,7 +94,7 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
         assert (tmp_path / "hf/sync/v2/model.safetensors").exists()
         return
     assert hist[0]["rollout/weight_buckets"] > 1  # 64 KiB buckets: several per sync
-    names = [n for b in trainer.weight_sync.last_buckets for n in b]
+    names = [n for b in ctx.engine.push.last_buckets for n in b]
     assert len(names) == len(set(names))  # every tensor exactly once
     assert any(n.startswith("model.layers.2.") and "eh_proj" in n for n in names)  # MTP depth 1 (DeepSeek naming)
     assert any(n.startswith("model.layers.3.") for n in names)  # MTP depth 2

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from megatron_mtp_rl.rl import REGIMES
-from megatron_mtp_rl.train.arguments import parse_args
-from megatron_mtp_rl.train.trainer import run_training
+from megatron_mtp_rl.config import REGIMES, parse_config
+from megatron_mtp_rl.errors import ConfigError
+from megatron_mtp_rl.train.loop import run_training
 
 FAST = [
     "--preset", "tiny-dense", "--rollout-batch-size", "4", "--n-samples-per-prompt", "4",
@@ -25,8 +25,8 @@ OCC_KEYS = ["occ/lambda_1", "occ/lambda_2", "occ/alignment_1", "occ/variance_2",
 
 
 def _run(tmp_path, *extra):
-    args = parse_args([*FAST, "--metrics-jsonl", str(tmp_path / "m.jsonl"), *extra])
-    return run_training(args)
+    cfg = parse_config([*FAST, "--metrics-jsonl", str(tmp_path / "m.jsonl"), *extra])
+    return run_training(cfg)
 
 
 def _finite(row, keys):
@@ -87,14 +87,14 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
 def test_config_file_and_errors(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("num-steps: 1\nmtp_regime: detach\n")
-    args = parse_args([*FAST, "--config", str(cfg)])
-    assert args.num_steps == 1 and args.mtp_regime == "detach"
-    args = parse_args([*FAST, "--config", str(cfg), "--num-steps", "2"])
-    assert args.num_steps == 2  # the command line wins over the file
+    run = parse_config([*FAST, "--config", str(cfg)])
+    assert run.num_steps == 1 and run.mtp.mtp_regime == "detach"
+    run = parse_config([*FAST, "--config", str(cfg), "--num-steps", "2"])
+    assert run.num_steps == 2  # the command line wins over the file
     bad = tmp_path / "bad.yaml"
     bad.write_text("num-steps: 1\n\nnot-a-flag: 3\n")
-    with pytest.raises(SystemExit, match=r"bad.yaml:3: unknown key 'not-a-flag'"):
-        parse_args(["--config", str(bad)])
+    with pytest.raises(ConfigError, match=r"bad.yaml:3: unknown key 'not-a-flag'"):
+        parse_config(["--config", str(bad)])
 
 
 def test_prompt_file_with_math_verify_and_a_custom_reward(tmp_path):

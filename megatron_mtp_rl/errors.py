@@ -1,0 +1,14 @@
+"""User mistakes that end a run with one line (``error: ...``, exit code 2), never a traceback.
+
+Torch-free so the CLI can catch them without importing the training stack.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A flag, config-file value or flag combination that cannot work; the message says which and why."""
+
+
+class DataError(ValueError):
+    """Input data that cannot be used (a malformed prompt row, a missing file); names the file and line."""

@@ -1,0 +1,366 @@
+"""Builders: one function per component of a run, each reading only the config sections it needs.
+
+``build_run`` (validate, parallel state, tokenizer, data, model, optimizer, OCC) →
+``build_engine`` (local / SGLang / Ray actor, weight sync included) → ``build_reference`` (KL) →
+``build_loss`` → ``build_rollout`` (manager, reward scorer, extension points).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_mtp_rl import platform
+from megatron_mtp_rl.config import RunConfig, check, resolve_model_args
+from megatron_mtp_rl.errors import ConfigError
+from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.models.presets import ModelArgs
+from megatron_mtp_rl.models.provider import build_model as build_gpt
+from megatron_mtp_rl.rl import OCCConfig, OCCEstimator, RLLossConfig, grpo_advantages, zero_alignment_warning
+from megatron_mtp_rl.rl.regimes import get_regime
+from megatron_mtp_rl.rollout.data import ArithTask, FilePromptSource
+from megatron_mtp_rl.rollout.engine import RemoteEngine, RolloutEngine
+from megatron_mtp_rl.rollout.local_engine import LocalEngine
+from megatron_mtp_rl.rollout.manager import RolloutManager
+from megatron_mtp_rl.rollout.reward_sandbox import build_scorer
+from megatron_mtp_rl.rollout.tokenizer import build_tokenizer
+from megatron_mtp_rl.train.optim import build_optimizer, wrap_ddp
+from megatron_mtp_rl.train.schedule import configure, forward_backward
+
+
+@dataclass
+class Run:
+    """What every command trains: the model (bare and DDP-wrapped), its optimizer, data, OCC."""
+
+    cfg: RunConfig
+    model_args: ModelArgs
+    tokenizer: object
+    source: object  # a PromptSource: take(start, count), eval_prompts()
+    gpt: torch.nn.Module  # the GPTModel (generation, export, parameter norms)
+    model: torch.nn.Module  # DDP-wrapped (training, checkpoints)
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    occ: OCCEstimator | None
+
+
+def warn(msg: str) -> None:
+    """A start-up warning on stderr, once (global rank 0)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def load_extension(spec: str, flag: str) -> Callable:
+    """``module:function`` or ``module.function`` → the callable; a bad path is a ConfigError."""
+    module, sep, name = spec.partition(":")
+    if not sep:
+        module, _, name = spec.rpartition(".")
+    if not module or not name:
+        raise ConfigError(f"{flag} {spec!r}: expected 'module:function' (or 'module.function')")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{flag} {spec!r}: cannot load ({e})") from None
+    if not callable(fn):
+        raise ConfigError(f"{flag} {spec!r} is not callable")
+    return fn
+
+
+# -- the run: parallel state, data, model, optimizer ------------------------------------------
+def build_run(cfg: RunConfig) -> Run:
+    """Validate (every problem at once), initialise torch.distributed, build model and data."""
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    model_args = resolve_model_args(cfg, tokenizer.vocab_size)
+    check(cfg, int(os.environ.get("WORLD_SIZE", "1")), model_args)
+    par = cfg.parallel
+    sizes = platform.ParallelSizes(
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        context_parallel_size=par.context_parallel_size,
+    )
+    platform.initialize(sizes, seed=cfg.seed)
+    cfg = cfg.replace(device=platform.device().type)
+    source = build_data_source(cfg, tokenizer)
+    gpt, model, optimizer, scheduler = build_model(cfg, model_args)
+    occ = build_occ(cfg, model_args)
+    if cfg.command == "train":
+        msg = zero_alignment_warning(
+            regime=cfg.mtp.mtp_regime, reduce=cfg.mtp.occ_reduce, minibatches_per_rollout=updates_per_step(cfg)
+        )
+        if msg:
+            warn(msg)
+    return Run(cfg, model_args, tokenizer, source, gpt, model, optimizer, scheduler, occ)
+
+
+def updates_per_step(cfg: RunConfig) -> int:
+    """Optimizer steps per RL step: rollout samples / global batch size."""
+    ro = cfg.rollout
+    return max(1, ro.rollout_batch_size * ro.n_samples_per_prompt // cfg.optim.global_batch_size)
+
+
+def build_data_source(cfg: RunConfig, tokenizer):
+    """``--data-source module:function(cfg, tokenizer)``, else ``--prompt-data``, else the arith task."""
+    d = cfg.data
+    if d.data_source:
+        return load_extension(d.data_source, "--data-source")(cfg, tokenizer)
+    if d.prompt_data:
+        return FilePromptSource(
+            d.prompt_data,
+            input_key=d.input_key,
+            label_key=d.label_key,
+            seed=cfg.seed,
+            template=d.prompt_template,
+            max_prompt_tokens=d.seq_length - cfg.rollout.rollout_max_response_len - 1,
+            tokenizer=tokenizer,
+            on_bad_row=d.on_bad_row,
+            eval_path=d.eval_data,
+        )
+    return ArithTask(seed=cfg.seed, digits=d.arith_digits, ops=d.arith_ops, num_eval=d.num_eval_prompts)
+
+
+def build_model(cfg: RunConfig, model_args: ModelArgs):
+    """(GPTModel, DDP-wrapped model, optimizer, LR scheduler); the schedule hook installed."""
+    op = cfg.optim
+    gpt = build_gpt(model_args)
+    model = wrap_ddp(gpt)
+    configure(model)
+    optimizer = build_optimizer(
+        model, lr=op.lr, weight_decay=op.weight_decay, adam_beta1=op.adam_beta1, adam_beta2=op.adam_beta2
+    )
+    total_updates = max(1, cfg.num_steps * (updates_per_step(cfg) if cfg.command == "train" else 1))
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if op.lr_warmup_steps else op.lr,
+        max_lr=op.lr,
+        min_lr=op.min_lr,
+        lr_warmup_steps=op.lr_warmup_steps,
+        lr_decay_steps=total_updates,
+        lr_decay_style=op.lr_decay_style,
+        start_wd=op.weight_decay,
+        end_wd=op.weight_decay,
+        wd_incr_steps=total_updates,
+        wd_incr_style="constant",
+    )
+    return gpt, model, optimizer, scheduler
+
+
+def build_occ(cfg: RunConfig, model_args: ModelArgs) -> OCCEstimator | None:
+    """OCC's λ estimator when the regime trains MTP layers (``--mtp-regime``, ``--occ-*``)."""
+    mt = cfg.mtp
+    if cfg.command != "train" or not get_regime(mt.mtp_regime).runs_mtp or not model_args.mtp_num_layers:
+        return None
+    occ_cfg = OCCConfig(
+        ratio=mt.occ_ratio,
+        eps=mt.occ_eps,
+        lo=mt.occ_min,
+        hi=mt.occ_max,
+        ema=mt.occ_ema,
+        init=mt.occ_init,
+        baseline=mt.occ_baseline,
+        reduce=mt.occ_reduce,
+    )
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return OCCEstimator(model_args.mtp_num_layers, occ_cfg, group=group)
+
+
+# -- the loss ---------------------------------------------------------------------------------
+def build_loss(cfg: RunConfig) -> RLLossConfig:
+    """The RL loss terms (``--eps-clip`` ..., ``--kl-*``, ``--entropy-coef``, ``--mtp-*``)."""
+    al, mt = cfg.algo, cfg.mtp
+    return RLLossConfig(
+        eps_clip=al.eps_clip,
+        eps_clip_high=al.eps_clip_high,
+        eps_clip_c=al.eps_clip_c,
+        loss_agg_mode=al.loss_agg_mode,
+        ratio_type=al.ratio_type,
+        kl_coef=al.kl_coef,
+        kl_type=al.kl_type,
+        entropy_coef=al.entropy_coef,
+        mtp_regime=mt.mtp_regime,
+        mtp_loss_coef=mt.mtp_loss_coef,
+    )
+
+
+# -- the reference model (KL) -----------------------------------------------------------------
+class Reference:
+    """A frozen second model scoring the main head's log-probs through the same schedule."""
+
+    def __init__(self, model: torch.nn.Module, path: str):
+        self.model = model
+        self.path = path
+
+    @torch.no_grad()
+    def score(self, micro_batches: list) -> None:
+        """Fill ``ref_logprobs`` of each micro-batch (forward-only schedule: PP-safe)."""
+        outs = forward_backward(self.model, micro_batches, None, forward_only=True, with_mtp=False)
+        if not parallel_state.is_pipeline_last_stage():
+            return
+        for batch, out in zip(micro_batches, outs):
+            batch.ref_logprobs = out.logprobs.detach()
+
+
+def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
+    """``--kl-coef > 0``: the model of ``--ref-load DIR``, else of the ``--load`` checkpoint.
+
+    Built as its own GPTModel with the run's shape and parallel layout and loaded from a dist
+    checkpoint (never a copy of the live policy, never random weights).
+    """
+    if cfg.algo.kl_coef <= 0:
+        return None
+    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    path = cfg.ckpt.ref_load or cfg.ckpt.load
+    flag = "--ref-load" if cfg.ckpt.ref_load else "--load"
+    if latest_checkpoint(path) is None:
+        raise ConfigError(f"{flag} {path}: no checkpoint there for the KL reference (--kl-coef {cfg.algo.kl_coef})")
+    ref = build_gpt(run.model_args)
+    load_checkpoint(path, ref, None)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return Reference(ref, path)
+
+
+# -- rollout: engine (with weight sync), manager, extension points ----------------------------
+def build_engine(cfg: RunConfig, run: Run, *, rollout_actor=None) -> RolloutEngine:
+    """The rollout engine with its weight sync, already holding the current weights.
+
+    local: the training model itself. ``rollout_actor`` (``--ray``): a Ray RolloutActor that
+    gets full tensors pushed. ``--rollout-engine sglang``: HF export, servers (+ router)
+    launched by global rank 0, ``WeightSync`` after each step.
+    """
+    if rollout_actor is not None:
+        return _ray_engine(run, rollout_actor)
+    if cfg.rollout.rollout_engine == "sglang":
+        return _sglang_engine(cfg, run)
+    return LocalEngine(run.gpt, vocab_size=run.tokenizer.vocab_size, speculative=cfg.rollout.local_spec_decode)
+
+
+def _ray_engine(run: Run, actor) -> RolloutEngine:
+    import ray
+    import torch.distributed as dist
+
+    from megatron_mtp_rl.models.hf_mapping import gather_full_state
+    from megatron_mtp_rl.models.mtp_forward import unwrap
+    from megatron_mtp_rl.rollout.ray_engine import RayRolloutClient
+
+    version = [0]
+
+    def push() -> dict:
+        """Gather full tensors (collective on every rank); rank 0 sends them to the actor."""
+        version[0] += 1
+        state = gather_full_state(unwrap(run.model))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            cpu = {k: v.detach().cpu() for k, v in state.items()}
+            ray.get(actor.load_weights.remote(cpu, version[0]))
+        return {"rollout/weight_version": float(version[0])}
+
+    engine = RemoteEngine(RayRolloutClient(actor), push, name="ray")
+    engine.sync_weights()
+    return engine
+
+
+def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
+    import shlex
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
+    from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig
+    from megatron_mtp_rl.train.weight_sync import WeightSync, default_flavour, export_hf, resync_engine
+
+    ro = cfg.rollout
+    root = Path(ro.rollout_hf_dir or Path(cfg.ckpt.save or "runs") / "hf")
+    flavour = ro.hf_flavour or default_flavour(run.model_args)
+    init = export_hf(run.model, run.model_args, root / "init", flavour)
+    urls = [None]
+    client = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        kw = {}
+        if ro.rollout_server_cmd:
+            kw["server_cmd"] = shlex.split(ro.rollout_server_cmd)
+        if ro.rollout_router_cmd:
+            kw["router_cmd"] = shlex.split(ro.rollout_router_cmd)
+        server_cfg = SGLangServerConfig(
+            model_path=str(init),
+            num_engines=ro.rollout_num_engines,
+            tp_size=ro.rollout_engine_tp,
+            port=ro.rollout_base_port,
+            router_port=ro.rollout_router_port,
+            host=ro.rollout_host,
+            engine_flags=list(ro.sglang_engine_flags),
+            router_flags=list(ro.sglang_router_flags),
+            startup_timeout_s=ro.rollout_startup_timeout,
+            log_dir=str(root / "logs"),
+            **kw,
+        )
+        client = SGLangEngine.launch(server_cfg)
+        urls = [(client.generate_url, client.engine_urls)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(urls, src=0)
+    mp_leader = (
+        not dist.is_initialized()
+        or dist.get_rank() == dist.get_process_group_ranks(parallel_state.get_model_parallel_group())[0]
+    )
+    if client is None and mp_leader:
+        client = SGLangEngine(urls[0][0], engine_urls=urls[0][1])
+    sync = WeightSync(
+        client, run.model, run.model_args, mode=ro.weight_sync_mode, bucket_bytes=ro.update_weight_buffer_size,
+        export_dir=str(root / "sync"), flavour=flavour, engine_tp=ro.rollout_engine_tp,
+        num_engines=ro.rollout_num_engines, master_address=ro.rollout_host,
+    )  # fmt: skip
+    if client is not None and client.supervisor is not None:
+        client.supervisor.on_restart = lambda url: resync_engine(sync, url)
+    return RemoteEngine(client, sync, name="sglang")
+
+
+@dataclass
+class Rollout:
+    """How a step gets its samples: the manager, the rollout function and the group filter."""
+
+    manager: RolloutManager
+    rollout_fn: Callable  # (manager, fetch, *, num_prompts, seed, group_filter, max_rounds) -> RolloutBatch
+    group_filter: Callable | None  # (rewards, group_size) -> keep mask; None: no dynamic sampling
+    scorer: object
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+def build_rollout(cfg: RunConfig, run: Run, engine: RolloutEngine) -> Rollout:
+    """Manager + reward scorer + ``--rollout-function`` / ``--dynamic-sampling-filter``."""
+    ro, al = cfg.rollout, cfg.algo
+    sampling = SamplingParams(
+        temperature=ro.rollout_temperature,
+        top_p=ro.rollout_top_p,
+        max_new_tokens=ro.rollout_max_response_len,
+        eos_id=run.tokenizer.eos_id,
+    )
+    try:
+        scorer = build_scorer(ro.reward_fn, workers=ro.reward_workers, timeout_s=ro.reward_timeout)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    manager = RolloutManager(engine, run.tokenizer, scorer, n_samples=ro.n_samples_per_prompt, sampling=sampling)
+    rollout_fn = load_extension(ro.rollout_function, "--rollout-function") if ro.rollout_function else None
+    group_filter = (
+        load_extension(al.dynamic_sampling_filter, "--dynamic-sampling-filter") if al.dynamic_sampling else None
+    )
+    return Rollout(manager, rollout_fn or RolloutManager.rollout, group_filter, scorer)
+
+
+def build_advantage_estimator(cfg: RunConfig) -> Callable:
+    """``--advantage-estimator``: ``grpo`` or ``module:function(rewards, group_size, algo_cfg)``."""
+    al = cfg.algo
+    if al.advantage_estimator == "grpo":
+        return lambda rewards, n, algo: grpo_advantages(rewards, n, normalize_std=not algo.no_grpo_std_normalization)
+    return load_extension(al.advantage_estimator, "--advantage-estimator")

@@ -1,0 +1,192 @@
+"""The RL training loop: build → resume → (rl_step, eval, save)* → close.
+
+:func:`run_training` is what ``mtp-rl train`` runs; :func:`prepare` builds a ready
+:class:`~megatron_mtp_rl.train.step.StepContext` for tools that drive steps themselves.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_mtp_rl.config import RunConfig
+from megatron_mtp_rl.errors import ConfigError
+from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.train.builders import (
+    Run,
+    build_advantage_estimator,
+    build_engine,
+    build_loss,
+    build_reference,
+    build_rollout,
+    build_run,
+)
+from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from megatron_mtp_rl.train.metrics import MetricsWriter, print_progress, progress_line
+from megatron_mtp_rl.train.step import StepContext, on_mp_leader, rl_step
+
+
+@dataclass
+class LoopState:
+    """Where the run is: RL steps done, and the position in the prompt stream."""
+
+    step: int = 0
+    cursor: int = 0
+
+
+def is_logging_rank() -> bool:
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    )
+
+
+def run_training(cfg: RunConfig, *, rollout_actor=None) -> list[dict]:
+    """``mtp-rl train``: build everything, train, close; returns the metrics history."""
+    ctx, state = prepare(cfg, rollout_actor=rollout_actor)
+    try:
+        return train(ctx, state)
+    finally:
+        close(ctx)
+
+
+def prepare(cfg: RunConfig, *, rollout_actor=None) -> tuple[StepContext, LoopState]:
+    """Build the run, the KL reference, load ``--load``, then the engine (holding those weights)."""
+    run = build_run(cfg)
+    cfg = run.cfg  # device filled in
+    reference = build_reference(cfg, run)
+    state = resume(cfg, run)
+    engine = build_engine(cfg, run, rollout_actor=rollout_actor)
+    rollout = build_rollout(cfg, run, engine)
+    return StepContext(cfg, run, engine, rollout, build_advantage_estimator(cfg), build_loss(cfg), reference), state
+
+
+def close(ctx: StepContext) -> None:
+    ctx.rollout.close()
+    ctx.engine.close()
+
+
+def train(ctx: StepContext, state: LoopState) -> list[dict]:
+    """Evaluate at step 0, then RL steps with evaluation every ``--eval-interval`` and saves."""
+    cfg, log = ctx.cfg, ctx.cfg.log
+    writer = MetricsWriter(log.metrics_jsonl, log.tensorboard_dir, enabled=is_logging_rank(), resume_step=state.step)
+    history = []
+    try:
+        if state.step == 0:
+            m0 = evaluate(ctx)
+            writer.log(0, m0)
+            history.append({"step": 0, **m0})
+            if not log.quiet and is_logging_rank() and m0:
+                print_progress(f"step 0/{cfg.num_steps} | eval {m0['eval/accuracy']:.3f} (before RL)")
+        while state.step < cfg.num_steps:
+            m, state.cursor = rl_step(ctx, state.step + 1, state.cursor)
+            state.step += 1
+            if state.step % cfg.eval_interval == 0 or state.step == cfg.num_steps:
+                m.update(evaluate(ctx))
+            if _save_due(cfg, state.step):
+                save(ctx, state)
+            writer.log(state.step, m)
+            history.append({"step": state.step, **m})
+            if not log.quiet and is_logging_rank():
+                print_progress(progress_line(state.step, cfg.num_steps, m, cfg.mtp.mtp_regime))
+        if cfg.ckpt.save and not _save_due(cfg, state.step):
+            save(ctx, state)
+    finally:
+        writer.close()
+    return history
+
+
+def _save_due(cfg: RunConfig, step: int) -> bool:
+    c = cfg.ckpt
+    return bool(c.save and c.save_interval and step % c.save_interval == 0)
+
+
+# -- evaluation -------------------------------------------------------------------------------
+def evaluate(ctx: StepContext, prompts=None) -> dict:
+    """Greedy accuracy on the held-out prompts (or ``prompts``), split over DP ranks."""
+    return evaluate_accuracy(ctx.run, ctx.rollout.manager, ctx.engine, prompts)
+
+
+def evaluate_accuracy(run: Run, manager, engine, prompts=None) -> dict:
+    """Greedy accuracy with ``manager`` (one sample per prompt), reduced over DP."""
+    prompts = run.source.eval_prompts() if prompts is None else prompts
+    if not prompts:
+        return {}
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    mine = prompts[dp_rank::dp]
+    correct = 0.0
+    if mine:
+        greedy = SamplingParams(
+            temperature=0.0, max_new_tokens=manager.sampling.max_new_tokens, eos_id=manager.sampling.eos_id
+        )
+
+        def score():
+            samples, _ = manager.generate_groups(mine, seed=0, params=greedy, n=1)
+            return sum(float(s.reward >= 1.0 - 1e-6) for s in samples)
+
+        correct = on_mp_leader(engine, score)
+    t = torch.tensor([correct, float(len(mine))], dtype=torch.float64)
+    if dist.is_initialized() and dp > 1:
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return {"eval/accuracy": float(t[0] / max(t[1], 1.0)), "eval/num_prompts": float(t[1])}
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def trainer_state(run: Run, state: LoopState) -> dict:
+    """What a checkpoint holds besides model and optimizer shards."""
+    return {
+        "step": state.step,
+        "cursor": state.cursor,
+        "occ": run.occ.state_dict() if run.occ else None,
+        "scheduler": run.scheduler.state_dict(),
+        "model_args": asdict(run.model_args),
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        "mtp_regime": run.cfg.mtp.mtp_regime if run.cfg.command == "train" else "pretrain",
+    }
+
+
+def save(ctx: StepContext, state: LoopState) -> None:
+    c, r = ctx.cfg.ckpt, ctx.run
+    save_checkpoint(c.save, state.step, r.model, r.optimizer, trainer_state(r, state), c.keep_last)
+
+
+def resume(cfg: RunConfig, run: Run) -> LoopState:
+    """Load ``--load`` (weights; with optimizer, step, cursor, OCC, LR and RNG unless --finetune)."""
+    c = cfg.ckpt
+    if not c.load:
+        return LoopState()
+    path = latest_checkpoint(c.load)
+    if path is None:
+        raise ConfigError(f"--load {c.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
+    saved = read_trainer_state(path)["model_args"]
+    mine = asdict(run.model_args)
+    diff = {k: (saved.get(k), mine[k]) for k in mine if k != "seq_length" and saved.get(k, mine[k]) != mine[k]}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {v[0]} vs run {v[1]}" for k, v in sorted(diff.items()))
+        raise ConfigError(f"--load {path}: the checkpoint has a different model shape ({lines})")
+    try:
+        _, saved_state = load_checkpoint(c.load, run.model, None if c.finetune else run.optimizer)
+    except ValueError as e:
+        if "parameter group" not in str(e):
+            raise
+        raise ConfigError(
+            f"--load {path}: the checkpoint's optimizer parameter groups differ from this run's (changed "
+            "--lr, --min-lr or --weight-decay?). Resume with the original values, or add --finetune to load "
+            f"the weights only. megatron-core said: {str(e).splitlines()[0]}"
+        ) from None
+    if c.finetune:
+        return LoopState()
+    run.scheduler.load_state_dict(saved_state["scheduler"])
+    if run.occ and saved_state.get("occ"):
+        run.occ.load_state_dict(saved_state["occ"])
+    if saved_state.get("rng"):
+        random.setstate(saved_state["rng"]["python"])
+        np.random.set_state(saved_state["rng"]["numpy"])
+        torch.set_rng_state(saved_state["rng"]["torch"])
+    return LoopState(step=saved_state["step"], cursor=saved_state["cursor"])

@@ -1,20 +1,23 @@
-"""Convert between a Hugging Face safetensors directory and our megatron-core dist checkpoint.
+"""Convert between a Hugging Face safetensors directory and our megatron-core dist checkpoint, and verify.
 
-Both directions go through the one Megatron↔HF mapping (``megatron_mtp_rl/models/hf_mapping.py``),
-the same code weight sync uses, so MTP layers, GQA, SwiGLU and MoE experts are laid out once::
+Both directions go through the HF model families (``megatron_mtp_rl/models/families``: MiMo, Qwen3,
+Qwen3-MoE, GLM-4.5, DeepSeek-V3) and the one Megatron↔HF tensor mapping, the same code weight sync
+uses::
 
     # HF → Megatron: SAVE/iter_0000000/ + trainer_state.pt (model_args) + latest_checkpointed_iteration.txt
     python tools/convert_checkpoint.py hf-to-mcore --hf-dir HF_DIR --save ckpt/mcore
-    # then: mtp-rl train --load ckpt/mcore --finetune <the flags this command prints> ...
+    # transformers vs our model on the same random tokens; last line max_abs_diff=<main head>, exit 1 above --tol
+    python tools/convert_checkpoint.py verify --hf-dir HF_DIR --load ckpt/mcore --tol 1e-4
+    # then: mtp-rl train --load ckpt/mcore --finetune ...   (no shape flags: the checkpoint has them)
 
-    # Megatron → HF (model_args from trainer_state.pt): model.safetensors + config.json
-    python tools/convert_checkpoint.py mcore-to-hf --load ckpt/mcore --out HF_OUT
+    # Megatron → HF, in the form SGLang loads (depth 1: its MTP drafts take one layer)
+    python tools/convert_checkpoint.py mcore-to-hf --load ckpt/mcore --out HF_OUT [--all-mtp-layers]
 
-Runs in ONE process at TP=PP=EP=1 (CPU unless a GPU is present), so the whole model must fit in
-host memory. The HF config may be our own export's (``weight_sync.hf_config``) or a MiMo /
-DeepSeek-V3 / Qwen2-MoE / Llama-style ``config.json``; whatever our provider cannot represent
-(MLA, shared experts, dense-first MoE layers, qkv biases, rope scaling, another head_dim) is
-refused with the reason rather than converted into a different model.
+The family comes from ``architectures`` / ``model_type``. A config key that changes the computation
+and has no megatron-core mapping (``rope_scaling``, sliding windows, ``scoring_func``, ``topk_method``,
+``norm_topk_prob`` with sigmoid routing, ...) is refused with one line naming the key and its value,
+never converted into a different model. Runs in ONE process at TP=PP=EP=1 (CPU unless a GPU is
+present), so the whole model must fit in host memory. DeepSeek-V3's MLA needs Transformer Engine.
 
 Two things to get right for a real run:
 
@@ -38,8 +41,6 @@ from typing import Any
 
 import torch
 
-MEGATRON_NORM_EPS = 1e-5  # TransformerConfig.layernorm_epsilon default; our provider does not change it
-MEGATRON_ROPE_BASE = 10000  # ModelArgs.rotary_base default; `mtp-rl train` has no flag to change it
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -78,22 +79,6 @@ def load_hf_tensors(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rope(cfg: dict) -> tuple[float, str | None]:
-    """(rope base, rope type): transformers ≥ 5 nests them in ``rope_parameters``."""
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    theta = cfg.get("rope_theta", params.get("rope_theta", MEGATRON_ROPE_BASE))
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    return float(theta), kind
-
-
-def _first(cfg: dict, *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if cfg.get(k) is not None:
-            return cfg[k]
-    return default
-
-
 def model_args_from_hf_config(
     cfg: dict[str, Any],
     *,
@@ -101,106 +86,36 @@ def model_args_from_hf_config(
     vocab_size: int | None = None,
     make_vocab_size_divisible_by: int = 64,
     mtp_num_layers: int | None = None,
+    family: str | None = None,
 ):
-    """Our ModelArgs for an HF config; raises :class:`ConversionError` for what we cannot build.
+    """Our ModelArgs for an HF config, through its family (``models/families``).
 
-    Warns (does not refuse) where the conversion is exact but the numerics of our provider differ
-    from the source model: RMSNorm epsilon (megatron's 1e-5) and top-k probability normalisation.
+    Raises :class:`ConversionError` — one line naming every computation-changing key that is not
+    mapped (``partial_rotary_factor``, ``routed_scaling_factor``, ``scoring_func``, ``rope_scaling`` ...).
     """
-    from megatron_mtp_rl.models.presets import ModelArgs
+    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, detect, get_family
 
-    problems = []
-    if cfg.get("q_lora_rank") is not None or cfg.get("kv_lora_rank") is not None:
-        problems.append("multi-latent attention (q_lora_rank/kv_lora_rank): our provider has GQA attention only")
-    if cfg.get("attention_bias") or cfg.get("qkv_bias") or cfg.get("mlp_bias"):
-        problems.append("linear biases (attention_bias/qkv_bias/mlp_bias): our provider builds bias-free linears")
-    if _first(cfg, "hidden_act", default="silu") != "silu":
-        problems.append(f"hidden_act {cfg['hidden_act']!r}: our MLP is SwiGLU (silu)")
-    theta, rope_type = _rope(cfg)
-    if rope_type not in (None, "default"):
-        problems.append(f"rope type {rope_type!r}: only plain RoPE is built")
-    heads = cfg["num_attention_heads"]
-    hidden = cfg["hidden_size"]
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and head_dim != hidden // heads:
-        problems.append(f"head_dim {head_dim} ≠ hidden_size/num_attention_heads = {hidden // heads}")
-    experts = _first(cfg, "n_routed_experts", "num_experts", "num_local_experts", default=0) or 0
-    if experts:
-        if (cfg.get("n_shared_experts") or 0) > 0 or (cfg.get("shared_expert_intermediate_size") or 0) > 0:
-            problems.append("shared experts: our MoE layers have routed experts only")
-        if (cfg.get("first_k_dense_replace") or 0) > 0 or cfg.get("mlp_only_layers"):
-            problems.append("dense layers inside a MoE model (first_k_dense_replace/mlp_only_layers)")
-        if (cfg.get("decoder_sparse_step") or 1) != 1 or (cfg.get("moe_layer_freq") or 1) != 1:
-            problems.append("MoE on only some layers (decoder_sparse_step/moe_layer_freq)")
-        if cfg.get("scoring_func", "softmax") != "softmax":
-            problems.append(f"router scoring_func {cfg['scoring_func']!r}: megatron's router here is softmax")
-        if (cfg.get("n_group") or 1) > 1:
-            problems.append("group-limited routing (n_group > 1)")
-    if problems:
-        raise ConversionError("cannot convert this model:\n  - " + "\n  - ".join(problems))
-
-    eps = _first(cfg, "rms_norm_eps", "layer_norm_eps", "norm_epsilon", default=MEGATRON_NORM_EPS)
-    if eps != MEGATRON_NORM_EPS:
-        warnings.warn(
-            f"rms_norm_eps {eps} ≠ megatron's layernorm_epsilon {MEGATRON_NORM_EPS} (our provider's value): the "
-            "weights convert exactly, the forward differs slightly",
-            ConversionWarning,
-            stacklevel=2,
+    try:
+        fam = get_family(family) if family else detect(cfg)
+        return fam.model_args(
+            cfg,
+            params_dtype=params_dtype,
+            vocab_size=vocab_size,
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+            mtp_num_layers=mtp_num_layers,
         )
-    if theta != MEGATRON_ROPE_BASE:
-        warnings.warn(
-            f"rope base {theta:g}: the checkpoint records rotary_base {theta:g}, but `mtp-rl train` has no "
-            f"--rotary-base flag (its runs use {MEGATRON_ROPE_BASE}) and will refuse to --load it",
-            ConversionWarning,
-            stacklevel=2,
-        )
-    topk = int(_first(cfg, "num_experts_per_tok", "moe_router_topk", default=2))
-    if experts and topk > 1 and cfg.get("norm_topk_prob") is False:
-        warnings.warn(
-            "norm_topk_prob is false, but megatron's router normalises the top-k probabilities (softmax over the "
-            "top-k logits)",
-            ConversionWarning,
-            stacklevel=2,
-        )
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    moe_ffn = _first(cfg, "moe_intermediate_size") if experts else None
-    ffn = _first(cfg, "intermediate_size", default=moe_ffn)
-    hf_vocab = cfg["vocab_size"]
-    if mtp_num_layers is None:
-        mtp_num_layers = int(_first(cfg, "num_nextn_predict_layers", "mtp_num_layers", default=0) or 0)
-    return ModelArgs(
-        num_layers=cfg["num_hidden_layers"],
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=None if kv_heads == heads else kv_heads,
-        ffn_hidden_size=ffn,
-        vocab_size=vocab_size or hf_vocab,
-        seq_length=int(cfg.get("max_position_embeddings") or 4096),
-        mtp_num_layers=mtp_num_layers,
-        num_experts=int(experts) or None,
-        moe_router_topk=topk,
-        moe_ffn_hidden_size=moe_ffn,
-        untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
-        rotary_base=int(theta) if float(theta).is_integer() else theta,
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        params_dtype=params_dtype,
-    )
+    except UnsupportedCheckpoint as e:
+        raise ConversionError(str(e)) from None
 
 
-def detect_flavour(cfg: dict[str, Any], names: list[str] | None, model_args) -> str:
-    """``mimo`` or ``deepseek_v3`` naming: from model_type, then the tensor names, then dense/MoE."""
-    from megatron_mtp_rl.train.weight_sync import default_flavour
+def detect_flavour(cfg: dict[str, Any], names: list[str] | None = None, model_args=None) -> str:
+    """The HF family name of a config (``architectures`` / ``model_type``)."""
+    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, detect
 
-    mt = cfg.get("model_type", "")
-    if mt == "mimo" or "MiMo" in "".join(cfg.get("architectures") or []):
-        return "mimo"
-    if mt.startswith("deepseek"):
-        return "deepseek_v3"
-    if names and any(".mtp_layers." in n for n in names):
-        return "mimo"
-    if names and any(n.endswith(".eh_proj.weight") for n in names):
-        return "deepseek_v3"
-    return default_flavour(model_args)
+    try:
+        return detect(cfg).name
+    except UnsupportedCheckpoint as e:
+        raise ConversionError(str(e)) from None
 
 
 def _auto_dtype(tensors: dict[str, torch.Tensor]) -> str:
@@ -239,29 +154,52 @@ def _build(model_args, use_te: bool | None):
     from megatron_mtp_rl.models import build_model
 
     device = None if torch.cuda.is_available() else "cpu"
-    return build_model(model_args, use_te=use_te, device=device)
+    try:
+        return build_model(model_args, use_te=use_te, device=device)
+    except ValueError as e:  # e.g. MLA without Transformer Engine: one line, no megatron traceback
+        raise ConversionError(str(e)) from None
 
 
 def _load_full(gpt, tensors: dict[str, torch.Tensor], allow_missing_mtp: bool) -> list[str]:
     """Copy full megatron tensors into the model; every parameter must be covered."""
-    own = gpt.state_dict()
+    own = {n: t for n, t in gpt.state_dict().items() if not n.endswith(("_extra_state", "local_tokens_per_expert"))}
     unexpected = sorted(set(tensors) - set(own))
-    missing = sorted(n for n in set(own) - set(tensors) if not n.endswith("_extra_state"))
+    missing = sorted(set(own) - set(tensors))
     kept = [n for n in missing if allow_missing_mtp and n.startswith("mtp.")]
     missing = [n for n in missing if n not in kept]
     if unexpected or missing:
         lines = ["the HF tensors do not cover our model exactly"]
         if missing:
-            lines.append(f"  model tensors with no HF source ({len(missing)}): " + ", ".join(missing))
+            lines.append(f"model tensors with no HF source ({len(missing)}): " + ", ".join(missing))
         if unexpected:
-            lines.append(f"  HF tensors our model has no place for ({len(unexpected)}): " + ", ".join(unexpected))
-        raise ConversionError("\n".join(lines))
+            lines.append(f"HF tensors our model has no place for ({len(unexpected)}): " + ", ".join(unexpected))
+        raise ConversionError("; ".join(lines))
     with torch.no_grad():
         for name, t in tensors.items():
             if own[name].shape != t.shape:
                 raise ConversionError(f"{name}: HF gives {tuple(t.shape)}, our model has {tuple(own[name].shape)}")
             own[name].copy_(t)
     return kept
+
+
+def _load_model(load_dir: str | Path, use_te: bool | None = None):
+    """(gpt, ModelArgs, trainer state) from our checkpoint root, built at TP=PP=EP=1."""
+    from megatron_mtp_rl.models.presets import ModelArgs
+    from megatron_mtp_rl.models.provider import transformer_engine_available
+    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
+
+    path = latest_checkpoint(str(load_dir))
+    if path is None:
+        raise ConversionError(f"no checkpoint in {load_dir} (missing latest_checkpointed_iteration.txt)")
+    saved = read_trainer_state(path)
+    known = {f.name for f in fields(ModelArgs)}
+    margs = ModelArgs(**{k: v for k, v in saved["model_args"].items() if k in known})
+    if use_te is None:
+        use_te = transformer_engine_available()
+    _init_single_process()
+    gpt = _build(margs, use_te)
+    load_checkpoint(str(load_dir), gpt, None)
+    return gpt, margs, saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,16 +218,23 @@ def hf_to_mcore(
     allow_missing_mtp: bool = False,
     use_te: bool | None = None,
 ):
-    """HF safetensors + config.json → ``SAVE/iter_0000000`` that ``mtp-rl train --load SAVE --finetune`` reads.
+    """HF safetensors + config.json → ``SAVE/iter_0000000`` that ``mtp-rl train --load SAVE`` reads.
 
-    Returns ``(checkpoint path, ModelArgs)``. ``allow_missing_mtp`` keeps megatron's initialisation
-    for MTP layers the HF checkpoint does not have (a model released without MTP weights).
+    The family comes from the config (``flavour`` overrides it). Returns ``(checkpoint path,
+    ModelArgs)``; the ModelArgs are stored in the checkpoint, so ``--load`` needs no shape flags.
+    ``allow_missing_mtp`` keeps megatron's initialisation for MTP layers the HF checkpoint does not
+    have (a model released without MTP weights).
     """
+    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, detect, get_family
     from megatron_mtp_rl.models.hf_mapping import hf_to_megatron
     from megatron_mtp_rl.models.provider import padded_vocab_size, transformer_engine_available
     from megatron_mtp_rl.train.checkpoint import save_checkpoint
 
     cfg = read_hf_config(hf_dir)
+    try:
+        fam = get_family(flavour) if flavour else detect(cfg)
+    except UnsupportedCheckpoint as e:
+        raise ConversionError(str(e)) from None
     tensors = load_hf_tensors(hf_dir)
     params_dtype = _auto_dtype(tensors) if dtype == "auto" else dtype
     margs = model_args_from_hf_config(
@@ -298,15 +243,15 @@ def hf_to_mcore(
         vocab_size=vocab_size,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         mtp_num_layers=mtp_num_layers,
+        family=fam.name,
     )
-    flavour = flavour or detect_flavour(cfg, list(tensors), margs)
     if use_te is None:
         use_te = transformer_engine_available()
     _init_single_process()
     gpt = _build(margs, use_te)
     try:
         full = hf_to_megatron(
-            tensors, gpt.config, flavour, padded_vocab_size=padded_vocab_size(margs, 1), fused_layernorm=use_te
+            tensors, gpt.config, fam.flavour, padded_vocab_size=padded_vocab_size(margs, 1), fused_layernorm=use_te
         )
     except (KeyError, ValueError) as e:  # the mapping names every tensor it could not place
         raise ConversionError(f"{hf_dir}: {e.args[0] if e.args else e}") from None
@@ -325,7 +270,7 @@ def hf_to_mcore(
         "model_args": asdict(margs),
         "mtp_regime": None,
         "converted_from": str(Path(hf_dir).resolve()),
-        "hf_flavour": flavour,
+        "hf_flavour": fam.name,
     }
     path = save_checkpoint(str(save_dir), 0, gpt, None, state, keep_last=0)
     return path, margs
@@ -339,72 +284,222 @@ def mcore_to_hf(
     mtp_embed_head_copies: bool = False,
     dtype: str = "model",
     use_te: bool | None = None,
+    all_mtp_layers: bool = False,
 ) -> Path:
-    """Our dist checkpoint (latest iteration in ``load_dir``) → HF directory (model.safetensors + config.json).
+    """Our dist checkpoint (latest iteration in ``load_dir``) → an HF directory SGLang loads.
 
-    The tensors and config are weight sync's (``weight_sync.hf_tensors`` / ``hf_config``, i.e.
-    ``export_hf`` plus two choices): ``mtp_embed_head_copies`` (DeepSeek-V3 naming) also writes the
-    per-MTP-layer embedding and head copies DeepSeek's checkpoints carry, and ``dtype="model"``
-    writes every tensor in the run's parameter dtype. That matters for bf16: megatron's local-spec
-    norms stay fp32 in a bf16 model, and a bf16 HF checkpoint should come back as bf16 throughout.
+    The tensors, config.json and extra files are weight sync's (``weight_sync.hf_tensors`` /
+    ``write_hf_dir``) for the checkpoint's family. SGLang's drafts take one MTP layer, so the export
+    carries depth 1 unless ``all_mtp_layers`` (for a bit-exact round trip of our own checkpoints).
+    ``mtp_embed_head_copies`` (DeepSeek-V3) writes the per-MTP-layer embedding/head copies DeepSeek's
+    checkpoints carry; ``dtype="model"`` writes every tensor in the run's parameter dtype (megatron's
+    local-spec norms stay fp32 in a bf16 model; a bf16 HF checkpoint should come back bf16 throughout).
     """
-    from safetensors.torch import save_file
+    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, family_for
+    from megatron_mtp_rl.train.weight_sync import check_payload, export_note, hf_tensors, write_hf_dir
 
-    from megatron_mtp_rl.models.presets import ModelArgs
-    from megatron_mtp_rl.models.provider import transformer_engine_available
-    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
-    from megatron_mtp_rl.train.weight_sync import check_payload, default_flavour, hf_config, hf_tensors
-
-    path = latest_checkpoint(str(load_dir))
-    if path is None:
-        raise ConversionError(f"no checkpoint in {load_dir} (missing latest_checkpointed_iteration.txt)")
-    saved = read_trainer_state(path)
-    known = {f.name for f in fields(ModelArgs)}
-    margs = ModelArgs(**{k: v for k, v in saved["model_args"].items() if k in known})
-    flavour = flavour or saved.get("hf_flavour") or default_flavour(margs)
-    if use_te is None:
-        use_te = transformer_engine_available()
-    _init_single_process()
-    gpt = _build(margs, use_te)
-    load_checkpoint(str(load_dir), gpt, None)
-    tensors = hf_tensors(gpt, margs, flavour, with_copies=mtp_embed_head_copies)
-    check_payload(tensors, margs, flavour)
+    gpt, margs, saved = _load_model(load_dir, use_te)
+    try:
+        fam = family_for(margs, flavour or saved.get("hf_flavour"))
+    except UnsupportedCheckpoint as e:
+        raise ConversionError(str(e)) from None
+    depth = fam.export_depth(margs, all_mtp_layers)
+    tensors = hf_tensors(gpt, margs, fam.name, with_copies=mtp_embed_head_copies, depth=depth)
+    check_payload(tensors, margs, fam.name)
     target = {"model": _TORCH_DTYPES[margs.params_dtype], "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    # clone: per-layer copies alias their source and safetensors refuses shared storage
-    owned = {k: v.detach().to("cpu", target if v.is_floating_point() else v.dtype).clone() for k, v in tensors.items()}
-    cfg = hf_config(margs, flavour)
-    cfg["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[target]
+    owned = {k: v.detach().to("cpu", target if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(owned, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_hf_dir(out, owned, margs, fam.name, depth, {torch.float32: "float32", torch.bfloat16: "bfloat16"}[target])
+    print(f"export: {export_note(margs, fam.name, depth)}", file=sys.stderr)
     return out
 
 
-def train_flags(model_args) -> list[str]:
-    """``mtp-rl train`` flags whose model shape equals ``model_args`` (so ``--load`` accepts it).
+# ---------------------------------------------------------------------------------------------
+# verify: the converted model against transformers on the same tokens
 
-    The vocabulary is the tokenizer's (``--tokenizer hf:PATH``); its size must equal
-    ``model_args.vocab_size``. ``rotary_base`` has no flag: runs use 10000.
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _hf_class_config(cfg: dict[str, Any], fam):
+    """(transformers CausalLM class, config) for the family's trunk; MiMo's trunk is Qwen2."""
+    import transformers
+
+    names = {
+        "mimo": ("Qwen2ForCausalLM", "Qwen2Config"),
+        "qwen3": ("Qwen3ForCausalLM", "Qwen3Config"),
+        "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig"),
+        "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig"),
+        "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config"),
+    }
+    model_cls, cfg_cls = (getattr(transformers, n) for n in names[fam.name])
+    clean = {k: v for k, v in cfg.items() if k not in ("auto_map", "model_type", "architectures")}
+    return model_cls, cfg_cls(**clean)
+
+
+def _mtp_module_names(fam, cfg: dict[str, Any], k: int) -> dict[str, str]:
+    """The HF names of MTP layer ``k``'s own modules and its decoder-layer prefix."""
+    style, layers = fam.flavour.mtp_style, cfg["num_hidden_layers"]
+    if style == "mimo":
+        p = f"model.mtp_layers.{k}."
+        return dict(enorm=p + "token_layernorm", hnorm=p + "hidden_layernorm", proj=p + "input_proj",
+                    norm=p + "final_layernorm", layer=p, order="he")  # fmt: skip
+    if style == "qwen3":
+        return dict(enorm="mtp.pre_fc_norm_embedding", hnorm="mtp.pre_fc_norm_hidden", proj="mtp.fc",
+                    norm="mtp.norm", layer=f"mtp.layers.{k}.", order="eh")  # fmt: skip
+    p = f"model.layers.{layers + k}."
+    return dict(enorm=p + "enorm", hnorm=p + "hnorm", proj=p + "eh_proj", norm=p + "shared_head.norm", layer=p,
+                order="eh")  # fmt: skip
+
+
+_MTP_ONLY = ("token_layernorm", "hidden_layernorm", "input_proj", "final_layernorm", "enorm", "hnorm", "eh_proj",
+             "shared_head", "embed_tokens")  # fmt: skip
+
+
+@torch.no_grad()
+def hf_reference_logprobs(hf_dir: str | Path, tokens: torch.Tensor, depths: int) -> tuple[torch.Tensor, list]:
+    """transformers' log-probs of ``tokens[:, 1:]`` (main head) and of each MTP depth.
+
+    The MTP reference is written from the HF weights the way SGLang's draft computes it (without
+    MiMo's position-0 embedding mask): a one-layer model of the family's own decoder class runs
+    ``proj(cat(norm(emb(x_{i+k})), norm(h_i)))`` (MiMo: hidden first), then the MTP final norm and
+    the shared head. Depth k's hidden input is depth k-1's normalised output, as in megatron and
+    SGLang. Returns ``(main [B, T-1], [depth k: [B, T-1-k] scoring tokens[:, 1+k:]])``.
     """
-    m = model_args
-    flags = ["--preset", "tiny-moe" if m.is_moe else "tiny-dense"]
-    flags += ["--num-layers", str(m.num_layers), "--hidden-size", str(m.hidden_size)]
-    flags += ["--num-attention-heads", str(m.num_attention_heads)]
-    if m.num_query_groups is not None:
-        flags += ["--num-query-groups", str(m.num_query_groups)]
-    flags += ["--ffn-hidden-size", str(m.ffn_hidden_size), "--mtp-num-layers", str(m.mtp_num_layers)]
-    if m.is_moe:
-        flags += ["--num-experts", str(m.num_experts), "--moe-router-topk", str(m.moe_router_topk)]
-        flags += ["--moe-ffn-hidden-size", str(m.moe_ffn_hidden_size or m.ffn_hidden_size)]
-        flags += ["--moe-aux-loss-coeff", repr(m.moe_aux_loss_coeff)]
-    if m.untie_embeddings_and_output_weights:
-        flags.append("--untie-embeddings-and-output-weights")
-    flags += ["--make-vocab-size-divisible-by", str(m.make_vocab_size_divisible_by)]
-    flags += ["--init-method-std", repr(m.init_method_std)]
-    if m.params_dtype == "bf16":
-        flags.append("--bf16")
-    return flags
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from megatron_mtp_rl.models.families import detect
+
+    cfg = read_hf_config(hf_dir)
+    fam = detect(cfg)
+    tensors = load_hf_tensors(hf_dir)
+    model_cls, hf_cfg = _hf_class_config(cfg, fam)
+    with tempfile.TemporaryDirectory() as tmp:
+        trunk = {n: t for n, t in tensors.items() if not n.startswith(("model.mtp_layers.", "mtp."))}
+        trunk = {n: t for n, t in trunk.items() if not _is_deepseek_mtp(n, cfg)}
+        save_file({n: t.contiguous() for n, t in trunk.items()}, f"{tmp}/model.safetensors")
+        hf_cfg.save_pretrained(tmp)
+        ref = model_cls.from_pretrained(tmp, dtype=torch.float32).eval()
+    hidden = ref.model(input_ids=tokens).last_hidden_state  # after the final norm: what megatron and SGLang
+    logits = ref.lm_head(hidden)  # hand the MTP layer
+    main = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    eps = float(cfg.get("rms_norm_eps", 1e-6))
+    embed = tensors["model.embed_tokens.weight"].float()
+    head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]).float()
+    mtps = []
+    for k in range(depths):
+        names = _mtp_module_names(fam, cfg, k)
+        one = _one_layer_model(model_cls, cfg, tensors, names["layer"], eps)
+        shifted = torch.roll(tokens, -(k + 1), dims=1)  # position i sees token i+1+k (last ones unused)
+        e = _rms(torch.nn.functional.embedding(shifted, embed), tensors[names["enorm"] + ".weight"].float(), eps)
+        h = _rms(hidden, tensors[names["hnorm"] + ".weight"].float(), eps)
+        x = (
+            torch.cat((h, e) if names["order"] == "he" else (e, h), dim=-1)
+            @ tensors[names["proj"] + ".weight"].float().t()
+        )
+        y = one.model(inputs_embeds=x).last_hidden_state
+        hidden = _rms(y, tensors[names["norm"] + ".weight"].float(), eps)
+        logits = hidden @ head.t()
+        n = tokens.shape[1] - 1 - (k + 1)
+        lp = torch.log_softmax(logits.float(), -1)[:, :n].gather(-1, tokens[:, 2 + k :, None])[..., 0]
+        mtps.append(lp)
+    return main, mtps
+
+
+def _is_deepseek_mtp(name: str, cfg: dict[str, Any]) -> bool:
+    import re
+
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return bool(m) and int(m.group(1)) >= cfg["num_hidden_layers"]
+
+
+def _one_layer_model(model_cls, cfg: dict[str, Any], tensors: dict, layer_prefix: str, eps: float):
+    """The family's CausalLM with one layer holding the MTP layer's weights (MoE like the last trunk layer)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from megatron_mtp_rl.models.families import detect
+
+    one_cfg = dict(cfg, num_hidden_layers=1, num_nextn_predict_layers=0)
+    one_cfg.update(first_k_dense_replace=0, mlp_only_layers=[], layer_types=None)
+    one_cfg = {k: v for k, v in one_cfg.items() if v is not None}
+    _, hf_cfg = _hf_class_config(one_cfg, detect(cfg))
+    h = cfg["hidden_size"]
+    own = {"model.embed_tokens.weight": tensors["model.embed_tokens.weight"], "model.norm.weight": torch.ones(h)}
+    if not cfg.get("tie_word_embeddings", False):
+        own["lm_head.weight"] = tensors["lm_head.weight"]
+    for n, t in tensors.items():
+        if n.startswith(layer_prefix):
+            rest = n[len(layer_prefix) :]
+            if not rest.startswith(_MTP_ONLY):
+                own["model.layers.0." + rest] = t
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({n: t.contiguous() for n, t in own.items()}, f"{tmp}/model.safetensors")
+        hf_cfg.save_pretrained(tmp)
+        model = model_cls.from_pretrained(tmp, dtype=torch.float32).eval()
+    model.model.norm = _Identity()  # the MTP layer's own final norm is applied by the caller
+    return model
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+@torch.no_grad()
+def our_logprobs(gpt, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Our model's log-probs in the same frames as :func:`hf_reference_logprobs`."""
+    from megatron_mtp_rl.models import forward_logprobs, pack_sequences
+
+    gpt.eval()
+    b, t = tokens.shape
+    ids = tokens.tolist()
+    batch, _ = pack_sequences([(row[:1], row[1:]) for row in ids], seq_length=t, rows=b)
+    out = forward_logprobs(gpt, batch, with_mtp=True)
+    main = out.logprobs[:, : t - 1]
+    mtps = []
+    for k in range(out.num_depths):  # depth k+1 scores labels[i] at position i-(k+1)
+        d = k + 1
+        mtps.append(out.mtp_logprobs[k][:, d : t - 1])
+    return main, mtps
+
+
+def verify(hf_dir: str | Path, load_dir: str | Path, *, tol: float = 1e-4, seq_len: int = 32, batch: int = 2,
+           seed: int = 0) -> tuple[float, list[float]]:  # fmt: skip
+    """Score one random token batch with transformers and with our converted model; return max |Δ| per head."""
+    gpt, margs, _ = _load_model(load_dir)
+    cfg = read_hf_config(hf_dir)
+    vocab = min(int(cfg["vocab_size"]), margs.vocab_size)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    ours_main, ours_mtp = our_logprobs(gpt, tokens)
+    depths = min(len(ours_mtp), _hf_mtp_depth(cfg, load_hf_tensors(hf_dir)))
+    ref_main, ref_mtp = hf_reference_logprobs(hf_dir, tokens, depths)
+    main = (ours_main.float() - ref_main).abs().max().item()
+    mtp = [(ours_mtp[k].float() - ref_mtp[k]).abs().max().item() for k in range(depths)]
+    return main, mtp
+
+
+def _hf_mtp_depth(cfg: dict[str, Any], tensors: dict) -> int:
+    from megatron_mtp_rl.models.families import detect
+
+    fam = detect(cfg)
+    k = 0
+    while _mtp_module_names(fam, cfg, k)["proj"] + ".weight" in tensors:
+        k += 1
+        if fam.flavour.mtp_style == "qwen3":
+            break
+    return k
+
+
+def train_flags(model_args) -> list[str]:
+    """Nothing: ``mtp-rl train --load DIR`` reads the model shape from the checkpoint (kept for old callers)."""
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,12 +507,15 @@ def train_flags(model_args) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_mtp_rl.models.families import FAMILIES
+
+    families = sorted(FAMILIES)
     p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="direction", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF safetensors directory → megatron dist checkpoint")
     a.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
     a.add_argument("--save", required=True, help="checkpoint root (iter_0000000 is written inside)")
-    a.add_argument("--hf-flavour", choices=["deepseek_v3", "mimo"], help="HF naming (default: detected)")
+    a.add_argument("--hf-flavour", choices=families, help="HF family (default: from config.json)")
     a.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="parameter dtype")
     a.add_argument("--vocab-size", type=int, help="the run's tokenizer size (default: config vocab_size)")
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=64, help="as the train flag")
@@ -425,10 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--allow-missing-mtp", action="store_true", help="initialise MTP layers the checkpoint lacks (warns)"
     )
-    b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint → HF safetensors directory")
+    b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint → HF safetensors directory SGLang loads")
     b.add_argument("--load", required=True, help="checkpoint root (reads latest_checkpointed_iteration.txt)")
     b.add_argument("--out", required=True, help="output HF directory")
-    b.add_argument("--hf-flavour", choices=["deepseek_v3", "mimo"], help="HF naming (default: as converted)")
+    b.add_argument("--hf-flavour", choices=families, help="HF family (default: as converted / the model's)")
     b.add_argument(
         "--dtype", choices=["model", "fp32", "bf16"], default="model", help="tensor dtype (model: the run's)"
     )
@@ -437,6 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="deepseek_v3: write per-MTP-layer embed_tokens/shared_head.head copies as DeepSeek's checkpoints do",
     )
+    b.add_argument(
+        "--all-mtp-layers",
+        action="store_true",
+        help="write every MTP layer (default: the depth SGLang's draft takes, 1)",
+    )
+    c = sub.add_parser("verify", help="score random tokens with transformers and with the converted model")
+    c.add_argument("--hf-dir", required=True, help="the HF directory that was converted")
+    c.add_argument("--load", required=True, help="our checkpoint root")
+    c.add_argument("--tol", type=float, default=1e-4, help="exit 1 when the main head's max |Δ| exceeds it")
+    c.add_argument("--seq-len", type=int, default=32)
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -460,17 +570,26 @@ def main(argv: list[str] | None = None) -> int:
                 allow_missing_mtp=args.allow_missing_mtp,
             )
             print(f"wrote {path}")
-            print(f"train from it with: mtp-rl train --load {args.save} --finetune " + " ".join(train_flags(margs)))
+            print(f"train from it with: mtp-rl train --load {args.save} --finetune (the model shape comes from it)")
             print(f"  (tokenizer vocabulary must have {margs.vocab_size} entries)")
-        else:
+        elif args.direction == "mcore-to-hf":
             out = mcore_to_hf(
                 args.load,
                 args.out,
                 flavour=args.hf_flavour,
                 mtp_embed_head_copies=args.mtp_embed_head_copies,
                 dtype=args.dtype,
+                all_mtp_layers=args.all_mtp_layers,
             )
             print(f"wrote {out}")
+        else:
+            main_diff, mtp = verify(args.hf_dir, args.load, tol=args.tol, seq_len=args.seq_len, batch=args.batch,
+                                    seed=args.seed)  # fmt: skip
+            for k, d in enumerate(mtp, start=1):
+                print(f"mtp_depth_{k}_max_abs_diff={d:.3e}")
+            print(f"main_max_abs_diff={main_diff:.3e} (tol {args.tol:g})")
+            print(f"max_abs_diff={main_diff:.6e}")
+            return 0 if main_diff <= args.tol else 1
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

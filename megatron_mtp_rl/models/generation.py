@@ -39,6 +39,14 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 32
     eos_id: int | None = None
+    stop_ids: tuple[int, ...] = ()  # more ids that end a response (an instruct model's extra EOS ids)
+
+    @property
+    def stops(self) -> tuple[int, ...]:
+        """Every id that ends a response (``eos_id`` first); empty = never stop early."""
+        if self.eos_id is None:
+            return ()
+        return tuple(dict.fromkeys((self.eos_id, *self.stop_ids)))
 
 
 @dataclass
@@ -227,21 +235,21 @@ class _Output:
         self.tokens.scatter_(1, idx, torch.where(keep, tokens, self.tokens.gather(1, idx)))
         self.logprobs.scatter_(1, idx, torch.where(keep, logprobs, self.logprobs.gather(1, idx)))
         if self.params.eos_id is not None:
-            self.done |= (keep & (tokens == self.params.eos_id)).any(1)
+            self.done |= (keep & torch.isin(tokens, torch.tensor(self.params.stops))).any(1)
         self.count += n
         self.done |= self.count >= self.params.max_new_tokens
 
     def result(self, stats: dict) -> GenerationResult:
-        eos, cap = self.params.eos_id, self.params.max_new_tokens
+        stops, cap = self.params.stops, self.params.max_new_tokens
         n = self.count.clamp_max(cap)
-        if eos is not None:
-            hit = (self.tokens == eos) & (self.cols[None] < n[:, None])
+        if stops:
+            hit = torch.isin(self.tokens, torch.tensor(stops)) & (self.cols[None] < n[:, None])
             first = torch.where(hit.any(1), hit.float().argmax(1) + 1, n)
             n = torch.minimum(n, first)
         toks, lps, lens = self.tokens.tolist(), self.logprobs.tolist(), n.tolist()
         responses = [t[:m] for t, m in zip(toks, lens)]
         logprobs = [lp[:m] for lp, m in zip(lps, lens)]
-        finished = [bool(r) and r[-1] == eos for r in responses]
+        finished = [bool(r) and r[-1] in stops for r in responses]
         return GenerationResult(responses, logprobs, finished, stats)
 
 

@@ -155,7 +155,7 @@ def build_generate_payload(
     if params.eos_id is None:
         sp["ignore_eos"] = True
     else:
-        sp["stop_token_ids"] = [int(params.eos_id)]
+        sp["stop_token_ids"] = [int(t) for t in params.stops]
     if sampling_seed is not None:
         sp["sampling_seed"] = int(sampling_seed) % (2**63)
     return {

@@ -83,3 +83,20 @@ def test_wandb_offline_writes_a_run_with_the_step_scalars_and_config(tmp_path, m
 
     with pytest.raises(ConfigError, match="--wandb-mode 'sometimes'"):
         WandbSettings(project="p", mode="sometimes").check()
+
+
+def test_every_stop_id_ends_a_response_locally_and_in_the_sglang_request():
+    import torch
+
+    from megatron_mtp_rl.models.generation import SamplingParams, _Output
+    from megatron_mtp_rl.rollout.sglang_schema import build_generate_payload
+
+    params = SamplingParams(max_new_tokens=5, eos_id=2, stop_ids=(7, 2))
+    assert params.stops == (2, 7)
+    out = _Output(3, params, 5)
+    tokens = torch.tensor([[4, 7, 5], [4, 5, 2], [4, 5, 6]])
+    out.add(tokens, torch.zeros(3, 3), torch.tensor([3, 3, 3]))
+    res = out.result({})
+    assert res.responses == [[4, 7], [4, 5, 2], [4, 5, 6]] and res.finished == [True, True, False]
+    sp = build_generate_payload([1], params, rid="r")["sampling_params"]
+    assert sp["stop_token_ids"] == [2, 7]

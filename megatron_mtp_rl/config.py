@@ -26,7 +26,7 @@ from pathlib import Path
 
 from megatron_mtp_rl.errors import ConfigError
 from megatron_mtp_rl.flags import flag, flag_name, split_passthrough_args
-from megatron_mtp_rl.models.presets import PRESETS, ModelArgs
+from megatron_mtp_rl.models.presets import PRESETS, ModelArgs, from_checkpoint, saved_model_args
 
 # Choices mirrored from rl/ (which imports torch); tests/unit/test_config.py checks they agree.
 REGIMES = ("none", "detach", "ce", "policy", "occ")
@@ -555,10 +555,18 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
 def resolve_model_args(cfg: RunConfig, vocab_size: int) -> ModelArgs:
     """The run's ``ModelArgs``: the preset, overridden by every model flag that was given.
 
-    ``--num-experts 0`` means a dense model; ``--seq-length`` comes from the data section.
+    ``--num-experts 0`` means a dense model; ``--seq-length`` comes from the data section. With
+    ``--load DIR`` holding a checkpoint, its stored model arguments are the base instead and a
+    disagreeing shape flag is a ConfigError naming both values.
     """
     base = PRESETS[cfg.model.preset]
     overrides = {f.name: getattr(cfg.model, f.name) for f in fields(ModelArgs) if hasattr(cfg.model, f.name)}
+    saved = saved_model_args(cfg.ckpt.load)  # --load DIR: the checkpoint's shapes, no flags needed
+    if saved is not None:
+        return from_checkpoint(
+            saved, overrides, vocab_size=vocab_size, seq_length=cfg.data.seq_length, bf16=cfg.model.bf16,
+            where=cfg.ckpt.load,
+        )  # fmt: skip
     dense = overrides.get("num_experts") == 0
     overrides["num_experts"] = overrides.get("num_experts") or None
     overrides.update(vocab_size=vocab_size, seq_length=cfg.data.seq_length)

@@ -134,3 +134,40 @@ def get_preset(name: str) -> ModelArgs:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def saved_model_args(load_dir: str | None) -> dict | None:
+    """The ``model_args`` stored in the latest checkpoint under ``load_dir`` (None: no checkpoint there)."""
+    from pathlib import Path
+
+    if not load_dir or not (Path(load_dir) / "latest_checkpointed_iteration.txt").exists():
+        return None
+    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, read_trainer_state
+
+    return read_trainer_state(latest_checkpoint(load_dir)).get("model_args")
+
+
+def from_checkpoint(saved: dict, given: dict, *, vocab_size: int, seq_length: int, bf16: bool, where: str) -> ModelArgs:
+    """The checkpoint's ModelArgs (like Megatron's ``--use-checkpoint-args``): no shape flag needed.
+
+    A shape flag that was given and disagrees with the checkpoint is an error naming both values.
+    The vocabulary and the sequence length are the run's (tokenizer, ``--seq-length``).
+    """
+    from megatron_mtp_rl.errors import ConfigError
+
+    known = {f.name for f in fields(ModelArgs)}
+    base = ModelArgs(**{k: v for k, v in saved.items() if k in known})
+    conflicts = []
+    for key, value in given.items():
+        if value is None or key in ("vocab_size", "seq_length", "params_dtype"):
+            continue
+        have = getattr(base, key)
+        if key == "num_experts" and value == 0:
+            value = None
+        if have != value:
+            conflicts.append(f"--{key.replace('_', '-')} {value} (the checkpoint has {have})")
+    if bf16 and base.params_dtype != "bf16":
+        conflicts.append(f"--bf16 (the checkpoint's parameters are {base.params_dtype})")
+    if conflicts:
+        raise ConfigError(f"model flags disagree with the checkpoint in --load {where}: " + "; ".join(conflicts))
+    return replace(base, vocab_size=vocab_size, seq_length=seq_length)

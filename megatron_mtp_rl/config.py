@@ -89,6 +89,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = flag(1, "PP size (MTP block on the last stage)", min=1)
     expert_model_parallel_size: int = flag(1, "EP size", min=1)
     context_parallel_size: int = flag(1, "CP size (not supported by the RL forward yet)", min=1)
+    distributed_timeout_minutes: int = flag(
+        10, "a collective waiting longer ends the run, naming what it waited on (a hung peer)", min=1
+    )
 
 
 @dataclass(frozen=True)
@@ -104,15 +107,37 @@ class DataConfig:
     arith_digits: int = flag(2, "digits per operand of the arith task", min=1)
     arith_ops: str = flag("+", "operators drawn from '+-*'")
     num_eval_prompts: int = flag(200, "held-out arith problems for eval/accuracy", min=0)
-    prompt_data: str | None = flag(None, "JSONL or Parquet prompts (replaces the arith task)")
-    eval_data: str | None = flag(None, "JSONL or Parquet held-out prompts for eval/accuracy")
-    input_key: str = flag("prompt", "prompt field of each data row")
-    label_key: str = flag("label", "answer field of each data row")
-    prompt_template: str = flag("{input}", "format string around the input")
+    prompt_data: str | None = flag(None, "JSONL, JSON-array or Parquet prompts (replaces the arith task)")
+    eval_data: str | None = flag(None, "JSONL, JSON-array or Parquet held-out prompts for eval/accuracy")
+    input_key: str = flag(
+        "prompt", "prompt field of each row: a string or a list of {role, content} messages (dotted: a.b)"
+    )
+    label_key: str = flag("label", "answer field of each row (dotted: reward_model.ground_truth)")
+    prompt_template: str = flag(
+        "{input}",
+        "text prompt from row fields: {input} (the --input-key value), {problem}, {extra_info.question}; "
+        "other braces such as \\boxed{} stay literal",
+    )
     on_bad_row: str = flag(
         "fail", "malformed data rows: stop with file:line, or skip and count", choices=["fail", "skip"]
     )
-    tokenizer: str | None = flag(None, "arith | byte | hf:PATH (default: arith for the task, byte for files)")
+    tokenizer: str | None = flag(
+        None,
+        "arith | byte | a local HF tokenizer directory (also hf:DIR); default: the --load checkpoint's "
+        "tokenizer/ when it has one, else arith for the task and byte for files",
+    )
+    stop_token_ids: str | None = flag(
+        None, "comma-separated token ids that also end a response (besides the tokenizer's EOS ids)"
+    )
+    apply_chat_template: bool | None = flag(
+        None,
+        "format prompts with the tokenizer's chat template (default: on for message-list prompts when the "
+        "tokenizer has one; a text prompt becomes one user message)",
+    )
+    system_prompt: str | None = flag(None, "system message put before each chat prompt (a row's own wins)")
+    chat_template_kwargs: str | None = flag(
+        None, "JSON object of chat-template variables, e.g. '{\"enable_thinking\": false}'"
+    )
 
 
 @dataclass(frozen=True)
@@ -146,7 +171,11 @@ class RolloutConfig:
         "127.0.0.1", "address SGLang engines and router bind to and are reached at (multi-node: this node's IP)"
     )
     rollout_hf_dir: str | None = flag(None, "where HF exports for SGLang go (default <save or runs>/hf)")
-    hf_flavour: str | None = flag(None, "HF naming SGLang loads", choices=["deepseek_v3", "mimo"])
+    hf_flavour: str | None = flag(
+        None,
+        "HF family SGLang loads (models/families; default: the model's own, tiny-dense mimo, tiny-moe glm4_moe)",
+        choices=["deepseek_v3", "glm4_moe", "mimo", "qwen3", "qwen3_moe"],
+    )
     weight_sync_mode: str = flag("tensor", "Megatron → SGLang", choices=["tensor", "distributed", "disk"])
     update_weight_buffer_size: int = flag(512 * 2**20, "bytes per weight-sync bucket", min=1)
     rollout_server_cmd: str | None = flag(None, "SGLang server command prefix (tests: a fake)")
@@ -238,6 +267,11 @@ class CheckpointConfig:
     ref_load: str | None = flag(None, "checkpoint of the KL reference model (default: --load)")
     save_interval: int = flag(0, "steps between checkpoints (0: at the end)", min=0)
     keep_last: int = flag(2, "checkpoints kept in --save (0: all)", min=0)
+    no_auto_resume: bool = flag(False, "a --save holding checkpoints, without --load: refuse instead of resuming it")
+    exit_duration_in_mins: float | None = flag(
+        None, "stop after this wall-clock time: finish the step, save, exit 3 (SIGTERM/SIGINT: exit 128+N)",
+        min=0, min_exclusive=True,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -246,6 +280,14 @@ class LogConfig:
 
     metrics_jsonl: str | None = flag(None, "one JSON object per step")
     tensorboard_dir: str | None = flag(None, "TensorBoard event directory")
+    wandb_project: str | None = flag(None, "Weights & Biases project (W&B is off without it; extra 'wandb')")
+    wandb_run_name: str | None = flag(None, "W&B run name")
+    wandb_mode: str = flag("online", "W&B mode", choices=["online", "offline", "disabled"])
+    wandb_save_dir: str | None = flag(None, "W&B local directory (default: ./wandb)")
+    rollout_dump_dir: str | None = flag(
+        None, "write DIR/step_NNNNNN.jsonl per step: prompt, response, tokens, reward, advantage (show_rollouts.py)"
+    )
+    rollout_dump_n: int = flag(16, "samples per step in the rollout dump", min=0)
     quiet: bool = flag(False, "no progress line")
 
 
@@ -546,10 +588,44 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
     file_data = bool(cfg.data.prompt_data) or bool(cfg.data.data_source)
     samples = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
     return cfg.replace(
-        data__tokenizer=cfg.data.tokenizer or ("byte" if file_data else "arith"),
+        data__tokenizer=cfg.data.tokenizer or _checkpoint_tokenizer(cfg) or ("byte" if file_data else "arith"),
         rollout__reward_fn=cfg.rollout.reward_fn or ("math_verify" if cfg.data.prompt_data else "exact_match"),
         optim__global_batch_size=cfg.optim.global_batch_size or max(1, samples // 2),
     )
+
+
+def _checkpoint_tokenizer(cfg: RunConfig) -> str | None:
+    """``--load DIR``'s ``DIR/tokenizer`` (the converter copies the HF tokenizer there)."""
+    from megatron_mtp_rl.rollout.tokenizer import checkpoint_tokenizer_dir
+
+    found = checkpoint_tokenizer_dir(cfg.ckpt.load)
+    return str(found) if found else None
+
+
+def _data_and_log_problems(cfg: RunConfig) -> list[str]:
+    """Stop ids, chat-template kwargs and W&B, checked before anything is built."""
+    import importlib.util
+    import json
+
+    d, lg, problems = cfg.data, cfg.log, []
+    if d.stop_token_ids:
+        try:
+            [int(x) for x in d.stop_token_ids.split(",") if x.strip()]
+        except ValueError:
+            problems.append(f"--stop-token-ids {d.stop_token_ids!r}: expected comma-separated integers")
+    if d.chat_template_kwargs:
+        try:
+            kw = json.loads(d.chat_template_kwargs)
+        except json.JSONDecodeError as e:
+            problems.append(f"--chat-template-kwargs is not valid JSON ({e.msg}): {d.chat_template_kwargs}")
+        else:
+            if not isinstance(kw, dict):
+                problems.append(f"--chat-template-kwargs must be a JSON object: {d.chat_template_kwargs}")
+    if lg.wandb_project and lg.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        problems.append(
+            "--wandb-project needs the 'wandb' package: pip install 'megatron-mtp-rl[wandb]' (or --wandb-mode disabled)"
+        )
+    return problems
 
 
 def resolve_model_args(cfg: RunConfig, vocab_size: int) -> ModelArgs:
@@ -670,6 +746,7 @@ def validate(cfg: RunConfig, world_size: int, model_args: ModelArgs | None = Non
         problems.append("the local rollout engine generates with PP=1 only; use --rollout-engine sglang for PP > 1")
     if cp > 1:
         problems.append("--context-parallel-size > 1 is not supported by the RL forward yet")
+    problems += _data_and_log_problems(cfg)
     if cfg.command == "train" and ro.n_samples_per_prompt < 2:
         problems.append("--n-samples-per-prompt must be ≥ 2 (group-normalised advantages)")
     if ro.rollout_engine == "local" and (ro.sglang_engine_flags or ro.sglang_router_flags):

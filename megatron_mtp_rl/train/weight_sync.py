@@ -1,10 +1,10 @@
 """Megatron → SGLang weight sync, MTP (draft) layers included.
 
 Every sync gathers the full tensors (TP shards, EP experts) with the one Megatron↔HF mapping
-(``models/hf_mapping.py``), names them as the HF checkpoint family SGLang loads
-(``--hf-flavour``: ``deepseek_v3`` naming puts the MTP layers at ``model.layers.{L+k}``,
-``mimo`` at ``model.mtp_layers.{k}``; both are what SGLang's draft models read), and pushes
-them inside pause → flush → update → continue:
+(``models/hf_mapping.py``), names them as the HF family SGLang loads (``models/families``;
+``--hf-flavour`` or the model's own: tiny-dense → MiMo ``model.mtp_layers.0``, tiny-moe → GLM-4.5
+``model.layers.{L}``), carries the MTP layers SGLang's draft takes (one, for every family here), and
+pushes them inside pause → flush → update → continue:
 
 * ``disk``: rank 0 writes an HF directory (safetensors + config.json), engines reload it.
 * ``tensor`` (colocated): buckets of ≤ ``--update-weight-buffer-size`` bytes go to
@@ -22,91 +22,123 @@ part of the payload; :func:`check_payload` refuses a payload without them.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megatron_mtp_rl.models.bucketing import bucket_named_tensors
-from megatron_mtp_rl.models.hf_mapping import gather_full_state, get_flavour, megatron_to_hf
+from megatron_mtp_rl.models.families import family_for, get_family
+from megatron_mtp_rl.models.hf_mapping import gather_full_state, megatron_to_hf
 from megatron_mtp_rl.models.mtp_forward import unwrap
 from megatron_mtp_rl.models.presets import ModelArgs
 
 SYNC_MODES = ("disk", "tensor", "distributed")
+_MTP_LAYER = re.compile(r"mtp\.layers\.(\d+)\.")
 
 
 def default_flavour(model_args: ModelArgs) -> str:
-    return "deepseek_v3" if model_args.is_moe else "mimo"
+    """The HF family this model exports as (tiny-dense → mimo, tiny-moe → glm4_moe; see models/families)."""
+    return family_for(model_args).name
 
 
-def hf_tensors(model, model_args: ModelArgs, flavour: str, *, with_copies: bool = False) -> dict[str, torch.Tensor]:
-    """This model's weights as an HF state dict (collective over TP/EP; every rank gets it)."""
+def _drop_deep_mtp(full: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Leave out MTP layers ≥ ``depth`` (SGLang's drafts take one layer)."""
+    out = {}
+    for name, t in full.items():
+        m = _MTP_LAYER.match(name)
+        if m is None or int(m.group(1)) < depth:
+            out[name] = t
+    return out
+
+
+def hf_tensors(
+    model,
+    model_args: ModelArgs,
+    flavour: str,
+    *,
+    with_copies: bool = False,
+    depth: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """This model's weights as an HF state dict of ``flavour``'s family (collective over TP/EP; every rank gets it).
+
+    ``depth``: MTP layers to include (default: what the family's SGLang draft takes). The family
+    adds tensors its architecture always has and our model may leave out (exact zeros: MiMo's q/k/v
+    biases, GLM-4.5 / DeepSeek-V3 routers' ``e_score_correction_bias``).
+    """
     gpt = unwrap(model)
-    full = gather_full_state(gpt)
-    fl = get_flavour(flavour)
-    if not with_copies and fl.mtp_embed_head_copies:
-        from dataclasses import replace
-
+    fam = family_for(model_args, flavour)
+    depth = fam.export_depth(model_args) if depth is None else depth
+    full = _drop_deep_mtp(gather_full_state(gpt), depth)
+    fl = fam.flavour
+    if fl.mtp_embed_head_copies and not with_copies:
         fl = replace(fl, mtp_embed_head_copies=False)
-    return megatron_to_hf(full, gpt.config, fl, hf_vocab_size=model_args.vocab_size)
+    hf = megatron_to_hf(full, gpt.config, fl, hf_vocab_size=model_args.vocab_size)
+    return fam.complete(hf, model_args, depth)
+
+
+def mtp_marker(model_args: ModelArgs, flavour: str) -> str:
+    """A name prefix only the family's MTP (draft) tensors carry."""
+    style = get_family(flavour).flavour.mtp_style
+    return {"mimo": "model.mtp_layers.", "qwen3": "mtp."}.get(style, f"model.layers.{model_args.num_layers}.")
 
 
 def check_payload(names, model_args: ModelArgs, flavour: str) -> None:
     """Refuse a weight payload that would leave SGLang's draft (MTP) weights stale."""
     if not model_args.mtp_num_layers:
         return
-    marker = "mtp_layers." if flavour == "mimo" else f"model.layers.{model_args.num_layers}."
-    if not any(marker in n for n in names):
+    marker = mtp_marker(model_args, flavour)
+    if not any(n.startswith(marker) for n in names):
         raise RuntimeError(f"weight sync payload has no MTP layer tensors ({marker}*): the draft model would go stale")
 
 
-def hf_config(model_args: ModelArgs, flavour: str) -> dict:
-    """A config.json for the HF family SGLang loads this model as (best effort, see README)."""
-    m = model_args
-    cfg = {
-        "vocab_size": m.vocab_size,
-        "hidden_size": m.hidden_size,
-        "intermediate_size": m.ffn_hidden_size,
-        "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
-        "head_dim": m.hidden_size // m.num_attention_heads,
-        "max_position_embeddings": m.seq_length,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": float(m.rotary_base),
-        "hidden_act": "silu",
-        "tie_word_embeddings": not m.untie_embeddings_and_output_weights,
-        "torch_dtype": "bfloat16" if m.params_dtype == "bf16" else "float32",
-    }
-    if flavour == "mimo":
-        cfg.update(architectures=["MiMoForCausalLM"], model_type="mimo", num_nextn_predict_layers=m.mtp_num_layers)
-    else:
-        cfg.update(
-            architectures=["DeepseekV3ForCausalLM"],
-            model_type="deepseek_v3",
-            num_nextn_predict_layers=m.mtp_num_layers,
-            n_routed_experts=m.num_experts or 0,
-            num_experts_per_tok=m.moe_router_topk,
-            moe_intermediate_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
-            first_k_dense_replace=0 if m.num_experts else m.num_layers,
-        )
-    return cfg
+def hf_config(model_args: ModelArgs, flavour: str, depth: int | None = None) -> dict:
+    """The config.json of ``flavour``'s family for this model (``AutoConfig`` parses it; SGLang loads it)."""
+    fam = family_for(model_args, flavour)
+    return fam.hf_config(model_args, fam.export_depth(model_args) if depth is None else depth)
+
+
+def export_note(model_args: ModelArgs, flavour: str, depth: int) -> str:
+    """One line saying what an export carries, e.g. that SGLang's draft takes only the first MTP layer."""
+    fam = get_family(flavour)
+    note = f"{fam.architecture}: {depth} of {model_args.mtp_num_layers} MTP layer(s)"
+    if depth < model_args.mtp_num_layers:
+        draft = fam.draft_class or "its MTP naming"
+        note += f" ({draft} takes {fam.draft_depth}; the deeper ones are trained, not exported)"
+    return note
+
+
+def write_hf_dir(out: Path, tensors: dict[str, torch.Tensor], model_args: ModelArgs, flavour: str, depth: int,
+                 dtype_name: str | None = None) -> None:  # fmt: skip
+    """model.safetensors + config.json (+ the family's own files, e.g. MiMo's configuration_mimo.py)."""
+    from safetensors.torch import save_file
+
+    fam = get_family(flavour)
+    out.mkdir(parents=True, exist_ok=True)
+    # clone: per-layer copies alias their source and safetensors refuses shared storage
+    owned = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
+    save_file(owned, str(out / "model.safetensors"))
+    cfg = hf_config(model_args, flavour, depth)
+    if dtype_name:
+        cfg["torch_dtype"] = dtype_name
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    for fname, text in fam.extra_files(model_args).items():
+        (out / fname).write_text(text)
 
 
 def export_hf(model, model_args: ModelArgs, out_dir: str | Path, flavour: str | None = None) -> Path:
-    """Write the model as an HF directory (collective; rank 0 writes). Returns the directory."""
-    from safetensors.torch import save_file
-
+    """Write the model as an HF directory SGLang loads (collective; rank 0 writes). Returns the directory."""
     flavour = flavour or default_flavour(model_args)
-    tensors = hf_tensors(model, model_args, flavour)
+    depth = family_for(model_args, flavour).export_depth(model_args)
+    tensors = hf_tensors(model, model_args, flavour, depth=depth)
     check_payload(tensors, model_args, flavour)
     out = Path(out_dir)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        # clone: per-layer copies alias their source and safetensors refuses shared storage
-        owned = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
-        save_file(owned, str(out / "model.safetensors"))
-        (out / "config.json").write_text(json.dumps(hf_config(model_args, flavour), indent=1))
+        write_hf_dir(out, tensors, model_args, flavour, depth)
+        if depth < model_args.mtp_num_layers:
+            print(f"export {out}: {export_note(model_args, flavour, depth)}", flush=True)
     if dist.is_initialized():
         dist.barrier()
     return out
@@ -177,12 +209,14 @@ class WeightSync:
         """Create the trainer ↔ engines group once: engines join via HTTP while rank 0 joins here."""
         if self._group is not None:
             return self._group
-        import socket
+        import datetime
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
+        from megatron_mtp_rl.platform.distributed import bound_tcp_store
+
         world = 1 + self.num_engines * self.engine_tp
+        # The group's store listens on --rollout-host only (torch's own would bind *:port).
+        store = bound_tcp_store(self.master_address, 0, world, datetime.timedelta(seconds=600))
+        port = store.port
         backend = "nccl" if torch.cuda.is_available() else "gloo"
 
         async def engines_join(clients):
@@ -207,7 +241,7 @@ class WeightSync:
             return await engines_join(clients)
 
         fut = self.engine.submit(with_clients())
-        self._group = join_update_group(self.master_address, port, world, self.group_name, backend)
+        self._group = join_update_group(self.master_address, port, world, self.group_name, backend, store=store)
         fut.result(timeout=600)
         return self._group
 
@@ -261,7 +295,7 @@ async def _gather(coros):
     return await asyncio.gather(*coros)
 
 
-def join_update_group(master_address: str, port: int, world_size: int, group_name: str, backend: str):
+def join_update_group(master_address: str, port: int, world_size: int, group_name: str, backend: str, store=None):
     """Rank 0 of the weight-update group, built the way SGLang's engines build theirs.
 
     The engines construct the group with a tcp rendezvous, a ``PrefixStore(group_name)`` and
@@ -270,11 +304,15 @@ def join_update_group(master_address: str, port: int, world_size: int, group_nam
     """
     import datetime
 
-    from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
+    from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world
+
+    from megatron_mtp_rl.platform.distributed import bound_tcp_store
 
     timeout = datetime.timedelta(seconds=600)
-    store, rank, world = next(rendezvous(f"tcp://{master_address}:{port}", 0, world_size, timeout=timeout))
+    if store is None:  # rank 0 serves the rendezvous on master_address only
+        store = bound_tcp_store(master_address, port, world_size, timeout)
     store.set_timeout(timeout)
+    rank, world = 0, world_size
     pg, _ = _new_process_group_helper(
         world, rank, [], backend, PrefixStore(group_name, store), group_name=group_name, timeout=timeout
     )

@@ -62,7 +62,7 @@ class RewardStats:
             self.first_error = detail.strip()
 
 
-def check_step_rewards(stats: RewardStats, errors: float, scored: float, step: int, group=None) -> None:
+def check_step_rewards(stats: RewardStats | None, errors: float, scored: float, step: int, group=None) -> None:
     """Stop the run when every reward call of a step failed (collective over ``group`` when distributed).
 
     ``errors``/``scored``: this rank's counts for the step. All ranks raise together, so no
@@ -77,7 +77,9 @@ def check_step_rewards(stats: RewardStats, errors: float, scored: float, step: i
         t = totals.to(torch.device("cuda", torch.cuda.current_device())) if nccl else totals
         dist.all_reduce(t, group=group)
         totals = t.cpu()
-    first, stats.first_error = stats.first_error, None
+    first = None
+    if stats is not None:
+        first, stats.first_error = stats.first_error, None
     bad, total = int(totals[0]), int(totals[1])
     if total > 0 and bad == total:
         where = first if first else "(the failures happened on another rank; see its output)"

@@ -114,3 +114,45 @@ def lock_run(save: str | None, metrics_jsonl: str | None) -> list[RunLock]:
 def release_all(locks: list[RunLock]) -> None:
     for lock in reversed(locks):
         lock.release()
+
+
+_held: list[RunLock] = []  # this process's run locks (one run at a time per process)
+
+
+def claim_run(save: str | None, metrics_jsonl: str | None, load: str | None, *, auto_resume: bool = True) -> str | None:
+    """Start-up, before the model is built: lock ``--save``/``--metrics-jsonl`` and settle ``--load``.
+
+    Global rank 0 checks ``--save`` is writable, takes the locks (held until
+    :func:`release_run` or process exit) and decides whether a used ``--save`` is resumed
+    (one line says so) or refused; the decision is broadcast, so every rank returns the same
+    ``--load`` or raises the same ``ConfigError``.
+    """
+    import torch.distributed as dist
+
+    from megatron_mtp_rl.train.checkpoint import resolve_auto_resume
+
+    release_run()  # an earlier run in this process (tests, tools) is over
+    outcome: tuple = (load, "", None)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            _held.extend(lock_run(save, metrics_jsonl))
+            outcome = (*resolve_auto_resume(save, load, auto_resume=auto_resume), None)
+        except ConfigError as e:
+            release_run()
+            outcome = (load, "", str(e))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    load, message, error = outcome
+    if error:
+        raise ConfigError(error)
+    if message and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(message, flush=True)
+    return load
+
+
+def release_run() -> None:
+    """Free the locks :func:`claim_run` took (the end of a run; process exit frees them too)."""
+    release_all(_held)
+    _held.clear()

@@ -44,11 +44,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(job, cfg) -> int:
-    """Run a job; the parallel state is torn down whatever happens."""
+    """Run a job; the parallel state is torn down whatever happens.
+
+    Exit 1 with our message (no trainer traceback) when the reward function failed on every
+    sample of a step (the message carries the worker's traceback) or a collective timed out
+    (which collective, which ranks: a hung peer).
+    """
     from megatron_mtp_rl import platform
+    from megatron_mtp_rl.platform.distributed import describe_timeout
+    from megatron_mtp_rl.rollout.reward_sandbox import RewardError
 
     try:
         job(cfg)
+    except RewardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        msg = describe_timeout(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # tearing the group down could wait on the hung peer again
     finally:
         platform.destroy()
     return 0

@@ -32,6 +32,7 @@ from megatron_mtp_rl.rollout.manager import RolloutManager
 from megatron_mtp_rl.rollout.reward_sandbox import build_scorer
 from megatron_mtp_rl.rollout.tokenizer import build_tokenizer
 from megatron_mtp_rl.train.optim import build_optimizer, wrap_ddp
+from megatron_mtp_rl.train.run_lock import claim_run
 from megatron_mtp_rl.train.schedule import configure, forward_backward
 
 
@@ -87,8 +88,11 @@ def build_run(cfg: RunConfig) -> Run:
         expert_model_parallel_size=par.expert_model_parallel_size,
         context_parallel_size=par.context_parallel_size,
     )
-    platform.initialize(sizes, seed=cfg.seed)
-    cfg = cfg.replace(device=platform.device().type)
+    platform.initialize(sizes, seed=cfg.seed, timeout_minutes=par.distributed_timeout_minutes)
+    # Before anything is built: --save writable and locked, a used --save resumed or refused.
+    c = cfg.ckpt
+    load = claim_run(c.save, cfg.log.metrics_jsonl, c.load, auto_resume=not c.no_auto_resume)
+    cfg = cfg.replace(device=platform.device().type, ckpt__load=load)
     source = build_data_source(cfg, tokenizer)
     gpt, model, optimizer, scheduler = build_model(cfg, model_args)
     occ = build_occ(cfg, model_args)

@@ -28,6 +28,8 @@ from megatron_mtp_rl.train.builders import (
 )
 from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from megatron_mtp_rl.train.metrics import MetricsWriter, print_progress, progress_line
+from megatron_mtp_rl.train.run_lock import release_run
+from megatron_mtp_rl.train.signals import GracefulStop, StopRequested
 from megatron_mtp_rl.train.step import StepContext, on_mp_leader, rl_step
 
 
@@ -70,6 +72,7 @@ def prepare(cfg: RunConfig, *, rollout_actor=None) -> tuple[StepContext, LoopSta
 def close(ctx: StepContext) -> None:
     ctx.rollout.close()
     ctx.engine.close()
+    release_run()
 
 
 def train(ctx: StepContext, state: LoopState) -> list[dict]:
@@ -77,6 +80,7 @@ def train(ctx: StepContext, state: LoopState) -> list[dict]:
     cfg, log = ctx.cfg, ctx.cfg.log
     writer = MetricsWriter(log.metrics_jsonl, log.tensorboard_dir, enabled=is_logging_rank(), resume_step=state.step)
     history = []
+    stop = GracefulStop(cfg.ckpt.exit_duration_in_mins).install()  # SIGTERM/SIGINT/time limit: save, exit
     try:
         if state.step == 0:
             m0 = evaluate(ctx)
@@ -95,11 +99,30 @@ def train(ctx: StepContext, state: LoopState) -> list[dict]:
             history.append({"step": state.step, **m})
             if not log.quiet and is_logging_rank():
                 print_progress(progress_line(state.step, cfg.num_steps, m, cfg.mtp.mtp_regime))
+            if state.step < cfg.num_steps and stop.should_stop():  # collective: every rank stops here
+                raise _stop_after_save(ctx, state, stop)
         if cfg.ckpt.save and not _save_due(cfg, state.step):
             save(ctx, state)
     finally:
+        stop.restore()
         writer.close()
     return history
+
+
+def _stop_after_save(ctx: StepContext, state: LoopState, stop: GracefulStop) -> StopRequested:
+    """Save this step (even with --save-interval 0), say why in one line; the caller raises it."""
+    import sys
+
+    c = ctx.cfg.ckpt
+    saved = None
+    if c.save:
+        if not _save_due(ctx.cfg, state.step):
+            save(ctx, state)
+        saved = f"{c.save}/iter_{state.step:07d}"
+    exc = stop.stop(state.step, ctx.cfg.num_steps, saved)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(exc.message, file=sys.stderr, flush=True)
+    return exc
 
 
 def _save_due(cfg: RunConfig, step: int) -> bool:

@@ -28,6 +28,7 @@ from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denomina
 from megatron_mtp_rl.rl.occ import OCCEstimator
 from megatron_mtp_rl.rollout.engine import RolloutEngine
 from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
+from megatron_mtp_rl.rollout.reward_sandbox import check_step_rewards
 from megatron_mtp_rl.train import faults
 from megatron_mtp_rl.train.builders import Reference, Rollout, Run
 from megatron_mtp_rl.train.optim import clip_grads, param_norm, split_parameters
@@ -56,6 +57,10 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
     faults.current_step = step
     t0 = time.perf_counter()
     batch, cursor = generate(ctx, step, cursor)
+    # Every reward call failed (a broken reward function): stop before training on zeros.
+    bm = batch.metrics
+    stats = getattr(ctx.rollout.scorer, "stats", None)
+    check_step_rewards(stats, bm.get("rollout/reward_errors", 0.0), bm.get("rollout/generated_samples", 0.0), step)
     raw, shaped, metrics = score(ctx, batch)
     adv = advantages(ctx, shaped)
     t_train = time.perf_counter()

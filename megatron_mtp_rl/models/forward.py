@@ -31,6 +31,9 @@ class ForwardOutput:
     hidden: torch.Tensor  # decoder output (a non-last stage sends it on)
     mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # depth k at index k-1
     rotary_pos_emb: torch.Tensor | None = None  # the rotary table the layers used
+    # MTP block run on detached inputs (``head_mtp_pass``), for MTP-head-only objectives beside
+    # an attached regime (rl/head_loss.py); the same list as ``mtp_hidden`` when that is detached.
+    head_mtp_hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 def gpt_forward(
@@ -43,6 +46,7 @@ def gpt_forward(
     detach_mtp: bool = False,
     inference_context=None,
     rotary_pos_emb: torch.Tensor | None = None,
+    head_mtp_pass: bool = False,
 ) -> ForwardOutput:
     """Run the decoder and (when this stage has it and ``with_mtp``) megatron's MTP block.
 
@@ -51,7 +55,9 @@ def gpt_forward(
     up are detached, so MTP losses reach the MTP layers only. ``inference_context`` (a
     megatron ``StaticInferenceContext``) makes the decoder read and extend its KV cache;
     ``rotary_pos_emb`` overrides the rotary table (generation passes per-row tables indexed
-    by cache slot, ``[L, B, 1, d]``).
+    by cache slot, ``[L, B, 1, d]``). ``head_mtp_pass`` also runs the MTP block on detached
+    inputs (``out.head_mtp_hidden``): values equal the attached pass, gradients stop at the MTP
+    layers — the exact way to add a head-only loss beside a loss that reaches the trunk.
     """
     gpt = unwrap(model)
     if rotary_pos_emb is None:
@@ -73,25 +79,31 @@ def gpt_forward(
     out = ForwardOutput(hidden=hidden, rotary_pos_emb=rotary_pos_emb)
     if not (with_mtp and gpt.mtp_process):
         return out
-    trunk = hidden.detach() if detach_mtp else hidden
-    embedding = gpt.embedding
-    if detach_mtp:
 
-        def embedding(input_ids, position_ids, _emb=gpt.embedding):
-            return _emb(input_ids=input_ids, position_ids=position_ids).detach()
+    def run_mtp(detach: bool) -> list[torch.Tensor]:
+        trunk = hidden.detach() if detach else hidden
+        embedding = gpt.embedding
+        if detach:
 
-    stacked = gpt.mtp(
-        input_ids=tokens,
-        position_ids=position_ids,
-        hidden_states=trunk,
-        attention_mask=attention_mask,
-        rotary_pos_emb=rotary_pos_emb,
-        rotary_pos_cos=rotary_cos,
-        rotary_pos_sin=rotary_sin,
-        sequence_len_offset=seq_len_offset,
-        embedding=embedding,
-    )
-    out.mtp_hidden = list(torch.chunk(stacked, 1 + gpt.config.mtp_num_layers, dim=0))[1:]
+            def embedding(input_ids, position_ids, _emb=gpt.embedding):
+                return _emb(input_ids=input_ids, position_ids=position_ids).detach()
+
+        stacked = gpt.mtp(
+            input_ids=tokens,
+            position_ids=position_ids,
+            hidden_states=trunk,
+            attention_mask=attention_mask,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_cos,
+            rotary_pos_sin=rotary_sin,
+            sequence_len_offset=seq_len_offset,
+            embedding=embedding,
+        )
+        return list(torch.chunk(stacked, 1 + gpt.config.mtp_num_layers, dim=0))[1:]
+
+    out.mtp_hidden = run_mtp(detach_mtp)
+    if head_mtp_pass:
+        out.head_mtp_hidden = out.mtp_hidden if detach_mtp else run_mtp(True)
     return out
 
 

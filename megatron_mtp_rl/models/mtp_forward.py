@@ -20,6 +20,7 @@ from megatron_mtp_rl.models.forward import gpt_forward, output_logits, output_we
 from megatron_mtp_rl.ops import (
     vocab_parallel_draft_agreement,
     vocab_parallel_entropy,
+    vocab_parallel_kl,
     vocab_parallel_logprobs,
 )
 
@@ -39,6 +40,9 @@ class HeadLogProbs:
     entropy: torch.Tensor | None = None  # [B, S] fp32
     mtp_accept: torch.Tensor | None = None  # [D, B, S] expected draft acceptance
     mtp_top1: torch.Tensor | None = None  # [D, B, S] 1.0 where argmax agrees
+    # MTP-head objectives (``mtp_head``), on the detached MTP pass; label frame, masked by mtp_mask.
+    head_logprobs: torch.Tensor | None = None  # [D, B, S] "ce": log q_k(label)
+    head_kl: torch.Tensor | None = None  # [D, B, S] "distill": KL(p_main ‖ q_k), p_main detached
 
     @property
     def device(self) -> torch.device:
@@ -59,17 +63,25 @@ def forward_logprobs(
     with_entropy: bool = False,
     with_draft_stats: bool = False,
     chunk_size: int | None = None,
+    mtp_head: str | None = None,
 ) -> HeadLogProbs | torch.Tensor:
     """Run this pipeline stage; the last stage returns :class:`HeadLogProbs`.
 
     ``detach_mtp`` cuts the MTP path off the trunk: the hidden states handed to the MTP
     block, the token embeddings it looks up and the shared output head are detached, so
     MTP losses reach the MTP layers only. Non-last pipeline stages return their hidden
-    states for the schedule to send on.
+    states for the schedule to send on. ``mtp_head`` ("ce" / "distill") adds the inputs of an
+    MTP-head-only objective computed on a detached MTP pass (see :func:`_head_outputs`).
     """
     gpt = unwrap(model)
     fwd = gpt_forward(
-        gpt, batch.tokens, batch.position_ids, batch.attention_mask(), with_mtp=with_mtp, detach_mtp=detach_mtp
+        gpt,
+        batch.tokens,
+        batch.position_ids,
+        batch.attention_mask(),
+        with_mtp=with_mtp,
+        detach_mtp=detach_mtp,
+        head_mtp_pass=bool(mtp_head) and with_mtp,
     )
     hidden, mtp_hidden = fwd.hidden, fwd.mtp_hidden
     if not gpt.post_process:
@@ -123,4 +135,46 @@ def forward_logprobs(
     if with_draft_stats:
         out.mtp_accept = torch.stack(accepts)
         out.mtp_top1 = torch.stack(top1s)
+    if mtp_head:
+        _head_outputs(out, gpt, batch, logits, fwd.head_mtp_hidden, mtp_head, detach_mtp, tp_group, chunk_size, vocab)
     return out
+
+
+def _head_outputs(out, gpt, batch, logits, head_hidden, kind, detached_regime, tp_group, chunk_size, vocab) -> None:
+    """Inputs of the MTP-head objective (rl/head_loss.py), on the detached MTP pass.
+
+    The MTP block ran a second time on detached trunk states and embeddings (gpt_forward's
+    ``head_mtp_pass``) and the output weight is detached here, so these losses reach the MTP
+    layers only. When the regime pass is itself detached it is the head pass, and "ce" reuses
+    its log-prob tensor: ``detach`` ≡ ``none`` + head ``ce``, bit for bit.
+    """
+    if kind not in ("ce", "distill"):
+        raise ValueError(f"unknown MTP head loss {kind!r}; choose 'ce' or 'distill'")
+    if kind == "ce" and detached_regime:
+        out.head_logprobs = out.mtp_logprobs
+        return
+    weight = output_weight(gpt)
+    weight = (weight if weight is not None else gpt.output_layer.weight).detach()
+    s, b = logits.shape[0], logits.shape[1]
+    rows = []
+    for k, h in enumerate(head_hidden, start=1):
+        mtp_logits = output_logits(gpt, h, weight=weight)
+        if kind == "ce":
+            targets, _ = mtp_targets(batch, k)
+            lp = vocab_parallel_logprobs(
+                mtp_logits, targets.t(), tp_group=tp_group, chunk_size=chunk_size, vocab_size=vocab
+            )
+            rows.append(shift_right(lp.t(), k))
+            continue
+        # depth k at position t is aligned with the main head at t + k (both score labels[t + k])
+        kl = logits.new_zeros((0, b), dtype=torch.float32)
+        if k < s:
+            kl = vocab_parallel_kl(
+                mtp_logits[: s - k], logits[k:].detach(), tp_group=tp_group, chunk_size=chunk_size, vocab_size=vocab
+            )
+        kl = torch.cat([kl, kl.new_zeros((min(k, s), b))])  # the last k positions have no aligned token
+        rows.append(shift_right(kl.t(), k))
+    if kind == "ce":
+        out.head_logprobs = torch.stack(rows)
+    else:
+        out.head_kl = torch.stack(rows)

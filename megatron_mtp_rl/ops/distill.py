@@ -37,9 +37,8 @@ class _VocabParallelKL(torch.autograd.Function):
         lse_y = _logsumexp(y, chunk, tp_group)
         cross = torch.zeros_like(lse_x)  # Σ_v p_v (x_v − y_v), this shard's part
         for s, e in _chunks(x.shape[0], chunk) if valid else ():
-            p = _shifted_exp(x[s:e], lse_x[s:e])
-            diff = x[s:e].to(torch.float32, copy=True).sub_(y[s:e])
-            cross[s:e] = p.mul_(diff).sum(-1)
+            p = _shifted_exp(x[s:e], lse_x[s:e])  # the one chunk-sized temporary (fp32 inputs)
+            cross[s:e] = torch.einsum("nv,nv->n", p, x[s:e].float()) - torch.einsum("nv,nv->n", p, y[s:e].float())
         _all_reduce(cross, dist.ReduceOp.SUM, tp_group)
         ctx.save_for_backward(student, teacher, lse_x, lse_y)
         ctx.chunk, ctx.valid = chunk, valid
@@ -54,10 +53,15 @@ class _VocabParallelKL(torch.autograd.Function):
         x = teacher.reshape(-1, v_local)[:, :valid]
         g = grad_out.reshape(-1).float()
         grad = full[:, :valid]
+        in_place = grad.dtype == torch.float32
         for s, e in _chunks(y.shape[0], ctx.chunk) if valid else ():
-            q = _shifted_exp(y[s:e], lse_y[s:e])
-            q.sub_(_shifted_exp(x[s:e], lse_x[s:e])).mul_(g[s:e, None])
-            grad[s:e] = q.to(grad.dtype)
+            if in_place:  # q straight into the gradient; p is the one temporary
+                gc = torch.sub(y[s:e], lse_y[s:e, None], out=grad[s:e]).exp_()
+            else:
+                gc = _shifted_exp(y[s:e], lse_y[s:e])
+            gc.sub_(_shifted_exp(x[s:e], lse_x[s:e])).mul_(g[s:e, None])
+            if not in_place:
+                grad[s:e] = gc.to(grad.dtype)
         return full.view_as(student), None, None, None, None
 
 

@@ -1,0 +1,34 @@
+"""Rollout–trainer mismatch: how far the engine's log-probs are from the trainer's θ_old.
+
+The engine samples with its own kernels (and possibly another precision); the trainer's
+recomputed θ_old log-probs differ. We measure the gap (mean |Δ log p| and the k3 estimate of
+KL(π_rollout ‖ π_old) on the sampled tokens) and can correct the policy gradient with
+truncated importance sampling (TIS, as slime and veRL do): each token's policy loss is
+weighted by min(π_old/π_rollout, C), a constant (no gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """``min(exp(ℓ_old − ℓ_rollout), cap)``, detached, fp32."""
+    if cap <= 0:
+        raise ValueError(f"--tis-cap must be > 0, got {cap}")
+    log_w = (old_logprobs.detach().float() - rollout_logprobs.detach().float()).clamp(max=20.0)
+    return log_w.exp().clamp(max=cap)
+
+
+@torch.no_grad()
+def mismatch_per_token(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token ``|ℓ_old − ℓ_rollout|`` and k3 = r − 1 − log r with r = π_old/π_rollout.
+
+    k3 is an unbiased, non-negative per-sample estimate of KL(π_rollout ‖ π_old) for tokens
+    drawn from π_rollout (Schulman's estimator).
+    """
+    log_r = old_logprobs.double() - rollout_logprobs.double()
+    return {
+        "rollout/logprob_abs_diff": log_r.abs(),
+        "rollout/mismatch_kl": torch.expm1(log_r) - log_r,
+    }

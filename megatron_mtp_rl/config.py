@@ -92,9 +92,6 @@ class ParallelConfig:
     distributed_timeout_minutes: int = flag(
         10, "a collective waiting longer ends the run, naming what it waited on (a hung peer)", min=1
     )
-    distributed_timeout_minutes: int = flag(
-        10, "a collective waiting longer ends the run, naming what it waited on (a hung peer)", min=1
-    )
 
 
 @dataclass(frozen=True)
@@ -270,11 +267,6 @@ class CheckpointConfig:
     ref_load: str | None = flag(None, "checkpoint of the KL reference model (default: --load)")
     save_interval: int = flag(0, "steps between checkpoints (0: at the end)", min=0)
     keep_last: int = flag(2, "checkpoints kept in --save (0: all)", min=0)
-    no_auto_resume: bool = flag(False, "a --save holding checkpoints, without --load: refuse instead of resuming it")
-    exit_duration_in_mins: float | None = flag(
-        None, "stop after this wall-clock time: finish the step, save, exit 3 (SIGTERM/SIGINT: exit 128+N)",
-        min=0, min_exclusive=True,
-    )  # fmt: skip
     no_auto_resume: bool = flag(False, "a --save holding checkpoints, without --load: refuse instead of resuming it")
     exit_duration_in_mins: float | None = flag(
         None, "stop after this wall-clock time: finish the step, save, exit 3 (SIGTERM/SIGINT: exit 128+N)",

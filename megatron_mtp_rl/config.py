@@ -470,9 +470,16 @@ def _sections_for(command: str) -> dict[str, type]:
     return {k: v for k, v in SECTIONS.items() if k != "pretrain" or command == "pretrain"}
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A user mistake on the command line is one line (argparse prints the whole 90-line usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every flag)\n")
+
+
 def build_parser(command: str = "train") -> argparse.ArgumentParser:
     """The ``mtp-rl COMMAND`` parser, one argument group per section, generated from the fields."""
-    p = argparse.ArgumentParser(
+    p = _OneLineErrors(
         prog=f"mtp-rl {command}",
         description="RL with jointly trained MTP layers (OCC). --sglang-X v / --sglang-router-X v pass --X v "
         "to SGLang / its router.",

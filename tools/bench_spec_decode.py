@@ -21,21 +21,22 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_known_noise()
     from megatron_mtp_rl import platform
+    from megatron_mtp_rl.config import parse_config
     from megatron_mtp_rl.models.generation import SamplingParams, generate
-    from megatron_mtp_rl.train.arguments import parse_args
-    from megatron_mtp_rl.train.setup import build_run
-    from megatron_mtp_rl.train.trainer import Trainer
+    from megatron_mtp_rl.train.builders import build_run
+    from megatron_mtp_rl.train.loop import resume
+    from megatron_mtp_rl.train.pretrain import Evaluator
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(["--quiet", "--finetune", "--rollout-max-response-len", "32", *argv])
-    run = build_run(args)
-    trainer = Trainer(run)
-    trainer.maybe_load()
-    prompts = [trainer.manager.encode_prompt(p) for p in run.source.eval_prompts()[:64]]
+    cfg = parse_config(["--quiet", "--finetune", "--rollout-max-response-len", "32", *argv])
+    run = build_run(cfg)
+    resume(run.cfg, run)  # --load: weights only (--finetune)
+    max_new = cfg.rollout.rollout_max_response_len
+    prompts = [Evaluator(run.cfg, run).manager.encode_prompt(p) for p in run.source.eval_prompts()[:64]]
     vocab = run.tokenizer.vocab_size
     results = {}
     for temp in (0.0, 1.0):
-        sp = SamplingParams(temperature=temp, max_new_tokens=args.rollout_max_response_len, eos_id=None)
+        sp = SamplingParams(temperature=temp, max_new_tokens=max_new, eos_id=None)
         for mode in ("plain", "spec"):
             spec = mode == "spec"
             reps = {"row": [], "batch": []}
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             }
     platform.destroy()
     print(
-        f"{len(prompts)} held-out prompts, {args.rollout_max_response_len} new tokens, "
+        f"{len(prompts)} held-out prompts, {max_new} new tokens, "
         f"{run.model_args.mtp_num_layers} MTP depths, torch threads {torch.get_num_threads()}"
     )
     print("temperature | accept len (1 row) | tokens/s spec/plain, 1 row | tokens/s spec/plain, batch of 64")

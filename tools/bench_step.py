@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+from megatron.core import parallel_state
 
 REGIMES = ["none", "detach", "ce", "policy", "occ"]
 
@@ -30,50 +31,47 @@ def _setup(argv):
     from megatron_mtp_rl.cli import quiet_known_noise
 
     quiet_known_noise()
+    from megatron_mtp_rl.config import parse_config
     from megatron_mtp_rl.rl import grpo_advantages
-    from megatron_mtp_rl.train.arguments import parse_args
-    from megatron_mtp_rl.train.setup import build_run
-    from megatron_mtp_rl.train.trainer import Trainer, build_micro_batches, step_seed
+    from megatron_mtp_rl.train.loop import prepare
+    from megatron_mtp_rl.train.step import build_micro_batches, generate
 
-    args = parse_args(["--quiet", "--mtp-regime", "occ", *argv])
-    run = build_run(args)
-    trainer = Trainer(run)
-    trainer.maybe_load()
-    batch = trainer.manager.rollout(
-        trainer._fetch_factory(), num_prompts=args.rollout_batch_size // trainer.dp, seed=step_seed(args.seed, 1, 0)
-    )
+    cfg = parse_config(["--quiet", "--mtp-regime", "occ", *argv])
+    ctx, state = prepare(cfg)
+    batch, _ = generate(ctx, 1, state.cursor)
     rewards = torch.tensor([s.reward for s in batch.samples])
     if rewards.max() == rewards.min():  # an untrained model: give the loss something to do
         rewards = torch.rand(len(batch.samples), generator=torch.Generator().manual_seed(0))
-    adv = grpo_advantages(rewards, args.n_samples_per_prompt)
-    per = args.global_batch_size // trainer.dp
+    adv = grpo_advantages(rewards, cfg.rollout.n_samples_per_prompt)
+    dp = parallel_state.get_data_parallel_world_size()
+    per = cfg.optim.global_batch_size // dp
     samples = batch.samples
 
     def minibatches():
         return [
             build_micro_batches(
-                samples[i : i + per], adv[i : i + per].tolist(), args.micro_batch_size, args.seq_length, False
+                samples[i : i + per], adv[i : i + per].tolist(), cfg.optim.micro_batch_size, cfg.data.seq_length, False
             )
             for i in range(0, len(samples), per)
         ]
 
-    return args, run, trainer, minibatches
+    return ctx, minibatches
 
 
-def _one_step(run, trainer, minibatches, regime: str) -> float:
+def _one_step(ctx, minibatches, regime: str) -> float:
     from megatron_mtp_rl.rl import get_regime
+    from megatron_mtp_rl.train.builders import build_loss
     from megatron_mtp_rl.train.step import compute_old_logprobs, train_step
-    from megatron_mtp_rl.train.trainer import loss_config
 
-    trainer.args.mtp_regime = regime
-    cfg = loss_config(trainer.args)
+    run = ctx.run
+    loss_cfg = build_loss(ctx.cfg.replace(mtp__mtp_regime=regime))
     mbs = minibatches()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     compute_old_logprobs(run.model, [m for mb in mbs for m in mb], with_mtp=get_regime(regime).runs_mtp)
     for mb in mbs:
-        train_step(run.model, run.optimizer, mb, cfg, run.occ, clip_grad=trainer.args.clip_grad)
+        train_step(run.model, run.optimizer, mb, loss_cfg, run.occ, clip_grad=ctx.cfg.optim.clip_grad)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -119,18 +117,21 @@ def main(argv: list[str] | None = None) -> None:
         i = argv.index("--only")
         only = argv[i + 1]
         del argv[i : i + 2]
-    args, run, trainer, minibatches = _setup(argv)
+    ctx, minibatches = _setup(argv)
     from megatron_mtp_rl import platform
+    from megatron_mtp_rl.train.loop import close
 
+    cfg = ctx.cfg
     if only:
-        _one_step(run, trainer, minibatches, only)  # warm-up: allocator pools, lazy init
-        peak = _peak_rss_during(lambda: _one_step(run, trainer, minibatches, only))
+        _one_step(ctx, minibatches, only)  # warm-up: allocator pools, lazy init
+        peak = _peak_rss_during(lambda: _one_step(ctx, minibatches, only))
         print(json.dumps({"peak_rss_delta_bytes": peak}))
+        close(ctx)
         platform.destroy()
         return
 
     for r in REGIMES:  # warm-up: allocator, lazy init
-        _one_step(run, trainer, minibatches, r)
+        _one_step(ctx, minibatches, r)
     times = {r: [] for r in REGIMES}
     peak = {}
     rng = random.Random(0)
@@ -140,9 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         for r in order:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            times[r].append(_one_step(run, trainer, minibatches, r))
+            times[r].append(_one_step(ctx, minibatches, r))
             if torch.cuda.is_available():
                 peak[r] = max(peak.get(r, 0), torch.cuda.max_memory_allocated())
+    close(ctx)
     platform.destroy()
     if memory and not torch.cuda.is_available():
         for r in REGIMES:
@@ -151,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
             ).stdout
             peak[r] = json.loads(out.strip().splitlines()[-1])["peak_rss_delta_bytes"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    samples = args.rollout_batch_size * args.n_samples_per_prompt
-    print(f"{device}; preset {args.preset}, {samples} samples/step, {reps} interleaved repetitions")
+    samples = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
+    print(f"{device}; preset {cfg.model.preset}, {samples} samples/step, {reps} interleaved repetitions")
     ref = statistics.median(times["detach"])
     print("regime | median step (s) | spread (min–max) | time / detach | peak memory / detach")
     for r in REGIMES:

@@ -101,11 +101,12 @@ def _act_bytes_per_token(m, tp: int, dense_mlp: bool) -> float:
     return 2 * (attn + mlp)
 
 
-def estimate(args, m, world: int, gpu_gb: float = 80.0) -> list[str]:
-    """The report lines (no trailing spaces)."""
+def estimate(cfg, m, world: int, gpu_gb: float = 80.0) -> list[str]:
+    """The report lines (no trailing spaces) for a RunConfig and its resolved ModelArgs."""
     c = count_params(m)
-    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
-    cp = args.context_parallel_size
+    par = cfg.parallel
+    tp, pp, ep = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size
+    cp = par.context_parallel_size
     dp = world // (tp * pp * cp)
     per_stage = m.num_layers // pp
     v = padded_vocab(m.vocab_size, m.make_vocab_size_divisible_by)
@@ -123,9 +124,10 @@ def estimate(args, m, world: int, gpu_gb: float = 80.0) -> list[str]:
             dense += v * h if (pp > 1 and c.mtp_layers) else 0
             expert += c.mtp_layers * c.mtp_expert
         stages.append((dense, expert, first, last))
-    tokens = args.seq_length * 1  # one packed row per micro-batch
-    samples = args.rollout_batch_size * args.n_samples_per_prompt
-    micro_per_step = max(1, args.global_batch_size // max(dp, 1) // max(args.micro_batch_size, 1))
+    tokens = cfg.data.seq_length * 1  # one packed row per micro-batch
+    samples = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
+    gbs = cfg.optim.global_batch_size
+    micro_per_step = max(1, gbs // max(dp, 1) // max(cfg.optim.micro_batch_size, 1))
     in_flight = min(pp, micro_per_step)
     layer_act = _act_bytes_per_token(m, tp, dense_mlp=not m.is_moe) * tokens
     heads_out = 1 + (m.mtp_num_layers or 0)
@@ -136,7 +138,7 @@ def estimate(args, m, world: int, gpu_gb: float = 80.0) -> list[str]:
         + (f"; trunk active per token {active / 1e9:.2f}B" if m.is_moe else ""),
         f"layout: {world} GPUs = TP {tp} x PP {pp} x CP {cp} x DP {dp}"
         + (f"; experts: EP {ep} x expert-TP {tp} (= TP)" if m.is_moe else "")
-        + f"; {samples} samples/step, {samples // args.global_batch_size} optimizer steps/step",
+        + f"; {samples} samples/step, {samples // gbs} optimizer steps/step",
     ]
     for dense, expert, first, last in stages:
         local = dense / tp + expert / (tp * ep)
@@ -167,12 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mtp_rl.cli import quiet_known_noise
 
     quiet_known_noise()
-    from megatron_mtp_rl.train.arguments import parse_args
-    from megatron_mtp_rl.train.setup import model_args_from
+    from megatron_mtp_rl.config import parse_config, resolve_model_args
 
-    args = parse_args(["--config", a.config])
-    m = model_args_from(args, a.vocab_size)
-    print("\n".join(estimate(args, m, a.world_size, a.gpu_gb)))
+    cfg = parse_config(["--config", a.config])
+    m = resolve_model_args(cfg, a.vocab_size)
+    print("\n".join(estimate(cfg, m, a.world_size, a.gpu_gb)))
     return 0
 
 

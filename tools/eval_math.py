@@ -105,18 +105,15 @@ def local_generator(train_argv: list[str]):
     from megatron_mtp_rl.cli import quiet_known_noise
 
     quiet_known_noise()
+    from megatron_mtp_rl.config import parse_config
     from megatron_mtp_rl.models.generation import SamplingParams
     from megatron_mtp_rl.rollout.data import Prompt
     from megatron_mtp_rl.rollout.reward_sandbox import build_scorer
-    from megatron_mtp_rl.train.arguments import parse_args
-    from megatron_mtp_rl.train.setup import build_run
-    from megatron_mtp_rl.train.trainer import Trainer
+    from megatron_mtp_rl.train.loop import prepare
 
-    args = parse_args(["--quiet", "--finetune", "--tokenizer", "byte", *train_argv])
-    run = build_run(args)
-    trainer = Trainer(run)
-    trainer.maybe_load()
-    mgr = trainer.manager
+    cfg = parse_config(["--quiet", "--finetune", "--tokenizer", "byte", *train_argv])
+    ctx, _ = prepare(cfg)  # builds the run, loads --load (weights only), local engine
+    run, mgr = ctx.run, ctx.rollout.manager
 
     def generate(texts: list[str], n: int, temperature: float, max_new: int, seed: int) -> list[list[str]]:
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new, eos_id=run.tokenizer.eos_id)

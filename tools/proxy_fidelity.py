@@ -46,13 +46,12 @@ def main(argv: list[str] | None = None) -> dict:
     from megatron_mtp_rl.cli import quiet_known_noise
 
     quiet_known_noise()
-    import megatron_mtp_rl.train.trainer as trainer_mod
+    import megatron_mtp_rl.train.step as step_mod
     from megatron_mtp_rl import platform
+    from megatron_mtp_rl.config import parse_config
     from megatron_mtp_rl.rl.loss import RLLoss, step_denominators
-    from megatron_mtp_rl.train.arguments import parse_args
+    from megatron_mtp_rl.train.loop import close, prepare
     from megatron_mtp_rl.train.schedule import forward_backward
-    from megatron_mtp_rl.train.setup import build_run
-    from megatron_mtp_rl.train.step import attach_occ
 
     argv = list(sys.argv[1:] if argv is None else argv)
     out_path = None
@@ -65,17 +64,16 @@ def main(argv: list[str] | None = None) -> dict:
         "--global-batch-size", "64", "--micro-batch-size", "64", "--seq-length", "16",
         "--num-steps", "12", "--lr", "3e-4", "--eval-interval", "1000", "--quiet",
     ]  # fmt: skip
-    args = parse_args(defaults + argv)
-    run = build_run(args)
-    trainer = trainer_mod.Trainer(run)
-    depths = run.model_args.mtp_num_layers
-    real_train_step = trainer_mod.train_step
+    cfg = parse_config(defaults + argv)
+    ctx, loop_state = prepare(cfg)
+    depths = ctx.run.model_args.mtp_num_layers
+    real_train_step = step_mod.train_step
     records = []
     state = {"update": 0}
-    per_rollout = args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
+    per_rollout = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt // cfg.optim.global_batch_size
 
     def probed(model, optimizer, micro_batches, loss_cfg, occ, **kw):
-        attach_occ(model, None)  # probes must not run the OCC reducer
+        # probes: losses without the OCC estimator (no statistics accumulated, no reduce)
         den = step_denominators(micro_batches, depths)
         grads = []
         for coefs in [[0.0] * depths] + [[1.0 if j == k else 0.0 for j in range(depths)] for k in range(depths)]:
@@ -83,7 +81,6 @@ def main(argv: list[str] | None = None) -> dict:
             fn = RLLoss(loss_cfg, den, None, mtp_coef_override=coefs)
             forward_backward(model, micro_batches, fn, **fn.forward_kwargs())
             grads.append(_main_grad_vector(model))
-        attach_occ(model, occ)
         m = real_train_step(model, optimizer, micro_batches, loss_cfg, occ, **kw)
         g_rl = grads[0]
         row = {"update": state["update"], "theta_is_old": state["update"] % per_rollout == 0}
@@ -97,18 +94,19 @@ def main(argv: list[str] | None = None) -> dict:
         state["update"] += 1
         return m
 
-    trainer_mod.train_step = probed
+    step_mod.train_step = probed
     try:
-        trainer.maybe_load()
-        while trainer.step < args.num_steps:
-            trainer.rl_step()
+        while loop_state.step < cfg.num_steps:
+            loop_state.step += 1
+            _, loop_state.cursor = step_mod.rl_step(ctx, loop_state.step, loop_state.cursor)
     finally:
-        trainer_mod.train_step = real_train_step
+        step_mod.train_step = real_train_step
+        close(ctx)
         platform.destroy()
 
     used = [r for r in records if not r["theta_is_old"]]
-    summary = {"updates_used": len(used), "updates_total": len(records), "regime": args.mtp_regime, "depths": {}}
-    print(f"{len(used)} optimizer steps with θ ≠ θ_old (of {len(records)}), regime {args.mtp_regime}")
+    summary = {"updates_used": len(used), "updates_total": len(records), "regime": cfg.mtp.mtp_regime, "depths": {}}
+    print(f"{len(used)} optimizer steps with θ ≠ θ_old (of {len(records)}), regime {cfg.mtp.mtp_regime}")
     print("depth | corr(A_k, <g_RL,g_k>) | sign agreement | corr(V_k, ||g_k||²) | corr(A_k/V_k, true ratio)")
     for k in range(1, depths + 1):
         pa = [r[f"proxy_alignment_{k}"] for r in used]

@@ -22,15 +22,17 @@ from megatron_mtp_rl.config import RunConfig, check, resolve_model_args
 from megatron_mtp_rl.errors import ConfigError
 from megatron_mtp_rl.models.generation import SamplingParams
 from megatron_mtp_rl.models.presets import ModelArgs
+from megatron_mtp_rl.models.provider import RuntimeOptions
 from megatron_mtp_rl.models.provider import build_model as build_gpt
 from megatron_mtp_rl.rl import OCCConfig, OCCEstimator, RLLossConfig, grpo_advantages, zero_alignment_warning
 from megatron_mtp_rl.rl.regimes import get_regime
+from megatron_mtp_rl.rollout.chat import prompt_format
 from megatron_mtp_rl.rollout.data import ArithTask, FilePromptSource
 from megatron_mtp_rl.rollout.engine import RemoteEngine, RolloutEngine
 from megatron_mtp_rl.rollout.local_engine import LocalEngine
 from megatron_mtp_rl.rollout.manager import RolloutManager
 from megatron_mtp_rl.rollout.reward_sandbox import build_scorer
-from megatron_mtp_rl.rollout.tokenizer import build_tokenizer
+from megatron_mtp_rl.rollout.tokenizer import build_tokenizer, check_vocab, parse_stop_ids
 from megatron_mtp_rl.train.optim import build_optimizer, wrap_ddp
 from megatron_mtp_rl.train.run_lock import claim_run
 from megatron_mtp_rl.train.schedule import configure, forward_backward
@@ -67,7 +69,7 @@ def load_extension(spec: str, flag: str) -> Callable:
     if not module or not name:
         raise ConfigError(f"{flag} {spec!r}: expected 'module:function' (or 'module.function')")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(_import(module), name)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"{flag} {spec!r}: cannot load ({e})") from None
     if not callable(fn):
@@ -75,12 +77,24 @@ def load_extension(spec: str, flag: str) -> Callable:
     return fn
 
 
+def _import(module: str):
+    """Import ``module``; modules of the working directory are found too (as ``python -m`` would)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if os.getcwd() in sys.path or not (e.name and module.startswith(e.name)):
+            raise
+        sys.path.append(os.getcwd())
+        return importlib.import_module(module)
+
+
 # -- the run: parallel state, data, model, optimizer ------------------------------------------
 def build_run(cfg: RunConfig) -> Run:
     """Validate (every problem at once), initialise torch.distributed, build model and data."""
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    model_args = resolve_model_args(cfg, tokenizer.vocab_size)
-    check(cfg, int(os.environ.get("WORLD_SIZE", "1")), model_args)
+    tokenizer = build_tokenizer(cfg.data.tokenizer, extra_stop_ids=parse_stop_ids(cfg.data.stop_token_ids))
+    model_args = resolve_model_args(cfg, model_vocab_size(cfg, tokenizer))
+    check(cfg, int(os.environ.get("WORLD_SIZE", "1")), model_args, cuda=platform.use_cuda())
+    prompt_format(cfg.data).validate(tokenizer)
     par = cfg.parallel
     sizes = platform.ParallelSizes(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
@@ -105,6 +119,22 @@ def build_run(cfg: RunConfig) -> Run:
     return Run(cfg, model_args, tokenizer, source, gpt, model, optimizer, scheduler, occ)
 
 
+def model_vocab_size(cfg: RunConfig, tokenizer) -> int:
+    """The model's vocabulary: the ``--load`` checkpoint's (a converted HF model's may exceed its
+    tokenizer's, e.g. Qwen's 151936 rows for 151665 tokens), else the tokenizer's. A tokenizer with
+    ids the checkpoint has no rows for is refused here, before anything is built."""
+    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, read_trainer_state
+
+    path = latest_checkpoint(cfg.ckpt.load) if cfg.ckpt.load else None
+    if path is None:
+        return tokenizer.vocab_size
+    saved = read_trainer_state(path).get("model_args", {}).get("vocab_size")
+    if saved is None:
+        return tokenizer.vocab_size
+    check_vocab(tokenizer, int(saved), f"the checkpoint {path}")
+    return int(saved)
+
+
 def updates_per_step(cfg: RunConfig) -> int:
     """Optimizer steps per RL step: rollout samples / global batch size."""
     ro = cfg.rollout
@@ -124,7 +154,10 @@ def build_data_source(cfg: RunConfig, tokenizer):
             seed=cfg.seed,
             template=d.prompt_template,
             max_prompt_tokens=d.seq_length - cfg.rollout.rollout_max_response_len - 1,
+            length_rule=f"--seq-length {d.seq_length} - --rollout-max-response-len "
+            f"{cfg.rollout.rollout_max_response_len} - 1",
             tokenizer=tokenizer,
+            fmt=prompt_format(d),
             on_bad_row=d.on_bad_row,
             eval_path=d.eval_data,
         )
@@ -134,8 +167,9 @@ def build_data_source(cfg: RunConfig, tokenizer):
 def build_model(cfg: RunConfig, model_args: ModelArgs):
     """(GPTModel, DDP-wrapped model, optimizer, LR scheduler); the schedule hook installed."""
     op = cfg.optim
-    gpt = build_gpt(model_args)
-    model = wrap_ddp(gpt)
+    par = cfg.parallel
+    gpt = build_gpt(model_args, runtime=runtime_options(cfg))
+    model = wrap_ddp(gpt, use_distributed_optimizer=par.use_distributed_optimizer)
     configure(model)
     optimizer = build_optimizer(
         model, lr=op.lr, weight_decay=op.weight_decay, adam_beta1=op.adam_beta1, adam_beta2=op.adam_beta2
@@ -155,6 +189,18 @@ def build_model(cfg: RunConfig, model_args: ModelArgs):
         wd_incr_style="constant",
     )
     return gpt, model, optimizer, scheduler
+
+
+def runtime_options(cfg: RunConfig) -> RuntimeOptions:
+    """The run's kernel and memory options for the provider (not part of the model's shape)."""
+    par = cfg.parallel
+    return RuntimeOptions(
+        transformer_impl=par.transformer_impl,
+        sequence_parallel=par.sequence_parallel,
+        recompute_granularity=par.recompute_granularity,
+        recompute_method=par.recompute_method,
+        recompute_num_layers=par.recompute_num_layers,
+    )
 
 
 def build_occ(cfg: RunConfig, model_args: ModelArgs) -> OCCEstimator | None:
@@ -246,7 +292,9 @@ def build_engine(cfg: RunConfig, run: Run, *, rollout_actor=None) -> RolloutEngi
         return _ray_engine(run, rollout_actor)
     if cfg.rollout.rollout_engine == "sglang":
         return _sglang_engine(cfg, run)
-    return LocalEngine(run.gpt, vocab_size=run.tokenizer.vocab_size, speculative=cfg.rollout.local_spec_decode)
+    # the model's vocabulary, as the trainer normalises over it (a converted checkpoint may have more rows than
+    # its tokenizer has ids): sampler and trainer log-probs then agree
+    return LocalEngine(run.gpt, vocab_size=run.model_args.vocab_size, speculative=cfg.rollout.local_spec_decode)
 
 
 def _ray_engine(run: Run, actor) -> RolloutEngine:
@@ -349,6 +397,7 @@ def build_rollout(cfg: RunConfig, run: Run, engine: RolloutEngine) -> Rollout:
         top_p=ro.rollout_top_p,
         max_new_tokens=ro.rollout_max_response_len,
         eos_id=run.tokenizer.eos_id,
+        stop_ids=tuple(getattr(run.tokenizer, "stop_ids", ())),
     )
     try:
         scorer = build_scorer(ro.reward_fn, workers=ro.reward_workers, timeout_s=ro.reward_timeout)

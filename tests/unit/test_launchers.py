@@ -141,9 +141,9 @@ def test_ray_submit_dry_run(nodes):
 
 def test_dry_run_train_flags_parse():
     """What the launchers hand to megatron_mtp_rl.train is a valid command line for our parser."""
-    from megatron_mtp_rl.train.arguments import parse_args
+    from megatron_mtp_rl.config import parse_config
 
     argv = shlex.split(_run("torchrun.sh", "--dry-run", "--config", RECIPE, "--sglang-speculative-algorithm",
                             "EAGLE", env={"NPROC_PER_NODE": "8"}).stdout)  # fmt: skip
-    args = parse_args(argv[argv.index("megatron_mtp_rl.train") + 1 :])
-    assert args.config == RECIPE and args.sglang_engine_flags == ["--speculative-algorithm", "EAGLE"]
+    cfg = parse_config(argv[argv.index("megatron_mtp_rl.train") + 1 :])
+    assert cfg.config == RECIPE and cfg.rollout.sglang_engine_flags == ("--speculative-algorithm", "EAGLE")

@@ -35,12 +35,11 @@ def _header(text: str, key: str) -> int:
 
 
 def _parsed(path: Path):
-    from megatron_mtp_rl.train.arguments import parse_args
-    from megatron_mtp_rl.train.setup import model_args_from
+    from megatron_mtp_rl.config import parse_config, resolve_model_args
 
     text = path.read_text(encoding="utf-8")
-    args = parse_args(["--config", str(path)])
-    return text, args, model_args_from(args, _header(text, "vocab-size"))
+    cfg = parse_config(["--config", str(path)])
+    return text, cfg, resolve_model_args(cfg, _header(text, "vocab-size"))
 
 
 def test_there_are_recipes_for_each_family():
@@ -50,24 +49,24 @@ def test_there_are_recipes_for_each_family():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses_and_validates(path):
-    from megatron_mtp_rl.train.setup import validate
+    from megatron_mtp_rl.config import validate
 
-    text, args, margs = _parsed(path)
+    text, cfg, margs = _parsed(path)
     world = _header(text, "world-size")
     assert world % 8 == 0, "recipes are laid out for whole 8-GPU nodes"
-    assert validate(args, margs, world) == []
-    assert args.bf16 and args.rollout_engine == "sglang" and args.mtp_regime == "occ"
+    assert validate(cfg, world, margs) == []
+    assert cfg.model.bf16 and cfg.rollout.rollout_engine == "sglang" and cfg.mtp.mtp_regime == "occ"
     assert margs.mtp_num_layers >= 1
     if margs.is_moe:
         # megatron-core raises in training for MoE + TP > 1 without sequence parallelism (ours is off)
-        assert args.tensor_model_parallel_size == 1
-    steps = args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
+        assert cfg.parallel.tensor_model_parallel_size == 1
+    steps = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt // cfg.optim.global_batch_size
     assert steps > 1, "OCC needs more than one optimizer step per rollout batch (else d ≡ 0)"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_memory_estimate_block_is_current(path):
-    text, args, margs = _parsed(path)
+    text, cfg, margs = _parsed(path)
     m = re.search(r"^# --- estimate: tools/estimate_memory.py (.*)\n((?:#.*\n)*?)# --- end estimate$", text, re.M)
     assert m, "recipe lacks its '# --- estimate:' block"
     flags = m.group(1).split()
@@ -78,7 +77,7 @@ def test_memory_estimate_block_is_current(path):
         "--vocab-size",
         str(_header(text, "vocab-size")),
     ]
-    want = _estimator().estimate(args, margs, _header(text, "world-size"))
+    want = _estimator().estimate(cfg, margs, _header(text, "world-size"))
     have = [line.removeprefix("#   ") for line in m.group(2).splitlines()]
     assert have == want, "stale estimate: rerun tools/estimate_memory.py and paste its output"
 
@@ -86,7 +85,7 @@ def test_memory_estimate_block_is_current(path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_launch_command_in_the_comment_parses(path):
     """The documented launcher line (with its --sglang-* passthrough flags) is a valid command line."""
-    from megatron_mtp_rl.train.arguments import parse_args
+    from megatron_mtp_rl.config import parse_config
 
     lines = path.read_text(encoding="utf-8").splitlines()
     start = next(i for i, x in enumerate(lines) if re.match(r"#\s+(sbatch .*)?launchers/", x))
@@ -98,22 +97,23 @@ def test_launch_command_in_the_comment_parses(path):
     argv = shlex.split(" ".join(cmd))
     script = next(i for i, a in enumerate(argv) if a.startswith("launchers/"))
     train_argv = [a for a in argv[script + 1 :] if a != "--dry-run"]
-    args = parse_args(train_argv)
-    assert args.config == str(path.relative_to(ROOT))
-    assert "--speculative-algorithm" in args.sglang_engine_flags  # MTP layers draft in the rollouts
+    cfg = parse_config(train_argv)
+    assert cfg.config == str(path.relative_to(ROOT))
+    assert "--speculative-algorithm" in cfg.rollout.sglang_engine_flags  # MTP layers draft in the rollouts
 
 
 def test_unknown_and_sglang_keys_are_rejected(tmp_path):
-    from megatron_mtp_rl.train.arguments import parse_args
+    from megatron_mtp_rl.config import parse_config
+    from megatron_mtp_rl.errors import ConfigError
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("num-layers: 2\nnum-layer: 3\n")
-    with pytest.raises(SystemExit, match="bad.yaml:2: unknown key 'num-layer'"):
-        parse_args(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="bad.yaml:2: unknown key 'num-layer'"):
+        parse_config(["--config", str(bad)])
     sgl = tmp_path / "sgl.yaml"
     sgl.write_text("sglang-mem-fraction-static: 0.2\n")
-    with pytest.raises(SystemExit, match="unknown key 'sglang-mem-fraction-static'"):
-        parse_args(["--config", str(sgl)])
+    with pytest.raises(ConfigError, match="unknown key 'sglang-mem-fraction-static'"):
+        parse_config(["--config", str(sgl)])
 
 
 @pytest.mark.parametrize(

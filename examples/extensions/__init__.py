@@ -1,0 +1,1 @@
+"""Working examples of every extension point (see README "Extension points")."""

@@ -1,0 +1,17 @@
+"""``--advantage-estimator examples.extensions.advantages:rloo``: a custom advantage estimator.
+
+An estimator is ``fn(rewards: Tensor[G·n], group_size: int, algo: AlgoConfig) -> Tensor[G·n]``
+(rewards already shaped, e.g. by DAPO's overlong penalty; ``algo`` is ``cfg.algo``). The default
+``grpo`` is ``(r − mean_group) / std_group`` (``--no-grpo-std-normalization``: no division).
+This one is RLOO: each sample's baseline is the mean reward of the OTHER samples of its group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rloo(rewards: torch.Tensor, group_size: int, algo) -> torch.Tensor:
+    g = rewards.float().view(-1, group_size)
+    others = (g.sum(dim=1, keepdim=True) - g) / max(group_size - 1, 1)
+    return (g - others).flatten()

@@ -235,7 +235,8 @@ def hf_to_mcore(
         fam = get_family(flavour) if flavour else detect(cfg)
     except UnsupportedCheckpoint as e:
         raise ConversionError(str(e)) from None
-    tensors = load_hf_tensors(hf_dir)
+    # zero-size tensors are modules of width 0 (transformers' n_shared_experts=0): exactly nothing
+    tensors = {n: t for n, t in load_hf_tensors(hf_dir).items() if t.numel() > 0}
     params_dtype = _auto_dtype(tensors) if dtype == "auto" else dtype
     margs = model_args_from_hf_config(
         cfg,
@@ -273,6 +274,10 @@ def hf_to_mcore(
         "hf_flavour": fam.name,
     }
     path = save_checkpoint(str(save_dir), 0, gpt, None, state, keep_last=0)
+    # the HF tokenizer travels with the weights: `mtp-rl train --load SAVE` uses SAVE/tokenizer
+    from megatron_mtp_rl.rollout.tokenizer import CHECKPOINT_TOKENIZER_DIR, copy_tokenizer_files
+
+    copy_tokenizer_files(hf_dir, Path(save_dir) / CHECKPOINT_TOKENIZER_DIR)
     return path, margs
 
 

@@ -120,3 +120,12 @@ def format_prompt(
             + ("(drop --no-apply-chat-template)" if has else f"({_name(tokenizer)} has none)")
         )
     return getattr(tokenizer, "bos_text", "") + prompt
+
+
+def prompt_format(data_cfg) -> PromptFormat:
+    """The :class:`PromptFormat` of a run config's data section (``--apply-chat-template`` ...)."""
+    return PromptFormat(
+        apply_chat_template=data_cfg.apply_chat_template,
+        system_prompt=data_cfg.system_prompt,
+        chat_template_kwargs=parse_chat_template_kwargs(data_cfg.chat_template_kwargs),
+    )

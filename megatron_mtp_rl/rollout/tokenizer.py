@@ -171,7 +171,8 @@ class HFTokenizer:
         return self._tok(texts, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+        # a model may have more embedding rows than the tokenizer has ids (padding rows): drop those
+        return self._tok.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=True)
 
 
 ARITH_ALPHABET = "0123456789+-*= "
@@ -231,3 +232,13 @@ def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     for n in names:
         shutil.copy2(src / n, dst / n)
     return names
+
+
+def parse_stop_ids(text: str | None) -> tuple[int, ...]:
+    """``--stop-token-ids 151643,151645`` → ``(151643, 151645)``."""
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise TokenizerError(f"--stop-token-ids {text!r}: expected comma-separated integers") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ from megatron.core import parallel_state
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.errors import ConfigError
 from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.rollout.dump import RolloutDumper
+from megatron_mtp_rl.rollout.tokenizer import CHECKPOINT_TOKENIZER_DIR, copy_tokenizer_files
 from megatron_mtp_rl.train.builders import (
     Run,
     build_advantage_estimator,
@@ -27,7 +30,7 @@ from megatron_mtp_rl.train.builders import (
     build_run,
 )
 from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
-from megatron_mtp_rl.train.metrics import MetricsWriter, print_progress, progress_line
+from megatron_mtp_rl.train.metrics import MetricsWriter, WandbSettings, print_progress, progress_line
 from megatron_mtp_rl.train.run_lock import release_run
 from megatron_mtp_rl.train.signals import GracefulStop, StopRequested
 from megatron_mtp_rl.train.step import StepContext, on_mp_leader, rl_step
@@ -66,7 +69,9 @@ def prepare(cfg: RunConfig, *, rollout_actor=None) -> tuple[StepContext, LoopSta
     state = resume(cfg, run)
     engine = build_engine(cfg, run, rollout_actor=rollout_actor)
     rollout = build_rollout(cfg, run, engine)
-    return StepContext(cfg, run, engine, rollout, build_advantage_estimator(cfg), build_loss(cfg), reference), state
+    dumper = RolloutDumper(cfg.log.rollout_dump_dir, cfg.log.rollout_dump_n, enabled=is_logging_rank())
+    ctx = StepContext(cfg, run, engine, rollout, build_advantage_estimator(cfg), build_loss(cfg), reference, dumper)
+    return ctx, state
 
 
 def close(ctx: StepContext) -> None:
@@ -78,7 +83,14 @@ def close(ctx: StepContext) -> None:
 def train(ctx: StepContext, state: LoopState) -> list[dict]:
     """Evaluate at step 0, then RL steps with evaluation every ``--eval-interval`` and saves."""
     cfg, log = ctx.cfg, ctx.cfg.log
-    writer = MetricsWriter(log.metrics_jsonl, log.tensorboard_dir, enabled=is_logging_rank(), resume_step=state.step)
+    writer = MetricsWriter(
+        log.metrics_jsonl,
+        log.tensorboard_dir,
+        enabled=is_logging_rank(),
+        resume_step=state.step,
+        wandb=WandbSettings(log.wandb_project, log.wandb_run_name, log.wandb_mode, log.wandb_save_dir),
+        run_config=asdict(cfg),
+    )
     history = []
     stop = GracefulStop(cfg.ckpt.exit_duration_in_mins).install()  # SIGTERM/SIGINT/time limit: save, exit
     try:
@@ -146,7 +158,10 @@ def evaluate_accuracy(run: Run, manager, engine, prompts=None) -> dict:
     correct = 0.0
     if mine:
         greedy = SamplingParams(
-            temperature=0.0, max_new_tokens=manager.sampling.max_new_tokens, eos_id=manager.sampling.eos_id
+            temperature=0.0,
+            max_new_tokens=manager.sampling.max_new_tokens,
+            eos_id=manager.sampling.eos_id,
+            stop_ids=manager.sampling.stop_ids,
         )
 
         def score():
@@ -177,6 +192,14 @@ def trainer_state(run: Run, state: LoopState) -> dict:
 def save(ctx: StepContext, state: LoopState) -> None:
     c, r = ctx.cfg.ckpt, ctx.run
     save_checkpoint(c.save, state.step, r.model, r.optimizer, trainer_state(r, state), c.keep_last)
+    # the checkpoint carries its HF tokenizer, so --load of it needs no --tokenizer
+    tok_dir = getattr(r.tokenizer, "path", None)
+    if (
+        tok_dir
+        and (not dist.is_initialized() or dist.get_rank() == 0)
+        and not (Path(c.save) / CHECKPOINT_TOKENIZER_DIR).exists()
+    ):
+        copy_tokenizer_files(tok_dir, Path(c.save) / CHECKPOINT_TOKENIZER_DIR)
 
 
 def resume(cfg: RunConfig, run: Run) -> LoopState:

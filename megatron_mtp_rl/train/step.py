@@ -26,6 +26,7 @@ from megatron_mtp_rl.models import pack_sequences
 from megatron_mtp_rl.rl.advantages import overlong_penalty
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
 from megatron_mtp_rl.rl.occ import OCCEstimator
+from megatron_mtp_rl.rollout.dump import RolloutDumper
 from megatron_mtp_rl.rollout.engine import RolloutEngine
 from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
 from megatron_mtp_rl.rollout.reward_sandbox import check_step_rewards
@@ -46,6 +47,7 @@ class StepContext:
     advantage_fn: Callable  # --advantage-estimator
     loss_cfg: RLLossConfig
     reference: Reference | None  # --kl-coef > 0
+    dumper: RolloutDumper | None = None  # --rollout-dump-dir (logging rank only)
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -64,8 +66,10 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
     raw, shaped, metrics = score(ctx, batch)
     adv = advantages(ctx, shaped)
     t_train = time.perf_counter()
-    minibatches = pack_minibatches(ctx, batch.samples, adv, step)
+    spans: dict = {}
+    minibatches = pack_minibatches(ctx, batch.samples, adv, step, spans=spans)
     old_and_ref_logprobs(ctx, minibatches)
+    dump_rollouts(ctx, step, batch.samples, adv, spans)
     per_update = [update_and_schedule(ctx, m) for m in minibatches]
     metrics.update(average_updates(per_update))
     metrics.update(sync_weights(ctx))
@@ -127,8 +131,14 @@ def advantages(ctx: StepContext, shaped: torch.Tensor) -> torch.Tensor:
     return ctx.advantage_fn(shaped, ctx.cfg.rollout.n_samples_per_prompt, ctx.cfg.algo)
 
 
-def pack_minibatches(ctx: StepContext, samples: list[Sample], adv: torch.Tensor, step: int) -> list[list[RLBatch]]:
-    """Shuffle this rank's samples and cut them into mini-batches of micro-batches."""
+def pack_minibatches(
+    ctx: StepContext, samples: list[Sample], adv: torch.Tensor, step: int, spans: dict | None = None
+) -> list[list[RLBatch]]:
+    """Shuffle this rank's samples and cut them into mini-batches of micro-batches.
+
+    ``spans`` (optional) receives, per sample index, where its response sits: (micro-batch, row,
+    first, end) in the label frame — what the rollout dump reads the trainer's log-probs from.
+    """
     cfg = ctx.cfg
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     order = list(range(len(samples)))
@@ -145,12 +155,23 @@ def pack_minibatches(ctx: StepContext, samples: list[Sample], adv: torch.Tensor,
                 cfg.optim.micro_batch_size,
                 cfg.data.seq_length,
                 pad_rows,
+                keys=ids,
+                spans=spans,
             )
         )
     return out
 
 
-def build_micro_batches(samples: list[Sample], advantages: list[float], mbs: int, seq_length: int, pad_rows: bool):
+def build_micro_batches(
+    samples: list[Sample],
+    advantages: list[float],
+    mbs: int,
+    seq_length: int,
+    pad_rows: bool,
+    *,
+    keys: list[int] | None = None,
+    spans: dict | None = None,
+):
     """Pack samples (``mbs`` per micro-batch) into RLBatches with per-token advantages."""
     out = []
     for s in range(0, len(samples), mbs):
@@ -158,9 +179,12 @@ def build_micro_batches(samples: list[Sample], advantages: list[float], mbs: int
         seqs = [(x.prompt_ids, x.response_ids) for x in chunk]
         batch, where = pack_sequences(seqs, seq_length, rows=mbs if pad_rows else None)
         adv = torch.zeros(batch.tokens.shape, dtype=torch.float32)
-        for x, a, (row, start, n) in zip(chunk, advantages[s : s + mbs], where):
+        rl_batch = RLBatch(**batch.__dict__, advantages=adv)
+        for j, (x, a, (row, start, n)) in enumerate(zip(chunk, advantages[s : s + mbs], where)):
             adv[row, start + len(x.prompt_ids) - 1 : start + n - 1] = a
-        out.append(RLBatch(**batch.__dict__, advantages=adv))
+            if spans is not None and keys is not None:
+                spans[keys[s + j]] = (rl_batch, row, start + len(x.prompt_ids) - 1, start + n - 1)
+        out.append(rl_batch)
     return out
 
 
@@ -185,6 +209,21 @@ def compute_old_logprobs(model, micro_batches: list[RLBatch], *, with_mtp: bool)
     for batch, out in zip(micro_batches, outs):
         batch.old_logprobs = out.logprobs.detach()
         batch.old_mtp_logprobs = out.mtp_logprobs.detach() if out.mtp_logprobs is not None else None
+
+
+def dump_rollouts(ctx: StepContext, step: int, samples: list[Sample], adv: torch.Tensor, spans: dict) -> None:
+    """``--rollout-dump-dir``: the first samples with reward, advantage and the rollout-vs-trainer
+    log-prob gap (θ_old's log-probs of the same response tokens, just computed)."""
+    d = ctx.dumper
+    if d is None or not d.active:
+        return
+    n = min(d.n, len(samples))
+    trainer = []
+    for i in range(n):
+        mb, row, a, b = spans.get(i, (None, 0, 0, 0))
+        lp = getattr(mb, "old_logprobs", None)
+        trainer.append(lp[row, a:b].tolist() if lp is not None else None)
+    d.dump(step, samples[:n], [float(x) for x in adv[:n]], trainer)
 
 
 # -- phase 5: updates -----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from megatron_mtp_rl.models.presets import PRESETS, ModelArgs, from_checkpoint, 
 
 # Choices mirrored from rl/ (which imports torch); tests/unit/test_config.py checks they agree.
 REGIMES = ("none", "detach", "ce", "policy", "occ")
+HEAD_LOSSES = ("none", "ce", "distill")  # rl/regimes.py:HEAD_LOSSES
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_TYPES = ("k1", "k3", "low-var-kl")
 OCC_BASELINES = ("main_old", "mtp_old")
@@ -83,7 +84,8 @@ ModelConfig = _model_section()
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Megatron parallel sizes; DP is the world size divided by TP×PP×CP."""
+    """Megatron parallel sizes (DP is the world size divided by TP×PP×CP) and megatron's memory and
+    kernel options (distributed optimizer, sequence parallelism, recompute, Transformer Engine)."""
 
     tensor_model_parallel_size: int = flag(1, "TP size", min=1)
     pipeline_model_parallel_size: int = flag(1, "PP size (MTP block on the last stage)", min=1)
@@ -92,6 +94,29 @@ class ParallelConfig:
     distributed_timeout_minutes: int = flag(
         10, "a collective waiting longer ends the run, naming what it waited on (a hung peer)", min=1
     )
+    use_distributed_optimizer: bool = flag(
+        False, "shard fp32 master weights and Adam state over data-parallel ranks (ZeRO-1; GPU)"
+    )
+    sequence_parallel: bool = flag(
+        False, "shard activations outside attention/MLP over TP ranks (GPU, Transformer Engine; MoE with TP > 1)"
+    )
+    transformer_impl: str | None = flag(
+        None,
+        "layer implementation: transformer_engine (fused/flash attention; default when TE and CUDA are present) "
+        "| local (megatron-core's own; CPU)",
+        choices=("transformer_engine", "local"),
+    )
+    recompute_granularity: str | None = flag(
+        None,
+        "activation recompute: full (whole layers) | selective (attention core only) (GPU)",
+        choices=("full", "selective"),
+    )
+    recompute_method: str | None = flag(
+        None,
+        "with full recompute: uniform (every --recompute-num-layers layers) | block (the first N per stage)",
+        choices=("uniform", "block"),
+    )
+    recompute_num_layers: int | None = flag(None, "layers per recompute unit (full recompute)", min=1)
 
 
 @dataclass(frozen=True)
@@ -216,6 +241,13 @@ class AlgoConfig:
     kl_coef: float = flag(0.0, "KL to the reference model (0 = off; needs --ref-load or --load)", min=0)
     kl_type: str = flag("low-var-kl", "KL estimator", choices=KL_TYPES)
     entropy_coef: float = flag(0.0, "entropy bonus (never drops the MTP term)", min=0)
+    tis_cap: float | None = flag(
+        None,
+        "truncated importance sampling: weight each token's policy loss by min(π_old/π_rollout, C) "
+        "with the engine's log-probs (slime/veRL TIS); off by default",
+        min=0,
+        min_exclusive=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -224,6 +256,13 @@ class MTPConfig:
 
     mtp_regime: str = flag("occ", "how the MTP layers train during RL", choices=REGIMES)
     mtp_loss_coef: float = flag(0.1, "fixed coefficient c (detach/ce/policy)", min=0)
+    mtp_head_loss: str = flag(
+        "none",
+        "MTP-layers-only objective beside the regime (trunk, embeddings, output head detached on its path): "
+        "ce = CE on rollout tokens (detach ≡ none + ce), distill = KL(p_main ‖ q_k), p_main detached",
+        choices=HEAD_LOSSES,
+    )
+    mtp_head_coef: float = flag(0.1, "coefficient of --mtp-head-loss", min=0)
     occ_ratio: float = flag(0.1, "ρ", min=0)
     occ_eps: float = flag(1e-8, "ε in λ = (ρ/D)·A/(V+ε)", min=0, min_exclusive=True)
     occ_min: float = flag(0.0, "λ lower clamp")
@@ -671,11 +710,14 @@ def _field_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def validate(cfg: RunConfig, world_size: int, model_args: ModelArgs | None = None) -> list[str]:
+def validate(
+    cfg: RunConfig, world_size: int, model_args: ModelArgs | None = None, cuda: bool | None = None
+) -> list[str]:
     """Every problem with the configuration, one clear message each (empty list: fine).
 
     Runs before anything is built, so a bad launch fails in seconds with all its problems.
     ``model_args``: the resolved model (default: resolved with the tokenizer-independent vocab 64).
+    ``cuda``: whether the run will have a GPU (None: unknown, GPU-only features not checked).
     """
     m = model_args or resolve_model_args(cfg, 64)
     par, ro, al, op, mt = cfg.parallel, cfg.rollout, cfg.algo, cfg.optim, cfg.mtp
@@ -690,6 +732,11 @@ def validate(cfg: RunConfig, world_size: int, model_args: ModelArgs | None = Non
             "(--tensor-/--pipeline-/--context-parallel-size)"
         )
     dp = max(1, world_size // (tp * pp * cp))
+    if al.tis_cap is not None and ro.rollout_temperature != 1.0:
+        problems.append(
+            f"--tis-cap needs the engine's log-probs of the policy itself: --rollout-temperature must be 1, "
+            f"got {ro.rollout_temperature}"
+        )
     if m.num_attention_heads % tp:
         problems.append(
             f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads {m.num_attention_heads}"
@@ -705,10 +752,10 @@ def validate(cfg: RunConfig, world_size: int, model_args: ModelArgs | None = Non
         )
     if m.num_experts and m.num_experts % ep:
         problems.append(f"--expert-model-parallel-size {ep} does not divide --num-experts {m.num_experts}")
-    if m.num_experts and tp > 1:
+    if m.num_experts and tp > 1 and not cfg.parallel.sequence_parallel:
         problems.append(
-            f"MoE with --tensor-model-parallel-size {tp} needs sequence parallelism in megatron-core's training "
-            "mode, which this build does not enable; shard the experts with --expert-model-parallel-size instead"
+            f"MoE with --tensor-model-parallel-size {tp} needs --sequence-parallel (megatron-core's MoE layers "
+            "require it with TP); or shard the experts with --expert-model-parallel-size instead"
         )
     if ep > 1 and not m.num_experts:
         problems.append(f"--expert-model-parallel-size {ep} needs a MoE model (--num-experts)")
@@ -760,11 +807,40 @@ def validate(cfg: RunConfig, world_size: int, model_args: ModelArgs | None = Non
         problems.append("--sglang-* flags need --rollout-engine sglang")
     if ro.local_spec_decode and ro.rollout_engine != "local":
         problems.append("--local-spec-decode is for the local engine; SGLang drafts with --sglang-speculative-*")
+    problems += _memory_and_kernel_problems(cfg, cuda)
     return problems
 
 
-def check(cfg: RunConfig, world_size: int, model_args: ModelArgs | None = None) -> None:
+def _memory_and_kernel_problems(cfg: RunConfig, cuda: bool | None) -> list[str]:
+    """megatron's scale features: what they need (``cuda=None``: the device is not known yet,
+    e.g. a recipe checked on a CPU machine; only device-independent rules apply)."""
+    par, problems = cfg.parallel, []
+    te = par.transformer_impl != "local"
+    if par.recompute_granularity == "full" and not par.recompute_method:
+        problems.append("--recompute-granularity full needs --recompute-method uniform|block")
+    if par.recompute_granularity != "full" and (par.recompute_method or par.recompute_num_layers):
+        problems.append("--recompute-method / --recompute-num-layers go with --recompute-granularity full")
+    if par.sequence_parallel and par.tensor_model_parallel_size == 1:
+        problems.append("--sequence-parallel shards over TP ranks: it needs --tensor-model-parallel-size > 1")
+    if par.sequence_parallel and not te:
+        problems.append("--sequence-parallel needs --transformer-impl transformer_engine (the local norm refuses it)")
+    if cuda is False:
+        gpu_only = [
+            ("--use-distributed-optimizer", par.use_distributed_optimizer, "megatron's distributed optimizer "
+             "refuses CPU parameters"),
+            ("--sequence-parallel", par.sequence_parallel, "it needs Transformer Engine's norms"),
+            ("--recompute-granularity", par.recompute_granularity, "megatron's recompute forks the CUDA RNG"),
+            ("--transformer-impl transformer_engine", par.transformer_impl == "transformer_engine",
+             "Transformer Engine runs on CUDA"),
+        ]  # fmt: skip
+        for name, on, why in gpu_only:
+            if on:
+                problems.append(f"{name} needs a CUDA GPU ({why}); this machine has none")
+    return problems
+
+
+def check(cfg: RunConfig, world_size: int, model_args: ModelArgs | None = None, cuda: bool | None = None) -> None:
     """Raise one ConfigError listing every problem (see :func:`validate`)."""
-    problems = validate(cfg, world_size, model_args)
+    problems = validate(cfg, world_size, model_args, cuda)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -6,6 +6,8 @@ Pipeline stages, MTP placement (last stage) and expert sharding follow megatron-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -18,13 +20,15 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_mtp_rl.models import megatron_compat as compat
 from megatron_mtp_rl.models.presets import ModelArgs
+from megatron_mtp_rl.platform.device import cuda_available
+from megatron_mtp_rl.platform.distributed import device as platform_device
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_engine_available() -> bool:
     """TE layer specs need both the package and a CUDA device."""
-    if not torch.cuda.is_available():
+    if not cuda_available():
         return False
     try:
         import transformer_engine  # noqa: F401
@@ -49,10 +53,33 @@ def padded_vocab_size(args: ModelArgs, tp_size: int) -> int:
     return padded
 
 
-def build_config(args: ModelArgs, *, use_te: bool | None = None) -> TransformerConfig:
-    """TransformerConfig from ModelArgs and the current parallel_state sizes."""
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the model runs, as opposed to what it is (ModelArgs): megatron's kernel and memory flags.
+
+    Not stored with the checkpoint's shape: a run may resume with recompute or sequence
+    parallelism switched on or off.
+    """
+
+    transformer_impl: str | None = None  # "transformer_engine" | "local" | None = TE when usable
+    sequence_parallel: bool = False
+    recompute_granularity: str | None = None  # "full" | "selective"
+    recompute_method: str | None = None  # "uniform" | "block"
+    recompute_num_layers: int | None = None
+
+    def use_te(self) -> bool:
+        if self.transformer_impl is None:
+            return transformer_engine_available()
+        return self.transformer_impl == "transformer_engine"
+
+
+def build_config(
+    args: ModelArgs, *, use_te: bool | None = None, runtime: RuntimeOptions | None = None
+) -> TransformerConfig:
+    """TransformerConfig from ModelArgs, the run's RuntimeOptions and the current parallel_state sizes."""
+    runtime = runtime or RuntimeOptions()
     if use_te is None:
-        use_te = transformer_engine_available()
+        use_te = runtime.use_te()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
@@ -68,7 +95,7 @@ def build_config(args: ModelArgs, *, use_te: bool | None = None) -> TransformerC
     if args.num_layers % pp != 0:
         raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide --num-layers {args.num_layers}")
     dtype = _DTYPES[args.params_dtype]
-    cuda = torch.cuda.is_available()
+    cuda = cuda_available()
     kwargs = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -80,7 +107,10 @@ def build_config(args: ModelArgs, *, use_te: bool | None = None) -> TransformerC
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         context_parallel_size=cp,
-        sequence_parallel=False,
+        sequence_parallel=runtime.sequence_parallel and tp > 1,
+        recompute_granularity=runtime.recompute_granularity,
+        recompute_method=runtime.recompute_method,
+        recompute_num_layers=runtime.recompute_num_layers,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         normalization=args.normalization,
@@ -184,12 +214,14 @@ def build_model(
     *,
     use_te: bool | None = None,
     device: torch.device | str | None = None,
+    runtime: RuntimeOptions | None = None,
 ) -> GPTModel:
     """Build this pipeline stage's GPTModel (MTP block only on the stage megatron places it)."""
+    runtime = runtime or RuntimeOptions()
     if use_te is None:
-        use_te = transformer_engine_available()
+        use_te = runtime.use_te()
     compat.apply()
-    config = build_config(args, use_te=use_te)
+    config = build_config(args, use_te=use_te, runtime=runtime)
     layer_spec = layer_specs(args, config, use_te)
     mtp_spec = None
     if args.mtp_num_layers:
@@ -211,10 +243,7 @@ def build_model(
     )
     # The tokenizer's vocabulary: log-probs leave megatron's padding ids out, as samplers do.
     model.real_vocab_size = args.vocab_size
-    if device is not None:
-        model = model.to(device)
-    elif torch.cuda.is_available():
-        model = model.cuda(torch.cuda.current_device())
+    model = model.to(device if device is not None else platform_device())
     return model
 
 

@@ -8,13 +8,16 @@ metrics, evaluation counts) creates its tensor with :func:`collective_device`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 
 def cuda_available() -> bool:
-    """True when a CUDA device is usable by this process (tests hide it on purpose)."""
-    return torch.cuda.is_available()
+    """True when this process runs on CUDA: a device is visible (tests hide it on purpose) and
+    ``MTP_RL_FORCE_CPU=1`` is not set."""
+    return torch.cuda.is_available() and os.environ.get("MTP_RL_FORCE_CPU", "0") != "1"
 
 
 def collective_device(group=None) -> torch.device:

@@ -173,6 +173,22 @@ def clip_sharded_and_step(optimizer, max_norm_main: float, max_norm_mtp: float) 
     return optimizer.step_with_ready_grads(), norms
 
 
+def clip_and_step(model, optimizer, max_norm_main: float, max_norm_mtp: float) -> tuple[bool, GradNorms]:
+    """Clip main and MTP gradients apart, then ``optimizer.step()``; (stepped, norms before clipping).
+
+    A non-finite norm skips the step on every rank (the norms are collective, so all agree).
+    With the distributed optimizer the norms come from its gradient shards
+    (:func:`clip_sharded_and_step`); otherwise from the model's full gradient buffers.
+    """
+    if model.ddp_config.use_distributed_optimizer:
+        return clip_sharded_and_step(optimizer, max_norm_main, max_norm_mtp)
+    norms = clip_grads(model, max_norm_main, max_norm_mtp)
+    if not (math.isfinite(norms.main) and math.isfinite(norms.mtp)):
+        return False, norms
+    ok, _, _ = optimizer.step()
+    return bool(ok), norms
+
+
 def param_norm(params: list[torch.nn.Parameter]) -> float:
     """L2 norm of parameters, each model-parallel shard counted once (collective)."""
     dense, expert = [], []

@@ -11,7 +11,6 @@ resumed from a checkpoint reproduces the metrics of an uninterrupted run.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
 from megatron_mtp_rl.rollout.reward_sandbox import check_step_rewards
 from megatron_mtp_rl.train import faults
 from megatron_mtp_rl.train.builders import Reference, Rollout, Run
-from megatron_mtp_rl.train.optim import clip_grads, param_norm, split_parameters
+from megatron_mtp_rl.train.optim import clip_and_step, param_norm, split_parameters
 from megatron_mtp_rl.train.schedule import configure, forward_backward
 
 
@@ -179,9 +178,14 @@ def build_micro_batches(
         seqs = [(x.prompt_ids, x.response_ids) for x in chunk]
         batch, where = pack_sequences(seqs, seq_length, rows=mbs if pad_rows else None)
         adv = torch.zeros(batch.tokens.shape, dtype=torch.float32)
-        rl_batch = RLBatch(**batch.__dict__, advantages=adv)
+        # The engine's log-probs (rollout–trainer mismatch metrics, --tis-cap), when it returned them.
+        has_lp = all(len(x.logprobs) == len(x.response_ids) for x in chunk)
+        rollout_lp = torch.zeros(batch.tokens.shape, dtype=torch.float32) if has_lp else None
+        rl_batch = RLBatch(**batch.__dict__, advantages=adv, rollout_logprobs=rollout_lp)
         for j, (x, a, (row, start, n)) in enumerate(zip(chunk, advantages[s : s + mbs], where)):
             adv[row, start + len(x.prompt_ids) - 1 : start + n - 1] = a
+            if has_lp:
+                rollout_lp[row, start + len(x.prompt_ids) - 1 : start + n - 1] = torch.tensor(x.logprobs)
             if spans is not None and keys is not None:
                 spans[keys[s + j]] = (rl_batch, row, start + len(x.prompt_ids) - 1, start + n - 1)
         out.append(rl_batch)
@@ -254,7 +258,7 @@ def train_step(
     collective, so all ranks agree) and count ``train/skipped_steps``.
     """
     regime = loss_config.regime
-    num_depths = (model.config.mtp_num_layers or 0) if regime.runs_mtp else 0
+    num_depths = (model.config.mtp_num_layers or 0) if loss_config.runs_mtp else 0  # regime or head loss
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     den = step_denominators(micro_batches, num_depths, group=dp_group)
     loss_fn = RLLoss(loss_config, den, occ, mtp_coef_override=mtp_coef_override)
@@ -267,11 +271,8 @@ def train_step(
     # λ for the NEXT update is computed (every DP rank of the last stage gets the same λ).
     if occ is not None and parallel_state.is_pipeline_last_stage():
         occ.reduce()
-    norms = clip_grads(model, clip_grad, clip_grad if clip_grad_mtp is None else clip_grad_mtp)
-    skipped = not (math.isfinite(norms.main) and math.isfinite(norms.mtp))
-    if not skipped:
-        ok, _, _ = optimizer.step()
-        skipped = not ok
+    stepped, norms = clip_and_step(model, optimizer, clip_grad, clip_grad if clip_grad_mtp is None else clip_grad_mtp)
+    skipped = not stepped
     metrics: dict[str, float] = {}
     if parallel_state.is_pipeline_last_stage():
         metrics.update(reduce_metrics(results, dp_group))
@@ -316,7 +317,7 @@ def reduce_metrics(per_microbatch: list[dict], group=None) -> dict[str, float]:
 def average_updates(per_update: list[dict]) -> dict:
     """Mean over the step's optimizer updates; λ and event counters: the last value."""
     out = {}
-    last_only = ("occ/lambda_", "occ/guard_events")
+    last_only = ("occ/lambda_", "occ/guard_events", "occ/skipped_updates")
     for k in per_update[0]:
         vals = [u[k] for u in per_update if k in u]
         if k.startswith(last_only):

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from megatron_mtp_rl.rl.policy_loss import Denominators, aggregate
-
-HEAD_LOSSES = ("none", "ce", "distill")
+from megatron_mtp_rl.rl.regimes import HEAD_LOSSES
 
 
 def check_head_loss(name: str) -> str:

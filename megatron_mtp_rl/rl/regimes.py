@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 REGIMES = ("none", "detach", "ce", "policy", "occ")
+# --mtp-head-loss: a head-only objective beside any regime (rl/head_loss.py); torch-free for config.py.
+HEAD_LOSSES = ("none", "ce", "distill")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,24 @@ class TokenBatch:
         allowed = (same & causal) | eye
         return ~allowed[:, None]
 
+    def flattened(self) -> TokenBatch:
+        """The same tokens as one ``[1, B*S]`` row (THD layout); segment ids stay unique per row.
+
+        Every per-token result of the flattened batch, reshaped to ``[B, S]``, is the result of
+        this batch: nothing crosses a row boundary, because each row's sequences stay separate
+        segments and a row ends in padding or at a segment's end.
+        """
+        b, s = self.shape
+        offset = torch.arange(b, device=self.segment_ids.device)[:, None] * (s + 1)
+        seg = torch.where(self.segment_ids > 0, self.segment_ids + offset, torch.zeros_like(self.segment_ids))
+        return TokenBatch(
+            tokens=self.tokens.reshape(1, -1),
+            labels=self.labels.reshape(1, -1),
+            loss_mask=self.loss_mask.reshape(1, -1),
+            segment_ids=seg.reshape(1, -1),
+            position_ids=self.position_ids.reshape(1, -1),
+        )
+
     def thd_lengths(self) -> list[int]:
         """Lengths of the sequences of the flattened ``[1, B*S]`` layout (THD), in order.
 

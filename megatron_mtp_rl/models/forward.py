@@ -47,6 +47,7 @@ def gpt_forward(
     inference_context=None,
     rotary_pos_emb: torch.Tensor | None = None,
     head_mtp_pass: bool = False,
+    packed_seq_params=None,
 ) -> ForwardOutput:
     """Run the decoder and (when this stage has it and ``with_mtp``) megatron's MTP block.
 
@@ -62,7 +63,7 @@ def gpt_forward(
     gpt = unwrap(model)
     if rotary_pos_emb is None:
         decoder_input, rotary_pos_emb, rotary_cos, rotary_sin, seq_len_offset = compat.preprocess(
-            gpt, tokens, position_ids, inference_context
+            gpt, tokens, position_ids, inference_context, packed_seq_params
         )
     else:
         decoder_input = gpt.embedding(input_ids=tokens, position_ids=position_ids) if gpt.pre_process else None
@@ -75,6 +76,7 @@ def gpt_forward(
         rotary_pos_cos=rotary_cos,
         rotary_pos_sin=rotary_sin,
         sequence_len_offset=seq_len_offset,
+        packed_seq_params=packed_seq_params,
     )
     out = ForwardOutput(hidden=hidden, rotary_pos_emb=rotary_pos_emb)
     if not (with_mtp and gpt.mtp_process):
@@ -98,6 +100,7 @@ def gpt_forward(
             rotary_pos_sin=rotary_sin,
             sequence_len_offset=seq_len_offset,
             embedding=embedding,
+            packed_seq_params=packed_seq_params,
         )
         return list(torch.chunk(stacked, 1 + gpt.config.mtp_num_layers, dim=0))[1:]
 

@@ -20,7 +20,9 @@ def apply() -> None:
     """Patches megatron-core still needs on this version: none on 0.19.2 (CPU shims are in platform/)."""
 
 
-def preprocess(gpt, input_ids: torch.Tensor, position_ids: torch.Tensor, inference_context=None):
+def preprocess(
+    gpt, input_ids: torch.Tensor, position_ids: torch.Tensor, inference_context=None, packed_seq_params=None
+):
     """``GPTModel._preprocess``: token embedding and rotary tables.
 
     Returns ``(decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset)``;
@@ -31,7 +33,7 @@ def preprocess(gpt, input_ids: torch.Tensor, position_ids: torch.Tensor, inferen
         position_ids=position_ids,
         decoder_input=None,
         inference_context=inference_context,
-        packed_seq_params=None,
+        packed_seq_params=packed_seq_params,
     )
     return pre[:5]
 

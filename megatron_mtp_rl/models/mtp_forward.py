@@ -10,7 +10,7 @@ vocabulary logits are never gathered.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from megatron.core import parallel_state
@@ -65,7 +65,57 @@ def forward_logprobs(
     chunk_size: int | None = None,
     mtp_head: str | None = None,
 ) -> HeadLogProbs | torch.Tensor:
-    """Run this pipeline stage; the last stage returns :class:`HeadLogProbs`.
+    """Run this pipeline stage; the last stage returns :class:`HeadLogProbs` (``[B, S]`` frame).
+
+    On the Transformer Engine path (``gpt.thd_packing``, set by the provider) the batch runs as
+    one THD sequence with megatron's ``PackedSeqParams`` (``cu_seqlens``): TE's causal mask type
+    would ignore the block-diagonal mask of a packed row. See :func:`forward_logprobs_packed`.
+    """
+    kwargs = dict(
+        with_mtp=with_mtp,
+        detach_mtp=detach_mtp,
+        with_entropy=with_entropy,
+        with_draft_stats=with_draft_stats,
+        chunk_size=chunk_size,
+        mtp_head=mtp_head,
+    )
+    if getattr(unwrap(model), "thd_packing", False):
+        flat = batch.flattened()
+        return forward_logprobs_packed(model, batch, flat.packed_seq_params(), **kwargs)
+    return _forward_logprobs(model, batch, **kwargs)
+
+
+def forward_logprobs_packed(model: torch.nn.Module, batch: TokenBatch, packed_seq_params, **kwargs):
+    """:func:`forward_logprobs` over ``batch.flattened()`` (one ``[1, B*S]`` row), results back in
+    the ``[B, S]`` frame. With ``packed_seq_params`` (THD, GPU) attention uses ``cu_seqlens``;
+    with None the flattened batch's block-diagonal mask does the same job (CPU tests of the layout).
+    Non-last pipeline stages return their ``[B*S, 1, H]`` hidden states.
+    """
+    b, s = batch.shape
+    out = _forward_logprobs(model, batch.flattened(), packed_seq_params=packed_seq_params, **kwargs)
+    if not isinstance(out, HeadLogProbs):
+        return out
+    for f in fields(out):
+        t = getattr(out, f.name)
+        if torch.is_tensor(t) and t.dim() >= 2 and tuple(t.shape[-2:]) == (1, b * s):
+            setattr(out, f.name, t.reshape(*t.shape[:-2], b, s))
+    out.loss_mask = batch.loss_mask
+    return out
+
+
+def _forward_logprobs(
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    *,
+    with_mtp: bool = True,
+    detach_mtp: bool = False,
+    with_entropy: bool = False,
+    with_draft_stats: bool = False,
+    chunk_size: int | None = None,
+    mtp_head: str | None = None,
+    packed_seq_params=None,
+) -> HeadLogProbs | torch.Tensor:
+    """The forward of :func:`forward_logprobs` on one batch layout.
 
     ``detach_mtp`` cuts the MTP path off the trunk: the hidden states handed to the MTP
     block, the token embeddings it looks up and the shared output head are detached, so
@@ -78,10 +128,11 @@ def forward_logprobs(
         gpt,
         batch.tokens,
         batch.position_ids,
-        batch.attention_mask(),
+        None if packed_seq_params is not None else batch.attention_mask(),
         with_mtp=with_mtp,
         detach_mtp=detach_mtp,
         head_mtp_pass=bool(mtp_head) and with_mtp,
+        packed_seq_params=packed_seq_params,
     )
     hidden, mtp_hidden = fwd.hidden, fwd.mtp_hidden
     if not gpt.post_process:

@@ -243,6 +243,8 @@ def build_model(
     )
     # The tokenizer's vocabulary: log-probs leave megatron's padding ids out, as samplers do.
     model.real_vocab_size = args.vocab_size
+    # Transformer Engine's attention reads packed rows as THD (cu_seqlens), not through a mask.
+    model.thd_packing = use_te
     model = model.to(device if device is not None else platform_device())
     return model
 

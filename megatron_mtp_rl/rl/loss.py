@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron_mtp_rl.config import AlgoConfig, MTPConfig
 from megatron_mtp_rl.models.batch import TokenBatch, aligned_mtp_mask
 from megatron_mtp_rl.models.mtp_forward import HeadLogProbs
+from megatron_mtp_rl.platform.device import collective_device
 from megatron_mtp_rl.rl.head_loss import check_head_loss, head_loss_terms
 from megatron_mtp_rl.rl.mismatch import mismatch_per_token, tis_weights
 from megatron_mtp_rl.rl.occ import OCCEstimator, occ_statistics
@@ -109,7 +110,7 @@ def step_denominators(batches: list[TokenBatch], num_depths: int, group=None) ->
             tok += d.tokens
             seq += d.sequences
         rows.append([tok, seq])
-    t = torch.tensor(rows, dtype=torch.float64)
+    t = torch.tensor(rows, dtype=torch.float64, device=collective_device(group))
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
     dens = [Denominators(tokens=float(r[0]), sequences=float(r[1])) for r in t]

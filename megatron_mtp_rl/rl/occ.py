@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_mtp_rl.platform.device import collective_device
+
 BASELINES = ("main_old", "mtp_old")
 REDUCE_MODES = ("global", "local")
 
@@ -166,7 +168,10 @@ class OCCEstimator:
         stats = self._stats.clone()
         if self.config.reduce == "global" and dist.is_initialized():
             if dist.get_world_size(self.group) > 1:
-                dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
+                # NCCL reduces CUDA tensors only; the sums are kept (and used) on the CPU.
+                on_wire = stats.to(collective_device(self.group))
+                dist.all_reduce(on_wire, op=dist.ReduceOp.SUM, group=self.group)
+                stats = on_wire.cpu()
             self.reduce_calls += 1
         self._stats.zero_()
         metrics: dict[str, float] = {"occ/tokens": float(stats[0, 2])}

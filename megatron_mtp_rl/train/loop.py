@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.errors import ConfigError
 from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.platform.device import collective_device
 from megatron_mtp_rl.rollout.dump import RolloutDumper
 from megatron_mtp_rl.rollout.tokenizer import CHECKPOINT_TOKENIZER_DIR, copy_tokenizer_files
 from megatron_mtp_rl.train.builders import (
@@ -169,7 +170,8 @@ def evaluate_accuracy(run: Run, manager, engine, prompts=None) -> dict:
             return sum(float(s.reward >= 1.0 - 1e-6) for s in samples)
 
         correct = on_mp_leader(engine, score)
-    t = torch.tensor([correct, float(len(mine))], dtype=torch.float64)
+    dp_group = parallel_state.get_data_parallel_group()
+    t = torch.tensor([correct, float(len(mine))], dtype=torch.float64, device=collective_device(dp_group))
     if dist.is_initialized() and dp > 1:
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
     return {"eval/accuracy": float(t[0] / max(t[1], 1.0)), "eval/num_prompts": float(t[1])}

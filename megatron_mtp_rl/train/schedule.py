@@ -18,7 +18,8 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_mtp_rl.models.batch import TokenBatch
-from megatron_mtp_rl.models.mtp_forward import HeadLogProbs, forward_logprobs
+from megatron_mtp_rl.models.mtp_forward import HeadLogProbs, forward_logprobs, unwrap
+from megatron_mtp_rl.platform.distributed import device as platform_device
 
 # loss_fn(batch, head_logprobs) -> (loss tensor, {name: float tensor}) on the last stage.
 LossFn = Callable[[TokenBatch, HeadLogProbs], tuple[torch.Tensor, dict]]
@@ -53,6 +54,8 @@ def forward_backward(
         raise ValueError("forward_backward needs at least one micro-batch")
     n = len(micro_batches)
     seq, mbs = micro_batches[0].shape[1], micro_batches[0].shape[0]
+    if getattr(unwrap(model), "thd_packing", False):  # THD: one [B*S] row goes from stage to stage
+        seq, mbs = seq * mbs, 1
     scale = n * parallel_state.get_data_parallel_world_size() / max(1, parallel_state.get_context_parallel_world_size())
 
     def _loss(batch, out):
@@ -62,8 +65,11 @@ def forward_backward(
     def _collect(out, non_loss_data=False):
         return out
 
+    device = platform_device()
+
     def step(data_iterator, m):
-        batch = next(data_iterator)
+        # The one place batches (built on the CPU) move to the model's device.
+        batch = next(data_iterator).to(device)
         out = forward_logprobs(m, batch, **forward_kwargs)
         if loss_fn is None:
             return out, _collect

@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.models import pack_sequences
+from megatron_mtp_rl.platform.device import collective_device
 from megatron_mtp_rl.rl.advantages import overlong_penalty
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
 from megatron_mtp_rl.rl.occ import OCCEstimator
@@ -305,7 +306,8 @@ def reduce_metrics(per_microbatch: list[dict], group=None) -> dict[str, float]:
     if not per_microbatch:
         return {}
     keys = sorted(per_microbatch[0])
-    t = torch.stack([torch.stack([m[k] for m in per_microbatch]).sum(0) for k in keys]).double()
+    dev = collective_device(group)
+    t = torch.stack([torch.stack([m[k].to(dev) for m in per_microbatch]).sum(0) for k in keys]).double()
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
     out = {}
@@ -378,7 +380,7 @@ def on_mp_leader(engine: RolloutEngine, fn):
 
 
 def max_over_dp(x: int) -> int:
-    t = torch.tensor([x], dtype=torch.long)
+    t = torch.tensor([x], dtype=torch.long, device=collective_device(parallel_state.get_data_parallel_group()))
     if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
     return int(t.item())

@@ -34,6 +34,8 @@ from megatron_mtp_rl.models.families import family_for, get_family
 from megatron_mtp_rl.models.hf_mapping import gather_full_state, megatron_to_hf
 from megatron_mtp_rl.models.mtp_forward import unwrap
 from megatron_mtp_rl.models.presets import ModelArgs
+from megatron_mtp_rl.platform.device import cuda_available
+from megatron_mtp_rl.platform.distributed import device as platform_device
 
 SYNC_MODES = ("disk", "tensor", "distributed")
 _MTP_LAYER = re.compile(r"mtp\.layers\.(\d+)\.")
@@ -217,7 +219,7 @@ class WeightSync:
         # The group's store listens on --rollout-host only (torch's own would bind *:port).
         store = bound_tcp_store(self.master_address, 0, world, datetime.timedelta(seconds=600))
         port = store.port
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if cuda_available() else "gloo"
 
         async def engines_join(clients):
             import asyncio
@@ -277,7 +279,7 @@ class WeightSync:
                 await calls  # returns once every engine has received the bucket
 
         fut = self.engine.submit(self.engine.apause_flush_update_continue(update))
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        device = platform_device() if cuda_available() else None
         for i, bucket in enumerate(buckets):
             while not announced[i].wait(0.1):
                 if fut.done():

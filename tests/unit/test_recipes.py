@@ -122,6 +122,22 @@ def test_unknown_and_sglang_keys_are_rejected(tmp_path):
         ("tiny-dense", {}),
         ("tiny-dense", {"num_query_groups": 2, "untie_embeddings_and_output_weights": True, "vocab_size": 100}),
         ("tiny-moe", {"num_query_groups": 1, "mtp_num_layers": 1, "moe_ffn_hidden_size": 40}),
+        # Qwen2/MiMo-style: q/k/v bias; Qwen3-style: qk-norm and a head dim ≠ hidden/heads
+        ("tiny-dense", {"add_qkv_bias": True, "num_query_groups": 2}),
+        ("tiny-dense", {"qk_layernorm": True, "kv_channels": 24, "untie_embeddings_and_output_weights": True}),
+        # GLM-4.5-style MoE: dense first layer, shared expert (with a gate), bias, partial rotary
+        (
+            "tiny-moe",
+            {
+                "num_layers": 3,
+                "moe_layer_freq": "([0]*1+[1]*2)",
+                "moe_shared_expert_intermediate_size": 48,
+                "moe_shared_expert_gate": True,
+                "add_qkv_bias": True,
+                "rotary_percent": 0.5,
+                "moe_router_enable_expert_bias": True,
+            },
+        ),
     ],
 )
 def test_parameter_formula_counts_what_the_provider_builds(single_process, preset, overrides):

@@ -22,7 +22,7 @@ from megatron.core import parallel_state
 
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.models import pack_sequences
-from megatron_mtp_rl.platform.device import collective_device
+from megatron_mtp_rl.platform.device import collective_device, peak_memory_gb
 from megatron_mtp_rl.rl.advantages import overlong_penalty
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
 from megatron_mtp_rl.rl.occ import OCCEstimator
@@ -358,6 +358,9 @@ def step_metrics(ctx: StepContext, samples: list[Sample], updates: int, t0: floa
     }
     tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     m["perf/tokens_per_s"] = tokens * parallel_state.get_data_parallel_world_size() / max(m["perf/step_time"], 1e-9)
+    peak = peak_memory_gb()
+    if peak is not None:  # GPU: this rank's CUDA allocator peak since start
+        m["perf/peak_memory_gb"] = peak
     return m
 
 

@@ -101,28 +101,47 @@ def no_reward(prompt, response, label) -> float:
 
 
 def local_generator(train_argv: list[str]):
-    """Greedy and sampled responses from a checkpoint with the local engine."""
+    """Greedy and sampled responses from a checkpoint with the local engine, and the prompt formatter.
+
+    The tokenizer is the run's (``--tokenizer``, else the ``--load`` checkpoint's, else bytes); the
+    formatter is training's ``format_prompt`` with the same flags, except that the chat template is
+    on by default whenever the tokenizer has one (a benchmark question is a user turn).
+    """
     from megatron_mtp_rl.cli import quiet_known_noise
 
     quiet_known_noise()
+    from dataclasses import replace
+
     from megatron_mtp_rl.config import parse_config
     from megatron_mtp_rl.models.generation import SamplingParams
+    from megatron_mtp_rl.rollout.chat import format_prompt, prompt_format
     from megatron_mtp_rl.rollout.data import Prompt
     from megatron_mtp_rl.rollout.reward_sandbox import build_scorer
     from megatron_mtp_rl.train.loop import prepare
 
-    cfg = parse_config(["--quiet", "--finetune", "--tokenizer", "byte", *train_argv])
+    cfg = parse_config(["--quiet", "--finetune", *train_argv])
+    if cfg.data.tokenizer == "arith":  # no --tokenizer and no checkpoint tokenizer: bytes read any problem
+        cfg = cfg.replace(data__tokenizer="byte")
     ctx, _ = prepare(cfg)  # builds the run, loads --load (weights only), local engine
     run, mgr = ctx.run, ctx.rollout.manager
+    tok = run.tokenizer
+    fmt = prompt_format(cfg.data)
+    if fmt.apply_chat_template is None and getattr(tok, "chat_template", None):
+        fmt = replace(fmt, apply_chat_template=True)
+
+    def formatter(text: str) -> str:
+        return format_prompt(text, tok, fmt)
 
     def generate(texts: list[str], n: int, temperature: float, max_new: int, seed: int) -> list[list[str]]:
-        params = SamplingParams(temperature=temperature, max_new_tokens=max_new, eos_id=run.tokenizer.eos_id)
+        params = SamplingParams(
+            temperature=temperature, max_new_tokens=max_new, eos_id=tok.eos_id, stop_ids=tuple(tok.stop_ids)
+        )
         samples, _ = mgr.generate_groups([Prompt(t, None, i) for i, t in enumerate(texts)], seed, params, n=n)
         return [[s.response_text for s in samples[i * n : (i + 1) * n]] for i in range(len(texts))]
 
     mgr.scorer.close()
     mgr.scorer = build_scorer("tools.eval_math:no_reward", workers=0, timeout_s=0)  # scored below
-    return generate
+    return generate, formatter
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -131,15 +150,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--k", type=int, default=4, help="samples per problem for avg@k / pass@k (0: greedy only)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--template", default="{input}", help="prompt template around the problem")
+    p.add_argument(
+        "--template",
+        default="{input}",
+        help="text around the problem ({input}; other braces such as \\boxed{} stay literal); the chat template "
+        "of the tokenizer, --system-prompt and --chat-template-kwargs then apply as in training",
+    )
     p.add_argument("--out", default="runs/eval_math")
     p.add_argument("--seed", type=int, default=0)
     a, train_argv = p.parse_known_args(argv)
-    generate = local_generator(train_argv)
+    from megatron_mtp_rl.rollout.data import render_template
+
+    generate, formatter = local_generator(train_argv)
     results = {}
     for path in a.data:
         probs = load_benchmark(path)
-        texts = [a.template.format(input=q.text) for q in probs]
+        texts = [formatter(render_template(a.template, {"input": q.text})) for q in probs]
         greedy = [r[0] for r in generate(texts, 1, 0.0, a.max_new_tokens, a.seed)]
         sampled = generate(texts, a.k, a.temperature, a.max_new_tokens, a.seed + 1) if a.k else []
         results[Path(path).stem] = score(probs, greedy, sampled)

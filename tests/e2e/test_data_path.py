@@ -2,6 +2,7 @@
 message-list prompts and nested ground truth, math-verify rewards, the rollout dump and W&B offline."""
 
 import json
+import sys
 import time
 
 import pytest
@@ -55,7 +56,7 @@ def test_converted_checkpoint_tokenizer_verl_parquet_dump_and_wandb(tmp_path, mo
 
     data = tmp_path / "dapo.parquet"
     _dapo_parquet(data, [("What is 6*7?", "42"), ("Compute 1+1.", "2"), ("What is 2^3?", "8"), ("What is 9-2?", "7")])
-    cfg = parse_config([
+    cfg_argv = [
         "--load", str(tmp_path / "mcore"), "--finetune",  # no --tokenizer: the checkpoint's
         "--preset", "tiny-dense", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--num-query-groups", "2", "--ffn-hidden-size", "96", "--mtp-num-layers", "2",
@@ -69,7 +70,8 @@ def test_converted_checkpoint_tokenizer_verl_parquet_dump_and_wandb(tmp_path, mo
         "--rollout-dump-n", "3",
         "--wandb-project", "data-path", "--wandb-run-name", "e2e", "--wandb-mode", "offline",
         "--wandb-save-dir", str(tmp_path / "wb"),
-    ])  # fmt: skip
+    ]  # fmt: skip
+    cfg = parse_config(cfg_argv)
     assert cfg.data.tokenizer == str(tmp_path / "mcore" / "tokenizer")
     hist = run_training(cfg)
     assert [h["step"] for h in hist] == [0, 1, 2]
@@ -90,6 +92,22 @@ def test_converted_checkpoint_tokenizer_verl_parquet_dump_and_wandb(tmp_path, mo
     # the local sampler normalises over the model's 320 rows as the trainer does: no systematic gap
     assert abs(r["logprob_gap"]["mean"]) < 1e-3
     assert show([str(tmp_path / "dumps"), "--step", "2", "-n", "1"]) == 0
+
+    # tools/eval_math.py formats benchmark questions as training does (chat template on, same system prompt)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_math_dp", "tools/eval_math.py")
+    em = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "eval_math_dp", em)
+    spec.loader.exec_module(em)
+    shape = cfg_argv[cfg_argv.index("--preset") : cfg_argv.index("--prompt-data")]
+    generate, formatter = em.local_generator(
+        ["--load", str(tmp_path / "mcore"), *shape, "--system-prompt", "Be brief.", "--seq-length", "224"]
+    )
+    user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1+1?"}]
+    assert formatter("What is 1+1?") == hf_tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    assert len(generate([formatter("What is 1+1?")], 1, 0.0, 3, 0)[0]) == 1
+    platform.destroy()
 
     (run_dir,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
     for _ in range(100):

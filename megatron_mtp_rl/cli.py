@@ -1,4 +1,4 @@
-"""``mtp-rl``: the command-line entry point (``train``, ``pretrain``)."""
+"""``mtp-rl``: the command-line entry point (``train``, ``pretrain``, ``heal``)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mtp_rl.errors import ConfigError, DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train, "pretrain": _pretrain}
+    commands = {"train": _train, "pretrain": _pretrain, "heal": _heal}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: mtp-rl {train,pretrain} [flags]   (mtp-rl train --help lists every flag)")
+        print("usage: mtp-rl {train,pretrain,heal} [flags]   (mtp-rl train --help lists every flag)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     quiet_known_noise()
@@ -91,6 +91,16 @@ def _pretrain(argv) -> int:
     from megatron_mtp_rl.train.pretrain import run_pretrain
 
     return _run(run_pretrain, cfg)
+
+
+def _heal(argv) -> int:
+    """Re-train the MTP layers of --load on the policy's own rollouts; trunk frozen (train/heal.py)."""
+    from megatron_mtp_rl.config import parse_config
+
+    cfg = parse_config(argv, "heal")
+    from megatron_mtp_rl.train.heal import run_heal
+
+    return _run(run_heal, cfg)
 
 
 if __name__ == "__main__":

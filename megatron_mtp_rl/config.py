@@ -46,6 +46,7 @@ ALGORITHMS: dict[str, dict] = {
 COMMANDS: dict[str, dict] = {
     "train": {},
     "pretrain": {"num_steps": 300, "lr": 1e-3, "global_batch_size": 64, "micro_batch_size": 64, "eval_interval": 25},
+    "heal": {"num_steps": 50, "mtp_head_loss": "distill", "mtp_head_coef": 1.0},
 }
 
 
@@ -263,6 +264,9 @@ class MTPConfig:
         choices=HEAD_LOSSES,
     )
     mtp_head_coef: float = flag(0.1, "coefficient of --mtp-head-loss", min=0)
+    heal_patience: int = flag(
+        3, "mtp-rl heal: stop after this many steps without a better expected acceptance", min=1, name="--patience"
+    )
     occ_ratio: float = flag(0.1, "ρ", min=0)
     occ_eps: float = flag(1e-8, "ε in λ = (ρ/D)·A/(V+ε)", min=0, min_exclusive=True)
     occ_min: float = flag(0.0, "λ lower clamp")
@@ -361,7 +365,7 @@ class RunConfig:
     num_steps: int = flag(30, "RL steps (rollout + updates)", min=0)
     seed: int = flag(1234, "seed of data, sampling and init", min=0)
     eval_interval: int = flag(5, "steps between held-out evaluations", min=1)
-    command: str = flag("train", "the mtp-rl command (train | pretrain)", cli=False)
+    command: str = flag("train", "the mtp-rl command (train | pretrain | heal)", cli=False)
     device: str | None = flag(None, "cpu | cuda: filled by the platform when the run is built", cli=False)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)

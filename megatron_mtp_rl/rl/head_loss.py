@@ -63,3 +63,36 @@ def head_loss_terms(
         total = total + coef * term
         metrics[f"mtp/head_loss_{k + 1}"] = pair(term.detach(), 0)
     return total
+
+
+class HeadOnlyLoss:
+    """``(batch, HeadLogProbs) -> (loss, metrics)`` with the head objective alone (``mtp-rl heal``).
+
+    No policy term: the only loss is computed on the detached MTP pass, so the trunk,
+    embeddings and output head receive no gradient at all (frozen by construction).
+    """
+
+    def __init__(self, kind: str, coef: float, denominators: list[Denominators], agg_mode: str = "token-mean"):
+        if check_head_loss(kind) == "none":
+            raise ValueError("the head-only loss needs --mtp-head-loss ce or distill")
+        self.kind, self.coef, self.den, self.agg_mode = kind, coef, denominators, agg_mode
+
+    def forward_kwargs(self) -> dict:
+        return {"with_mtp": True, "detach_mtp": True, "with_draft_stats": True, "mtp_head": self.kind}
+
+    def __call__(self, batch, out):
+        from megatron_mtp_rl.rl.policy_loss import sequence_index
+
+        metrics: dict[str, torch.Tensor] = {}
+        seq_index = sequence_index(batch.segment_ids)
+        loss = head_loss_terms(out, self.kind, self.coef, seq_index, self.agg_mode, self.den, metrics, _pair)
+        for k in range(out.num_depths):
+            m = out.mtp_mask[k].bool()
+            metrics[f"mtp/accept_{k + 1}"] = _pair(out.mtp_accept[k][m].double().sum(), m.sum())
+            metrics[f"mtp/top1_agree_{k + 1}"] = _pair(out.mtp_top1[k][m].double().sum(), m.sum())
+        metrics["train/loss"] = _pair(loss.detach(), 0)
+        return loss, metrics
+
+
+def _pair(total, count) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(total, dtype=torch.float64), torch.as_tensor(count, dtype=torch.float64)])

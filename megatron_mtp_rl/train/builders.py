@@ -237,6 +237,9 @@ def build_loss(cfg: RunConfig) -> RLLossConfig:
         entropy_coef=al.entropy_coef,
         mtp_regime=mt.mtp_regime,
         mtp_loss_coef=mt.mtp_loss_coef,
+        mtp_head_loss=mt.mtp_head_loss,
+        mtp_head_coef=mt.mtp_head_coef,
+        tis_cap=al.tis_cap,
     )
 
 

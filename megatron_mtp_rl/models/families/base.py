@@ -87,15 +87,37 @@ class Family:
 
     name: ClassVar[str]
     architecture: ClassVar[str]  # what exports declare
+    config_class: ClassVar[str]  # transformers' config class that parses it
     accepts: ClassVar[tuple[str, ...]] = ()  # architectures / model_types read on import
     flavour: ClassVar[HFFlavour]
     draft_class: ClassVar[str | None] = None  # SGLang 0.5.23's draft (speculative) class for it
     draft_depth: ClassVar[int] = 1  # MTP layers that draft takes (SGLang: one for every family here)
 
     # -- HF → ours ---------------------------------------------------------------------------
+    def normalize(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The config as transformers (and so SGLang, which parses with ``AutoConfig``) sees it.
+
+        An absent key means transformers' default for the class (GLM-4.5's ``partial_rotary_factor``
+        is 0.5, DeepSeek-V3's ``first_k_dense_replace`` 3 ...), so defaults are filled by the class.
+        """
+        try:
+            import transformers
+        except ImportError:
+            return cfg
+        cls = getattr(transformers, self.config_class, None)
+        if cls is None:
+            return cfg
+        skip = ("auto_map", "model_type", "architectures", "transformers_version", "torch_dtype", "dtype")
+        try:
+            out = cls(**{k: v for k, v in cfg.items() if k not in skip}).to_dict()
+        except Exception as e:  # transformers validates values; say which
+            raise UnsupportedCheckpoint(f"{self.config_class} refuses this config.json: {e}") from None
+        out["architectures"] = cfg.get("architectures")
+        return out
+
     def model_args(self, cfg: dict[str, Any], **overrides: Any) -> ModelArgs:
         """ModelArgs for this HF config; raises :class:`UnsupportedCheckpoint` naming every unmapped key."""
-        r = Reader(cfg, self.name)
+        r = Reader(self.normalize(cfg), self.name)
         fields = self.common(r)
         fields.update(self.specific(r, fields))
         r.finish()

@@ -31,6 +31,7 @@ from megatron_mtp_rl.models.presets import ModelArgs
 class DeepseekV3(Family):
     name = "deepseek_v3"
     architecture = "DeepseekV3ForCausalLM"
+    config_class = "DeepseekV3Config"
     accepts = ("DeepseekV3ForCausalLM", "deepseek_v3")
     flavour = DEEPSEEK_V3
     draft_class = "DeepseekV3ForCausalLMNextN"

@@ -98,7 +98,7 @@ def sigmoid_moe_config(m: ModelArgs) -> dict[str, Any]:
         "num_experts_per_tok": m.moe_router_topk,
         "moe_intermediate_size": ffn,
         "first_k_dense_replace": pattern.index(1) if 1 in pattern else m.num_layers,
-        "n_shared_experts": shared // ffn if shared else None,
+        "n_shared_experts": shared // ffn if shared else 0,  # transformers 5 wants an int; 0 = none
         "routed_scaling_factor": m.moe_router_topk_scaling_factor or 1.0,
         "n_group": m.moe_router_num_groups or 1,
         "topk_group": m.moe_router_group_topk or 1,
@@ -124,6 +124,7 @@ def zero_expert_bias(hf: dict, m: ModelArgs, depth: int) -> dict:
 class Glm4Moe(Family):
     name = "glm4_moe"
     architecture = "Glm4MoeForCausalLM"
+    config_class = "Glm4MoeConfig"
     accepts = ("Glm4MoeForCausalLM", "glm4_moe")
     flavour = GLM4_MOE
     draft_class = "Glm4MoeForCausalLMNextN"

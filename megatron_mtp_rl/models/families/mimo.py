@@ -40,6 +40,7 @@ class MiMoConfig(Qwen2Config):
 class MiMo(Family):
     name = "mimo"
     architecture = "MiMoForCausalLM"
+    config_class = "Qwen2Config"
     accepts = ("MiMoForCausalLM", "mimo", "Qwen2ForCausalLM", "qwen2")
     flavour = MIMO
     draft_class = "MiMoMTP"

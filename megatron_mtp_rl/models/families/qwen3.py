@@ -20,6 +20,7 @@ from megatron_mtp_rl.models.presets import ModelArgs
 class Qwen3(Family):
     name = "qwen3"
     architecture = "Qwen3ForCausalLM"
+    config_class = "Qwen3Config"
     accepts = ("Qwen3ForCausalLM", "qwen3")
     flavour = QWEN3
     draft_class = None

@@ -21,6 +21,7 @@ from megatron_mtp_rl.models.presets import ModelArgs
 class Qwen3Moe(Family):
     name = "qwen3_moe"
     architecture = "Qwen3MoeForCausalLM"
+    config_class = "Qwen3MoeConfig"
     accepts = ("Qwen3MoeForCausalLM", "qwen3_moe")
     flavour = QWEN3_MOE
     draft_class = "Qwen3MoeForCausalLMMTP"

@@ -245,9 +245,9 @@ def _draft_logprobs(family, ref, tensors, tokens, *, zero_first_embedding=False)
     own = layer.state_dict()
     for name in own:  # transformers 5 fuses experts: [E, 2I, H] gate_up, [E, H, I] down
         if name.endswith("experts.gate_up_proj"):
-            e = own[name].shape[0]
-            state[name] = torch.stack([torch.cat((state[f"mlp.experts.{i}.gate_proj.weight"],
-                                                  state[f"mlp.experts.{i}.up_proj.weight"])) for i in range(e)])  # fmt: skip
+            gate = [state[f"mlp.experts.{i}.gate_proj.weight"] for i in range(own[name].shape[0])]
+            up = [state[f"mlp.experts.{i}.up_proj.weight"] for i in range(own[name].shape[0])]
+            state[name] = torch.stack([torch.cat(pair) for pair in zip(gate, up)])
         elif name.endswith("experts.down_proj"):
             state[name] = torch.stack([state[f"mlp.experts.{i}.down_proj.weight"] for i in range(own[name].shape[0])])
     layer.load_state_dict({n: state[n] for n in own})

@@ -338,13 +338,13 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
     root = Path(ro.rollout_hf_dir or Path(cfg.ckpt.save or "runs") / "hf")
     flavour = ro.hf_flavour or default_flavour(run.model_args)
     init = export_hf(run.model, run.model_args, root / "init", flavour)
-    if getattr(run.tokenizer, "path", None):  # SGLang loads its tokenizer (EOS ids, detokenizer) from the model dir
-        from megatron_mtp_rl.rollout.tokenizer import copy_tokenizer_files
-
-        copy_tokenizer_files(run.tokenizer.path, init)
     urls = [None]
     client = None
     if not dist.is_initialized() or dist.get_rank() == 0:
+        if getattr(run.tokenizer, "path", None):  # SGLang loads its tokenizer (EOS ids) from the model dir
+            from megatron_mtp_rl.rollout.tokenizer import copy_tokenizer_files
+
+            copy_tokenizer_files(run.tokenizer.path, init)
         kw = {}
         if ro.rollout_server_cmd:
             kw["server_cmd"] = shlex.split(ro.rollout_server_cmd)

@@ -68,15 +68,18 @@ def launch(cfg) -> list[dict]:
     pg = placement_group(bundles, strategy="PACK")
     ray.get(pg.ready())
     try:
+        from megatron_mtp_rl.train.builders import model_vocab_size
+
         tok = build_tokenizer(cfg.data.tokenizer)
-        margs = resolve_model_args(cfg, tok.vocab_size)
+        vocab = model_vocab_size(cfg, tok)  # the checkpoint's rows, as the trainers build (≥ the tokenizer's)
+        margs = resolve_model_args(cfg, vocab)
         rollout_bundle = world if disaggregated else 0
         share = 0.0 if disaggregated else 0.5  # colocated: shares rank 0's bundle
         rollout = RolloutActor.options(
             num_cpus=1 if disaggregated else share,
             num_gpus=gpus if disaggregated else share * gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rollout_bundle),
-        ).remote(margs.__dict__, seed=cfg.seed, speculative=cfg.rollout.local_spec_decode, vocab_size=tok.vocab_size)
+        ).remote(margs.__dict__, seed=cfg.seed, speculative=cfg.rollout.local_spec_decode, vocab_size=vocab)
         trainers = [
             TrainerActor.options(
                 num_cpus=1 - (share if (i == 0 and not disaggregated) else 0.0),

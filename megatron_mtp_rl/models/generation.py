@@ -175,7 +175,6 @@ class _Runner:
         return torch.stack(drafts, 1), torch.stack(logits, 1)
 
 
-@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -201,14 +200,21 @@ def generate(
     if speculative and depths < 1:
         raise ValueError(f"draft_depths must be ≥ 1, got {draft_depths}")
     was_training = model.training
-    model.eval()
+    if was_training:  # a recursive walk over every module: skip it when already in eval mode
+        model.eval()
     generator = generator or torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     try:
-        run = _Runner(model, prompts, params, vocab_size, slots_per_token=depths + 1 if speculative else 1)
-        out = _speculative(run, depths, generator) if speculative else _plain(run, generator)
+        # inference_mode: no autograd bookkeeping per op. DisableTorchFunction: on CPU,
+        # platform/cpu.py keeps a TorchFunctionMode (it rewrites megatron's device="cuda"
+        # factory calls in the pipeline schedules) that routes *every* torch op through
+        # Python; generation makes no such call, and runs ~1.8x faster without it.
+        with torch.inference_mode(), torch._C.DisableTorchFunction():
+            run = _Runner(model, prompts, params, vocab_size, slots_per_token=depths + 1 if speculative else 1)
+            out = _speculative(run, depths, generator) if speculative else _plain(run, generator)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train(True)
     elapsed = time.perf_counter() - t0
     n_tok = sum(len(r) for r in out.responses)
     out.stats.update(tokens=n_tok, seconds=elapsed, tokens_per_s=n_tok / max(elapsed, 1e-9))

@@ -16,18 +16,23 @@ def _model(preset="tiny-dense", **overrides):
     return build_model(get_preset(preset).with_overrides(**overrides))
 
 
+def _full_logits(model, ids, depth=0):
+    """Logits [S, V] of the main head (depth 0) or MTP depth k over ``ids``: the one forward, no cache."""
+    from megatron_mtp_rl.models import pack_sequences
+    from megatron_mtp_rl.models.forward import gpt_forward, output_logits
+
+    b, _ = pack_sequences([(list(ids), [])], len(ids))
+    with torch.no_grad():
+        out = gpt_forward(model, b.tokens, b.position_ids, b.attention_mask(), with_mtp=depth > 0)
+        h = out.mtp_hidden[depth - 1] if depth else out.hidden
+        return output_logits(model, h)[:, 0]
+
+
 def _naive_greedy(model, prompt, n):
     """Full recompute, no cache: argmax of the main head at the last position."""
-    from megatron_mtp_rl.models import pack_sequences, unwrap
-
-    gpt = unwrap(model)
     ids = list(prompt)
     for _ in range(n):
-        batch, _ = pack_sequences([(ids, [])], len(ids))
-        pre = gpt._preprocess(batch.tokens, batch.position_ids, None, None, None)
-        h = gpt.decoder(hidden_states=pre[0], attention_mask=batch.attention_mask(), rotary_pos_emb=pre[1])
-        logits = gpt.output_layer(h, weight=gpt.shared_embedding_or_output_weight())[0]
-        ids.append(int(logits[-1, 0, :60].argmax()))
+        ids.append(int(_full_logits(model, ids)[-1, :60].argmax()))
     return ids[len(prompt) :]
 
 
@@ -66,18 +71,10 @@ def test_speculation_saves_rounds_for_a_single_row(single_process):
 
 def _exact_joint(model, prompt, n, vocab, temperature):
     """P(x_1..x_n | prompt) for every sequence: one full forward per prefix, no cache."""
-    from megatron_mtp_rl.models import pack_sequences, unwrap
-
-    gpt = unwrap(model)
     table = {}
     for k in range(n):
         for prefix in itertools.product(range(vocab), repeat=k):
-            ids = list(prompt) + list(prefix)
-            b, _ = pack_sequences([(ids, [])], len(ids))
-            with torch.no_grad():
-                pre = gpt._preprocess(b.tokens, b.position_ids, None, None, None)
-                h = gpt.decoder(hidden_states=pre[0], attention_mask=b.attention_mask(), rotary_pos_emb=pre[1])
-                lg = gpt.output_layer(h, weight=gpt.shared_embedding_or_output_weight())[0][-1, 0, :vocab]
+            lg = _full_logits(model, list(prompt) + list(prefix))[-1, :vocab]
             table[prefix] = torch.softmax(lg.float() / temperature, -1)
     probs = {}
     for seq in itertools.product(range(vocab), repeat=n):
@@ -125,3 +122,47 @@ def test_speculative_sampling_matches_the_plain_distribution(single_process):
         assert stat < df + 4 * math.sqrt(2 * df), (spec, stat, df)
     # Drafts were both accepted and rejected: the acceptance test really ran.
     assert 1.0 < results[True][2]["row_accept_len"] < 3.0
+
+
+def test_kv_cached_mtp_drafts_equal_a_full_recompute(single_process, monkeypatch):
+    """Every draft logit of every depth, in every round of a batched sampled run with per-row
+    acceptance (gaps in the cache), equals the MTP block re-run over the row's whole sequence."""
+    from megatron_mtp_rl.models import generation
+
+    model = _model(init_method_std=0.3)
+    rounds = []
+    original = generation._Runner.draft
+
+    def recording(self, start, end, last, depths, generator):
+        drafts, logits = original(self, start, end, last, depths, generator)
+        rounds.append((self.seq.clone(), self.lens.clone(), logits.clone()))
+        return drafts, logits
+
+    monkeypatch.setattr(generation._Runner, "draft", recording)
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3], [11]]
+    out = generate(model, prompts, SamplingParams(temperature=1.0, max_new_tokens=10), vocab_size=60, speculative=True)
+    assert 1.0 < out.stats["accept_len"] < 3.0  # drafts were both accepted and rejected: gaps exist
+    assert len(rounds) >= 4
+    for seq, lens, logits in rounds:
+        for b in range(len(prompts)):
+            n = int(lens[b])  # position of the pending token: the drafts are for n+1, n+2
+            for k in (1, 2):
+                ref = _full_logits(model, seq[b, : n + k].tolist(), depth=k)[n - 1]
+                torch.testing.assert_close(logits[b, k - 1], ref, atol=1e-4, rtol=1e-4)  # fp32 summation order
+
+
+def test_each_row_advances_by_its_own_accepted_length(single_process):
+    """Batched greedy speculation takes as many rounds as its slowest row alone (a batch that
+    committed only the prefix every row accepted would take more) and emits the same tokens."""
+    # A 6-token vocabulary: a random model's drafts agree with the main head often enough.
+    model = _model(vocab_size=6, make_vocab_size_divisible_by=8, init_method_std=0.5)
+    prompts = [[5, 1, 2], [0, 1, 4, 4, 3, 3], [1], [3, 3], [1, 2, 3, 4]]
+    sp = SamplingParams(temperature=0, max_new_tokens=16)
+    alone = [generate(model, [p], sp, vocab_size=6, speculative=True) for p in prompts]
+    batched = generate(model, prompts, sp, vocab_size=6, speculative=True)
+    assert batched.responses == [a.responses[0] for a in alone]
+    assert batched.stats["rounds"] == max(a.stats["rounds"] for a in alone)
+    # Rows differ in acceptance, so waiting for every row would cost rounds.
+    assert len({a.stats["rounds"] for a in alone}) > 1
+    mean_alone = sum(a.stats["accept_len"] * a.stats["rounds"] for a in alone) / sum(a.stats["rounds"] for a in alone)
+    assert batched.stats["accept_len"] == pytest.approx(mean_alone)

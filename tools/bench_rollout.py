@@ -1,0 +1,147 @@
+"""Rollout throughput: plain vs self-speculative decoding at batch 1 / 8 / 64, and sync vs async RL.
+
+Generates from the same held-out prompts with both modes, interleaving repetitions so that
+the ratios come from one run on the same (shared) machine, and checks that greedy outputs are
+identical. Then (unless ``--skip-async``) times RL steps of the demo config with the rollout in
+the trainer's process (sync) and in a separate process one step off-policy (``--async-rollout``).
+Prints a table and ends with ``speedup_spec_b1=``, ``speedup_spec_b64=`` (greedy) and
+``speedup_async=`` lines. Example (after ``make demo`` or the warm start of examples/tiny_cpu):
+
+    .venv/bin/python tools/bench_rollout.py --load runs/demo/warmstart
+
+Flags after the bench's own are the run's (``--config``, ``--preset`` ...); torch runs with
+``--threads`` intra-op threads (1 by default: on a shared 2-core machine more threads make
+small ops slower, not faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _clock() -> float:
+    """CPU seconds of this process: on a shared machine wall time swings with the neighbours' load,
+    while a 1-thread process's CPU time counts only its own work (and both modes are timed alike)."""
+    return time.process_time()
+
+
+def _spec_bench(run, prompts, vocab, *, max_new, eos_id, reps, draft_depths, batches):
+    from megatron_mtp_rl.models.generation import SamplingParams, generate
+
+    rows = {}
+    identical = True
+    run.gpt.eval()  # as an engine does once per rollout
+    for temp in (0.0, 1.0):
+        sp = SamplingParams(temperature=temp, max_new_tokens=max_new, eos_id=eos_id)
+        for b in batches:
+            chunks = [prompts[i : i + b] for i in range(0, len(prompts), b)][: max(1, 16 // b) if b < 8 else None]
+            tps = {"plain": [], "spec": []}
+            accept = []
+            for rep in range(reps):
+                outs = {}
+                for mode in ("plain", "spec") if rep % 2 == 0 else ("spec", "plain"):
+                    spec = mode == "spec"
+                    t0, tokens, responses = _clock(), 0, []
+                    for i, chunk in enumerate(chunks):
+                        g = torch.Generator().manual_seed(rep * 1000 + i)
+                        out = generate(
+                            run.gpt,
+                            chunk,
+                            sp,
+                            vocab_size=vocab,
+                            generator=g,
+                            speculative=spec,
+                            draft_depths=draft_depths,
+                        )
+                        tokens += out.stats["tokens"]
+                        responses += out.responses
+                        if spec:
+                            accept.append(out.stats["accept_len"])
+                    tps[mode].append(tokens / (_clock() - t0))
+                    outs[mode] = responses
+                if temp == 0.0 and outs["plain"] != outs["spec"]:
+                    identical = False
+            p, s = statistics.median(tps["plain"]), statistics.median(tps["spec"])
+            rows[(temp, b)] = (p, s, statistics.mean(accept))
+    return rows, identical
+
+
+def _rl_steps_per_s(argv: list[str], steps: int, async_rollout: bool) -> float:
+    """Steps/s of ``steps`` RL steps (after one warm-up step) on the given run flags."""
+    from megatron_mtp_rl.config import parse_config
+    from megatron_mtp_rl.train import loop
+
+    extra = ["--async-rollout"] if async_rollout else []
+    cfg = parse_config(["--quiet", *argv, "--num-steps", str(steps + 1), "--eval-interval", "0", *extra])
+    times: list[float] = []
+    loop.run_training(cfg, on_step=lambda step: times.append(time.perf_counter()))
+    return steps / (times[-1] - times[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from megatron_mtp_rl.cli import quiet_known_noise
+
+    quiet_known_noise()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions per cell (median reported)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--no-eos", action="store_true", help="generate max-new-tokens without stopping at EOS")
+    ap.add_argument("--draft-depths", type=int, default=None, help="MTP depths drafted per round (default: all)")
+    ap.add_argument("--skip-async", action="store_true", help="only the decoding part")
+    ap.add_argument("--rl-steps", type=int, default=3, help="timed RL steps per mode (after one warm-up step)")
+    own, rest = ap.parse_known_args(argv)
+    torch.set_num_threads(own.threads)
+
+    from megatron_mtp_rl import platform
+    from megatron_mtp_rl.config import parse_config
+    from megatron_mtp_rl.train.builders import build_run
+    from megatron_mtp_rl.train.loop import resume
+    from megatron_mtp_rl.train.pretrain import Evaluator
+
+    cfg = parse_config(["--quiet", "--finetune", *rest])
+    run = build_run(cfg)
+    resume(run.cfg, run)  # --load: weights only (--finetune)
+    manager = Evaluator(run.cfg, run).manager
+    prompts = [manager.encode_prompt(p) for p in run.source.eval_prompts()[:64]]
+    vocab = run.tokenizer.vocab_size
+    depths = run.model_args.mtp_num_layers
+    rows, identical = _spec_bench(
+        run,
+        prompts,
+        vocab,
+        max_new=own.max_new_tokens,
+        eos_id=None if own.no_eos else run.tokenizer.eos_id,
+        reps=own.reps,
+        draft_depths=own.draft_depths,
+        batches=(1, 8, 64),
+    )
+    platform.destroy()
+    print(
+        f"{len(prompts)} held-out prompts, up to {own.max_new_tokens} new tokens "
+        f"({'no EOS' if own.no_eos else 'stop at EOS'}), tokens per CPU-second of this process, "
+        f"{own.draft_depths or depths} of {depths} MTP depths drafted, torch threads {torch.get_num_threads()}"
+    )
+    print("temperature | batch | tokens/s plain | tokens/s spec | spec/plain | accept len")
+    for (temp, b), (p, s, acc) in rows.items():
+        print(f"{temp:11.1f} | {b:5d} | {p:14.1f} | {s:13.1f} | {s / p:9.2f}x | {acc:10.2f}")
+    print(f"greedy_identical={identical}")
+    speedup_async = "n/a"
+    if not own.skip_async:
+        sync = _rl_steps_per_s(rest, own.rl_steps, async_rollout=False)
+        asyn = _rl_steps_per_s(rest, own.rl_steps, async_rollout=True)
+        print(f"RL steps/s: sync {sync:.3f}, async {asyn:.3f}")
+        speedup_async = f"{asyn / sync:.2f}"
+    print(f"speedup_spec_b1={rows[(0.0, 1)][1] / rows[(0.0, 1)][0]:.2f}")
+    print(f"speedup_spec_b64={rows[(0.0, 64)][1] / rows[(0.0, 64)][0]:.2f}")
+    print(f"speedup_async={speedup_async}")
+
+
+if __name__ == "__main__":
+    main()

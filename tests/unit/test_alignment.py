@@ -46,37 +46,26 @@ def test_depth_targets_and_masks_are_exactly_the_expected_ones():
 
 
 def test_model_mtp_logprobs_are_aligned_to_the_main_targets(single_process):
-    from megatron_mtp_rl.models import build_model, forward_logprobs, get_preset, unwrap
+    from megatron_mtp_rl.models import build_model, forward_logprobs, get_preset
+    from megatron_mtp_rl.models.forward import gpt_forward, output_logits
 
     torch.manual_seed(0)
     model = build_model(get_preset("tiny-dense"))
     batch, _ = _batch()
     out = forward_logprobs(model, batch)
-    gpt = unwrap(model)
-    # Brute force: full logits of every depth, then pick position i-k, token labels[i].
+    # Brute force: full logits of every depth (the one GPT forward), then pick position i-k, token labels[i].
     with torch.no_grad():
-        pre = gpt._preprocess(batch.tokens, batch.position_ids, None, None, None)
-        mask = batch.attention_mask()
-        h = gpt.decoder(hidden_states=pre[0], attention_mask=mask, rotary_pos_emb=pre[1])
-        stacked = gpt.mtp(
-            batch.tokens,
-            batch.position_ids,
-            h,
-            mask,
-            rotary_pos_emb=pre[1],
-            embedding=gpt.embedding,
-        )
-        chunks = torch.chunk(stacked, 3, dim=0)
-        w = gpt.shared_embedding_or_output_weight()
+        fwd = gpt_forward(model, batch.tokens, batch.position_ids, batch.attention_mask())
+        chunks = [fwd.hidden, *fwd.mtp_hidden]
         for k in (1, 2):
-            logp = torch.log_softmax(gpt.output_layer(chunks[k], weight=w)[0].float(), -1)
+            logp = torch.log_softmax(output_logits(model, chunks[k]).float(), -1)
             logp = logp.transpose(0, 1)  # [B, S, V]
             m = out.mtp_mask[k - 1]
             for b, i in m.nonzero().tolist():
                 expect = logp[b, i - k, batch.labels[b, i]]
                 assert abs(out.mtp_logprobs[k - 1, b, i].item() - expect.item()) < 1e-5
             assert torch.equal(m, aligned_mtp_mask(batch, k))
-        main = torch.log_softmax(gpt.output_layer(chunks[0], weight=w)[0].float(), -1)
+        main = torch.log_softmax(output_logits(model, chunks[0]).float(), -1)
         main = main.transpose(0, 1).gather(-1, batch.labels[..., None]).squeeze(-1)
         torch.testing.assert_close(out.logprobs, main, atol=1e-5, rtol=0)
 

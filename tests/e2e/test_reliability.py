@@ -3,8 +3,10 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from tests.dist_utils import run_ranks
 from tests.e2e.test_train import FAST, _strip
 
 ROOT = Path(__file__).resolve().parents[2]
+LOCK = ".mtp_rl.lock"
 
 
 def _problems(*flags, world=1):
@@ -118,6 +121,19 @@ def test_nan_loss_skips_the_step_on_both_dp_ranks(tmp_path):
         assert h[3]["train/param_norm_main"] != h[2]["train/param_norm_main"]  # continues
 
 
+def _rows(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The metrics rows of an uninterrupted 4-step CLI run (what every resumed run must reproduce)."""
+    d = tmp_path_factory.mktemp("straight")
+    code, out = _cli(d, "--num-steps", "4", "--metrics-jsonl", str(d / "a.jsonl"))
+    assert code == 0, out[-2000:]
+    return _rows(d / "a.jsonl")
+
+
 def _cli(tmp_path, *flags, env=None):
     """Run ``mtp-rl train`` in its own session; after it exits, kill whatever it left behind
     (a crashed trainer's helper processes), as a dead node would take them along."""
@@ -141,7 +157,7 @@ def _cli(tmp_path, *flags, env=None):
     return code, log.read_text()
 
 
-def test_crash_during_checkpoint_save_leaves_the_previous_one(tmp_path):
+def test_crash_during_checkpoint_save_leaves_the_previous_one(tmp_path, straight):
     ckpt = tmp_path / "ckpt"
     fault = {"MTP_RL_FAULTS": "crash_in_save@4"}
     code, out = _cli(tmp_path, "--num-steps", "4", "--save-interval", "2", "--save", str(ckpt),
@@ -161,12 +177,9 @@ def test_crash_during_checkpoint_save_leaves_the_previous_one(tmp_path):
         str(tmp_path / "b.jsonl"),
     )
     assert code == 0, out[-2000:]
-    code, out = _cli(tmp_path, "--num-steps", "4", "--metrics-jsonl", str(tmp_path / "a.jsonl"))
-    assert code == 0, out[-2000:]
-    rows_a = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
-    rows_b = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    rows_b = _rows(tmp_path / "b.jsonl")
     assert [r["step"] for r in rows_b] == [0, 1, 2, 3, 4]
-    assert _strip(rows_b) == _strip(rows_a)
+    assert _strip(rows_b) == _strip(straight)
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
 
@@ -174,3 +187,135 @@ def test_resume_with_a_different_lr_says_how_to_fix_it(tmp_path):
     run_training(parse_args([*FAST, "--num-steps", "1", "--save", str(tmp_path / "c")]))
     with pytest.raises(ConfigError, match=r"optimizer parameter groups differ .* add --finetune"):
         run_training(parse_args([*FAST, "--num-steps", "2", "--load", str(tmp_path / "c"), "--lr", "5e-4"]))
+
+
+def _start(tmp_path, *flags):
+    log = open(tmp_path / f"bg-{len(list(tmp_path.glob('bg-*')))}.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_mtp_rl.cli", "train", *FAST, *flags],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    return proc, log
+
+
+def _listening(pid: int) -> set[str]:
+    """Addresses the process tree of ``pid`` listens on."""
+    import psutil
+
+    out = set()
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return out
+    for p in procs:
+        try:
+            out |= {c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            pass
+    return out
+
+
+def _session(pid: int) -> list[int]:
+    """Live processes of the session ``pid`` started (its helpers), zombies excluded."""
+    import psutil
+
+    alive = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getsid(p.pid) == pid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return alive
+
+
+def _files(root: Path) -> dict:
+    """Every file's bytes, the lock file aside (it names whichever run holds it)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK}
+
+
+def test_sigterm_saves_the_step_and_the_same_command_resumes_it(tmp_path, straight):
+    """SIGTERM mid-run: the step finishes, is saved, rc 143. Meanwhile a second run on the same
+    --save refuses (naming the pid), and no socket listens on every interface. Re-running the
+    command resumes (--no-auto-resume: refused, nothing touched) and matches an uninterrupted run."""
+    ckpt, m = tmp_path / "ckpt", tmp_path / "b.jsonl"
+    flags = ["--num-steps", "4", "--save", str(ckpt), "--metrics-jsonl", str(m)]
+    proc, log = _start(tmp_path, *flags)
+    try:
+        listening: set[str] = set()
+        deadline = time.monotonic() + 300
+        while not (m.exists() and len(m.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read()
+            listening |= _listening(proc.pid)
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        # A concurrent run on the same --save / --metrics-jsonl (its start-up check, from this process).
+        from megatron_mtp_rl.train.run_lock import lock_run
+
+        holder = rf"in use by another run \(pid {proc.pid} on host {socket.gethostname()}"
+        with pytest.raises(ConfigError, match="--save .*" + holder):
+            lock_run(str(ckpt), None)
+        with pytest.raises(ConfigError, match="--metrics-jsonl .*" + holder):
+            lock_run(None, str(m))
+        code = proc.wait(timeout=300)
+        log.seek(0)
+        out = log.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    k = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert code == 143 and 1 <= k < 4, out[-2000:]
+    assert f"stopped: received SIGTERM after step {k}/4; checkpoint {ckpt}/iter_{k:07d} saved" in out
+    assert [r["step"] for r in _rows(m)] == list(range(k + 1))
+    assert listening and not listening & {"0.0.0.0", "::"}, listening
+    time.sleep(1.0)
+    assert _session(proc.pid) == [], "helper processes outlived the trainer"
+    before = {**_files(ckpt), "m": m.read_bytes()}
+    code, out = _cli(tmp_path, *flags, "--no-auto-resume")
+    assert code == 2 and "already holds checkpoints" in out.splitlines()[-1] and "Traceback" not in out
+    assert {**_files(ckpt), "m": m.read_bytes()} == before  # refused: nothing pruned, truncated or moved
+    code, out = _cli(tmp_path, *flags)
+    assert code == 0 and f"resuming from iter_{k:07d}" in out, out[-2000:]
+    assert all(_files(ckpt)[n] == b for n, b in before.items() if n.startswith(f"iter_{k:07d}"))
+    rows = _rows(m)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert _strip(rows) == _strip(straight)
+
+
+def test_unwritable_save_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    from megatron_mtp_rl.train import builders
+
+    (tmp_path / "file").write_text("x")  # root ignores permissions: a path under a file is unwritable for all
+    monkeypatch.setattr(builders, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match=r"--save .*file/ck is not writable: Not a directory"):
+        run_training(parse_args([*FAST, "--num-steps", "1", "--save", str(tmp_path / "file" / "ck")]))
+
+
+def test_a_flipped_byte_in_a_shard_fails_the_load_naming_the_file(tmp_path):
+    from megatron_mtp_rl.train.checkpoint import CheckpointError
+
+    run_training(parse_args([*FAST, "--num-steps", "1", "--save", str(tmp_path / "c")]))
+    shard = next((tmp_path / "c" / "iter_0000001").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"checkpoint file {shard} is corrupt"):
+        run_training(parse_args([*FAST, "--num-steps", "2", "--load", str(tmp_path / "c")]))
+
+
+def test_a_reward_that_always_raises_stops_the_run_with_its_traceback(tmp_path):
+    code, out = _cli(tmp_path, "--num-steps", "2", "--reward-fn", "tests.reward_faults:boom")
+    assert code == 1, out[-2000:]
+    assert "error: every reward call of step 1 failed (16 of 16)" in out and "ValueError: boom" in out
+    assert "loop.py" not in out  # the worker's traceback, not the trainer's
+
+
+def test_nan_and_string_rewards_are_counted_errors_and_shown(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REWARD_FAULT_DIR", str(tmp_path))
+    flags = ["--num-steps", "1", "--num-eval-prompts", "0", "--reward-fn", "tests.reward_faults:mixed"]
+    hist = run_training(parse_args([*[f for f in FAST if f != "--quiet"], *flags]))
+    marks = [p.name.split("-")[0] for p in tmp_path.iterdir() if "-" in p.name]
+    assert {"nan", "string"} <= set(marks) and len(marks) < 16
+    assert hist[1]["rollout/reward_errors"] == len(marks)  # every NaN and every "0.75" counted
+    assert hist[1]["train/skipped_steps"] == 0.0  # NaN rewards no longer poison the update
+    assert f"reward errors {len(marks)}" in capsys.readouterr().out

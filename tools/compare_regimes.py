@@ -30,7 +30,12 @@ VARIANTS = {
     "policy": ["--mtp-regime", "policy"],
     "occ": ["--mtp-regime", "occ"],
     "occ-local": ["--mtp-regime", "occ", "--occ-reduce", "local"],
+    # the MTP-head objective beside a regime (trains the MTP layers only; coefficient --mtp-head-coef)
+    "occ+head-ce": ["--mtp-regime", "occ", "--mtp-head-loss", "ce"],
+    "occ+head-distill": ["--mtp-regime", "occ", "--mtp-head-loss", "distill"],
+    "policy+head-distill": ["--mtp-regime", "policy", "--mtp-head-loss", "distill"],
 }
+DEFAULT_ROWS = ["detach", "ce", "policy", "occ", "occ+head-ce", "occ+head-distill", "policy+head-distill"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,7 +92,7 @@ def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> None:
 def summarize(out: Path, variants: list[str], seeds: list[int]) -> dict:
     table = {}
     for v in variants:
-        finals, bests, accepts = [], [], []
+        finals, bests, accepts, accepts2, spec = [], [], [], [], []
         for s in seeds:
             rows = read_rows(out / f"{v}_seed{s}.jsonl")
             evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r and r["step"] > 0]
@@ -95,9 +100,13 @@ def summarize(out: Path, variants: list[str], seeds: list[int]) -> dict:
                 continue
             finals.append(evals[-1])
             bests.append(max(evals))
-            acc = [r["mtp/accept_1"] for r in rows if "mtp/accept_1" in r]
-            if acc:
-                accepts.append(acc[-1])
+            for key, dest in (("mtp/accept_1", accepts), ("mtp/accept_2", accepts2)):
+                acc = [r[key] for r in rows if key in r]
+                if acc:
+                    dest.append(acc[-1])
+            sp = out / f"spec_{v}_seed{s}.json"
+            if sp.exists():
+                spec.append(json.loads(sp.read_text())["accept_len"])
         start = [read_rows(out / f"{v}_seed{s}.jsonl")[0].get("eval/accuracy") for s in seeds]
         table[v] = {
             "seeds": len(finals),
@@ -105,6 +114,8 @@ def summarize(out: Path, variants: list[str], seeds: list[int]) -> dict:
             "final": _ms(finals),
             "best": _ms(bests),
             "accept_1": _ms(accepts) if accepts else None,
+            "accept_2": _ms(accepts2) if accepts2 else None,
+            "spec_accept_len": _ms(spec) if spec else None,
         }
     return table
 
@@ -120,14 +131,18 @@ def write_table(out: Path, table: dict, meta: dict) -> str:
         f"held-out accuracy (greedy, {meta['num_eval']} problems), mean ± std over {meta['seeds']} seed(s), "
         f"{meta['num_steps']} RL steps",
         "",
-        "| regime | start | final | best | draft acceptance depth 1 (final) |",
-        "|---|---|---|---|---|",
+        "| regime | start | final | best | expected acceptance depth 1 (final) | depth 2 (final) "
+        "| self-spec accept length |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def cell(x, digits=3):
+        return "—" if x is None else f"{x[0]:.{digits}f} ± {x[1]:.{digits}f}"
+
     for v, r in table.items():
-        acc = "—" if r["accept_1"] is None else f"{r['accept_1'][0]:.3f} ± {r['accept_1'][1]:.3f}"
         lines.append(
-            f"| {v} | {r['start'][0]:.3f} | {r['final'][0]:.3f} ± {r['final'][1]:.3f} | "
-            f"{r['best'][0]:.3f} ± {r['best'][1]:.3f} | {acc} |"
+            f"| {v} | {r['start'][0]:.3f} | {cell(r['final'])} | {cell(r['best'])} | {cell(r.get('accept_1'))} | "
+            f"{cell(r.get('accept_2'))} | {cell(r.get('spec_accept_len'), 2)} |"
         )
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
@@ -185,10 +200,38 @@ def plot(out: Path, variants: list[str], seeds: list[int]) -> None:
     plt.close(fig)
 
 
+def measure_spec(ckpt: str, config: str, dest: Path, prompts: int = 64, new_tokens: int = 16) -> None:
+    """Self-speculative decoding (MTP drafts, exact verification) from ``ckpt``: mean tokens per
+    verification round over ``prompts`` held-out prompts, temperature 1 (the rollouts' sampling)."""
+    import torch
+
+    from megatron_mtp_rl import platform
+    from megatron_mtp_rl.cli import quiet_known_noise
+    from megatron_mtp_rl.config import parse_config
+    from megatron_mtp_rl.models.generation import SamplingParams, generate
+    from megatron_mtp_rl.train.builders import build_run
+    from megatron_mtp_rl.train.loop import resume
+    from megatron_mtp_rl.train.pretrain import Evaluator
+
+    quiet_known_noise()
+    cfg = parse_config(["--config", config, "--quiet", "--load", ckpt, "--finetune", "--reward-workers", "0"])
+    run = build_run(cfg)
+    resume(run.cfg, run)
+    ps = [Evaluator(run.cfg, run).manager.encode_prompt(p) for p in run.source.eval_prompts()[:prompts]]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, eos_id=None)
+    lens = []
+    for i, p in enumerate(ps):  # one row per call: acceptance not limited by the batch
+        out = generate(run.gpt, [p], sp, vocab_size=run.tokenizer.vocab_size,
+                       generator=torch.Generator().manual_seed(i), speculative=True)  # fmt: skip
+        lens.append(out.stats["accept_len"])
+    platform.destroy()
+    dest.write_text(json.dumps({"accept_len": statistics.mean(lens), "prompts": len(ps), "new_tokens": new_tokens}))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/compare")
-    p.add_argument("--regimes", default=",".join(VARIANTS), help=f"comma list from {list(VARIANTS)}")
+    p.add_argument("--regimes", default=",".join(DEFAULT_ROWS), help=f"comma list from {list(VARIANTS)}")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--num-steps", type=int, default=60)
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
@@ -196,7 +239,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pretrain-config", default=str(ROOT / "examples/tiny_cpu/pretrain.yaml"))
     p.add_argument("--extra", default="", help="extra flags for every train run (quoted)")
     p.add_argument("--pretrain-extra", default="", help="extra flags for the warm starts (quoted)")
+    p.add_argument(
+        "--spec", action=argparse.BooleanOptionalAction, default=True,
+        help="save each run's final checkpoint and measure its self-speculative accept length",
+    )  # fmt: skip
+    p.add_argument("--spec-prompts", type=int, default=64, help="held-out prompts for the accept length")
+    p.add_argument("--measure-spec", default=None, help=argparse.SUPPRESS)  # internal: one checkpoint
+    p.add_argument("--spec-json", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.measure_spec:
+        measure_spec(a.measure_spec, a.config, Path(a.spec_json), prompts=a.spec_prompts)
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = [v.strip() for v in a.regimes.split(",") if v.strip()]
@@ -226,9 +279,22 @@ def main(argv: list[str] | None = None) -> None:
                 "--load", str(out / f"warmstart_seed{s}"), "--finetune", "--metrics-jsonl", str(metrics), "--quiet",
                 *extra,
             ]  # fmt: skip
+            if a.spec:
+                cmd += ["--save", str(out / "ckpt" / f"{v}_seed{s}")]
             jobs.append((f"{v} seed {s}", cmd, out / "logs" / f"{v}_seed{s}.log"))
     print(f"{len(jobs)} run(s) to do, {len(seeds) * len(variants) - len(jobs)} already complete")
     run_jobs(jobs, a.jobs)
+    if a.spec:
+        spec_jobs = []
+        for s in seeds:
+            for v in variants:
+                ckpt, dest = out / "ckpt" / f"{v}_seed{s}", out / f"spec_{v}_seed{s}.json"
+                if dest.exists() or not (ckpt / "latest_checkpointed_iteration.txt").exists():
+                    continue
+                cmd = [sys.executable, __file__, "--measure-spec", str(ckpt), "--config", a.config]
+                cmd += ["--spec-json", str(dest), "--spec-prompts", str(a.spec_prompts)]
+                spec_jobs.append((f"spec {v} seed {s}", cmd, out / "logs" / f"spec_{v}_{s}.log"))
+        run_jobs(spec_jobs, a.jobs)
 
     table = summarize(out, variants, seeds)
     num_eval = next(

@@ -90,20 +90,26 @@ def test_compare_regimes_smoke(tmp_path):
     cr = _tools()["compare_regimes"]
     cr.main(
         [
-            "--out", str(tmp_path), "--regimes", "detach,occ", "--seeds", "1", "--num-steps", "2", "--jobs", "2",
+            "--out", str(tmp_path), "--regimes", "detach,occ+head-distill", "--seeds", "1", "--num-steps", "2",
+            "--jobs", "2", "--spec-prompts", "4",
             "--pretrain-extra", "--num-steps 3",
             "--extra", "--rollout-batch-size 4 --n-samples-per-prompt 4 --global-batch-size 8 --micro-batch-size 8 "
             "--num-eval-prompts 8 --eval-interval 1",
         ]
     )  # fmt: skip
     text = (tmp_path / "results.md").read_text()
-    assert "| detach |" in text and "| occ |" in text
+    assert "| detach |" in text and "| occ+head-distill |" in text
+    # depth-1/2 acceptance and the measured self-speculative accept length (≥ 1 token per round)
+    row = next(line for line in text.splitlines() if line.startswith("| occ+head-distill |"))
+    assert row.count("±") == 5, row
+    spec = json.loads((tmp_path / "spec_detach_seed1234.json").read_text())
+    assert 1.0 <= spec["accept_len"] <= 3.0
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     assert (tmp_path / "dynamics.png").stat().st_size > 1000
     # Resuming a finished comparison reruns nothing.
-    before = (tmp_path / "occ_seed1234.jsonl").stat().st_mtime
-    cr.main(["--out", str(tmp_path), "--regimes", "detach,occ", "--seeds", "1", "--num-steps", "2"])
-    assert (tmp_path / "occ_seed1234.jsonl").stat().st_mtime == before
+    before = (tmp_path / "occ+head-distill_seed1234.jsonl").stat().st_mtime
+    cr.main(["--out", str(tmp_path), "--regimes", "detach,occ+head-distill", "--seeds", "1", "--num-steps", "2"])
+    assert (tmp_path / "occ+head-distill_seed1234.jsonl").stat().st_mtime == before
 
 
 def test_bench_step_smoke(capsys):

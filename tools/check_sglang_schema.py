@@ -11,6 +11,8 @@ sglang-router wheel its CLI flags and which of our routes its binary serves.
     .venv/bin/python tools/check_sglang_schema.py --download
     # or with wheels already on disk; --write regenerates the fixture instead of comparing
     .venv/bin/python tools/check_sglang_schema.py --wheel sglang-*.whl --router-wheel sglang_router-*.whl [--write]
+    # the model-family fixture (parameter names, config keys, MTP draft mappings per architecture)
+    .venv/bin/python tools/check_sglang_schema.py --models --wheel /tmp/sglang_wheel/sglang-0.5.23-*.whl --write
 
 Exit status 1 when the wheel disagrees with the fixture or no longer has a field we send.
 CI never runs this: the unit tests read the fixture only.
@@ -267,6 +269,164 @@ def diff(old: dict, new: dict) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Model families: what SGLang's model code accepts (tests/fixtures/sglang_models.json)
+
+MODELS_FIXTURE = ROOT / "tests" / "fixtures" / "sglang_models.json"
+_M = "sglang/srt/models/"
+#: architecture → (files whose classes build it, class-name prefixes scanned in them)
+ARCHITECTURES = {
+    "MiMoForCausalLM": ([_M + "mimo.py", _M + "qwen2.py"], ("MiMo", "Qwen2")),
+    "Qwen3ForCausalLM": ([_M + "qwen3.py", _M + "qwen2.py"], ("Qwen3", "Qwen2")),
+    "Qwen3MoeForCausalLM": ([_M + "qwen3_moe.py", _M + "qwen2_moe.py"], ("Qwen3Moe", "Qwen2MoeModel", "Qwen2MoeMLP")),
+    "Glm4MoeForCausalLM": ([_M + "glm4_moe.py"], ("Glm4Moe",)),
+    "DeepseekV3ForCausalLM": (
+        [_M + "deepseek_v2.py", _M + "deepseek_common/deepseek_weight_loader.py"],
+        ("DeepseekV2", "DeepseekV3", "MoEGate"),
+    ),
+}
+#: architecture → its MTP draft class (srt/configs/model_config.py rewrites the draft's architecture)
+DRAFTS = {
+    "MiMoForCausalLM": ("MiMoMTP", [_M + "mimo_mtp.py"]),
+    "Qwen3MoeForCausalLM": ("Qwen3MoeForCausalLMMTP", [_M + "qwen3_moe_mtp.py", _M + "qwen3_moe.py"]),
+    "Glm4MoeForCausalLM": ("Glm4MoeForCausalLMNextN", [_M + "glm4_moe_nextn.py", _M + "glm4_moe.py"]),
+    "DeepseekV3ForCausalLM": (
+        "DeepseekV3ForCausalLMNextN",
+        [_M + "deepseek_nextn.py", _M + "deepseek_common/deepseek_weight_loader.py"],
+    ),
+}
+MODEL_CONFIG = "sglang/srt/configs/model_config.py"
+
+
+def _classes(tree: ast.Module, prefixes: tuple[str, ...]) -> list[ast.ClassDef]:
+    return [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.startswith(prefixes)]
+
+
+def module_attributes(nodes: list[ast.AST]) -> set[str]:
+    """Names assigned as ``self.X = ...`` / ``self.a.X = ...`` (the parameter path pieces)."""
+    out = set()
+    for node in nodes:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Assign | ast.AnnAssign):
+                targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+                targets = [e for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])]
+                for t in targets:
+                    if isinstance(t, ast.Attribute) and "self" in ast.unparse(t).split(".")[:1]:
+                        out.add(t.attr)
+    return out
+
+
+def checkpoint_shard_names(nodes: list[ast.AST]) -> set[str]:
+    """Checkpoint names a loader folds into fused parameters: ``(param, shard_name, id)`` tuples and
+    ``make_expert_params_mapping(ckpt_*_name=...)`` keywords."""
+    out = set()
+    for node in nodes:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Tuple) and len(n.elts) == 3:
+                a, b = n.elts[0], n.elts[1]
+                if all(isinstance(x, ast.Constant) and isinstance(x.value, str) for x in (a, b)):
+                    out.add(b.value)
+            if (  # '"q_a_proj" in name': a checkpoint name the loader recognises and fuses itself
+                isinstance(n, ast.Compare)
+                and isinstance(n.left, ast.Constant)
+                and isinstance(n.left.value, str)
+                and isinstance(n.ops[0], ast.In)
+                and ast.unparse(n.comparators[0]) == "name"
+                and n.left.value.replace("_", "").isalnum()
+            ):
+                out.add(n.left.value)
+            if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "make_expert_params_mapping":
+                out |= {kw.value.value for kw in n.keywords if isinstance(kw.value, ast.Constant)}
+    return out
+
+
+def config_keys(nodes: list[ast.AST]) -> tuple[set[str], set[str]]:
+    """(read directly as ``config.X``, read with a default via ``getattr``/``hasattr``)."""
+    direct, optional = set(), set()
+    for node in nodes:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "config":
+                direct.add(n.attr)
+            if isinstance(n, ast.Attribute) and ast.unparse(n.value) == "self.config":
+                direct.add(n.attr)
+            if isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("getattr", "hasattr") and len(n.args) >= 2:
+                if ast.unparse(n.args[0]) in ("config", "self.config") and isinstance(n.args[1], ast.Constant):
+                    optional.add(n.args[1].value)
+    dunder = {k for k in direct | optional if k.startswith("__")}
+    return direct - optional - dunder, optional - dunder
+
+
+def string_lists(nodes: list[ast.AST]) -> dict[str, list[str]]:
+    """Every list of string constants, by the variable (or keyword) it is assigned to; ``in [...]`` as ``in``."""
+    out: dict[str, list[str]] = {}
+    for node in nodes:
+        for n in ast.walk(node):
+            pairs = []
+            if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name):
+                pairs.append((n.targets[0].id, n.value))
+            if isinstance(n, ast.keyword) and n.arg:
+                pairs.append((n.arg, n.value))
+            if isinstance(n, ast.Compare) and isinstance(n.ops[0], ast.In) and isinstance(n.comparators[0], ast.List):
+                pairs.append(("in", n.comparators[0]))
+            for name, value in pairs:
+                if (
+                    isinstance(value, ast.List)
+                    and value.elts
+                    and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in value.elts)
+                ):
+                    out.setdefault(name, [])
+                    out[name] += [e.value for e in value.elts if e.value not in out[name]]
+    return out
+
+
+def extract_models(wheel: str) -> dict:
+    """Per architecture: accepted parameter-path pieces, checkpoint shard names, config keys; per draft:
+    its module pieces, the MTP-only names its loader remaps, and the MTP depth it takes."""
+    with zipfile.ZipFile(wheel) as zf:
+        version = _version(zf)
+        read = lambda p: zf.read(p).decode()  # noqa: E731
+        model_config = read(MODEL_CONFIG)
+        archs = {}
+        for arch, (files, prefixes) in ARCHITECTURES.items():
+            nodes = [c for f in files for c in _classes(ast.parse(read(f)), prefixes)]
+            direct, optional = config_keys(nodes)
+            archs[arch] = {
+                "files": files,
+                "module_attributes": sorted(module_attributes(nodes)),
+                "checkpoint_shard_names": sorted(checkpoint_shard_names(nodes)),
+                "config_keys_direct": sorted(direct),
+                "config_keys_optional": sorted(optional),
+            }
+        drafts = {}
+        for arch, (cls, files) in DRAFTS.items():
+            trees = [ast.parse(read(f)) for f in files]
+            nodes = [c for t in trees for c in t.body if isinstance(c, ast.ClassDef | ast.FunctionDef)]
+            lists = string_lists(nodes)
+            text = "".join(read(f) for f in files)
+            every_onto_one = "model.mtp_layers.(\\d+)." in text  # MiMoMTP: each k lands on one module
+            one = (
+                every_onto_one
+                or "Only 1 nextn layer is supported" in text
+                or (
+                    f'architectures[0] = "{cls}"' in model_config
+                    and f'"{cls}"\n            self.hf_config.num_nextn_predict_layers = 1' in model_config
+                )
+            )
+            drafts[arch] = {
+                "class": cls,
+                "files": files,
+                "registered": f'"{cls}"' in model_config,
+                "module_attributes": sorted(module_attributes(nodes)),
+                "mtp_only_names": lists.get("name_without_prefix")
+                or lists.get("nextn_spec_weight_names")
+                or [x for x in lists.get("in", []) if x.startswith("mtp.")],
+                "max_depth": 1 if one else None,
+                "maps_every_layer_onto_one": every_onto_one,
+            }
+    return {"sglang_version": version, "generated_by": "tools/check_sglang_schema.py --models",
+            "architectures": archs, "drafts": drafts}  # fmt: skip
+
+
 def download(dest: str, version: str | None, router_version: str | None) -> tuple[str, str]:
     for pkg, ver in (("sglang", version), ("sglang-router", router_version)):
         spec = f"{pkg}=={ver}" if ver else pkg
@@ -283,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-version", help="with --download: the sglang-router version (default: latest)")
     p.add_argument("--fixture", default=str(FIXTURE))
     p.add_argument("--write", action="store_true", help="regenerate the fixture instead of comparing")
+    p.add_argument("--models", action="store_true", help="the model-family fixture (sglang_models.json) instead")
     a = p.parse_args(argv)
+    if a.models:
+        return models_main(a)
     with tempfile.TemporaryDirectory() as tmp:
         if a.download:
             wheel, router_wheel = download(tmp, a.version, a.router_version)
@@ -307,6 +470,31 @@ def main(argv: list[str] | None = None) -> int:
     if not changes and not bad:
         print(f"fixture matches sglang {new['sglang_version']} / sglang-router {new['sglang_router_version']}")
     return 1 if (changes or bad) else 0
+
+
+def models_main(a) -> int:
+    """``--models``: regenerate (``--write``) or compare tests/fixtures/sglang_models.json."""
+    fixture = Path(a.fixture) if a.fixture != str(FIXTURE) else MODELS_FIXTURE
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.download:
+            spec = f"sglang=={a.version}" if a.version else "sglang"
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", tmp], check=True)
+            wheel = glob.glob(f"{tmp}/sglang-*.whl")[0]
+        elif a.wheel:
+            wheel = a.wheel
+        else:
+            raise SystemExit("give --wheel or --download")
+        new = extract_models(wheel)
+    if a.write:
+        fixture.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"wrote {fixture} (sglang {new['sglang_version']})")
+        return 0
+    changes = diff(json.loads(fixture.read_text(encoding="utf-8")), new)
+    for line in changes:
+        print(f"DIFF: {line}")
+    if not changes:
+        print(f"fixture matches sglang {new['sglang_version']}")
+    return 1 if changes else 0
 
 
 if __name__ == "__main__":

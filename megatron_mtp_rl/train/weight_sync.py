@@ -89,8 +89,8 @@ def mtp_marker(model_args: ModelArgs, flavour: str) -> str:
 
 def check_payload(names, model_args: ModelArgs, flavour: str) -> None:
     """Refuse a weight payload that would leave SGLang's draft (MTP) weights stale."""
-    if not model_args.mtp_num_layers:
-        return
+    if not model_args.mtp_num_layers or not get_family(flavour).draft_depth:
+        return  # no MTP layers, or SGLang has no draft for the family (nothing of it goes stale)
     marker = mtp_marker(model_args, flavour)
     if not any(n.startswith(marker) for n in names):
         raise RuntimeError(f"weight sync payload has no MTP layer tensors ({marker}*): the draft model would go stale")
@@ -106,9 +106,10 @@ def export_note(model_args: ModelArgs, flavour: str, depth: int) -> str:
     """One line saying what an export carries, e.g. that SGLang's draft takes only the first MTP layer."""
     fam = get_family(flavour)
     note = f"{fam.architecture}: {depth} of {model_args.mtp_num_layers} MTP layer(s)"
-    if depth < model_args.mtp_num_layers:
-        draft = fam.draft_class or "its MTP naming"
-        note += f" ({draft} takes {fam.draft_depth}; the deeper ones are trained, not exported)"
+    if depth < model_args.mtp_num_layers and fam.draft_class is None:
+        note += " (SGLang 0.5.23 has no MTP draft for it: rollouts run without MTP speculation)"
+    elif depth < model_args.mtp_num_layers:
+        note += f" ({fam.draft_class} takes {fam.draft_depth}; the deeper ones are trained, not exported)"
     return note
 
 

@@ -91,7 +91,7 @@ class Family:
     accepts: ClassVar[tuple[str, ...]] = ()  # architectures / model_types read on import
     flavour: ClassVar[HFFlavour]
     draft_class: ClassVar[str | None] = None  # SGLang 0.5.23's draft (speculative) class for it
-    draft_depth: ClassVar[int] = 1  # MTP layers that draft takes (SGLang: one for every family here)
+    draft_depth: ClassVar[int] = 1  # MTP layers that draft takes (SGLang: one; 0 where it has no draft)
 
     # -- HF → ours ---------------------------------------------------------------------------
     def normalize(self, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -180,8 +180,8 @@ class Family:
 
     def export_depth(self, m: ModelArgs, all_layers: bool = False) -> int:
         """MTP layers an export carries: SGLang's draft takes ``draft_depth``; ``all_layers`` keeps every one."""
-        if all_layers and self.flavour.mtp_style != "qwen3":
-            return m.mtp_num_layers
+        if all_layers:  # the Qwen3 MTP naming (mtp.fc, mtp.layers.0 ...) holds one layer
+            return min(m.mtp_num_layers, 1) if self.flavour.mtp_style == "qwen3" else m.mtp_num_layers
         return min(m.mtp_num_layers, self.draft_depth)
 
     def hf_config(self, m: ModelArgs, depth: int) -> dict[str, Any]:

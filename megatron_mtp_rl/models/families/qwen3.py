@@ -4,8 +4,9 @@
   (megatron's ``add_qkv_bias`` covers q/k/v only): refused when true.
 * MTP: Qwen3 releases have none; we use the Qwen3-Next / Qwen3-MoE MTP naming (``mtp.fc``,
   ``mtp.pre_fc_norm_embedding``, ``mtp.pre_fc_norm_hidden``, ``mtp.layers.0.*``, ``mtp.norm``),
-  one layer. SGLang 0.5.23 has no draft class for ``Qwen3ForCausalLM``: its MTP weights are
-  exported for our own checkpoints, not for speculative decoding.
+  one layer. SGLang 0.5.23 has no draft class for ``Qwen3ForCausalLM`` and its loader fails on
+  ``mtp.*`` names, so SGLang exports and weight sync leave the MTP layer out (no MTP drafting for
+  this family in rollouts); ``mcore-to-hf --all-mtp-layers`` keeps it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class Qwen3(Family):
     accepts = ("Qwen3ForCausalLM", "qwen3")
     flavour = QWEN3
     draft_class = None
+    # SGLang 0.5.23's Qwen3ForCausalLM.load_weights raises on mtp.layers.* (KeyError after the q/k/v
+    # rename): exports for SGLang carry no MTP layer; --all-mtp-layers keeps it for our own round trips.
+    draft_depth = 0
 
     def specific(self, r: Reader, fields: dict[str, Any]) -> dict[str, Any]:
         self.partial_rotary(r, mapped=False)

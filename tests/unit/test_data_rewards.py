@@ -122,6 +122,7 @@ def test_chat_template_is_exactly_apply_chat_template(hf_tok):
     assert text == ref and text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     ref_ids = _ids(hf.apply_chat_template(full, tokenize=True, add_generation_prompt=True, enable_thinking=False))
     assert hf_tok.encode(text) == list(ref_ids)
+    assert hf_tok.encode_batch([text, "What is 1+1?"]) == [hf_tok.encode(text), hf_tok.encode("What is 1+1?")]
     # a row's own system message wins over --system-prompt
     own = [{"role": "system", "content": "Row system."}, *msgs]
     own_text = format_prompt(own, hf_tok, fmt)

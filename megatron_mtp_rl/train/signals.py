@@ -24,6 +24,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_mtp_rl.platform.device import collective_device
+
 TIME_LIMIT_EXIT = 3
 _NONE, _TIME, _SIGNAL = 0, 1, 2
 
@@ -90,8 +92,7 @@ class GracefulStop:
         """Collective when torch.distributed is up: True on every rank when any rank must stop."""
         reason, signum = self.local_reason()
         if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-            t = torch.tensor([reason, signum], dtype=torch.long, device=dev)
+            t = torch.tensor([reason, signum], dtype=torch.long, device=collective_device(group))
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
             reason, signum = int(t[0]), int(t[1])
         self._agreed = (reason, signum)

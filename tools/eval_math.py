@@ -30,25 +30,22 @@ class Problem:
 
 def load_benchmark(path: str) -> list[Problem]:
     """Problems of one benchmark file; the layout is detected from the field names."""
-    p = Path(path)
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    from megatron_mtp_rl.rollout.data import read_rows
 
-        rows = list(enumerate(pq.read_table(p).to_pylist(), start=1))
-    else:
-        rows = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{p}:{n}: invalid JSON ({e.msg})") from None
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"{p}: no such benchmark file")
+    rows = []
+    for where, _, row in read_rows(p):  # JSONL, JSON array or Parquet; non-UTF-8 lines named
+        if isinstance(row, str):
+            raise SystemExit(f"{where}: {row}")
+        rows.append((where, row))
     out = []
-    for n, row in rows:
-        ik = next((k for k in INPUT_KEYS if k in row), None)
-        ak = next((k for k in ANSWER_KEYS if k in row), None)
+    for where, row in rows:
+        ik = next((k for k in INPUT_KEYS if k in row), None) if isinstance(row, dict) else None
+        ak = next((k for k in ANSWER_KEYS if k in row), None) if isinstance(row, dict) else None
         if ik is None or ak is None:
-            raise SystemExit(f"{p}:{n}: expected a problem field {INPUT_KEYS} and an answer field {ANSWER_KEYS}")
+            raise SystemExit(f"{where}: expected a problem field {INPUT_KEYS} and an answer field {ANSWER_KEYS}")
         ans = row[ak]
         if isinstance(ans, list):  # OlympiadBench: final_answer is a list
             ans = ans[0] if ans else ""

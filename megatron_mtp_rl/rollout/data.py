@@ -120,8 +120,12 @@ def render_template(template: str, values: dict[str, str]) -> str:
     return _FIELD.sub(sub, template)
 
 
-def _read_rows(path: Path) -> list[tuple[str, int, object]]:
-    """(where, position, parsed row) triples; a row that cannot be parsed carries a message (str)."""
+def read_rows(path: Path) -> list[tuple[str, int, object]]:
+    """(where, position, parsed row) triples of a JSONL / JSON-array / Parquet file.
+
+    ``where`` is ``file:line`` (``file row N`` / ``file item N``); a row that cannot be parsed
+    (invalid JSON, bytes that are not UTF-8) carries the reason as a ``str`` instead of a row.
+    """
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -261,7 +265,7 @@ class FilePromptSource:
             raise DataError(f"prompt data {path} does not exist")
         good: list[tuple[str, object, str]] = []
         bad: list[tuple[int, str]] = []
-        for where, n, row in _read_rows(path):
+        for where, n, row in read_rows(path):
             if isinstance(row, str):
                 bad.append((n, f"{where}: {row}"))
                 continue

@@ -147,7 +147,7 @@ def build_data_source(cfg: RunConfig, tokenizer):
     if d.data_source:
         return load_extension(d.data_source, "--data-source")(cfg, tokenizer)
     if d.prompt_data:
-        return FilePromptSource(
+        source = FilePromptSource(
             d.prompt_data,
             input_key=d.input_key,
             label_key=d.label_key,
@@ -161,6 +161,9 @@ def build_data_source(cfg: RunConfig, tokenizer):
             on_bad_row=d.on_bad_row,
             eval_path=d.eval_data,
         )
+        if source.skipped:
+            warn(f"--on-bad-row skip dropped {source.skipped} bad prompt row(s); the first: {source.problems[0]}")
+        return source
     return ArithTask(seed=cfg.seed, digits=d.arith_digits, ops=d.arith_ops, num_eval=d.num_eval_prompts)
 
 

@@ -16,10 +16,10 @@ accepted length**: the verify window's rejected slots of a row are marked invali
 and nothing waits for the slowest row.
 
 **The MTP layers keep a KV cache too** (one ``StaticInferenceContext`` for the MTP block: its
-layers are numbered 1..D, apart from the trunk's). A drafting round runs each depth over the
-last ``D`` slot windows only: the newly verified slots, plus the few trailing slots whose
+layers are numbered 1..D, apart from the trunk's). A drafting round runs depth ``k`` over
+the slots it has not seen (the newly verified window) plus the few trailing slots whose
 depth-k entries were computed from draft tokens the previous round (depth ``k`` at a position
-reads the token ``k`` ahead), which are overwritten with committed inputs.
+reads the token ``k`` ahead), which it overwrites with committed inputs; depth 1 never has any.
 """
 
 from __future__ import annotations
@@ -113,6 +113,13 @@ class _Runner:
         self.ctx = StaticInferenceContext(B, L)
         self.mtp_ctx = StaticInferenceContext(B, L) if depths else None
         self.hidden: torch.Tensor | None = None  # [L, B, H] trunk outputs (MTP inputs)
+        # Drafting state: MTP depth outputs by slot (inputs of the next depth), the slot of each
+        # committed position, the first slot no depth has seen, the pending position last round.
+        self.mtp_hidden: dict[int, torch.Tensor] = {}
+        self.slot_of_pos = torch.zeros(B, Lpos, dtype=torch.long)
+        self.slot_of_pos[:, :P] = (torch.arange(P)[None, :] + (P - lens)[:, None]).clamp_max(P - 1)
+        self.mtp_seen = 0
+        self.prev_lens: torch.Tensor | None = None
         self.weight = output_weight(self.gpt)
         table = self.gpt.rotary_pos_emb(Lpos)  # [Lpos, 1, 1, d]
         self.rope_table = table[:, 0, 0]
@@ -149,29 +156,46 @@ class _Runner:
         self.hidden[start:end] = h
         return h
 
-    def draft(self, start: int, end: int, last: torch.Tensor, depths: int, generator):
+    def draft(self, end: int, last: torch.Tensor, depths: int, generator):
         """MTP drafts after each row's last verified slot ``last [B]``, depths 1..``depths``.
 
-        Runs each depth over slots [start, end) with the MTP KV cache (slots before ``start``
-        hold final entries). Returns draft tokens [B, depths] and their logits [B, depths, V].
+        Depth ``k`` runs, with the MTP KV cache, over the slots it has not seen plus those whose
+        depth-k entries the previous round computed from draft tokens (at position ``p`` it reads
+        the token at ``p + k``; stale when that was past the then-pending token). Earlier slots
+        hold final entries. Returns draft tokens [B, depths] and their logits [B, depths, V].
         """
-        self.mtp_ctx.sequence_len_offset = start
-        mask = self.mask(start, end)
-        pos = self.pos[:, start:end]
-        h = self.hidden[start:end]
-        q_idx = last - start
-        base = self.lens[:, None]  # position of the pending token (last + 1)
+        new = self.mtp_seen
+        base = self.lens  # position of the pending token (last + 1)
         drafts, logits = [], []
         for k in range(1, depths + 1):
-            nxt_pos = (pos + k).clamp_max(self.Lpos - 1)
+            start = new
+            if k > 1 and self.prev_lens is not None:
+                stale = (self.prev_lens - k + 1).clamp_min(0)
+                start = min(new, int(self.slot_of_pos[self.rows, stale].min()))
+            src = self.hidden if k == 1 else self.mtp_hidden[k - 1]
+            nxt_pos = (self.pos[:, start:end] + k).clamp_max(self.Lpos - 1)
+            self.mtp_ctx.sequence_len_offset = start
             h = mtp_depth_forward(
-                self.gpt, k, h, self.seq.gather(1, nxt_pos), nxt_pos, mask, self.freqs[:end], self.mtp_ctx
+                self.gpt,
+                k,
+                src[start:end],
+                self.seq.gather(1, nxt_pos),
+                nxt_pos,
+                self.mask(start, end),
+                self.freqs[:end],
+                self.mtp_ctx,
             )
-            lg = self.logits(h[q_idx, self.rows][None])[0]  # [B, V]
+            if k < depths:
+                if k not in self.mtp_hidden:
+                    self.mtp_hidden[k] = h.new_zeros(self.L, self.B, h.shape[-1])
+                self.mtp_hidden[k][start:end] = h
+            lg = self.logits(h[last - start, self.rows][None])[0]  # [B, V]
             d = _sample(lg, self.params, self.vocab_size, generator)
-            self.seq[self.rows, (base[:, 0] + k).clamp_max(self.Lpos - 1)] = d
+            self.seq[self.rows, (base + k).clamp_max(self.Lpos - 1)] = d
             drafts.append(d)
             logits.append(lg)
+        self.mtp_seen = end
+        self.prev_lens = base.clone()
         return torch.stack(drafts, 1), torch.stack(logits, 1)
 
 
@@ -290,13 +314,12 @@ def _speculative(run: _Runner, D: int, generator) -> GenerationResult:
     out.add(u[:, None], _logp(logits, u, params, vocab)[:, None], torch.ones(B, dtype=torch.long))
     run.seq[run.rows, run.lens] = u
     last = torch.full((B,), P - 1, dtype=torch.long)  # each row's last slot with trunk hidden
-    starts = [0]  # start slot of every verified window; the MTP window spans the last D of them
     c = P  # next free slot
     rounds = emitted_rows = row_rounds = 0
     j = torch.arange(D + 1)
     while not bool(out.done.all()) and c + D + 1 <= run.L:
         active = ~out.done
-        drafts, q_logits = run.draft(starts[max(0, len(starts) - D)], c, last, D, generator)  # [B, D], [B, D, V]
+        drafts, q_logits = run.draft(c, last, D, generator)  # [B, D], [B, D, V]
         # Verify u, d_1..d_D in slots c..c+D: main logits for d_1..d_D and the token after d_D.
         base = run.lens  # position of u
         run.tokens[:, c : c + D + 1] = torch.cat([u[:, None], drafts], 1)
@@ -333,11 +356,11 @@ def _speculative(run: _Runner, D: int, generator) -> GenerationResult:
         row_rounds += int(active.sum())
         # Commit u, d_1..d_a per row: later slots of the window become a gap of that row.
         run.valid[:, c : c + D + 1] &= j[None, :] <= a[:, None]
+        run.slot_of_pos.scatter_(1, (base[:, None] + j[None]).clamp_max(run.Lpos - 1), c + j[None].expand(B, -1))
         last = c + a
         run.lens = base + a + 1
         run.seq[run.rows, run.lens.clamp_max(run.Lpos - 1)] = nxt
         u = nxt
-        starts.append(c)
         c += D + 1
     accept = emitted_rows / max(row_rounds, 1)
     # accept_len: tokens per row per round (1 + accepted drafts), each row advancing on its own.

@@ -57,10 +57,7 @@ def test_converted_checkpoint_tokenizer_verl_parquet_dump_and_wandb(tmp_path, mo
     data = tmp_path / "dapo.parquet"
     _dapo_parquet(data, [("What is 6*7?", "42"), ("Compute 1+1.", "2"), ("What is 2^3?", "8"), ("What is 9-2?", "7")])
     cfg_argv = [
-        "--load", str(tmp_path / "mcore"), "--finetune",  # no --tokenizer: the checkpoint's
-        "--preset", "tiny-dense", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--num-query-groups", "2", "--ffn-hidden-size", "96", "--mtp-num-layers", "2",
-        "--untie-embeddings-and-output-weights",
+        "--load", str(tmp_path / "mcore"), "--finetune",  # no --tokenizer, no shape flags: the checkpoint's
         "--prompt-data", str(data), "--label-key", "reward_model.ground_truth", "--reward-fn", "math_verify",
         "--system-prompt", "Be brief.",
         "--num-steps", "2", "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
@@ -100,9 +97,8 @@ def test_converted_checkpoint_tokenizer_verl_parquet_dump_and_wandb(tmp_path, mo
     em = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "eval_math_dp", em)
     spec.loader.exec_module(em)
-    shape = cfg_argv[cfg_argv.index("--preset") : cfg_argv.index("--prompt-data")]
     generate, formatter = em.local_generator(
-        ["--load", str(tmp_path / "mcore"), *shape, "--system-prompt", "Be brief.", "--seq-length", "224"]
+        ["--load", str(tmp_path / "mcore"), "--system-prompt", "Be brief.", "--seq-length", "224"]
     )
     user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1+1?"}]
     assert formatter("What is 1+1?") == hf_tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)

@@ -136,6 +136,10 @@ def get_preset(name: str) -> ModelArgs:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
+#: ModelArgs fields that are training choices, not the model's shape: a flag may change them on --load.
+TRAINING_CHOICES = ("moe_aux_loss_coeff", "moe_token_dispatcher_type", "init_method_std")
+
+
 def saved_model_args(load_dir: str | None) -> dict | None:
     """The ``model_args`` stored in the latest checkpoint under ``load_dir`` (None: no checkpoint there)."""
     from pathlib import Path
@@ -158,8 +162,9 @@ def from_checkpoint(saved: dict, given: dict, *, vocab_size: int, seq_length: in
     known = {f.name for f in fields(ModelArgs)}
     base = ModelArgs(**{k: v for k, v in saved.items() if k in known})
     conflicts = []
+    training = {k: v for k, v in given.items() if k in TRAINING_CHOICES and v is not None}
     for key, value in given.items():
-        if value is None or key in ("vocab_size", "seq_length", "params_dtype"):
+        if value is None or key in ("vocab_size", "seq_length", "params_dtype") or key in TRAINING_CHOICES:
             continue
         have = getattr(base, key)
         if key == "num_experts" and value == 0:
@@ -170,4 +175,4 @@ def from_checkpoint(saved: dict, given: dict, *, vocab_size: int, seq_length: in
         conflicts.append(f"--bf16 (the checkpoint's parameters are {base.params_dtype})")
     if conflicts:
         raise ConfigError(f"model flags disagree with the checkpoint in --load {where}: " + "; ".join(conflicts))
-    return replace(base, vocab_size=vocab_size, seq_length=seq_length)
+    return replace(base, vocab_size=vocab_size, seq_length=seq_length, **training)

@@ -132,6 +132,9 @@ class Family:
             r.finish()
         r.refuse_unless("hidden_act", (None, "silu"), "our MLPs are SwiGLU")
         r.refuse_unless("mlp_bias", (None, False), "megatron's bias-free MLP")
+        if r.get("quantization_config"):
+            method = r.get("quantization_config").get("quant_method", "?")
+            r.refuse("quantization_config", f"quant_method={method}", "dequantize to bf16 first")
         for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "logits_scaling"):
             r.refuse_unless(key, (None,))
         if r.get("use_sliding_window", False):

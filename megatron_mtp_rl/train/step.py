@@ -1,9 +1,9 @@
 """One RL step, as named phases read top to bottom:
 
-    generate → score → advantages → old/ref log-probs → updates → weight sync → metrics
+    generate → score → advantages → (pack) → old/ref log-probs → (dump) → updates → weight sync → metrics
 
 :func:`rl_step` calls them in that order; each phase is one function below, in the same order.
-The update phase (:func:`update`) calls the OCC reduce visibly, right before ``optimizer.step()``.
+The update phase (:func:`train_step`) calls the OCC reduce visibly, right before ``optimizer.step()``.
 
 Everything a step does is determined by (seed, step, DP rank) and the data cursor, so a run
 resumed from a checkpoint reproduces the metrics of an uninterrupted run.
@@ -26,6 +26,7 @@ from megatron_mtp_rl.platform.device import collective_device, peak_memory_gb
 from megatron_mtp_rl.rl.advantages import overlong_penalty
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
 from megatron_mtp_rl.rl.occ import OCCEstimator
+from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
 from megatron_mtp_rl.rollout.dump import RolloutDumper
 from megatron_mtp_rl.rollout.engine import RolloutEngine
 from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
@@ -48,6 +49,7 @@ class StepContext:
     loss_cfg: RLLossConfig
     reference: Reference | None  # --kl-coef > 0
     dumper: RolloutDumper | None = None  # --rollout-dump-dir (logging rank only)
+    ahead: OneStepAhead | None = None  # --async-rollout: the next step's batch, generated during this one
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -79,7 +81,28 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
 
 # -- phase 1: generate (rewards are scored inside: the group filter needs them) ----------------
 def generate(ctx: StepContext, step: int, cursor: int) -> tuple[RolloutBatch, int]:
-    """This DP rank's groups of samples, with rewards; advances the shared data cursor."""
+    """This DP rank's groups of samples, with rewards; advances the shared data cursor.
+
+    ``--async-rollout``: the batch was generated during the previous step (rollout/async_rollout.py);
+    the next step's starts here, in a thread, with the weights the engine holds now.
+    """
+    dp = parallel_state.get_data_parallel_world_size()
+    if ctx.ahead is None:
+        batch = on_mp_leader(ctx.engine, _rollout_fn(ctx, step, cursor))
+        return batch, cursor + max_over_dp(batch.prompts_consumed) * dp
+    if ctx.ahead.step != step:  # the run's first step (or a resume without a pending batch)
+        ctx.ahead.submit(step, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, step, cursor)))
+    batch, lag = ctx.ahead.take(step)
+    batch = _broadcast_from_mp_leader(ctx.engine, batch)
+    cursor += max_over_dp(batch.prompts_consumed) * dp
+    if step < ctx.cfg.num_steps:  # engine holds θ_{step-1}: batch step+1 is one step off-policy
+        ctx.ahead.submit(step + 1, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, step + 1, cursor)))
+    batch.metrics["rollout/policy_lag"] = float(lag)
+    return batch, cursor
+
+
+def _rollout_fn(ctx: StepContext, step: int, cursor: int) -> Callable[[], RolloutBatch]:
+    """The ``--rollout-function`` call that generates step ``step``'s batch from ``cursor``."""
     cfg = ctx.cfg
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     consumed = [0]
@@ -89,18 +112,14 @@ def generate(ctx: StepContext, step: int, cursor: int) -> tuple[RolloutBatch, in
         consumed[0] += count
         return [p for i in idx for p in ctx.run.source.take(i, 1)]
 
-    batch = on_mp_leader(
-        ctx.engine,
-        lambda: ctx.rollout.rollout_fn(
-            ctx.rollout.manager,
-            fetch,
-            num_prompts=cfg.rollout.rollout_batch_size // dp,
-            seed=step_seed(cfg.seed, step, dp_rank),
-            group_filter=ctx.rollout.group_filter,
-            max_rounds=cfg.algo.max_sampling_rounds,
-        ),
+    return lambda: ctx.rollout.rollout_fn(
+        ctx.rollout.manager,
+        fetch,
+        num_prompts=cfg.rollout.rollout_batch_size // dp,
+        seed=step_seed(cfg.seed, step, dp_rank),
+        group_filter=ctx.rollout.group_filter,
+        max_rounds=cfg.algo.max_sampling_rounds,
     )
-    return batch, cursor + max_over_dp(batch.prompts_consumed) * dp
 
 
 # -- phase 2: score (reward shaping, accuracy) ------------------------------------------------
@@ -334,7 +353,12 @@ def average_updates(per_update: list[dict]) -> dict:
 
 # -- phase 6: weight sync ---------------------------------------------------------------------
 def sync_weights(ctx: StepContext) -> dict:
-    """Push the updated weights to the engine (collective; a no-op for the local engine)."""
+    """Push the updated weights to the engine (collective; a no-op for the local engine).
+
+    ``--async-rollout``: after the next batch, generated meanwhile with the previous weights, is done.
+    """
+    if ctx.ahead is not None:
+        ctx.ahead.wait()
     if not ctx.engine.remote:
         return ctx.engine.sync_weights()
     t = time.perf_counter()
@@ -371,14 +395,29 @@ def on_mp_leader(engine: RolloutEngine, fn):
     Remote engine: only the first rank of each model-parallel (TP×PP) group talks to it; the
     result is broadcast to the rest of its group, so a sample is generated once.
     """
-    if not engine.remote:
-        return fn()
-    group = parallel_state.get_model_parallel_group()
-    ranks = dist.get_process_group_ranks(group) if dist.is_initialized() else [0]
-    if len(ranks) == 1:
-        return fn()
-    box = [fn() if dist.get_rank() == ranks[0] else None]
-    dist.broadcast_object_list(box, src=ranks[0], group=group)
+    return _broadcast_from_mp_leader(engine, _leader_only(engine, fn)())
+
+
+def _mp_ranks(engine: RolloutEngine) -> list[int]:
+    """The model-parallel group's ranks when a remote engine is asked by its first rank only."""
+    if not engine.remote or not dist.is_initialized():
+        return []
+    ranks = dist.get_process_group_ranks(parallel_state.get_model_parallel_group())
+    return ranks if len(ranks) > 1 else []
+
+
+def _leader_only(engine: RolloutEngine, fn):
+    """``fn`` on the rank that asks the engine; a no-op returning None on the rest of its group."""
+    ranks = _mp_ranks(engine)
+    return fn if not ranks or dist.get_rank() == ranks[0] else (lambda: None)
+
+
+def _broadcast_from_mp_leader(engine: RolloutEngine, value):
+    ranks = _mp_ranks(engine)
+    if not ranks:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=ranks[0], group=parallel_state.get_model_parallel_group())
     return box[0]
 
 

@@ -184,6 +184,10 @@ class RolloutConfig:
     rollout_top_p: float = flag(1.0, "nucleus sampling", min=0, min_exclusive=True)
     rollout_max_response_len: int = flag(8, "max generated tokens per sample", min=1)
     local_spec_decode: bool = flag(False, "draft with the MTP layers (exact)")
+    async_rollout: bool = flag(
+        False,
+        "generate step n+1 while step n trains (one step off-policy; the local engine runs in a child process)",
+    )
     reward_fn: str | None = flag(
         None, "exact_match | math_verify | module:function (default: exact_match for arith, math_verify for files)"
     )

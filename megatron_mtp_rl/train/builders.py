@@ -298,9 +298,38 @@ def build_engine(cfg: RunConfig, run: Run, *, rollout_actor=None) -> RolloutEngi
         return _ray_engine(run, rollout_actor)
     if cfg.rollout.rollout_engine == "sglang":
         return _sglang_engine(cfg, run)
+    if cfg.rollout.async_rollout:
+        return _process_engine(cfg, run)
     # the model's vocabulary, as the trainer normalises over it (a converted checkpoint may have more rows than
     # its tokenizer has ids): sampler and trainer log-probs then agree
     return LocalEngine(run.gpt, vocab_size=run.model_args.vocab_size, speculative=cfg.rollout.local_spec_decode)
+
+
+def _process_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
+    """--async-rollout with the local engine: a TP=1 replica in a child process per model-parallel
+    leader, full tensors pushed after every step (and now, so it starts from the loaded weights)."""
+    from dataclasses import asdict
+
+    import torch.distributed as dist
+
+    from megatron_mtp_rl.models.hf_mapping import gather_full_state
+    from megatron_mtp_rl.models.mtp_forward import unwrap
+    from megatron_mtp_rl.rollout.process_engine import ProcessEngine
+
+    leader = True
+    if dist.is_initialized():
+        leader = dist.get_rank() == dist.get_process_group_ranks(parallel_state.get_model_parallel_group())[0]
+    engine = ProcessEngine(
+        asdict(run.model_args),
+        lambda: gather_full_state(unwrap(run.model)),
+        vocab_size=run.model_args.vocab_size,
+        speculative=cfg.rollout.local_spec_decode,
+        seed=cfg.seed,
+        threads=torch.get_num_threads(),
+        owner=leader,
+    )
+    engine.sync_weights()
+    return engine
 
 
 def _ray_engine(run: Run, actor) -> RolloutEngine:

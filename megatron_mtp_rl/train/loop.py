@@ -19,6 +19,7 @@ from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.errors import ConfigError
 from megatron_mtp_rl.models.generation import SamplingParams
 from megatron_mtp_rl.platform.device import collective_device
+from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
 from megatron_mtp_rl.rollout.dump import RolloutDumper
 from megatron_mtp_rl.rollout.tokenizer import CHECKPOINT_TOKENIZER_DIR, copy_tokenizer_files
 from megatron_mtp_rl.train.builders import (
@@ -43,6 +44,7 @@ class LoopState:
 
     step: int = 0
     cursor: int = 0
+    pending: dict | None = None  # --async-rollout: the generated, not yet trained next batch
 
 
 def is_logging_rank() -> bool:
@@ -72,10 +74,18 @@ def prepare(cfg: RunConfig, *, rollout_actor=None) -> tuple[StepContext, LoopSta
     rollout = build_rollout(cfg, run, engine)
     dumper = RolloutDumper(cfg.log.rollout_dump_dir, cfg.log.rollout_dump_n, enabled=is_logging_rank())
     ctx = StepContext(cfg, run, engine, rollout, build_advantage_estimator(cfg), build_loss(cfg), reference, dumper)
+    if cfg.rollout.async_rollout:
+        ctx.ahead = OneStepAhead()
+        ctx.ahead.load_state_dict(state.pending)
     return ctx, state
 
 
 def close(ctx: StepContext) -> None:
+    if ctx.ahead is not None:
+        try:
+            ctx.ahead.wait()  # never close the engine under a generating thread
+        except Exception:
+            pass
     ctx.rollout.close()
     ctx.engine.close()
     release_run()
@@ -188,11 +198,15 @@ def trainer_state(run: Run, state: LoopState) -> dict:
         "model_args": asdict(run.model_args),
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         "mtp_regime": run.cfg.mtp.mtp_regime if run.cfg.command == "train" else "pretrain",
+        "async_rollout": state.pending,
     }
 
 
 def save(ctx: StepContext, state: LoopState) -> None:
     c, r = ctx.cfg.ckpt, ctx.run
+    if ctx.ahead is not None:
+        ctx.ahead.wait()
+        state.pending = ctx.ahead.state_dict()
     save_checkpoint(c.save, state.step, r.model, r.optimizer, trainer_state(r, state), c.keep_last)
     # the checkpoint carries its HF tokenizer, so --load of it needs no --tokenizer
     tok_dir = getattr(r.tokenizer, "path", None)
@@ -237,4 +251,4 @@ def resume(cfg: RunConfig, run: Run) -> LoopState:
         random.setstate(saved_state["rng"]["python"])
         np.random.set_state(saved_state["rng"]["numpy"])
         torch.set_rng_state(saved_state["rng"]["torch"])
-    return LoopState(step=saved_state["step"], cursor=saved_state["cursor"])
+    return LoopState(step=saved_state["step"], cursor=saved_state["cursor"], pending=saved_state.get("async_rollout"))

@@ -1,0 +1,141 @@
+"""The local engine in a separate process: its own model replica, weights pushed after each step.
+
+What ``--async-rollout`` needs from the embedded engine: generation that runs *while* the
+trainer trains. The child process (``spawn``; a single-rank process group of its own, CPU or
+the trainer's GPU) holds a TP=1 replica built from the run's ``ModelArgs`` and serves requests
+over a pipe, one at a time and in order: ``weights`` (full tensors under TP=1 names, MTP
+layers included, sent through torch's shared-memory tensor pickling) and ``generate``. So a
+push queued behind a generate request only lands after that request finished: the version a
+batch was generated with is exact, which the async loop's determinism relies on.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from megatron_mtp_rl.models.generation import SamplingParams
+
+
+def _serve(conn, model_args: dict, vocab_size: int, speculative: bool, seed: int, threads: int) -> None:
+    """Child process: build the replica, then answer requests until ``close`` or EOF."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(k, None)  # a single-rank group of its own, never the trainer's rendezvous
+    if threads > 0:
+        torch.set_num_threads(threads)
+    from megatron_mtp_rl import platform
+    from megatron_mtp_rl.models.presets import ModelArgs
+    from megatron_mtp_rl.models.provider import build_model
+    from megatron_mtp_rl.rollout.local_engine import LocalEngine
+
+    platform.initialize(seed=seed)
+    model = build_model(ModelArgs(**model_args))
+    model.eval()
+    engine = LocalEngine(model, vocab_size=vocab_size, speculative=speculative)
+    own = model.state_dict()
+    conn.send(("ready", None))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            break
+        kind = msg[0]
+        try:
+            if kind == "weights":
+                state = msg[1]
+                missing = [k for k in own if not k.endswith("_extra_state") and k not in state]
+                if missing:
+                    raise KeyError(f"rollout process: no weights for {missing[:5]}")
+                model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+                conn.send(("ok", msg[2]))
+            elif kind == "generate":
+                _, prompts, params, gen_seed = msg
+                conn.send(("ok", engine.generate(prompts, params, seed=gen_seed)))
+            elif kind == "close":
+                conn.send(("ok", None))
+                break
+        except Exception as e:  # report, keep serving: the trainer decides
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+    platform.destroy()
+
+
+class ProcessEngine:
+    """A :class:`~megatron_mtp_rl.rollout.local_engine.LocalEngine` in a child process.
+
+    ``state_fn()`` returns the trainer's full state dict (it may be collective: it is called on
+    every rank); only the rank that owns the child sends it. ``remote``: generation happens
+    outside the trainer's process group.
+    """
+
+    remote = True
+
+    def __init__(
+        self,
+        model_args: dict,
+        state_fn: Callable[[], dict],
+        *,
+        vocab_size: int,
+        speculative: bool = False,
+        seed: int = 1234,
+        threads: int = 1,
+        owner: bool = True,
+    ):
+        self.state_fn = state_fn
+        self.version = 0
+        self._lock = threading.Lock()  # one request in flight per pipe (the prefetch thread + the loop)
+        self._proc = None
+        self._conn = None
+        if owner:
+            ctx = mp.get_context("spawn")
+            self._conn, child = ctx.Pipe()
+            self._proc = ctx.Process(
+                target=_serve,
+                args=(child, model_args, vocab_size, speculative, seed, threads),
+                daemon=True,
+                name="mtp-rl-rollout",
+            )
+            self._proc.start()
+            child.close()
+            self._reply()  # "ready"
+
+    def _reply(self):
+        kind, value = self._conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"rollout process: {value}")
+        return value
+
+    def _ask(self, *msg):
+        with self._lock:
+            self._conn.send(msg)
+            return self._reply()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
+        if self._conn is None:
+            raise RuntimeError("rollout process engine: this rank does not own the rollout process")
+        return self._ask("generate", prompts, params, seed)
+
+    def sync_weights(self) -> dict:
+        """Send the current weights (every rank calls: the gather may be collective)."""
+        self.version += 1
+        state = self.state_fn()
+        if self._conn is not None:
+            cpu = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            self._ask("weights", cpu, self.version)
+        return {"rollout/weight_version": float(self.version)}
+
+    def close(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            self._ask("close")
+        except (EOFError, OSError, RuntimeError):
+            pass
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()
+        self._proc = self._conn = None

@@ -679,7 +679,31 @@ def _data_and_log_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             "--wandb-project needs the 'wandb' package: pip install 'megatron-mtp-rl[wandb]' (or --wandb-mode disabled)"
         )
+    elif lg.wandb_project and lg.wandb_mode == "online" and not _wandb_credentials():
+        problems.append(
+            "--wandb-mode online needs a W&B login (`wandb login` or WANDB_API_KEY); or --wandb-mode offline "
+            "and `wandb sync` the run directory later"
+        )
     return problems
+
+
+def _wandb_credentials() -> bool:
+    """A W&B API key in the environment or in the netrc entry of the W&B host (what ``wandb login`` writes).
+
+    Checked at start-up: without one, ``wandb.init`` fails only after the model was built.
+    """
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def resolve_model_args(cfg: RunConfig, vocab_size: int) -> ModelArgs:

@@ -100,3 +100,17 @@ def test_every_stop_id_ends_a_response_locally_and_in_the_sglang_request():
     assert res.responses == [[4, 7], [4, 5, 2], [4, 5, 6]] and res.finished == [True, True, False]
     sp = build_generate_payload([1], params, rid="r")["sampling_params"]
     assert sp["stop_token_ids"] == [2, 7]
+
+
+def test_wandb_online_without_a_login_is_refused_before_the_build(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the 'wandb' extra is not installed")
+    from megatron_mtp_rl.config import parse_config, validate
+
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    cfg = parse_config(["--wandb-project", "p"])
+    assert any("--wandb-mode online needs a W&B login" in p for p in validate(cfg, 1))
+    assert not any("W&B" in p for p in validate(parse_config(["--wandb-project", "p", "--wandb-mode", "offline"]), 1))
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    assert not any("W&B" in p for p in validate(cfg, 1))

@@ -420,3 +420,41 @@ def test_bucket_oversized_tensor_goes_alone():
     assert [[n for n, _ in b] for b in bucket_named_tensors(named, 48)] == [["a", "b"], ["big"], ["c", "d", "e"]]
     with pytest.raises(ValueError, match="positive"):
         bucket_named_tensors(named, 0)
+
+
+def test_qwen3_mtp_naming_round_trip(single_process):
+    """Qwen3-MoE's MTP names (SGLang 0.5.23 qwen3_moe_mtp.py): mtp.fc / mtp.pre_fc_norm_* / mtp.layers.0 / mtp.norm."""
+    from megatron_mtp_rl.models.hf_mapping import gather_full_state, hf_to_megatron, megatron_to_hf
+
+    model = _model("tiny-moe", mtp_num_layers=1, qk_layernorm=True, moe_router_score_function="softmax")
+    full = gather_full_state(model)
+    hf = megatron_to_hf(full, model.config, "qwen3_moe")
+    mtp = sorted(n for n in hf if n.startswith("mtp."))
+    assert [n for n in mtp if not n.startswith("mtp.layers.")] == [
+        "mtp.fc.weight",
+        "mtp.norm.weight",
+        "mtp.pre_fc_norm_embedding.weight",
+        "mtp.pre_fc_norm_hidden.weight",
+    ]
+    assert "mtp.layers.0.self_attn.q_norm.weight" in hf and "mtp.layers.0.mlp.experts.3.down_proj.weight" in hf
+    assert torch.equal(hf["mtp.fc.weight"], full["mtp.layers.0.eh_proj.weight"])  # same [emb, hidden] order
+    back = hf_to_megatron(hf, model.config, "qwen3_moe")
+    assert back.keys() == full.keys() and all(torch.equal(back[k], v) for k, v in full.items())
+    two = _model("tiny-moe", qk_layernorm=True, moe_router_score_function="softmax")  # 2 MTP layers
+    with pytest.raises(ValueError, match="holds one MTP layer"):
+        megatron_to_hf(gather_full_state(two), two.config, "qwen3_moe")
+
+
+def test_dense_first_layers_get_their_own_te_spelling(single_process):
+    """With --moe-layer-freq, TE fuses the MLP norm of dense layers only; the inverse emits that per layer."""
+    from megatron_mtp_rl.models.hf_mapping import gather_full_state, hf_to_megatron, megatron_to_hf
+
+    model = _model("tiny-moe", num_layers=3, moe_layer_freq="([0]*1+[1]*2)", moe_shared_expert_intermediate_size=48)
+    full = gather_full_state(model)
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in full and "decoder.layers.1.mlp.router.weight" in full
+    hf = megatron_to_hf(full, model.config, "glm4_moe")
+    assert "model.layers.0.mlp.gate_proj.weight" in hf and "model.layers.1.mlp.shared_experts.up_proj.weight" in hf
+    back = hf_to_megatron(hf, model.config, "glm4_moe", fused_layernorm=True)
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in back  # dense: fused under TE
+    assert "decoder.layers.1.pre_mlp_layernorm.weight" in back  # MoE: separate
+    assert "mtp.layers.0.mtp_model_layer.pre_mlp_layernorm.weight" in back  # MTP layer: MoE like the last one

@@ -126,10 +126,14 @@ class HFTokenizer:
             from transformers import AutoTokenizer
         except ImportError:
             raise TokenizerError("an HF tokenizer directory needs the 'transformers' package") from None
+        core = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+        if not any((path / n).is_file() for n in core):
+            raise TokenizerError(f"{path} holds no tokenizer files (expected one of {', '.join(core)})")
         try:
             self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # transformers raises many kinds; the user needs the path and the reason
-            raise TokenizerError(f"cannot load the HF tokenizer in {path}: {e}") from None
+            reason = " ".join(str(e).split())[:300]
+            raise TokenizerError(f"cannot load the HF tokenizer in {path}: {type(e).__name__}: {reason}") from None
         self.path = path
         self.vocab_size = len(self._tok)
         eos = self._tok.eos_token_id

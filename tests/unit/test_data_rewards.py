@@ -281,3 +281,6 @@ def test_tokenizer_files_travel_with_the_checkpoint(tmp_path, hf_dir, hf_tok):
         check_vocab(hf_tok, 259)
     with pytest.raises(TokenizerError, match="expected 'arith', 'byte' or a local HF tokenizer directory"):
         build_tokenizer(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match=r"empty holds no tokenizer files \(expected one of tokenizer.json"):
+        build_tokenizer(str(tmp_path / "empty"))

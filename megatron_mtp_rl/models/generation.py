@@ -226,14 +226,19 @@ def generate(
     was_training = model.training
     if was_training:  # a recursive walk over every module: skip it when already in eval mode
         model.eval()
-    generator = generator or torch.Generator().manual_seed(0)
+    device = next(gpt.parameters()).device
+    generator = generator or torch.Generator(device=device).manual_seed(0)
+    if generator.device != device:
+        raise ValueError(f"the generator is on {generator.device}, the model on {device}: sample where the model is")
+    # CPU: DisableTorchFunction. platform/cpu.py keeps a TorchFunctionMode (it rewrites
+    # megatron's device="cuda" factory calls in the pipeline schedules) that routes *every*
+    # torch op through Python; generation makes no such call, and runs ~1.8x faster without it.
+    # GPU: no such mode; every buffer the runner creates goes to the model's device instead.
+    placement = torch._C.DisableTorchFunction() if device.type == "cpu" else torch.device(device)
     t0 = time.perf_counter()
     try:
-        # inference_mode: no autograd bookkeeping per op. DisableTorchFunction: on CPU,
-        # platform/cpu.py keeps a TorchFunctionMode (it rewrites megatron's device="cuda"
-        # factory calls in the pipeline schedules) that routes *every* torch op through
-        # Python; generation makes no such call, and runs ~1.8x faster without it.
-        with torch.inference_mode(), torch._C.DisableTorchFunction():
+        # inference_mode: no autograd bookkeeping per op.
+        with torch.inference_mode(), placement:
             run = _Runner(model, prompts, params, vocab_size, slots_per_token=depths + 1 if speculative else 1)
             out = _speculative(run, depths, generator) if speculative else _plain(run, generator)
     finally:

@@ -29,7 +29,8 @@ class LocalEngine:
         """Nothing to stop."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
-        g = torch.Generator().manual_seed(seed)
+        # Samplers draw where the model's probabilities are (a CUDA generator on GPU).
+        g = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed)
         out: list[Completion] = []
         stats = {"tokens": 0, "seconds": 0.0, "rounds": 0, "accept_len_sum": 0.0, "calls": 0}
         for s in range(0, len(prompts), self.max_batch_size):

@@ -21,7 +21,7 @@ def _run(tmp_path, *extra):
 
 
 def test_kl_reference_is_the_loaded_checkpoint(tmp_path):
-    _run(tmp_path / "a", "--num-steps", "1", "--save", str(tmp_path / "ckpt"))
+    _run(tmp_path / "a", "--num-steps", "0", "--save", str(tmp_path / "ckpt"))  # the initial weights
     # one update per step: the first update runs with policy == reference, so KL is exactly 0;
     # ce: the MTP loss moves the trunk even while every reward (and advantage) is 0
     hist = _run(tmp_path / "b", "--num-steps", "2", "--global-batch-size", "16", "--load", str(tmp_path / "ckpt"),

@@ -16,14 +16,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from megatron_mtp_rl.errors import ConfigError
 from megatron_mtp_rl.models.hf_mapping import HFFlavour
 from megatron_mtp_rl.models.presets import ModelArgs
 
 RMS_NORM_EPS_DEFAULT = 1e-6
 
 
-class UnsupportedCheckpoint(ValueError):
-    """An HF config (or our model) uses something the family mapping cannot represent exactly."""
+class UnsupportedCheckpoint(ConfigError):
+    """An HF config (or our model) uses something the family mapping cannot represent exactly.
+
+    A ConfigError, so a run that cannot export its model for SGLang ends with one line, not a traceback.
+    """
 
 
 class Reader:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_mtp_rl.config import MTPConfig
 from megatron_mtp_rl.platform.device import collective_device
 
 BASELINES = ("main_old", "mtp_old")
@@ -99,14 +100,15 @@ def occ_coefficient(
 class OCCConfig:
     """The ``--occ-*`` flags."""
 
-    ratio: float = 0.1
-    eps: float = 1e-8
-    lo: float = 0.0
-    hi: float = 1.0
-    ema: float = 0.0
-    init: float | None = None  # default ρ/D
-    baseline: str = "main_old"
-    reduce: str = "global"
+    # Defaults are the flags' (config.py MTPConfig; built from a RunConfig by train/builders.py:build_occ).
+    ratio: float = MTPConfig.occ_ratio
+    eps: float = MTPConfig.occ_eps
+    lo: float = MTPConfig.occ_min
+    hi: float = MTPConfig.occ_max
+    ema: float = MTPConfig.occ_ema
+    init: float | None = MTPConfig.occ_init  # None: ρ/D
+    baseline: str = MTPConfig.occ_baseline
+    reduce: str = MTPConfig.occ_reduce
 
     def __post_init__(self):
         if self.baseline not in BASELINES:

@@ -54,10 +54,10 @@ def initialize(
     cuda = use_cuda()
     if not cuda:
         apply_cpu_shims()
+    timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else timeout_minutes * 60.0)
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else timeout_minutes * 60.0)
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
@@ -83,6 +83,8 @@ def initialize(
         pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
         context_parallel_size=sizes.context_parallel_size,
         expert_model_parallel_size=sizes.expert_model_parallel_size,
+        # megatron's own groups (DP, TP, ...) carry their own timeout (30 min by default)
+        distributed_timeout_minutes=timeout.total_seconds() / 60.0,
     )
     seed_everything(seed)
 

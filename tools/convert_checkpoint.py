@@ -108,16 +108,6 @@ def model_args_from_hf_config(
         raise ConversionError(str(e)) from None
 
 
-def detect_flavour(cfg: dict[str, Any], names: list[str] | None = None, model_args=None) -> str:
-    """The HF family name of a config (``architectures`` / ``model_type``)."""
-    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, detect
-
-    try:
-        return detect(cfg).name
-    except UnsupportedCheckpoint as e:
-        raise ConversionError(str(e)) from None
-
-
 def _auto_dtype(tensors: dict[str, torch.Tensor]) -> str:
     kinds = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if kinds == {torch.bfloat16}:
@@ -500,11 +490,6 @@ def _hf_mtp_depth(cfg: dict[str, Any], tensors: dict) -> int:
         if fam.flavour.mtp_style == "qwen3":
             break
     return k
-
-
-def train_flags(model_args) -> list[str]:
-    """Nothing: ``mtp-rl train --load DIR`` reads the model shape from the checkpoint (kept for old callers)."""
-    return []
 
 
 # ---------------------------------------------------------------------------------------------

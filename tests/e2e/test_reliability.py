@@ -60,7 +60,7 @@ def test_zero_alignment_warning_is_printed(tmp_path, capsys):
 
 def test_load_with_a_different_model_shape(tmp_path):
     run_training(parse_args([*FAST, "--num-steps", "1", "--save", str(tmp_path / "c")]))
-    with pytest.raises(ConfigError, match=r"different model shape \(hidden_size: checkpoint 64 vs run 32"):
+    with pytest.raises(ConfigError, match=r"disagree with the checkpoint .*--hidden-size 32 \(the checkpoint has 64\)"):
         run_training(parse_args([*FAST, "--num-steps", "2", "--load", str(tmp_path / "c"), "--hidden-size", "32"]))
 
 

@@ -103,6 +103,7 @@ def train(ctx: StepContext, state: LoopState) -> list[dict]:
         run_config=asdict(cfg),
     )
     history = []
+    first_step = state.step
     stop = GracefulStop(cfg.ckpt.exit_duration_in_mins).install()  # SIGTERM/SIGINT/time limit: save, exit
     try:
         if state.step == 0:
@@ -124,8 +125,8 @@ def train(ctx: StepContext, state: LoopState) -> list[dict]:
                 print_progress(progress_line(state.step, cfg.num_steps, m, cfg.mtp.mtp_regime))
             if state.step < cfg.num_steps and stop.should_stop():  # collective: every rank stops here
                 raise _stop_after_save(ctx, state, stop)
-        if cfg.ckpt.save and not _save_due(cfg, state.step):
-            save(ctx, state)
+        if cfg.ckpt.save and state.step > first_step and not _save_due(cfg, state.step):
+            save(ctx, state)  # (a resumed run with nothing left to do rewrites nothing)
     finally:
         stop.restore()
         writer.close()

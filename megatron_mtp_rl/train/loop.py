@@ -125,7 +125,7 @@ def train(ctx: StepContext, state: LoopState) -> list[dict]:
                 print_progress(progress_line(state.step, cfg.num_steps, m, cfg.mtp.mtp_regime))
             if state.step < cfg.num_steps and stop.should_stop():  # collective: every rank stops here
                 raise _stop_after_save(ctx, state, stop)
-        if cfg.ckpt.save and state.step > first_step and not _save_due(cfg, state.step):
+        if cfg.ckpt.save and (state.step > first_step or first_step == 0) and not _save_due(cfg, state.step):
             save(ctx, state)  # (a resumed run with nothing left to do rewrites nothing)
     finally:
         stop.restore()

@@ -10,6 +10,7 @@ if os.environ.get("MTP_RL_TEST_GPU") != "1":
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (make test-gpu); skipped with the reason elsewhere")
+    config.addinivalue_line("markers", "slow: over a minute by design (a collective timeout); -m 'not slow' skips it")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -128,3 +128,21 @@ def test_first_signal_is_noted_and_time_limit_stops():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     timed = GracefulStop(exit_duration_in_mins=0.5, start_time=0.0)
     assert timed.should_stop() and timed.stop(1, 2, None).code == TIME_LIMIT_EXIT
+
+
+def test_a_second_signal_exits_at_once():
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, time\n"
+        "from megatron_mtp_rl.train.signals import GracefulStop\n"
+        "stop = GracefulStop().install()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "assert stop.signum == signal.SIGINT\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 143, out.stderr[-1000:]
+    assert "SIGINT received: finishing this step" in out.stderr and "second SIGTERM: exiting now" in out.stderr

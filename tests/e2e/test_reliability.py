@@ -271,8 +271,8 @@ def test_sigterm_saves_the_step_and_the_same_command_resumes_it(tmp_path, straig
     time.sleep(1.0)
     assert _session(proc.pid) == [], "helper processes outlived the trainer"
     before = {**_files(ckpt), "m": m.read_bytes()}
-    code, out = _cli(tmp_path, *flags, "--no-auto-resume")
-    assert code == 2 and "already holds checkpoints" in out.splitlines()[-1] and "Traceback" not in out
+    with pytest.raises(ConfigError, match=f"--save {ckpt} already holds checkpoints .* --no-auto-resume is set"):
+        run_training(parse_args([*FAST, *flags, "--no-auto-resume"]))
     assert {**_files(ckpt), "m": m.read_bytes()} == before  # refused: nothing pruned, truncated or moved
     code, out = _cli(tmp_path, *flags)
     assert code == 0 and f"resuming from iter_{k:07d}" in out, out[-2000:]
@@ -319,3 +319,43 @@ def test_nan_and_string_rewards_are_counted_errors_and_shown(tmp_path, monkeypat
     assert hist[1]["rollout/reward_errors"] == len(marks)  # every NaN and every "0.75" counted
     assert hist[1]["train/skipped_steps"] == 0.0  # NaN rewards no longer poison the update
     assert f"reward errors {len(marks)}" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # ~70-100 s: the shortest collective timeout is a minute, and torchrun's grace period follows it
+def test_a_stopped_peer_ends_both_ranks_within_two_minutes(tmp_path):
+    """Rank 1 SIGSTOPped mid-run (a hung node): with --distributed-timeout-minutes 1 rank 0 gives up,
+    naming the collective and the rank it waited on, and torchrun takes rank 1 down with it."""
+    import psutil
+
+    from tests.dist_utils import free_port
+
+    m = tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "megatron_mtp_rl.cli", "train", *FAST, "--num-steps", "50",
+           "--distributed-timeout-minutes", "1", "--metrics-jsonl", str(m)]  # fmt: skip
+    log = open(tmp_path / "torchrun.log", "w+")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ranks: dict = {}
+    try:
+        deadline = time.monotonic() + 300
+        while not (m.exists() and len(m.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read()
+            time.sleep(0.2)
+        ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children()}
+        rank1 = [ranks["1"]]
+        rank1[0].send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        code = proc.wait(timeout=180)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in [proc, *ranks.values()]:  # torchrun's workers run in sessions of their own
+            try:
+                p.kill()
+            except (ProcessLookupError, psutil.Error):
+                pass
+    log.seek(0)
+    out = log.read()
+    assert code != 0 and elapsed < 120, (code, elapsed, out[-3000:])
+    assert "error: rank 0 timed out in all_reduce with ranks [1] (group [0, 1])" in out, out[-3000:]
+    assert not rank1[0].is_running() or rank1[0].status() == psutil.STATUS_ZOMBIE

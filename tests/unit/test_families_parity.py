@@ -39,7 +39,6 @@ from transformers import (  # noqa: E402
 )
 
 
-
 def tool():
     if "convert_checkpoint" not in sys.modules:
         spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")

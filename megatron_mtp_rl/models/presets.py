@@ -169,6 +169,9 @@ def from_checkpoint(saved: dict, given: dict, *, vocab_size: int, seq_length: in
         have = getattr(base, key)
         if key == "num_experts" and value == 0:
             value = None
+        if key == "moe_layer_freq":  # '2', 2 and '[1,0]' spell the same pattern in several ways
+            n = base.num_layers
+            have, value = parse_moe_layer_freq(have, n), parse_moe_layer_freq(value, n)
         if have != value:
             conflicts.append(f"--{key.replace('_', '-')} {value} (the checkpoint has {have})")
     if bf16 and base.params_dtype != "bf16":

@@ -164,6 +164,7 @@ def test_crash_during_checkpoint_save_leaves_the_previous_one(tmp_path, straight
                      "--metrics-jsonl", str(tmp_path / "b.jsonl"), env=fault)  # fmt: skip
     assert code == 17, out[-2000:]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert (ckpt / ".tmp_iter_0000004").is_dir()
     assert not (ckpt / "iter_0000004").exists()
     code, out = _cli(
         tmp_path,
@@ -181,6 +182,7 @@ def test_crash_during_checkpoint_save_leaves_the_previous_one(tmp_path, straight
     assert [r["step"] for r in rows_b] == [0, 1, 2, 3, 4]
     assert _strip(rows_b) == _strip(straight)
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert not list(ckpt.glob(".tmp_iter_*"))  # the crashed save's leftover went with the next save
 
 
 def test_resume_with_a_different_lr_says_how_to_fix_it(tmp_path):

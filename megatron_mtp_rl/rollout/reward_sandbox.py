@@ -14,6 +14,7 @@ from the worker: a reward function that always fails would otherwise train on ze
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import time
 import traceback
@@ -27,7 +28,12 @@ def _worker(conn, spec: str) -> None:
     # Ctrl-C and Slurm also deliver to this process); it closes the pipe to end a worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        return  # the trainer died while this worker was starting
     fn = load_reward_fn(spec)
+    conn.send((None, None, None))  # started: per-call timeouts count from here, not from the spawn
     while True:
         try:
             chunk = conn.recv()
@@ -40,6 +46,19 @@ def _worker(conn, spec: str) -> None:
                 conn.send((idx, check_reward(fn(prompt, response, label)), None))
             except Exception:
                 conn.send((idx, 0.0, traceback.format_exc()))
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the trainer dies, even mid-call (a hung reward never notices EOF)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+STARTUP_S = 120.0  # a fresh worker's allowance to import its reward module (a loaded node is slow)
 
 
 class RewardError(RuntimeError):
@@ -96,6 +115,7 @@ class RewardSandbox:
         self.timeout_s = timeout_s
         self.ctx = mp.get_context("spawn")
         self.stats = RewardStats()
+        self._ready: set[int] = set()  # workers past start-up (interpreter + reward module import)
         self._workers = [self._start() for _ in range(workers)]
 
     def _start(self):
@@ -111,6 +131,7 @@ class RewardSandbox:
             proc.kill()
         proc.join(5)
         conn.close()
+        self._ready.discard(i)
         self._workers[i] = self._start()
 
     def _error(self, kind: str, detail: str) -> None:
@@ -147,9 +168,12 @@ class RewardSandbox:
                 try:
                     while pending and conn.poll(0.002):
                         idx, value, err = conn.recv()
+                        last = time.monotonic()
+                        if idx is None:  # start-up done
+                            self._ready.add(w)
+                            continue
                         results[idx] = value
                         pending.remove(idx)
-                        last = time.monotonic()
                         if err:
                             self._error("raise", err)
                 except (EOFError, OSError):
@@ -158,7 +182,8 @@ class RewardSandbox:
                     del busy[w]
                     continue
                 dead = not proc.is_alive()
-                if dead or time.monotonic() - last > self.timeout_s:
+                limit = self.timeout_s if w in self._ready else max(self.timeout_s, STARTUP_S)
+                if dead or time.monotonic() - last > limit:
                     culprit = pending[0]
                     if dead:
                         self._error("crash", f"reward worker died (exit {proc.exitcode}) on item {culprit}")

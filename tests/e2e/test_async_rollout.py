@@ -21,29 +21,37 @@ def _run(tmp_path, *extra):
     return run_training(parse_config([*FAST, "--metrics-jsonl", str(tmp_path / "m.jsonl"), *extra]))
 
 
-def test_async_run_trains_every_sample_once_one_step_off_policy(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted async run of 4 steps, recording what was generated and what was trained."""
     generated, trained = [], []
     take, pack = OneStepAhead.take, step_module.pack_minibatches
 
     def recording_take(self, step):
         out = take(self, step)
-        generated.append((step, [id(s) for s in out[0].samples]))
+        generated.append((step, list(out[0].samples)))  # the objects: alive, so their ids stay unique
         return out
 
     def recording_pack(ctx, samples, adv, step, spans=None):
-        trained.append((step, [id(s) for s in samples]))
+        trained.append((step, list(samples)))
         return pack(ctx, samples, adv, step, spans=spans)
 
-    monkeypatch.setattr(OneStepAhead, "take", recording_take)
-    monkeypatch.setattr(step_module, "pack_minibatches", recording_pack)
-    hist = _run(tmp_path, "--num-steps", "4")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(OneStepAhead, "take", recording_take)
+        mp.setattr(step_module, "pack_minibatches", recording_pack)
+        hist = _run(tmp_path_factory.mktemp("straight"), "--num-steps", "4")
+    return hist, generated, trained
+
+
+def test_async_run_trains_every_sample_once_one_step_off_policy(straight):
+    hist, generated, trained = straight
     assert [h["step"] for h in hist] == [0, 1, 2, 3, 4]
     # Staleness: the first batch comes from θ_0, every later one from the weights one step old.
     assert [h["rollout/policy_lag"] for h in hist[1:]] == [0.0, 1.0, 1.0, 1.0]
     # Four batches generated (none for a fifth step), each trained exactly once, at its own step.
     assert [s for s, _ in generated] == [1, 2, 3, 4]
-    assert generated == trained
-    ids = [i for _, batch in trained for i in batch]
+    assert [(s, [id(x) for x in b]) for s, b in generated] == [(s, [id(x) for x in b]) for s, b in trained]
+    ids = [id(x) for _, batch in trained for x in batch]
     assert len(ids) == len(set(ids)) == 4 * 16
     for row in hist[1:]:
         for k in ("train/policy_loss", "train/grad_norm", "rollout/reward_mean", "train/param_norm_main"):
@@ -60,10 +68,9 @@ class _Crash(Exception):
     pass
 
 
-def test_async_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+def test_async_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, straight):
     from megatron_mtp_rl.train import loop
 
-    straight = _run(tmp_path / "a", "--num-steps", "4")
     ckpt = str(tmp_path / "ckpt")
     real = loop.rl_step
     done = []
@@ -81,5 +88,5 @@ def test_async_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "rl_step", real)
     resumed = _run(tmp_path / "b", "--num-steps", "4", "--load", ckpt, "--save", ckpt)
     assert [r["step"] for r in resumed] == [3, 4]
-    assert _strip(done + resumed) == _strip(straight[1:])
+    assert _strip(done + resumed) == _strip(straight[0][1:])
     assert resumed[0]["rollout/policy_lag"] == 1.0  # the saved batch was trained, not regenerated

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_mtp_rl.errors import ConfigError, DataError
 from megatron_mtp_rl.models.forward import unwrap
@@ -339,9 +340,17 @@ def load_checkpoint(load_dir: str, model, optimizer=None) -> tuple[Path, dict]:
     trainer_state = read_trainer_state(path)
     try:
         state = dist_checkpointing.load(_sharded(model, optimizer, loading=True), str(path))
-    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, CheckpointException) as e:
+        # torch's reader wraps each rank's error (an unpickler EOFError on a truncated shard) in a
+        # CheckpointException naming no file; name the damaged one when it can be found.
+        cause = e
+        if isinstance(e, CheckpointException):
+            failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+            cause = failures[0] if failures and isinstance(failures[0], BaseException) else e
         bad = _find_damaged(path)
-        raise CheckpointError(f"checkpoint file {bad or path} is unreadable ({_first_line(e)})") from None
+        if bad is None and not isinstance(cause, (EOFError, pickle.UnpicklingError, zipfile.BadZipFile)):
+            raise
+        raise CheckpointError(f"checkpoint file {bad or path} is unreadable ({_first_line(cause)})") from None
     unwrap(model).load_state_dict(state["model"])
     check_finite(model)
     if optimizer is not None:

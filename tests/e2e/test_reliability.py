@@ -303,6 +303,11 @@ def test_a_flipped_byte_in_a_shard_fails_the_load_naming_the_file(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"checkpoint file {shard} is corrupt"):
         run_training(parse_args([*FAST, "--num-steps", "2", "--load", str(tmp_path / "c")]))
+    # Without a manifest (older checkpoints) a truncated shard is still named: torch's reader says only EOFError.
+    (shard.parent / "manifest.json").unlink()
+    os.truncate(shard, shard.stat().st_size // 3)
+    with pytest.raises(CheckpointError, match=rf"checkpoint file {shard} is unreadable \(EOFError"):
+        run_training(parse_args([*FAST, "--num-steps", "2", "--load", str(tmp_path / "c")]))
 
 
 def test_a_reward_that_always_raises_stops_the_run_with_its_traceback(tmp_path):

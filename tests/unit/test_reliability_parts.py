@@ -114,6 +114,7 @@ def test_used_save_resumes_or_is_refused(tmp_path):
 
 
 def test_first_signal_is_noted_and_time_limit_stops():
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or e.g. Ray's handler when an in-process test started Ray
     stop = GracefulStop().install()
     try:
         assert not stop.should_stop()
@@ -125,7 +126,7 @@ def test_first_signal_is_noted_and_time_limit_stops():
                                "rerun the same command to resume")  # fmt: skip
     finally:
         stop.restore()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
     timed = GracefulStop(exit_duration_in_mins=0.5, start_time=0.0)
     assert timed.should_stop() and timed.stop(1, 2, None).code == TIME_LIMIT_EXIT
 

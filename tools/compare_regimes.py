@@ -23,13 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+# Every row names its head loss: the base config (the demo's) may set one.
 VARIANTS = {
-    "none": ["--mtp-regime", "none"],
-    "detach": ["--mtp-regime", "detach"],
-    "ce": ["--mtp-regime", "ce"],
-    "policy": ["--mtp-regime", "policy"],
-    "occ": ["--mtp-regime", "occ"],
-    "occ-local": ["--mtp-regime", "occ", "--occ-reduce", "local"],
+    "none": ["--mtp-regime", "none", "--mtp-head-loss", "none"],
+    "detach": ["--mtp-regime", "detach", "--mtp-head-loss", "none"],
+    "ce": ["--mtp-regime", "ce", "--mtp-head-loss", "none"],
+    "policy": ["--mtp-regime", "policy", "--mtp-head-loss", "none"],
+    "occ": ["--mtp-regime", "occ", "--mtp-head-loss", "none"],
+    "occ-local": ["--mtp-regime", "occ", "--occ-reduce", "local", "--mtp-head-loss", "none"],
     # the MTP-head objective beside a regime (trains the MTP layers only; coefficient --mtp-head-coef)
     "occ+head-ce": ["--mtp-regime", "occ", "--mtp-head-loss", "ce"],
     "occ+head-distill": ["--mtp-regime", "occ", "--mtp-head-loss", "distill"],

@@ -7,7 +7,6 @@ task, then saves a checkpoint that ``mtp-rl train --load DIR --finetune`` starts
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -23,7 +22,7 @@ from megatron_mtp_rl.train.builders import Run, build_run
 from megatron_mtp_rl.train.checkpoint import save_checkpoint
 from megatron_mtp_rl.train.loop import LoopState, evaluate_accuracy, is_logging_rank, trainer_state
 from megatron_mtp_rl.train.metrics import MetricsWriter, print_progress
-from megatron_mtp_rl.train.optim import clip_grads
+from megatron_mtp_rl.train.optim import clip_and_step
 from megatron_mtp_rl.train.schedule import forward_backward
 from megatron_mtp_rl.train.step import reduce_metrics
 
@@ -97,11 +96,9 @@ def run_pretrain(cfg: RunConfig) -> dict:
         run.model.zero_grad_buffer()
         run.optimizer.zero_grad()
         res = forward_backward(run.model, mbs, ce_loss(den, 1.0 / max(depths, 1)), with_mtp=depths > 0)
-        norms = clip_grads(run.model, op.clip_grad, op.clip_grad)
-        # NaN/Inf gradients (norms are collective: every rank agrees) skip the update, as in RL.
-        ok = math.isfinite(norms.main) and math.isfinite(norms.mtp)
-        if ok:
-            ok, _, _ = run.optimizer.step()
+        # NaN/Inf gradients (norms are collective: every rank agrees) skip the update, as in RL;
+        # the same clip-and-step as RL, so the distributed optimizer's shards are handled too.
+        ok, norms = clip_and_step(run.model, run.optimizer, op.clip_grad, op.clip_grad)
         skipped += not ok
         run.scheduler.step(increment=1)
         last = reduce_metrics(res, dp_group) if res else {}

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,16 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tool_loader import load_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():
-    if "convert_checkpoint" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["convert_checkpoint"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["convert_checkpoint"]
+    return load_tool("convert_checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,14 +12,14 @@ The expected megatron names are written here from megatron-core 0.19.2's TE MLA 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from tests.tool_loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,12 +50,7 @@ CFG = dict(
 
 
 def _tool():
-    if "convert_checkpoint" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["convert_checkpoint"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["convert_checkpoint"]
+    return load_tool("convert_checkpoint")
 
 
 def make_deepseek(path: Path, **overrides) -> dict[str, torch.Tensor]:

@@ -15,13 +15,13 @@ SGLang 0.5.23's ``MiMoMTP`` / ``Glm4MoeModelNextN`` compute them, with transform
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.tool_loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,12 +40,7 @@ from transformers import (  # noqa: E402
 
 
 def tool():
-    if "convert_checkpoint" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["convert_checkpoint"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["convert_checkpoint"]
+    return load_tool("convert_checkpoint")
 
 
 TINY = dict(

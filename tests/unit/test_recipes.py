@@ -7,25 +7,20 @@ comment lines; its ``# --- estimate:`` block must equal what tools/estimate_memo
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.tool_loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "examples" / "recipes").glob("*.yaml"))
 
 
 def _estimator():
-    if "estimate_memory" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "tools" / "estimate_memory.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["estimate_memory"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["estimate_memory"]
+    return load_tool("estimate_memory")
 
 
 def _header(text: str, key: str) -> int:

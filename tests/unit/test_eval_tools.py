@@ -5,22 +5,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.tool_loader import load_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests/fixtures/math5.jsonl"
 
 
 def _tools():
-    import importlib.util
-    import sys
-
-    mods = {}
-    for name in ("eval_math", "compare_regimes", "bench_step"):
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        mods[name] = mod
-    return mods
+    return {name: load_tool(name) for name in ("eval_math", "compare_regimes", "bench_step")}
 
 
 def test_eval_math_scores_equivalent_latex_and_rejects_wrong_answers():

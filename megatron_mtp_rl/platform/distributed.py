@@ -172,20 +172,29 @@ def describe_timeout(exc: BaseException) -> str | None:
     """One line naming the collective, its group's ranks and this rank when ``exc`` is a collective timeout.
 
     torch/gloo say only "Timed out waiting Nms for recv"; the collective and its group are
-    recovered from the traceback (the innermost ``torch.distributed`` frame). None when
-    ``exc`` is not a timeout.
+    recovered from the traceback: the innermost public ``torch.distributed`` call, or, when
+    the wait happened where a coalescing block closed (megatron-core's gradient sync issues
+    its all-reduces inside ``torch.distributed._coalescing_manager``), the coalesced block
+    and the function that opened it. None when ``exc`` is not a timeout.
     """
     text = str(exc)
     if "Timed out" not in text and "timed out" not in text and "Timeout" not in type(exc).__name__:
         return None
-    collective, group = None, None
+    collective, group, caller = None, None, None
     tb = exc.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code
-        if "torch/distributed" in code.co_filename.replace("\\", "/") and not code.co_name.startswith("_"):
-            if code.co_name not in ("wrapper",):
-                collective = code.co_name
+        path = code.co_filename.replace("\\", "/")
+        if "torch/distributed" in path:
+            name = code.co_name
+            if name == "_coalescing_manager":
+                collective = f"coalesced collectives opened by {caller}" if caller else "coalesced collectives"
                 group = tb.tb_frame.f_locals.get("group", group)
+            elif not name.startswith("_") and name != "wrapper":
+                collective = name
+                group = tb.tb_frame.f_locals.get("group", group)
+        elif "contextlib" not in path:
+            caller = code.co_name
         tb = tb.tb_next
     me = dist.get_rank() if dist.is_initialized() else 0
     try:

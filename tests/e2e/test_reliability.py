@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -364,5 +365,8 @@ def test_a_stopped_peer_ends_both_ranks_within_two_minutes(tmp_path):
     log.seek(0)
     out = log.read()
     assert code != 0 and elapsed < 120, (code, elapsed, out[-3000:])
-    assert "error: rank 0 timed out in all_reduce with ranks [1] (group [0, 1])" in out, out[-3000:]
+    # Where rank 0 is caught depends on timing: a plain collective (OCC's all_reduce, the stop flag) or
+    # megatron's gradient sync, whose all-reduces wait where their coalescing block closes.
+    named = r"(all_reduce|broadcast|all_gather\w*|coalesced collectives opened by \w+)"
+    assert re.search(rf"error: rank 0 timed out in {named} with ranks \[1\] \(group \[0, 1\]\)", out), out[-3000:]
     assert not rank1[0].is_running() or rank1[0].status() == psutil.STATUS_ZOMBIE

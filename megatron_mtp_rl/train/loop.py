@@ -227,14 +227,20 @@ def resume(cfg: RunConfig, run: Run) -> LoopState:
     path = latest_checkpoint(c.load)
     if path is None:
         raise ConfigError(f"--load {c.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
-    saved = read_trainer_state(path)["model_args"]
+    saved_state = read_trainer_state(path)
+    saved = saved_state["model_args"]
     mine = asdict(run.model_args)
     diff = {k: (saved.get(k), mine[k]) for k in mine if k != "seq_length" and saved.get(k, mine[k]) != mine[k]}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {v[0]} vs run {v[1]}" for k, v in sorted(diff.items()))
         raise ConfigError(f"--load {path}: the checkpoint has a different model shape ({lines})")
+    # A warm start (pretrain) loaded by train, or an RL checkpoint by pretrain: its weights only.
+    weights_only = c.finetune or _is_pretrain(saved_state) != (cfg.command == "pretrain")
+    if weights_only and not c.finetune and is_logging_rank() and not cfg.log.quiet:
+        what = "a pretrain (warm start)" if _is_pretrain(saved_state) else "an RL"
+        print_progress(f"--load {path} is {what} checkpoint: loading its weights only, as with --finetune")
     try:
-        _, saved_state = load_checkpoint(c.load, run.model, None if c.finetune else run.optimizer)
+        _, saved_state = load_checkpoint(c.load, run.model, None if weights_only else run.optimizer)
     except ValueError as e:
         if "parameter group" not in str(e):
             raise
@@ -243,7 +249,7 @@ def resume(cfg: RunConfig, run: Run) -> LoopState:
             "--lr, --min-lr or --weight-decay?). Resume with the original values, or add --finetune to load "
             f"the weights only. megatron-core said: {str(e).splitlines()[0]}"
         ) from None
-    if c.finetune:
+    if weights_only:
         return LoopState()
     run.scheduler.load_state_dict(saved_state["scheduler"])
     if run.occ and saved_state.get("occ"):
@@ -253,3 +259,7 @@ def resume(cfg: RunConfig, run: Run) -> LoopState:
         np.random.set_state(saved_state["rng"]["numpy"])
         torch.set_rng_state(saved_state["rng"]["torch"])
     return LoopState(step=saved_state["step"], cursor=saved_state["cursor"], pending=saved_state.get("async_rollout"))
+
+
+def _is_pretrain(trainer_state: dict) -> bool:
+    return trainer_state.get("mtp_regime") == "pretrain"

@@ -7,6 +7,7 @@ task, then saves a checkpoint that ``mtp-rl train --load DIR --finetune`` starts
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -20,10 +21,11 @@ from megatron_mtp_rl.rollout.manager import RolloutManager
 from megatron_mtp_rl.rollout.reward_sandbox import build_scorer
 from megatron_mtp_rl.train.builders import Run, build_run
 from megatron_mtp_rl.train.checkpoint import save_checkpoint
-from megatron_mtp_rl.train.loop import LoopState, evaluate_accuracy, is_logging_rank, trainer_state
+from megatron_mtp_rl.train.loop import LoopState, evaluate_accuracy, is_logging_rank, resume, trainer_state
 from megatron_mtp_rl.train.metrics import MetricsWriter, print_progress
 from megatron_mtp_rl.train.optim import clip_and_step
 from megatron_mtp_rl.train.schedule import forward_backward
+from megatron_mtp_rl.train.signals import GracefulStop
 from megatron_mtp_rl.train.step import reduce_metrics
 
 # Its defaults (steps, LR, batch sizes) are the "pretrain" preset in config.py:COMMANDS.
@@ -70,10 +72,41 @@ def validation_accuracy(evaluate: Evaluator, run: Run, n: int) -> float:
 
 
 def run_pretrain(cfg: RunConfig) -> dict:
-    """Supervised CE on ``prompt → answer<EOS>`` for main and MTP heads; non-finite steps skipped."""
+    """Supervised CE on ``prompt → answer<EOS>`` for main and MTP heads; non-finite steps skipped.
+
+    Resumable like ``train``: ``--load`` (or a used ``--save``) continues from its step with
+    its optimizer, LR and RNG (each step's problems depend only on the step number), and
+    SIGTERM/SIGINT/``--exit-duration-in-mins`` finish the step, save and exit non-zero.
+    """
     run = build_run(cfg)
     cfg = run.cfg
+    first = resume(cfg, run).step
     evaluate = Evaluator(cfg, run)
+    writer = MetricsWriter(cfg.log.metrics_jsonl, cfg.log.tensorboard_dir, enabled=is_logging_rank(), resume_step=first)
+    if first and is_logging_rank() and not cfg.log.quiet:
+        print_progress(f"pretrain: resumed at step {first}/{cfg.num_steps} from {cfg.ckpt.load}")
+    stop = GracefulStop(cfg.ckpt.exit_duration_in_mins).install()
+    try:
+        last, step = _pretrain_steps(cfg, run, evaluate, writer, first, stop)
+    finally:
+        stop.restore()
+        writer.close()
+    ev = evaluate()
+    if is_logging_rank() and not cfg.log.quiet and ev:
+        print_progress(f"pretrain done | held-out accuracy {ev['eval/accuracy']:.3f}")
+    if cfg.ckpt.save and step > first:  # (a resumed run with nothing left to do rewrites nothing)
+        _save(cfg, run, cfg.num_steps)
+    return {**last, **ev}
+
+
+def _save(cfg: RunConfig, run: Run, step: int) -> str:
+    state = trainer_state(run, LoopState(step=step))
+    save_checkpoint(cfg.ckpt.save, step, run.model, run.optimizer, state, cfg.ckpt.keep_last)
+    return f"{cfg.ckpt.save}/iter_{step:07d}"
+
+
+def _pretrain_steps(cfg, run, evaluate, writer, first: int, stop: GracefulStop) -> tuple[dict, int]:
+    """Steps ``first + 1 .. --num-steps`` (or until ``--stop-at-accuracy``); returns the last metrics and step."""
     tok = run.tokenizer
     op, log = cfg.optim, cfg.log
     dp = parallel_state.get_data_parallel_world_size()
@@ -81,10 +114,9 @@ def run_pretrain(cfg: RunConfig) -> dict:
     dp_group = parallel_state.get_data_parallel_group()
     per_rank = op.global_batch_size // dp
     depths = run.model_args.mtp_num_layers or 0
-    writer = MetricsWriter(log.metrics_jsonl, log.tensorboard_dir, enabled=is_logging_rank())
     t0 = time.perf_counter()
-    last, skipped = {}, 0
-    for step in range(1, cfg.num_steps + 1):
+    last, skipped, step = {}, 0, first
+    for step in range(first + 1, cfg.num_steps + 1):
         start = (step - 1) * op.global_batch_size + dp_rank * per_rank
         prompts = run.source.take(TRAIN_OFFSET + start, per_rank)
         seqs = [(evaluate.manager.encode_prompt(p), tok.encode(str(p.label)) + [tok.eos_id]) for p in prompts]
@@ -104,17 +136,17 @@ def run_pretrain(cfg: RunConfig) -> dict:
         last = reduce_metrics(res, dp_group) if res else {}
         last["train/grad_norm"] = norms.main
         last["train/skipped_steps"] = float(skipped)
-        stop = cfg.pretrain.stop_at_accuracy
-        if stop is not None and step % cfg.eval_interval == 0:
+        target = cfg.pretrain.stop_at_accuracy
+        if target is not None and step % cfg.eval_interval == 0:
             last["pretrain/val_accuracy"] = validation_accuracy(evaluate, run, 200)
-            if last["pretrain/val_accuracy"] >= stop:
+            if last["pretrain/val_accuracy"] >= target:
                 writer.log(step, last)
                 if is_logging_rank() and not log.quiet:
                     print_progress(
                         f"pretrain step {step} | validation accuracy {last['pretrain/val_accuracy']:.3f} "
-                        f"≥ --stop-at-accuracy {stop}: stopping"
+                        f"≥ --stop-at-accuracy {target}: stopping"
                     )
-                break
+                return last, step
         if step % 50 == 0 or step == cfg.num_steps:
             writer.log(step, last)
             if is_logging_rank() and not log.quiet:
@@ -122,11 +154,11 @@ def run_pretrain(cfg: RunConfig) -> dict:
                     f"{k.split('/')[1]} {v:.3f}" for k, v in sorted(last.items()) if k.startswith("pretrain/")
                 )
                 print_progress(f"pretrain step {step}/{cfg.num_steps} | {ce} | {time.perf_counter() - t0:.0f}s")
-    ev = evaluate()
-    if is_logging_rank() and not log.quiet and ev:
-        print_progress(f"pretrain done | held-out accuracy {ev['eval/accuracy']:.3f}")
-    writer.close()
-    if cfg.ckpt.save:
-        state = trainer_state(run, LoopState())
-        save_checkpoint(cfg.ckpt.save, cfg.num_steps, run.model, run.optimizer, state, cfg.ckpt.keep_last)
-    return {**last, **ev}
+        if step < cfg.num_steps and stop.should_stop():  # collective: every rank stops after this step
+            if step % 50:
+                writer.log(step, last)
+            exc = stop.stop(step, cfg.num_steps, _save(cfg, run, step) if cfg.ckpt.save else None)
+            if is_logging_rank():
+                print(exc.message, file=sys.stderr, flush=True)
+            raise exc
+    return last, step

@@ -10,8 +10,10 @@ from megatron_mtp_rl.train.ray_launch import launch
 from tests.e2e.test_train import FAST
 
 
-@pytest.mark.parametrize("placement, trainers", [("disaggregated", 2)])
-def test_two_rl_steps_on_ray(tmp_path, placement, trainers):
+@pytest.mark.parametrize("placement, trainers, mode", [("disaggregated", 2, "sync"), ("disaggregated", 2, "async")])
+def test_two_rl_steps_on_ray(tmp_path, placement, trainers, mode):
+    """Sync: every batch from the current weights. Async: the actor generates step n+1 while step n
+    trains, one step off-policy (lag 0 for the first batch, then 1)."""
     cfg = parse_config(
         [
             *FAST,
@@ -24,6 +26,7 @@ def test_two_rl_steps_on_ray(tmp_path, placement, trainers):
             placement,
             "--metrics-jsonl",
             str(tmp_path / "m.jsonl"),
+            *(["--async-rollout"] if mode == "async" else []),
         ]  # fmt: skip
     )
     try:
@@ -36,3 +39,5 @@ def test_two_rl_steps_on_ray(tmp_path, placement, trainers):
     # initial push (version 1) + one push after each step
     assert [h["rollout/weight_version"] for h in hist[1:]] == [2.0, 3.0]
     assert (tmp_path / "m.jsonl").read_text().count("\n") == 3
+    if mode == "async":
+        assert [h["rollout/policy_lag"] for h in hist[1:]] == [0.0, 1.0]

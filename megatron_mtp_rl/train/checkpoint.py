@@ -284,6 +284,33 @@ def resolve_auto_resume(save: str | None, load: str | None, *, auto_resume: bool
     return save, f"--save {save} holds a run: resuming from {path.name} (add --no-auto-resume to refuse instead)"
 
 
+def set_aside_earlier_run(save: str | None, load: str | None, *, keep: tuple[str, ...] = ()) -> str:
+    """A run that starts from another ``--load`` into a used ``--save`` moves the earlier run aside.
+
+    Its checkpoints would otherwise be overwritten (same iteration numbers) or pruned
+    (``--keep-last``). Everything in ``save`` except the names in ``keep`` (the run lock held
+    on it) moves into a new sibling ``SAVE.N`` (renames: no copy). Returns the one-line
+    message ("" when nothing moved). Call with the ``--save`` lock held, on one rank.
+    """
+    if not (save and load and is_used(save)):
+        return ""
+    root = Path(save).resolve()
+    src = Path(load).resolve()
+    if src == root or root in src.parents:  # resuming (or fine-tuning) from this very directory
+        return ""
+    newest = newest_checkpoint(save)
+    n = 1
+    while Path(f"{root}.{n}").exists():
+        n += 1
+    kept = Path(f"{save}.{n}")
+    kept.mkdir(parents=True)
+    for entry in sorted(root.iterdir()):
+        if entry.name not in keep:
+            os.replace(entry, kept / entry.name)
+    what = f"newest {newest.name}" if newest else "no complete checkpoint"
+    return f"--save {save} held an earlier run ({what}): moved it to {kept}; this run starts from --load {load}"
+
+
 def read_trainer_state(path: Path) -> dict:
     """``trainer_state.pt`` of a checkpoint, checked against the manifest first (rank-local)."""
     f = path / TRAINER_STATE

@@ -124,19 +124,25 @@ def claim_run(save: str | None, metrics_jsonl: str | None, load: str | None, *, 
 
     Global rank 0 checks ``--save`` is writable, takes the locks (held until
     :func:`release_run` or process exit) and decides whether a used ``--save`` is resumed
-    (one line says so) or refused; the decision is broadcast, so every rank returns the same
+    (one line says so) or refused, and moves an earlier run aside when this one starts from
+    another ``--load`` (:func:`set_aside_earlier_run`); the decision is broadcast, so every rank returns the same
     ``--load`` or raises the same ``ConfigError``.
     """
     import torch.distributed as dist
 
-    from megatron_mtp_rl.train.checkpoint import resolve_auto_resume
+    from megatron_mtp_rl.train.checkpoint import resolve_auto_resume, set_aside_earlier_run
 
     release_run()  # an earlier run in this process (tests, tools) is over
     outcome: tuple = (load, "", None)
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             _held.extend(lock_run(save, metrics_jsonl))
-            outcome = (*resolve_auto_resume(save, load, auto_resume=auto_resume), None)
+            keep = [LOCK_NAME]
+            if save and metrics_jsonl and Path(metrics_jsonl).resolve().parent == Path(save).resolve():
+                keep.append(Path(metrics_jsonl).name + ".lock")  # held by this run: stays with it
+            moved = set_aside_earlier_run(save, load, keep=tuple(keep))
+            load, message = resolve_auto_resume(save, load, auto_resume=auto_resume)
+            outcome = (load, moved or message, None)
         except ConfigError as e:
             release_run()
             outcome = (load, "", str(e))

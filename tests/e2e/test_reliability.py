@@ -285,6 +285,25 @@ def test_sigterm_saves_the_step_and_the_same_command_resumes_it(tmp_path, straig
     assert _strip(rows) == _strip(straight)
 
 
+def test_a_fresh_start_into_a_used_save_moves_the_earlier_run_aside(tmp_path, capsys):
+    """`--load A --finetune --save B` with B used (e.g. `make demo` twice): B's earlier run is
+    renamed to B.1 whole, never overwritten or pruned; fine-tuning from B itself moves nothing."""
+    a, b, m = tmp_path / "a", tmp_path / "b", tmp_path / "b" / "m.jsonl"
+    one = [*[f for f in FAST if f != "--quiet"], "--num-steps", "1", "--num-eval-prompts", "0"]
+    run_training(parse_args([*one, "--save", str(a)]))
+    run_training(parse_args([*one, "--save", str(b), "--metrics-jsonl", str(m)]))
+    before = _files(b)
+    capsys.readouterr()
+    run_training(parse_args([*one, "--load", str(a), "--finetune", "--save", str(b), "--metrics-jsonl", str(m)]))
+    out = capsys.readouterr().out
+    assert f"--save {b} held an earlier run (newest iter_0000001): moved it to {b}.1" in out, out
+    before.pop("m.jsonl.lock")  # the metrics lock is this run's now: it stays
+    assert _files(Path(f"{b}.1")) == before  # every file of the earlier run, byte for byte
+    assert (b / "iter_0000001").is_dir() and [r["step"] for r in _rows(m)] == [0, 1]
+    run_training(parse_args([*one, "--load", str(b), "--finetune", "--save", str(b)]))
+    assert not Path(f"{b}.2").exists()
+
+
 def test_unwritable_save_fails_before_the_model_is_built(tmp_path, monkeypatch):
     from megatron_mtp_rl.train import builders
 

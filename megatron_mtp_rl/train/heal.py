@@ -16,6 +16,7 @@ bit for bit, with the input's.
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import asdict
 
 import torch
@@ -33,6 +34,7 @@ from megatron_mtp_rl.train.loop import LoopState, close, is_logging_rank, prepar
 from megatron_mtp_rl.train.metrics import MetricsWriter, WandbSettings, print_progress
 from megatron_mtp_rl.train.optim import clip_and_step
 from megatron_mtp_rl.train.schedule import forward_backward
+from megatron_mtp_rl.train.signals import GracefulStop
 from megatron_mtp_rl.train.step import build_micro_batches, generate, reduce_metrics
 
 
@@ -141,6 +143,8 @@ def _heal(ctx) -> dict:
         run_config=asdict(cfg),
     )
     history, best, since_best, step = [], float("-inf"), 0, 0
+    # SIGTERM/SIGINT/--exit-duration-in-mins: stop healing after this step, save what is healed, exit.
+    stop, stopped = GracefulStop(cfg.ckpt.exit_duration_in_mins).install(), False
     try:
         writer.log(0, {f"heal/held_out_accept_{k + 1}": a for k, a in enumerate(before)})
         while step < cfg.num_steps:
@@ -159,9 +163,13 @@ def _heal(ctx) -> dict:
                 since_best += 1
                 if since_best >= cfg.mtp.heal_patience:
                     break
+            if step < cfg.num_steps and stop.should_stop():  # collective: every rank stops here
+                stopped = True
+                break
         after = acceptance(run.model, held_out, num_depths)
         writer.log(step + 1, {f"heal/held_out_accept_{k + 1}": a for k, a in enumerate(after)})
     finally:
+        stop.restore()
         writer.close()
     main_now = digest(main_parameters(run.gpt))
     save(ctx, LoopState(step=step, cursor=cursor))
@@ -174,6 +182,12 @@ def _heal(ctx) -> dict:
         for k in range(num_depths):
             print(f"heal: depth {k + 1} expected acceptance (held-out rollouts) {before[k]:.4f} -> {after[k]:.4f}")
         print(f"heal: {step} steps, main model unchanged (sha256 {main_saved[:16]}), saved to {cfg.ckpt.save}")
+    if stopped:
+        then = "it holds the MTP layers healed so far (heal it further with --load of it)"
+        exc = stop.stop(step, cfg.num_steps, f"{cfg.ckpt.save}/iter_{step:07d}", what="heal step", then=then)
+        if is_logging_rank():
+            print(exc.message, file=sys.stderr, flush=True)
+        raise exc
     return {
         "history": history,
         "before": before,

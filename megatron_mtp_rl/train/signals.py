@@ -98,12 +98,17 @@ class GracefulStop:
         self._agreed = (reason, signum)
         return reason != _NONE
 
-    def stop(self, step: int, total: int, saved: str | None) -> StopRequested:
-        """The exception (with its one-line message) that ends the run after the save."""
+    def stop(self, step: int, total: int, saved: str | None, *, what: str = "step", then: str = "") -> StopRequested:
+        """The exception (with its one-line message) that ends the run after the save.
+
+        ``what`` names the unit ("step", "heal step"); ``then`` replaces "rerun the same command
+        to resume" after the saved checkpoint's name.
+        """
         reason, signum = getattr(self, "_agreed", self.local_reason())
         if reason == _SIGNAL:
             why, code = f"received {signal.Signals(signum).name}", 128 + signum
         else:
             why, code = f"reached --exit-duration-in-mins {self.limit_s / 60:g}", TIME_LIMIT_EXIT
-        where = f"checkpoint {saved} saved; rerun the same command to resume" if saved else "no --save: nothing saved"
-        return StopRequested(code, f"stopped: {why} after step {step}/{total}; {where}")
+        then = then or "rerun the same command to resume"
+        where = f"checkpoint {saved} saved; {then}" if saved else "no --save: nothing saved"
+        return StopRequested(code, f"stopped: {why} after {what} {step}/{total}; {where}")

@@ -8,6 +8,7 @@ from megatron_mtp_rl.config import parse_config
 from megatron_mtp_rl.errors import ConfigError
 from megatron_mtp_rl.train.heal import run_heal
 from megatron_mtp_rl.train.loop import run_training
+from megatron_mtp_rl.train.signals import TIME_LIMIT_EXIT, StopRequested
 
 FAST = [
     "--preset", "tiny-dense", "--rollout-batch-size", "4", "--n-samples-per-prompt", "4",
@@ -30,6 +31,14 @@ def test_heal_trains_the_mtp_layers_only(tmp_path):
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     steps = [r for r in rows if "mtp/accept_1" in r]
     assert [r["step"] for r in steps] == [1, 2] and all("mtp/head_loss_2" in r for r in steps)
+    # Stopped early (a time limit already reached; SIGTERM takes the same path): what is healed is saved.
+    stopped = tmp_path / "stopped"
+    with pytest.raises(StopRequested) as exc:
+        run_heal(parse_config([*FAST, "--load", str(rl), "--save", str(stopped), "--num-steps", "2",
+                               "--mtp-head-loss", "ce", "--exit-duration-in-mins", "1e-9"], "heal"))  # fmt: skip
+    assert exc.value.code == TIME_LIMIT_EXIT
+    assert f"after heal step 1/2; checkpoint {stopped}/iter_0000001 saved" in exc.value.message
+    assert (stopped / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
 
 
 def test_heal_flag_errors(tmp_path):

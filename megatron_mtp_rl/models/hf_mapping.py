@@ -775,7 +775,22 @@ def _expert_order(items: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torc
 
 
 def gather_full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """This stage's parameters as full tensors in TP=1/EP=1 order (a collective, see
-    :func:`iter_full_tensors`); every rank gets the same dict. Works with gloo on CPU.
+    """The whole model's parameters as full tensors in TP=1/EP=1 order, under PP=1 names.
+
+    A collective: TP/EP shards are gathered by :func:`iter_full_tensors`; with PP > 1 the
+    stages' dicts are then exchanged over the pipeline group (as CPU tensors), so every rank
+    gets the same dict — the HF export and the weight push need the MTP layers of the last
+    stage as much as the embedding of the first. A name two stages hold (the tied or MTP
+    stage's copy of the word embedding, kept equal by megatron) is taken from the first.
     """
-    return dict(_expert_order(list(iter_full_tensors(model))))
+    own = dict(_expert_order(list(iter_full_tensors(model))))
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return own
+    group = parallel_state.get_pipeline_model_parallel_group()
+    stages: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(stages, {k: v.cpu() for k, v in own.items()}, group=group)
+    full: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        for name, t in stage.items():
+            full.setdefault(name, t)
+    return full

@@ -20,6 +20,28 @@ def apply() -> None:
     """Patches megatron-core still needs on this version: none on 0.19.2 (CPU shims are in platform/)."""
 
 
+def drop_unused_output_weight(gpt) -> None:
+    """Free the output layer's own weight on a tied last stage that runs the MTP block (PP > 1).
+
+    ``GPTModel`` (0.19.2, ``gpt_model.py``) allocates ``output_layer.weight`` unless the stage
+    is the first one, but a tied stage with the MTP block keeps its own ``embedding`` and
+    passes that weight to the output layer (``shared_embedding_or_output_weight``), so the
+    output layer's weight is never used — and ``LanguageModule.sharded_state_dict`` asserts it
+    is absent there (``tie_embeddings_and_output_weights_state_dict``), so saving or loading
+    any checkpoint on that stage fails. Megatron's own layout (``skip_weight_param_allocation``)
+    is a weightless output layer; this makes it so before DDP and the optimizer see it.
+    """
+    layer = getattr(gpt, "output_layer", None)
+    if (
+        layer is not None
+        and getattr(gpt, "share_embeddings_and_output_weights", False)
+        and getattr(gpt, "mtp_process", False)
+        and not gpt.pre_process
+        and getattr(layer, "weight", None) is not None
+    ):
+        layer.weight = None
+
+
 def preprocess(
     gpt, input_ids: torch.Tensor, position_ids: torch.Tensor, inference_context=None, packed_seq_params=None
 ):

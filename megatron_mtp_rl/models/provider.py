@@ -241,6 +241,7 @@ def build_model(
         rotary_percent=args.rotary_percent,
         mtp_block_spec=mtp_spec,
     )
+    compat.drop_unused_output_weight(model)  # PP > 1, tied, MTP on the last stage: checkpointable
     # The tokenizer's vocabulary: log-probs leave megatron's padding ids out, as samplers do.
     model.real_vocab_size = args.vocab_size
     # Transformer Engine's attention reads packed rows as THD (cu_seqlens), not through a mask.

@@ -35,12 +35,13 @@ def _worker(rank, world, full_state):
     model.zero_grad_buffer()
     opt.zero_grad()
     losses = forward_backward(model, mbs, ce_loss_fn(main_n, mtp_n))
-    # The last stage also allocates an output_layer.weight that a tied model never uses
-    # (megatron passes the MTP stage's embedding weight instead); leave it out.
-    dead = {"output_layer.weight"} if gpt.mtp_process and not gpt.pre_process else set()
-    grads = {full_name(gpt, k): v for k, v in grads_by_name(model).items() if k not in dead}
+    # megatron allocates an output_layer.weight on the tied MTP stage that nothing uses (it passes the
+    # stage's embedding weight) and its checkpoint code refuses; the provider frees it.
+    if gpt.mtp_process and not gpt.pre_process:
+        assert "output_layer.weight" not in dict(gpt.named_parameters())
+    grads = {full_name(gpt, k): v for k, v in grads_by_name(model).items()}
     ok, _, _ = opt.step()
-    params = {full_name(gpt, n): p.detach().clone() for n, p in gpt.named_parameters() if n not in dead}
+    params = {full_name(gpt, n): p.detach().clone() for n, p in gpt.named_parameters()}
     return {
         "state": full_state,
         "loss": sum(float(x["loss"]) for x in losses) if losses else None,

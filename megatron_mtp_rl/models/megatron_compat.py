@@ -42,6 +42,14 @@ def drop_unused_output_weight(gpt) -> None:
         layer.weight = None
 
 
+def stage_input(gpt) -> torch.Tensor | None:
+    """The activation this pipeline stage received (``TransformerBlock.input_tensor``, set by the
+    schedule through ``GPTModel.set_input_tensor``); None on the first stage."""
+    if gpt.pre_process:
+        return None
+    return getattr(gpt.decoder, "input_tensor", None)
+
+
 def preprocess(
     gpt, input_ids: torch.Tensor, position_ids: torch.Tensor, inference_context=None, packed_seq_params=None
 ):

@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_mtp_rl.models import megatron_compat as compat
 from megatron_mtp_rl.models.batch import TokenBatch
 from megatron_mtp_rl.models.mtp_forward import HeadLogProbs, forward_logprobs, unwrap
 from megatron_mtp_rl.platform.distributed import device as platform_device
@@ -58,8 +59,13 @@ def forward_backward(
         seq, mbs = seq * mbs, 1
     scale = n * parallel_state.get_data_parallel_world_size() / max(1, parallel_state.get_context_parallel_world_size())
 
-    def _loss(batch, out):
+    def _loss(batch, received, out):
         loss, metrics = loss_fn(batch, out)
+        if received is not None and received.requires_grad:
+            # A loss that never reaches the trunk (heal's head-only objective) leaves this stage's
+            # input gradient None: megatron's 1F1B then sends nothing back while the previous stage
+            # waits for it. A zero term gives it an (all-zero) gradient to send.
+            loss = loss + 0.0 * received.sum()
         return loss * scale, metrics
 
     def _collect(out, non_loss_data=False):
@@ -73,7 +79,7 @@ def forward_backward(
         out = forward_logprobs(m, batch, **forward_kwargs)
         if loss_fn is None:
             return out, _collect
-        return out, partial(_loss, batch)
+        return out, partial(_loss, batch, compat.stage_input(unwrap(m)))
 
     fb = get_forward_backward_func()
     return fb(

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.dist_utils import free_port, run_ranks
 from tests.e2e.test_train import FAST
 
@@ -49,14 +51,20 @@ def _warm_start(rank: int, world: int, out: str) -> None:
     run_training(parse_config([*FAST, "--preset", "tiny-moe", "--num-steps", "1", "--save", out]))
 
 
-def test_pp2_rl_run_logs_what_pp1_logs(tmp_path):
-    run_ranks(_warm_start, 1, tmp_path / "w", str(tmp_path / "init"))
+@pytest.fixture(scope="module")
+def init(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("init")
+    run_ranks(_warm_start, 1, d / "ranks", str(d / "ckpt"))
+    return str(d / "ckpt")
+
+
+def test_pp2_rl_run_logs_what_pp1_logs(tmp_path, init):
     rows = {}
     for pp in (1, 2):
         out = tmp_path / f"pp{pp}"
         out.mkdir()
         (out / "ports").write_text(f"{free_port(span=11)} {free_port()}")
-        run_ranks(_run, pp, out / "ranks", str(out), str(tmp_path / "init"), timeout=300)
+        run_ranks(_run, pp, out / "ranks", str(out), init, timeout=300)
         rows[pp] = _rows(out)
         assert (out / "ckpt" / "iter_0000002").is_dir() and (out / "hf" / "init" / "model.safetensors").exists()
     one, two = rows[1], rows[2]
@@ -65,3 +73,31 @@ def test_pp2_rl_run_logs_what_pp1_logs(tmp_path):
     for a, b in zip(one, two):
         for k, v in a.items():
             assert abs(b[k] - v) <= 1e-4 * max(1.0, abs(v)), (a["step"], k, v, b[k])
+
+
+def _heal(rank: int, world: int, out: str, load: str) -> dict:
+    from megatron_mtp_rl.config import parse_config
+    from megatron_mtp_rl.train.heal import run_heal
+
+    ports = [int(p) for p in Path(out, "ports").read_text().split()]
+    res = run_heal(parse_config([
+        *FAST, "--preset", "tiny-moe", "--num-steps", "2", "--pipeline-model-parallel-size", str(world),
+        "--rollout-engine", "sglang", "--rollout-server-cmd", f"{sys.executable} {FAKE}",
+        "--rollout-router-cmd", f"{sys.executable} {FAKE} --router", "--rollout-base-port", str(ports[0]),
+        "--rollout-router-port", str(ports[1]), "--rollout-hf-dir", f"{out}/hf", "--reward-workers", "0",
+        "--mtp-head-loss", "distill", "--load", load, "--save", f"{out}/healed",
+    ], "heal"))  # fmt: skip
+    return {k: res[k] for k in ("before", "after", "main_digest_input", "main_digest_saved", "mtp_digest_input",
+                                "mtp_digest_saved")}  # fmt: skip
+
+
+def test_heal_with_pp2_trains_the_last_stage_mtp_layers_only(tmp_path, init):
+    """The head-only loss never reaches the trunk, so the last stage would send no input gradient back
+    and 1F1B would wait for it forever; the schedule gives it a zero one."""
+    (tmp_path / "ports").write_text(f"{free_port(span=11)} {free_port()}")
+    first, last = run_ranks(_heal, 2, tmp_path / "ranks", str(tmp_path), init, timeout=240)
+    for stage in (first, last):
+        assert stage["main_digest_saved"] == stage["main_digest_input"]  # bit-identical, read back
+    assert first["mtp_digest_saved"] == first["mtp_digest_input"]  # no MTP layer on the first stage
+    assert last["mtp_digest_saved"] != last["mtp_digest_input"]
+    assert all(a > b for a, b in zip(last["after"], last["before"])), last

@@ -194,13 +194,51 @@ def trainer_state(run: Run, state: LoopState) -> dict:
     return {
         "step": state.step,
         "cursor": state.cursor,
-        "occ": run.occ.state_dict() if run.occ else None,
+        "occ": _last_stage_occ_state(run),
         "scheduler": run.scheduler.state_dict(),
         "model_args": asdict(run.model_args),
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         "mtp_regime": run.cfg.mtp.mtp_regime if run.cfg.command == "train" else "pretrain",
-        "async_rollout": state.pending,
+        "async_rollout": _per_rank(state.pending),
     }
+
+
+# Rank 0 writes trainer_state.pt; what differs between ranks is gathered into it first (collectives:
+# every rank builds the trainer state).
+def _last_stage_occ_state(run: Run) -> dict | None:
+    """OCC's λ is measured and used where the loss is computed: the last pipeline stage's is the state."""
+    state = run.occ.state_dict() if run.occ else None
+    if state is None or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return state
+    group = parallel_state.get_pipeline_model_parallel_group()
+    box = [state]
+    dist.broadcast_object_list(box, src=dist.get_process_group_ranks(group)[-1], group=group)
+    return box[0]
+
+
+def _per_rank(pending: dict | None) -> dict | None:
+    """--async-rollout: each data-parallel rank generated its own share of the next batch; keep every rank's."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return pending
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, pending)
+    return {"per_rank": every}
+
+
+def _my_pending(saved: dict | None) -> dict | None:
+    """This rank's pending batch from a checkpoint; None (regenerated: one step of lag lost) when the
+    checkpoint came from another world size."""
+    if not saved or "per_rank" not in saved:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return saved if world == 1 else None
+    every = saved["per_rank"]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if len(every) != world:
+        if is_logging_rank():
+            print_progress(f"--async-rollout: the checkpoint's pending batch is from {len(every)} ranks, this run "
+                           f"has {world}: it is regenerated")  # fmt: skip
+        return None
+    return every[dist.get_rank() if dist.is_initialized() else 0]
 
 
 def save(ctx: StepContext, state: LoopState) -> None:
@@ -258,7 +296,8 @@ def resume(cfg: RunConfig, run: Run) -> LoopState:
         random.setstate(saved_state["rng"]["python"])
         np.random.set_state(saved_state["rng"]["numpy"])
         torch.set_rng_state(saved_state["rng"]["torch"])
-    return LoopState(step=saved_state["step"], cursor=saved_state["cursor"], pending=saved_state.get("async_rollout"))
+    pending = _my_pending(saved_state.get("async_rollout"))
+    return LoopState(step=saved_state["step"], cursor=saved_state["cursor"], pending=pending)
 
 
 def _is_pretrain(trainer_state: dict) -> bool:

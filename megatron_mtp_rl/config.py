@@ -828,8 +828,11 @@ def validate(
         )
     if gbs // dp % op.micro_batch_size and pp > 1:
         problems.append("with pipeline parallelism --micro-batch-size must divide --global-batch-size / DP")
-    if pp > 1 and ro.rollout_engine == "local":
-        problems.append("the local rollout engine generates with PP=1 only; use --rollout-engine sglang for PP > 1")
+    if pp > 1 and ro.rollout_engine == "local" and not cfg.ray.ray:
+        problems.append(
+            "the local rollout engine generates with PP=1 only; use --rollout-engine sglang (or --ray, whose "
+            "rollout actor holds a PP=1 replica) for PP > 1"
+        )
     if cp > 1:
         problems.append("--context-parallel-size > 1 is not supported by the RL forward yet")
     problems += _data_and_log_problems(cfg)

@@ -43,13 +43,18 @@ class TrainerActor:
 
 def launch(cfg) -> list[dict]:
     """Run the job on Ray; returns rank 0's metrics history."""
-    from megatron_mtp_rl.config import resolve_model_args
+    from megatron_mtp_rl.config import check, resolve_model_args
     from megatron_mtp_rl.models.presets import ModelArgs  # noqa: F401  (imported for pickling)
     from megatron_mtp_rl.rollout.ray_engine import RolloutActor
     from megatron_mtp_rl.rollout.tokenizer import build_tokenizer
+    from megatron_mtp_rl.train.builders import model_vocab_size
 
     world = cfg.ray.ray_num_trainers
     gpus = 1 if cfg.ray.ray_gpus_per_trainer else 0
+    tok = build_tokenizer(cfg.data.tokenizer)
+    vocab = model_vocab_size(cfg, tok)  # the checkpoint's rows, as the trainers build (≥ the tokenizer's)
+    margs = resolve_model_args(cfg, vocab)
+    check(cfg, world, margs, cuda=bool(gpus))  # before Ray starts: one line, not a traceback per trainer actor
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address="auto")
@@ -68,11 +73,6 @@ def launch(cfg) -> list[dict]:
     pg = placement_group(bundles, strategy="PACK")
     ray.get(pg.ready())
     try:
-        from megatron_mtp_rl.train.builders import model_vocab_size
-
-        tok = build_tokenizer(cfg.data.tokenizer)
-        vocab = model_vocab_size(cfg, tok)  # the checkpoint's rows, as the trainers build (≥ the tokenizer's)
-        margs = resolve_model_args(cfg, vocab)
         rollout_bundle = world if disaggregated else 0
         share = 0.0 if disaggregated else 0.5  # colocated: shares rank 0's bundle
         rollout = RolloutActor.options(

@@ -41,3 +41,19 @@ def test_two_rl_steps_on_ray(tmp_path, placement, trainers, mode):
     assert (tmp_path / "m.jsonl").read_text().count("\n") == 3
     if mode == "async":
         assert [h["rollout/policy_lag"] for h in hist[1:]] == [0.0, 1.0]
+
+
+def test_a_bad_ray_config_fails_in_one_line_before_ray_starts():
+    from megatron_mtp_rl.config import validate
+    from megatron_mtp_rl.errors import ConfigError
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cfg = parse_config([*FAST, "--ray", "--ray-num-trainers", "2", "--rollout-batch-size", "3"])
+    with pytest.raises(ConfigError, match="--rollout-batch-size 3 is not divisible by the data-parallel size 2"):
+        launch(cfg)
+    assert not ray.is_initialized()
+    # PP > 1 generates on the Ray rollout actor (a PP=1 replica), unlike the in-process local engine
+    pp2 = parse_config([*FAST, "--ray", "--pipeline-model-parallel-size", "2"])
+    assert not any("PP=1 only" in p for p in validate(pp2, 2))
+    assert any("PP=1 only" in p for p in validate(parse_config([*FAST, "--pipeline-model-parallel-size", "2"]), 2))

@@ -92,8 +92,11 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = flag(1, "PP size (MTP block on the last stage)", min=1)
     expert_model_parallel_size: int = flag(1, "EP size", min=1)
     context_parallel_size: int = flag(1, "CP size (not supported by the RL forward yet)", min=1)
-    distributed_timeout_minutes: int = flag(
-        10, "a collective waiting longer ends the run, naming what it waited on (a hung peer)", min=1
+    distributed_timeout_minutes: float = flag(
+        10.0,
+        "a collective waiting longer ends the run, naming what it waited on (a hung peer); minutes, fractions allowed",
+        min=0.0,
+        min_exclusive=True,
     )
     use_distributed_optimizer: bool = flag(
         False, "shard fp32 master weights and Adam state over data-parallel ranks (ZeRO-1; GPU)"

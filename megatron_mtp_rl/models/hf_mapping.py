@@ -4,7 +4,8 @@ Weight sync to SGLang and checkpoint conversion both go through this module, so 
 fix made here reaches both. Three steps:
 
 1. :func:`gather_full_state` (collective) turns this rank's TP/EP shards into FULL tensors
-   named as a TP=1/EP=1/PP=1 model names them, experts by their GLOBAL index;
+   named as a TP=1/EP=1/PP=1 model names them, experts by their GLOBAL index, and joins
+   the pipeline stages;
 2. :func:`megatron_to_hf` renames and re-lays them out for an :class:`HFFlavour`;
 3. :func:`hf_to_megatron` is its exact inverse (bit-exact round trip).
 

@@ -232,7 +232,9 @@ class SGLangSupervisor:
         self._logs.append(f)
         defaults = DEFAULT_ENGINE_ENV if p is not self.router else {}
         env = {**defaults, **os.environ, **self.config.env}
-        p.popen = subprocess.Popen(p.cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # Own session (the whole tree can be signalled), and killed by the kernel if this process dies.
+        guarded = [sys.executable, "-m", "megatron_mtp_rl.rollout.die_with_parent", str(os.getpid()), *p.cmd]
+        p.popen = subprocess.Popen(guarded, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self._event("start", p.name)
 
     def _log_tail(self, p: _Proc, n: int = 30) -> str:

@@ -5,7 +5,8 @@ process at once and every step since the last checkpoint is lost. Megatron-LM's
 ``--exit-signal-handler`` behaviour instead: the first signal is only noted, the current
 optimizer step finishes, the loop saves a checkpoint (when ``--save`` is set, whatever
 ``--save-interval`` says), flushes metrics and ends with :class:`StopRequested` (exit code
-128 + signal number: 143 for SIGTERM, 130 for SIGINT). A second signal exits at once.
+128 + signal number: 143 for SIGTERM, 130 for SIGINT). A second signal exits at once, unless it
+comes within :data:`SAME_REQUEST_S` of the first (the same request delivered twice).
 ``--exit-duration-in-mins`` stops the same way once the run has lasted that long (exit code
 :data:`TIME_LIMIT_EXIT`, so a job chain can tell "resume me" from "finished").
 
@@ -27,6 +28,10 @@ import torch.distributed as dist
 from megatron_mtp_rl.platform.device import collective_device
 
 TIME_LIMIT_EXIT = 3
+# A second signal this soon after the first is the same request delivered twice, not "exit now":
+# Slurm signals every process of a job step and torchrun forwards the signal it got to its workers,
+# and Ctrl-C under torchrun gives each worker SIGINT (from the terminal) then SIGTERM (from torchrun).
+SAME_REQUEST_S = 5.0
 _NONE, _TIME, _SIGNAL = 0, 1, 2
 
 
@@ -49,6 +54,7 @@ class GracefulStop:
         self.limit_s = exit_duration_in_mins * 60.0 if exit_duration_in_mins else None
         self.start = time.monotonic() if start_time is None else start_time
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     # -- handlers -------------------------------------------------------------------------
@@ -67,11 +73,17 @@ class GracefulStop:
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        now = time.monotonic()
         if self.signum is not None:
+            if now - self._first_at < SAME_REQUEST_S:
+                return  # one request delivered twice (see SAME_REQUEST_S)
             os.write(2, f"\nerror: second {name}: exiting now, without saving\n".encode())
             os._exit(128 + signum)
-        self.signum = signum
-        msg = f"\n{name} received: finishing this step, saving, then exiting (send it again to exit now)\n"
+        self.signum, self._first_at = signum, now
+        msg = (
+            f"\n{name} received: finishing this step, saving, then exiting "
+            f"(send it again after {SAME_REQUEST_S:g} s to exit now)\n"
+        )
         os.write(2, msg.encode())
 
     def __enter__(self) -> GracefulStop:

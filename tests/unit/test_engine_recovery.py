@@ -122,3 +122,36 @@ def test_a_hung_engine_is_killed_and_restarted(tmp_path):
         assert len(outs) == 1 and len(outs[0].response_ids) == 3
     finally:
         engine.close()
+
+
+def test_servers_die_with_a_killed_trainer():
+    """SGLang engines run in sessions of their own (die_with_parent): SIGKILL of the trainer that
+    started one — no cleanup code runs — still takes the server down (parent-death signal)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import os, subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-m', 'megatron_mtp_rl.rollout.die_with_parent', str(os.getpid()),"
+            " 'sleep', '60'], start_new_session=True)\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(60)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        server = psutil.Process(int(trainer.stdout.readline()))
+        deadline = time.monotonic() + 10
+        while server.cmdline()[:1] != ["sleep"] and time.monotonic() < deadline:  # the wrapper exec'd the command
+            time.sleep(0.05)
+        assert server.cmdline() == ["sleep", "60"] and server.ppid() == trainer.pid
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(10)
+        server.wait(10)  # raises psutil.TimeoutExpired if the server outlived its trainer
+    finally:
+        trainer.kill()

@@ -131,7 +131,7 @@ def test_first_signal_is_noted_and_time_limit_stops():
     assert timed.should_stop() and timed.stop(1, 2, None).code == TIME_LIMIT_EXIT
 
 
-def test_a_second_signal_exits_at_once():
+def test_a_second_signal_exits_at_once_unless_it_is_the_same_request_delivered_twice():
     import subprocess
     import sys
 
@@ -139,11 +139,18 @@ def test_a_second_signal_exits_at_once():
         "import os, signal, time\n"
         "from megatron_mtp_rl.train.signals import GracefulStop\n"
         "stop = GracefulStop().install()\n"
+        "import megatron_mtp_rl.train.signals as s\n"
+        "s.SAME_REQUEST_S = 0.5\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
         "assert stop.signum == signal.SIGINT\n"
+        # Ctrl-C under torchrun: SIGINT from the terminal, then SIGTERM forwarded by torchrun: one request
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(1.0)\n"
+        "print('still running', flush=True)\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "time.sleep(30)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 143, out.stderr[-1000:]
+    assert out.stdout == "still running\n" and out.stderr.count("second") == 1
     assert "SIGINT received: finishing this step" in out.stderr and "second SIGTERM: exiting now" in out.stderr

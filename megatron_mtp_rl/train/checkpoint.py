@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_mtp_rl.errors import ConfigError, DataError
 from megatron_mtp_rl.models.forward import unwrap
 from megatron_mtp_rl.train import faults
+from megatron_mtp_rl.train.jsonl_log import next_free_name
 
 LATEST = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
@@ -299,10 +300,7 @@ def set_aside_earlier_run(save: str | None, load: str | None, *, keep: tuple[str
     if src == root or root in src.parents:  # resuming (or fine-tuning) from this very directory
         return ""
     newest = newest_checkpoint(save)
-    n = 1
-    while Path(f"{root}.{n}").exists():
-        n += 1
-    kept = Path(f"{save}.{n}")
+    kept = next_free_name(save)
     kept.mkdir(parents=True)
     for entry in sorted(root.iterdir()):
         if entry.name not in keep:

@@ -18,11 +18,16 @@ from pathlib import Path
 from typing import IO
 
 
-def _set_aside(path: Path) -> Path:
+def next_free_name(path: Path | str) -> Path:
+    """``PATH.1``, ``PATH.2``, ...: the first that does not exist (where an earlier file or run is kept)."""
     n = 1
     while Path(f"{path}.{n}").exists():
         n += 1
-    kept = Path(f"{path}.{n}")
+    return Path(f"{path}.{n}")
+
+
+def _set_aside(path: Path) -> Path:
+    kept = next_free_name(path)
     os.replace(path, kept)
     return kept
 

@@ -228,11 +228,10 @@ def _per_rank(pending: dict | None) -> dict | None:
 def _my_pending(saved: dict | None) -> dict | None:
     """This rank's pending batch from a checkpoint; None (regenerated: one step of lag lost) when the
     checkpoint came from another world size."""
-    if not saved or "per_rank" not in saved:
-        world = dist.get_world_size() if dist.is_initialized() else 1
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not saved or "per_rank" not in saved:  # one process wrote it (or nothing was pending)
         return saved if world == 1 else None
     every = saved["per_rank"]
-    world = dist.get_world_size() if dist.is_initialized() else 1
     if len(every) != world:
         if is_logging_rank():
             print_progress(f"--async-rollout: the checkpoint's pending batch is from {len(every)} ranks, this run "

@@ -17,16 +17,22 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) < 2:
-        sys.exit("usage: python -m megatron_mtp_rl.rollout.die_with_parent PPID CMD [ARGS...]")
-    expected_parent, cmd = int(argv[0]), argv[1:]
+def arm_parent_death_signal() -> None:
+    """Linux: the kernel SIGKILLs this process when the thread that started it dies (elsewhere: a no-op,
+    the trainer's own shutdown still stops it). Used here and by the reward workers."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the supervisor's own shutdown still stops the server
+    except (OSError, AttributeError):
         pass
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        sys.exit("usage: python -m megatron_mtp_rl.rollout.die_with_parent PPID CMD [ARGS...]")
+    expected_parent, cmd = int(argv[0]), argv[1:]
+    arm_parent_death_signal()
     if os.getppid() != expected_parent:
         sys.exit(1)  # the trainer died before the signal was armed
     os.execvp(cmd[0], cmd)

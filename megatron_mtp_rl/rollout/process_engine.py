@@ -30,13 +30,13 @@ def _serve(conn, model_args: dict, vocab_size: int, speculative: bool, seed: int
     from megatron_mtp_rl import platform
     from megatron_mtp_rl.models.presets import ModelArgs
     from megatron_mtp_rl.models.provider import build_model
+    from megatron_mtp_rl.models.state import load_full_state_dict
     from megatron_mtp_rl.rollout.local_engine import LocalEngine
 
     platform.initialize(seed=seed)
     model = build_model(ModelArgs(**model_args))
     model.eval()
     engine = LocalEngine(model, vocab_size=vocab_size, speculative=speculative)
-    own = model.state_dict()
     conn.send(("ready", None))
     while True:
         try:
@@ -46,11 +46,7 @@ def _serve(conn, model_args: dict, vocab_size: int, speculative: bool, seed: int
         kind = msg[0]
         try:
             if kind == "weights":
-                state = msg[1]
-                missing = [k for k in own if not k.endswith("_extra_state") and k not in state]
-                if missing:
-                    raise KeyError(f"rollout process: no weights for {missing[:5]}")
-                model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+                load_full_state_dict(model, msg[1])  # every tensor of the replica, or KeyError naming the missing
                 conn.send(("ok", msg[2]))
             elif kind == "generate":
                 _, prompts, params, gen_seed = msg

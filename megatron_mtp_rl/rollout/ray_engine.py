@@ -30,11 +30,9 @@ class RolloutActor:
 
     def load_weights(self, state: dict, version: int) -> int:
         """Full megatron tensors (TP=1/EP=1 names) from the trainer; returns the version held."""
-        own = self.model.state_dict()
-        missing = [k for k in own if not k.endswith("_extra_state") and k not in state]
-        if missing:
-            raise KeyError(f"rollout actor: no weights for {missing[:5]} ...")
-        self.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        from megatron_mtp_rl.models.state import load_full_state_dict
+
+        load_full_state_dict(self.model, state)  # every tensor of the replica, or KeyError naming the missing
         self.version = version
         return version
 

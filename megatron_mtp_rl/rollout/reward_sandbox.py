@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 
 
 def _worker(conn, spec: str) -> None:
+    from megatron_mtp_rl.rollout.die_with_parent import arm_parent_death_signal
     from megatron_mtp_rl.rollout.rewards import check_reward, load_reward_fn
 
     # The trainer decides when to stop (it finishes its step on SIGTERM/SIGINT, which
     # Ctrl-C and Slurm also deliver to this process); it closes the pipe to end a worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    arm_parent_death_signal()  # killed with the trainer even mid-call (a hung reward never notices EOF)
     parent = mp.parent_process()
     if parent is not None and os.getppid() != parent.pid:
         return  # the trainer died while this worker was starting
@@ -46,16 +47,6 @@ def _worker(conn, spec: str) -> None:
                 conn.send((idx, check_reward(fn(prompt, response, label)), None))
             except Exception:
                 conn.send((idx, 0.0, traceback.format_exc()))
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when the trainer dies, even mid-call (a hung reward never notices EOF)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 STARTUP_S = 120.0  # a fresh worker's allowance to import its reward module (a loaded node is slow)

@@ -188,9 +188,8 @@ def describe_timeout(exc: BaseException) -> str | None:
         if "torch/distributed" in path:
             name = code.co_name
             if name == "_coalescing_manager":
-                collective = f"coalesced collectives opened by {caller}" if caller else "coalesced collectives"
-                group = tb.tb_frame.f_locals.get("group", group)
-            elif not name.startswith("_") and name != "wrapper":
+                name = f"coalesced collectives opened by {caller}" if caller else "coalesced collectives"
+            if not name.startswith("_") and name != "wrapper":
                 collective = name
                 group = tb.tb_frame.f_locals.get("group", group)
         elif "contextlib" not in path:

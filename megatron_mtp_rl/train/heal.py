@@ -16,7 +16,6 @@ bit for bit, with the input's.
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import asdict
 
 import torch
@@ -184,10 +183,7 @@ def _heal(ctx) -> dict:
         print(f"heal: {step} steps, main model unchanged (sha256 {main_saved[:16]}), saved to {cfg.ckpt.save}")
     if stopped:
         then = "it holds the MTP layers healed so far (heal it further with --load of it)"
-        exc = stop.stop(step, cfg.num_steps, f"{cfg.ckpt.save}/iter_{step:07d}", what="heal step", then=then)
-        if is_logging_rank():
-            print(exc.message, file=sys.stderr, flush=True)
-        raise exc
+        raise stop.stop(step, cfg.num_steps, f"{cfg.ckpt.save}/iter_{step:07d}", what="heal step", then=then)
     return {
         "history": history,
         "before": before,

@@ -135,18 +135,13 @@ def train(ctx: StepContext, state: LoopState) -> list[dict]:
 
 def _stop_after_save(ctx: StepContext, state: LoopState, stop: GracefulStop) -> StopRequested:
     """Save this step (even with --save-interval 0), say why in one line; the caller raises it."""
-    import sys
-
     c = ctx.cfg.ckpt
     saved = None
     if c.save:
         if not _save_due(ctx.cfg, state.step):
             save(ctx, state)
         saved = f"{c.save}/iter_{state.step:07d}"
-    exc = stop.stop(state.step, ctx.cfg.num_steps, saved)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(exc.message, file=sys.stderr, flush=True)
-    return exc
+    return stop.stop(state.step, ctx.cfg.num_steps, saved)
 
 
 def _save_due(cfg: RunConfig, step: int) -> bool:

@@ -7,7 +7,6 @@ task, then saves a checkpoint that ``mtp-rl train --load DIR --finetune`` starts
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -157,8 +156,5 @@ def _pretrain_steps(cfg, run, evaluate, writer, first: int, stop: GracefulStop) 
         if step < cfg.num_steps and stop.should_stop():  # collective: every rank stops after this step
             if step % 50:
                 writer.log(step, last)
-            exc = stop.stop(step, cfg.num_steps, _save(cfg, run, step) if cfg.ckpt.save else None)
-            if is_logging_rank():
-                print(exc.message, file=sys.stderr, flush=True)
-            raise exc
+            raise stop.stop(step, cfg.num_steps, _save(cfg, run, step) if cfg.ckpt.save else None)
     return last, step

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -111,7 +112,7 @@ class GracefulStop:
         return reason != _NONE
 
     def stop(self, step: int, total: int, saved: str | None, *, what: str = "step", then: str = "") -> StopRequested:
-        """The exception (with its one-line message) that ends the run after the save.
+        """The exception that ends the run after the save; its one-line message is printed (rank 0).
 
         ``what`` names the unit ("step", "heal step"); ``then`` replaces "rerun the same command
         to resume" after the saved checkpoint's name.
@@ -123,4 +124,7 @@ class GracefulStop:
             why, code = f"reached --exit-duration-in-mins {self.limit_s / 60:g}", TIME_LIMIT_EXIT
         then = then or "rerun the same command to resume"
         where = f"checkpoint {saved} saved; {then}" if saved else "no --save: nothing saved"
-        return StopRequested(code, f"stopped: {why} after {what} {step}/{total}; {where}")
+        exc = StopRequested(code, f"stopped: {why} after {what} {step}/{total}; {where}")
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(exc.message, file=sys.stderr, flush=True)
+        return exc

@@ -211,6 +211,7 @@ class RolloutConfig:
     )
     weight_sync_mode: str = flag("tensor", "Megatron → SGLang", choices=["tensor", "distributed", "disk"])
     update_weight_buffer_size: int = flag(512 * 2**20, "bytes per weight-sync bucket", min=1)
+    max_shard_size: str = flag("5GB", "largest safetensors shard an HF export writes (HF's spelling: 5GB, 500MB)")
     rollout_server_cmd: str | None = flag(None, "SGLang server command prefix (tests: a fake)")
     rollout_router_cmd: str | None = flag(None, "sglang-router command prefix")
     rollout_startup_timeout: float = flag(900.0, "seconds for engines to come up", min=0, min_exclusive=True)
@@ -843,10 +844,21 @@ def validate(
         problems.append("--n-samples-per-prompt must be ≥ 2 (group-normalised advantages)")
     if ro.rollout_engine == "local" and (ro.sglang_engine_flags or ro.sglang_router_flags):
         problems.append("--sglang-* flags need --rollout-engine sglang")
+    problems += _size_problems(ro.max_shard_size, "--max-shard-size")
     if ro.local_spec_decode and ro.rollout_engine != "local":
         problems.append("--local-spec-decode is for the local engine; SGLang drafts with --sglang-speculative-*")
     problems += _memory_and_kernel_problems(cfg, cuda)
     return problems
+
+
+def _size_problems(value: str, flag_text: str) -> list[str]:
+    from megatron_mtp_rl.models.weight_stream import parse_size
+
+    try:
+        parse_size(value)
+    except ValueError as e:
+        return [f"{flag_text}: {e}"]
+    return []
 
 
 def _memory_and_kernel_problems(cfg: RunConfig, cuda: bool | None) -> list[str]:

@@ -16,8 +16,19 @@ uses::
 The family comes from ``architectures`` / ``model_type``. A config key that changes the computation
 and has no megatron-core mapping (``rope_scaling``, sliding windows, ``scoring_func``, ``topk_method``,
 ``norm_topk_prob`` with sigmoid routing, ...) is refused with one line naming the key and its value,
-never converted into a different model. Runs in ONE process at TP=PP=EP=1 (CPU unless a GPU is
-present), so the whole model must fit in host memory. DeepSeek-V3's MLA needs Transformer Engine.
+never converted into a different model. Both directions stream (``models/weight_stream.py``): in one
+process the model is built once and filled tensor by tensor (no second copy of the weights); under
+``torchrun`` with ``--tensor/--pipeline/--expert-model-parallel-size`` each rank holds, reads and writes
+only its shard::
+
+    torchrun --nproc-per-node 8 tools/convert_checkpoint.py hf-to-mcore --hf-dir GLM-4.5 --save ckpt \
+        --expert-model-parallel-size 8
+    torchrun --nproc-per-node 8 tools/convert_checkpoint.py mcore-to-hf --load ckpt --out hf_out \
+        --expert-model-parallel-size 8 --max-shard-size 5GB
+
+``--dtype auto`` takes the dominant floating dtype (mixed releases keep the router's fp32 bias as megatron
+does); block-quantised fp8 releases (DeepSeek-V3) are dequantised to bf16 on load. DeepSeek-V3's MLA needs
+Transformer Engine.
 
 Two things to get right for a real run:
 
@@ -64,19 +75,18 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
 
 
 def load_hf_tensors(hf_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every ``*.safetensors`` file in the directory (sharded or not)."""
-    from safetensors.torch import load_file
+    """Every tensor of the directory (sharded or not; fp8 blocks dequantised) — for ``verify`` on small models.
 
-    files = sorted(Path(hf_dir).glob("*.safetensors"))
-    if not files:
-        raise ConversionError(f"no *.safetensors file in {hf_dir}")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        for name, t in load_file(str(f)).items():
-            if name in out:
-                raise ConversionError(f"{name} appears in more than one safetensors file of {hf_dir}")
-            out[name] = t
-    return out
+    The conversions themselves never do this: they stream (``models/weight_stream.py``).
+    """
+    from megatron_mtp_rl.errors import ConfigError
+    from megatron_mtp_rl.models.weight_stream import HFCheckpoint
+
+    try:
+        ckpt = HFCheckpoint(hf_dir)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
+    return {name: ckpt.read(name) for name in ckpt.names()}
 
 
 def model_args_from_hf_config(
@@ -108,21 +118,17 @@ def model_args_from_hf_config(
         raise ConversionError(str(e)) from None
 
 
-def _auto_dtype(tensors: dict[str, torch.Tensor]) -> str:
-    kinds = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if kinds == {torch.bfloat16}:
-        return "bf16"
-    if kinds <= {torch.float32}:
-        return "fp32"
-    raise ConversionError(f"tensor dtypes {sorted(map(str, kinds))}: pass --dtype fp32 or --dtype bf16")
-
-
 # ---------------------------------------------------------------------------------------------
 # Process set-up and the model
 
 
-def _init_single_process() -> None:
-    """Our single-process gloo/NCCL group with TP=PP=EP=1 (kept if the caller made one)."""
+def _init_processes(parallel: tuple[int, int, int] = (1, 1, 1)) -> None:
+    """torch.distributed + parallel_state: one process, or ``torchrun``'s ranks with (TP, PP, EP) = ``parallel``.
+
+    Kept as is when the caller already made a matching group (in-process use by tests and tools).
+    """
+    import os
+
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -134,10 +140,28 @@ def _init_single_process() -> None:
             parallel_state.get_pipeline_model_parallel_world_size(),
             parallel_state.get_expert_model_parallel_world_size(),
         )
-        if dist.get_world_size() != 1 or sizes != (1, 1, 1):
-            raise ConversionError("the converter runs in one process with TP=PP=EP=1 (no torchrun)")
+        if sizes != tuple(parallel):
+            raise ConversionError(f"this process group has (TP, PP, EP) = {sizes}, the conversion asks for {parallel}")
         return
-    platform.initialize(seed=1234)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp, pp, ep = parallel
+    if world % (tp * pp) or (world // pp) % ep:
+        raise ConversionError(
+            f"{world} process(es) do not fit --tensor-model-parallel-size {tp} × --pipeline-model-parallel-size {pp} "
+            f"with --expert-model-parallel-size {ep} (launch with torchrun --nproc-per-node N)"
+        )
+    platform.initialize(
+        platform.ParallelSizes(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+        ),
+        seed=1234,
+    )
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _build(model_args, use_te: bool | None):
@@ -150,30 +174,8 @@ def _build(model_args, use_te: bool | None):
         raise ConversionError(str(e)) from None
 
 
-def _load_full(gpt, tensors: dict[str, torch.Tensor], allow_missing_mtp: bool) -> list[str]:
-    """Copy full megatron tensors into the model; every parameter must be covered."""
-    own = {n: t for n, t in gpt.state_dict().items() if not n.endswith(("_extra_state", "local_tokens_per_expert"))}
-    unexpected = sorted(set(tensors) - set(own))
-    missing = sorted(set(own) - set(tensors))
-    kept = [n for n in missing if allow_missing_mtp and n.startswith("mtp.")]
-    missing = [n for n in missing if n not in kept]
-    if unexpected or missing:
-        lines = ["the HF tensors do not cover our model exactly"]
-        if missing:
-            lines.append(f"model tensors with no HF source ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            lines.append(f"HF tensors our model has no place for ({len(unexpected)}): " + ", ".join(unexpected))
-        raise ConversionError("; ".join(lines))
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if own[name].shape != t.shape:
-                raise ConversionError(f"{name}: HF gives {tuple(t.shape)}, our model has {tuple(own[name].shape)}")
-            own[name].copy_(t)
-    return kept
-
-
-def _load_model(load_dir: str | Path, use_te: bool | None = None):
-    """(gpt, ModelArgs, trainer state) from our checkpoint root, built at TP=PP=EP=1."""
+def _load_model(load_dir: str | Path, use_te: bool | None = None, parallel: tuple[int, int, int] = (1, 1, 1)):
+    """(gpt, ModelArgs, trainer state) from our checkpoint root: this rank's shard at (TP, PP, EP) = ``parallel``."""
     from megatron_mtp_rl.models.presets import ModelArgs
     from megatron_mtp_rl.models.provider import transformer_engine_available
     from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
@@ -186,7 +188,7 @@ def _load_model(load_dir: str | Path, use_te: bool | None = None):
     margs = ModelArgs(**{k: v for k, v in saved["model_args"].items() if k in known})
     if use_te is None:
         use_te = transformer_engine_available()
-    _init_single_process()
+    _init_processes(parallel)
     gpt = _build(margs, use_te)
     load_checkpoint(str(load_dir), gpt, None)
     return gpt, margs, saved
@@ -207,29 +209,31 @@ def hf_to_mcore(
     mtp_num_layers: int | None = None,
     allow_missing_mtp: bool = False,
     use_te: bool | None = None,
+    parallel: tuple[int, int, int] = (1, 1, 1),
 ):
     """HF safetensors + config.json → ``SAVE/iter_0000000`` that ``mtp-rl train --load SAVE`` reads.
 
-    The family comes from the config (``flavour`` overrides it). Returns ``(checkpoint path,
-    ModelArgs)``; the ModelArgs are stored in the checkpoint, so ``--load`` needs no shape flags.
-    ``allow_missing_mtp`` keeps megatron's initialisation for MTP layers the HF checkpoint does not
-    have (a model released without MTP weights).
+    Streams: each rank builds its (TP, PP, EP) = ``parallel`` shard of the model and reads only
+    the slices of the HF tensors that shard owns (``models/weight_stream.load_hf``); the dist
+    checkpoint is written collectively. The family comes from the config (``flavour`` overrides
+    it); ``dtype="auto"`` takes the dominant floating dtype (fp8 → bf16; the router's fp32 expert
+    bias stays fp32 as megatron keeps it). Returns ``(checkpoint path, ModelArgs)``.
+    ``allow_missing_mtp`` keeps megatron's initialisation for MTP layers the HF checkpoint lacks.
     """
+    from megatron_mtp_rl.errors import ConfigError
     from megatron_mtp_rl.models.families import UnsupportedCheckpoint, detect, get_family
-    from megatron_mtp_rl.models.hf_mapping import hf_to_megatron
-    from megatron_mtp_rl.models.provider import padded_vocab_size, transformer_engine_available
+    from megatron_mtp_rl.models.provider import transformer_engine_available
+    from megatron_mtp_rl.models.weight_stream import HFCheckpoint, dominant_dtype, load_hf
     from megatron_mtp_rl.train.checkpoint import save_checkpoint
 
-    cfg = read_hf_config(hf_dir)
     try:
-        fam = get_family(flavour) if flavour else detect(cfg)
-    except UnsupportedCheckpoint as e:
+        ckpt = HFCheckpoint(hf_dir)
+        fam = get_family(flavour) if flavour else detect(ckpt.config)
+        params_dtype = dominant_dtype(ckpt) if dtype == "auto" else dtype
+    except (ConfigError, UnsupportedCheckpoint) as e:
         raise ConversionError(str(e)) from None
-    # zero-size tensors are modules of width 0 (transformers' n_shared_experts=0): exactly nothing
-    tensors = {n: t for n, t in load_hf_tensors(hf_dir).items() if t.numel() > 0}
-    params_dtype = _auto_dtype(tensors) if dtype == "auto" else dtype
     margs = model_args_from_hf_config(
-        cfg,
+        ckpt.config,
         params_dtype=params_dtype,
         vocab_size=vocab_size,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
@@ -238,20 +242,15 @@ def hf_to_mcore(
     )
     if use_te is None:
         use_te = transformer_engine_available()
-    _init_single_process()
+    _init_processes(parallel)
     gpt = _build(margs, use_te)
     try:
-        full = hf_to_megatron(
-            tensors, gpt.config, fam.flavour, padded_vocab_size=padded_vocab_size(margs, 1), fused_layernorm=use_te
-        )
-    except (KeyError, ValueError) as e:  # the mapping names every tensor it could not place
-        raise ConversionError(f"{hf_dir}: {e.args[0] if e.args else e}") from None
-    if margs.untie_embeddings_and_output_weights and "output_layer.weight" not in full:
-        raise ConversionError("config says tie_word_embeddings=false but there is no lm_head.weight")
-    kept = _load_full(gpt, full, allow_missing_mtp)
-    if kept:
+        report = load_hf(gpt, hf_dir, family=fam, allow_missing_mtp=allow_missing_mtp, ckpt=ckpt)
+    except ConfigError as e:  # names every tensor it could not place
+        raise ConversionError(str(e)) from None
+    if report.kept_init and _is_rank0():
         warnings.warn(
-            f"{len(kept)} MTP tensors keep megatron's initialisation (not in the HF checkpoint)",
+            f"{len(report.kept_init)} MTP tensors keep megatron's initialisation (not in the HF checkpoint)",
             ConversionWarning,
             stacklevel=2,
         )
@@ -265,9 +264,10 @@ def hf_to_mcore(
     }
     path = save_checkpoint(str(save_dir), 0, gpt, None, state, keep_last=0)
     # the HF tokenizer travels with the weights: `mtp-rl train --load SAVE` uses SAVE/tokenizer
-    from megatron_mtp_rl.rollout.tokenizer import CHECKPOINT_TOKENIZER_DIR, copy_tokenizer_files
+    if _is_rank0():
+        from megatron_mtp_rl.rollout.tokenizer import CHECKPOINT_TOKENIZER_DIR, copy_tokenizer_files
 
-    copy_tokenizer_files(hf_dir, Path(save_dir) / CHECKPOINT_TOKENIZER_DIR)
+        copy_tokenizer_files(hf_dir, Path(save_dir) / CHECKPOINT_TOKENIZER_DIR)
     return path, margs
 
 
@@ -280,32 +280,48 @@ def mcore_to_hf(
     dtype: str = "model",
     use_te: bool | None = None,
     all_mtp_layers: bool = False,
+    max_shard_size: str | int = "5GB",
+    parallel: tuple[int, int, int] = (1, 1, 1),
 ) -> Path:
     """Our dist checkpoint (latest iteration in ``load_dir``) → an HF directory SGLang loads.
 
-    The tensors, config.json and extra files are weight sync's (``weight_sync.hf_tensors`` /
-    ``write_hf_dir``) for the checkpoint's family. SGLang's drafts take one MTP layer, so the export
-    carries depth 1 unless ``all_mtp_layers`` (for a bit-exact round trip of our own checkpoints).
-    ``mtp_embed_head_copies`` (DeepSeek-V3) writes the per-MTP-layer embedding/head copies DeepSeek's
-    checkpoints carry; ``dtype="model"`` writes every tensor in the run's parameter dtype (megatron's
-    local-spec norms stay fp32 in a bf16 model; a bf16 HF checkpoint should come back bf16 throughout).
+    Streams: each rank loads its (TP, PP, EP) = ``parallel`` shard; every parameter is gathered
+    over its own TP / EP group one at a time, named as the family names it and written into HF
+    shards of at most ``max_shard_size`` (``model-0000k-of-0000n.safetensors`` + the index; one
+    shard is ``model.safetensors``) by each pipeline stage's first rank. SGLang's drafts take one
+    MTP layer, so the export carries depth 1 unless ``all_mtp_layers``. ``mtp_embed_head_copies``
+    (DeepSeek-V3) writes the per-MTP-layer embedding/head copies; ``dtype="model"`` writes every
+    tensor in the run's parameter dtype (megatron's local-spec norms stay fp32 in a bf16 model).
     """
-    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, family_for
-    from megatron_mtp_rl.train.weight_sync import check_payload, export_note, hf_tensors, write_hf_dir
+    import torch.distributed as dist
 
-    gpt, margs, saved = _load_model(load_dir, use_te)
+    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, family_for
+    from megatron_mtp_rl.models.weight_stream import parse_size, write_hf_shards
+    from megatron_mtp_rl.train.weight_sync import export_note, write_hf_metadata
+
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConversionError(f"--max-shard-size: {e}") from None
+    gpt, margs, saved = _load_model(load_dir, use_te, parallel)
     try:
         fam = family_for(margs, flavour or saved.get("hf_flavour"))
     except UnsupportedCheckpoint as e:
         raise ConversionError(str(e)) from None
     depth = fam.export_depth(margs, all_mtp_layers)
-    tensors = hf_tensors(gpt, margs, fam.name, with_copies=mtp_embed_head_copies, depth=depth)
-    check_payload(tensors, margs, fam.name)
     target = {"model": _TORCH_DTYPES[margs.params_dtype], "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    owned = {k: v.detach().to("cpu", target if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
     out = Path(out_dir)
-    write_hf_dir(out, owned, margs, fam.name, depth, {torch.float32: "float32", torch.bfloat16: "bfloat16"}[target])
-    print(f"export: {export_note(margs, fam.name, depth)}", file=sys.stderr)
+    shards = write_hf_shards(
+        gpt, margs, fam.name, out, max_shard_bytes=shard_bytes, depth=depth,
+        with_copies=mtp_embed_head_copies, dtype=target,
+    )  # fmt: skip
+    if _is_rank0():
+        write_hf_metadata(
+            out, shards, margs, fam.name, depth, {torch.float32: "float32", torch.bfloat16: "bfloat16"}[target]
+        )
+        print(f"export: {export_note(margs, fam.name, depth)}; {len(shards)} shard(s)", file=sys.stderr)
+    if dist.is_initialized():
+        dist.barrier()
     return out
 
 
@@ -513,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--allow-missing-mtp", action="store_true", help="initialise MTP layers the checkpoint lacks (warns)"
     )
+    _parallel_flags(a)
     b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint → HF safetensors directory SGLang loads")
     b.add_argument("--load", required=True, help="checkpoint root (reads latest_checkpointed_iteration.txt)")
     b.add_argument("--out", required=True, help="output HF directory")
@@ -530,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write every MTP layer (default: the depth SGLang's draft takes, 1)",
     )
+    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (HF's spelling: 5GB, 500MB)")
+    _parallel_flags(b)
     c = sub.add_parser("verify", help="score random tokens with transformers and with the converted model")
     c.add_argument("--hf-dir", required=True, help="the HF directory that was converted")
     c.add_argument("--load", required=True, help="our checkpoint root")
@@ -540,10 +559,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parallel_flags(p: argparse.ArgumentParser) -> None:
+    """Under ``torchrun`` each rank holds (and reads or writes) only its shard of the model."""
+    for name in ("tensor", "pipeline", "expert"):
+        p.add_argument(f"--{name}-model-parallel-size", type=int, default=1, metavar="N",
+                       help=f"{name}-parallel ranks (launch with torchrun --nproc-per-node ...)")  # fmt: skip
+
+
+def _parallel(args) -> tuple[int, int, int]:
+    return (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_mtp_rl import platform
     from megatron_mtp_rl.cli import quiet_known_noise
+    from megatron_mtp_rl.errors import ConfigError
 
     quiet_known_noise()
     warnings.filterwarnings("default", category=ConversionWarning)  # ours must show
@@ -558,10 +589,12 @@ def main(argv: list[str] | None = None) -> int:
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                 mtp_num_layers=args.mtp_num_layers,
                 allow_missing_mtp=args.allow_missing_mtp,
+                parallel=_parallel(args),
             )
-            print(f"wrote {path}")
-            print(f"train from it with: mtp-rl train --load {args.save} --finetune (the model shape comes from it)")
-            print(f"  (tokenizer vocabulary must have {margs.vocab_size} entries)")
+            if _is_rank0():
+                print(f"wrote {path}")
+                print(f"train from it with: mtp-rl train --load {args.save} --finetune (the model shape comes from it)")
+                print(f"  (tokenizer vocabulary must have {margs.vocab_size} entries)")
         elif args.direction == "mcore-to-hf":
             out = mcore_to_hf(
                 args.load,
@@ -570,8 +603,11 @@ def main(argv: list[str] | None = None) -> int:
                 mtp_embed_head_copies=args.mtp_embed_head_copies,
                 dtype=args.dtype,
                 all_mtp_layers=args.all_mtp_layers,
+                max_shard_size=args.max_shard_size,
+                parallel=_parallel(args),
             )
-            print(f"wrote {out}")
+            if _is_rank0():
+                print(f"wrote {out}")
         else:
             main_diff, mtp = verify(args.hf_dir, args.load, tol=args.tol, seq_len=args.seq_len, batch=args.batch,
                                     seed=args.seed)  # fmt: skip
@@ -580,8 +616,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"main_max_abs_diff={main_diff:.3e} (tol {args.tol:g})")
             print(f"max_abs_diff={main_diff:.6e}")
             return 0 if main_diff <= args.tol else 1
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConversionError, ConfigError) as e:
+        if _is_rank0():
+            print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         platform.destroy()

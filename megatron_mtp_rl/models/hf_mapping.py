@@ -214,23 +214,42 @@ def split_qkv(fused: torch.Tensor, config: Any) -> tuple[torch.Tensor, torch.Ten
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Any) -> torch.Tensor:
-    """Inverse of :func:`split_qkv`."""
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Any, tp_size: int = 1) -> torch.Tensor:
+    """Inverse of :func:`split_qkv`; with ``tp_size`` > 1, of one TP rank's query groups only
+    (``q``/``k``/``v`` are then the rows :func:`qkv_source_rows` names)."""
     s = _shape(config)
+    heads, groups = s.heads // tp_size, s.groups // tp_size
     per_group = s.heads // s.groups
     rest = q.shape[1:]
-    expect = (s.heads * s.head_dim, s.groups * s.head_dim, s.groups * s.head_dim)
+    expect = (heads * s.head_dim, groups * s.head_dim, groups * s.head_dim)
     if (q.shape[0], k.shape[0], v.shape[0]) != expect or k.shape[1:] != rest or v.shape[1:] != rest:
         raise ValueError(
             f"q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} do not fit "
-            f"{s.heads} heads, {s.groups} query groups, head dim {s.head_dim}"
+            f"{heads} heads, {groups} query groups, head dim {s.head_dim}"
         )
     parts = (
-        q.reshape(s.groups, per_group * s.head_dim, *rest),
-        k.reshape(s.groups, s.head_dim, *rest),
-        v.reshape(s.groups, s.head_dim, *rest),
+        q.reshape(groups, per_group * s.head_dim, *rest),
+        k.reshape(groups, s.head_dim, *rest),
+        v.reshape(groups, s.head_dim, *rest),
     )
     return torch.cat(parts, dim=1).reshape(-1, *rest)
+
+
+def qkv_source_rows(config: Any, tp_rank: int, tp_size: int) -> tuple[tuple[int, int], ...]:
+    """The HF ``q``, ``k``, ``v`` row ranges TP rank ``tp_rank`` of ``tp_size`` holds in its ``linear_qkv``.
+
+    Megatron splits ``linear_qkv`` by whole query groups, so each rank's rows are one contiguous
+    range of each of HF's three projections.
+    """
+    s = _shape(config)
+    if s.groups % tp_size:
+        raise ValueError(f"{s.groups} query groups do not split over tensor-parallel size {tp_size}")
+    per_rank = s.groups // tp_size
+    g0, g1 = tp_rank * per_rank, (tp_rank + 1) * per_rank
+    per_group = s.heads // s.groups
+    q = (g0 * per_group * s.head_dim, g1 * per_group * s.head_dim)
+    kv = (g0 * s.head_dim, g1 * s.head_dim)
+    return q, kv, kv
 
 
 def _split_glu(t: torch.Tensor) -> list[torch.Tensor]:
@@ -452,16 +471,68 @@ def _mtp_prefix(flavour: HFFlavour, s: _Shape, k: int, *, layer: bool = False) -
     return f"model.mtp_layers.{k}."
 
 
-def _apply_rules(
-    rules: Iterable[_Rule], rest: str, t: torch.Tensor, config: Any, prefix: str
-) -> list[tuple[str, torch.Tensor]] | None:
+def _find_rule(rules: Iterable[_Rule], rest: str) -> tuple[_Rule, dict[str, str]] | None:
     for rule in rules:
         groups = _match(rule.meg, rest)
-        if groups is None:
-            continue
-        outs = _forward(rule, t, config)
-        return [(prefix + tpl.format(**groups), out) for tpl, out in zip(rule.hf, outs, strict=True)]
+        if groups is not None:
+            return rule, groups
     return None
+
+
+def _locate(name: str, s: _Shape, flavour: HFFlavour) -> tuple[_Rule, dict[str, str], str] | None:
+    """The rule, its matched fields and the HF prefix for a decoder or MTP layer tensor."""
+    m = _DECODER_LAYER.fullmatch(name)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        if i >= s.num_layers:
+            raise KeyError(f"{name}: layer {i} is beyond num_layers {s.num_layers}")
+        found = _find_rule(_all_layer_rules(flavour, s.mla), rest)
+        return (*found, f"model.layers.{i}.") if found else None
+    m = _MTP_LAYER.fullmatch(name)
+    if m:
+        k, rest = int(m.group(1)), m.group(2)
+        if k >= s.mtp_layers:
+            raise KeyError(f"{name}: MTP layer {k} is beyond mtp_num_layers {s.mtp_layers}")
+        found = _find_rule(_mtp_rules(flavour), rest)
+        if found:
+            return (*found, _mtp_prefix(flavour, s, k))
+        if rest.startswith("mtp_model_layer."):
+            found = _find_rule(_all_layer_rules(flavour, s.mla), rest.removeprefix("mtp_model_layer."))
+            if found:
+                return (*found, _mtp_prefix(flavour, s, k, layer=True))
+    return None
+
+
+def hf_sources(name: str, config: Any, flavour: HFFlavour | str, *, tied: bool) -> tuple[str, tuple[str, ...]]:
+    """How ONE full megatron tensor is built from HF tensors: ``(op, hf_names)``, reading nothing.
+
+    ``op`` is ``copy``, ``qkv`` (q, k, v), ``glu`` (gate, up), ``swap`` (eh_proj halves) or ``vocab``
+    (rows padded to megatron's vocabulary); :func:`build_from_parts` applies it. Streamed loading
+    uses this to read only the HF tensors (and slices) one parameter needs.
+    """
+    flavour = get_flavour(flavour)
+    s = _shape(config)
+    if name == "embedding.word_embeddings.weight":
+        return "vocab", ("model.embed_tokens.weight",)
+    if name == "output_layer.weight":
+        return "vocab", ("model.embed_tokens.weight" if tied else "lm_head.weight",)
+    m = re.fullmatch(r"decoder\.final_layernorm\.(weight|bias)", name)
+    if m:
+        return "copy", (f"model.norm.{m.group(1)}",)
+    found = _locate(name, s, flavour)
+    if found is None:
+        raise KeyError(f"no HF mapping for megatron tensor {name!r} (flavour {flavour.name})")
+    rule, groups, prefix = found
+    return rule.op, tuple(prefix + tpl.format(**groups) for tpl in rule.hf)
+
+
+def build_from_parts(op: str, parts: list[torch.Tensor], config: Any, tp_size: int = 1) -> torch.Tensor:
+    """Inverse of the layout transform ``op`` on HF tensors (or on one TP rank's rows of them)."""
+    if op == "vocab":
+        return parts[0]
+    if op == "qkv":
+        return fuse_qkv(*parts, config, tp_size)
+    return _inverse(_Rule("", ("",) * len(parts), op), parts, config)
 
 
 def megatron_tensor_to_hf(
@@ -503,27 +574,11 @@ def megatron_tensor_to_hf(
     m = re.fullmatch(r"decoder\.final_layernorm\.(weight|bias)", name)
     if m:
         return [(f"model.norm.{m.group(1)}", tensor)]
-    m = _DECODER_LAYER.fullmatch(name)
-    if m:
-        i, rest = int(m.group(1)), m.group(2)
-        if i >= s.num_layers:
-            raise KeyError(f"{name}: layer {i} is beyond num_layers {s.num_layers}")
-        out = _apply_rules(_all_layer_rules(flavour, s.mla), rest, tensor, config, f"model.layers.{i}.")
-        if out is not None:
-            return out
-    m = _MTP_LAYER.fullmatch(name)
-    if m:
-        k, rest = int(m.group(1)), m.group(2)
-        if k >= s.mtp_layers:
-            raise KeyError(f"{name}: MTP layer {k} is beyond mtp_num_layers {s.mtp_layers}")
-        prefix = _mtp_prefix(flavour, s, k)
-        out = _apply_rules(_mtp_rules(flavour), rest, tensor, config, prefix)
-        if out is None and rest.startswith("mtp_model_layer."):
-            rest = rest.removeprefix("mtp_model_layer.")
-            prefix = _mtp_prefix(flavour, s, k, layer=True)
-            out = _apply_rules(_all_layer_rules(flavour, s.mla), rest, tensor, config, prefix)
-        if out is not None:
-            return out
+    found = _locate(name, s, flavour)
+    if found is not None:
+        rule, groups, prefix = found
+        outs = _forward(rule, tensor, config)
+        return [(prefix + tpl.format(**groups), out) for tpl, out in zip(rule.hf, outs, strict=True)]
     raise KeyError(f"no HF mapping for megatron tensor {name!r} (flavour {flavour.name})")
 
 

@@ -5,8 +5,9 @@ its aiohttp clients live there across calls (connections are reused between roll
 /generate goes to the router (or the only engine); abort, pause/flush/continue and weight
 updates go to every engine, because the router does not proxy them.
 
-Weight sync (Megatron → SGLang names, TP/EP gather, the MTP layers as SGLang's draft, buckets)
-is not implemented yet; ``pause_flush_update_continue`` is the frame it will run in.
+Weight sync (``train/weight_sync.py``) runs inside ``pause_flush_update_continue`` or, when several
+pipeline stages push, between :meth:`SGLangEngine.open_update_frame` (rank 0) and
+:meth:`SGLangEngine.close_update_frame`, each stage's sender calling :meth:`SGLangEngine.push_bucket`.
 """
 
 from __future__ import annotations
@@ -158,6 +159,48 @@ class SGLangEngine:
         )
 
     # -- weight-update frame ----------------------------------------------------------------
+    def open_update_frame(self, pause_mode: str = "abort", flush_timeout_s: float = 60.0) -> None:
+        """Pause every engine, flush, begin the weight-update session (the first half of the frame)."""
+
+        async def go():
+            _, engines = await self._clients()
+            await asyncio.gather(*(c.pause_generation(pause_mode) for c in engines))
+            try:
+                await asyncio.gather(*(c.flush_cache(flush_timeout_s) for c in engines))
+                await asyncio.gather(*(c.begin_weight_update() for c in engines))
+            except BaseException:
+                await asyncio.gather(*(c.continue_generation() for c in engines), return_exceptions=True)
+                raise
+
+        self._run(go())
+
+    def close_update_frame(self, flush_timeout_s: float = 60.0) -> None:
+        """End the session, flush the caches the new weights invalidate and continue every engine."""
+
+        async def go():
+            _, engines = await self._clients()
+            try:
+                await asyncio.gather(*(c.end_weight_update() for c in engines))
+                await asyncio.gather(*(c.flush_cache(flush_timeout_s) for c in engines))
+            finally:
+                await asyncio.gather(*(c.continue_generation() for c in engines))
+
+        self._run(go())
+
+    def push_bucket(self, bucket: list, weight_version: str) -> None:
+        """Send one bucket of named tensors to every engine (``/update_weights_from_tensor``), inside an open frame."""
+
+        async def go():
+            _, engines = await self._clients()
+            await asyncio.gather(
+                *(
+                    c.update_weights_from_tensor(bucket, flush_cache=False, weight_version=weight_version)
+                    for c in engines
+                )
+            )
+
+        self._run(go())
+
     def pause_flush_update_continue(self, update: UpdateFn, **kw):
         """Synchronous ``apause_flush_update_continue``."""
         return self._run(self.apause_flush_update_continue(update, **kw))

@@ -364,12 +364,13 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
 
     from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
     from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig
+    from megatron_mtp_rl.models.weight_stream import is_stage_sender
     from megatron_mtp_rl.train.weight_sync import WeightSync, default_flavour, export_hf, resync_engine
 
     ro = cfg.rollout
     root = Path(ro.rollout_hf_dir or Path(cfg.ckpt.save or "runs") / "hf")
     flavour = ro.hf_flavour or default_flavour(run.model_args)
-    init = export_hf(run.model, run.model_args, root / "init", flavour)
+    init = export_hf(run.model, run.model_args, root / "init", flavour, ro.max_shard_size)
     urls = [None]
     client = None
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -403,12 +404,12 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
         not dist.is_initialized()
         or dist.get_rank() == dist.get_process_group_ranks(parallel_state.get_model_parallel_group())[0]
     )
-    if client is None and mp_leader:
+    if client is None and (mp_leader or is_stage_sender()):  # each pipeline stage's sender pushes its own stage
         client = SGLangEngine(urls[0][0], engine_urls=urls[0][1])
     sync = WeightSync(
         client, run.model, run.model_args, mode=ro.weight_sync_mode, bucket_bytes=ro.update_weight_buffer_size,
         export_dir=str(root / "sync"), flavour=flavour, engine_tp=ro.rollout_engine_tp,
-        num_engines=ro.rollout_num_engines, master_address=ro.rollout_host,
+        num_engines=ro.rollout_num_engines, master_address=ro.rollout_host, max_shard_size=ro.max_shard_size,
     )  # fmt: skip
     if client is not None and client.supervisor is not None:
         client.supervisor.on_restart = lambda url: resync_engine(sync, url)

@@ -1,22 +1,24 @@
-"""Megatron → SGLang weight sync, MTP (draft) layers included.
+"""Megatron → SGLang weight sync, MTP (draft) layers included, streamed one parameter at a time.
 
-Every sync gathers the full tensors (TP shards, EP experts) with the one Megatron↔HF mapping
-(``models/hf_mapping.py``), names them as the HF family SGLang loads (``models/families``;
+Every sync reads the model through ``models/weight_stream.iter_hf_tensors``: each parameter is
+gathered over its own TP / EP group, named as the HF family SGLang loads (``models/families``;
 ``--hf-flavour`` or the model's own: tiny-dense → MiMo ``model.mtp_layers.0``, tiny-moe → GLM-4.5
-``model.layers.{L}``), carries the MTP layers SGLang's draft takes (one, for every family here), and
-pushes them inside pause → flush → update → continue:
+``model.layers.{L}``), and put in a bucket of at most ``--update-weight-buffer-size`` bytes that is
+pushed as soon as it fills. Each pipeline stage's first rank sends its own stage (no stage's tensors
+travel to another stage). All inside pause → flush → update → continue, opened and closed by rank 0:
 
-* ``disk``: rank 0 writes an HF directory (safetensors + config.json), engines reload it.
-* ``tensor`` (colocated): buckets of ≤ ``--update-weight-buffer-size`` bytes go to
-  ``/update_weights_from_tensor``.
-* ``distributed``: the trainer's rank 0 and every engine rank join one process group
-  (``/init_weights_update_group``: tcp rendezvous at the trainer, ``PrefixStore(group_name)``,
-  engine rank = 1 + offset + its TP rank — SGLang 0.5.23's construction) and each bucket is
-  announced with ``/update_weights_from_distributed`` while rank 0 broadcasts its tensors in the
-  same order. NCCL on GPUs; the CPU tests run the same protocol over gloo against a fake engine.
+* ``disk``: each stage writes its HF shards (``--max-shard-size``) into one directory, engines reload it.
+* ``tensor`` (colocated): each bucket goes to ``/update_weights_from_tensor``.
+* ``distributed``: each stage's sender and every engine rank join one process group per stage
+  (``/init_weights_update_group``: tcp rendezvous at the sender, ``PrefixStore(group_name)``,
+  engine rank = 1 + offset + its TP rank — SGLang 0.5.23's construction; SGLang keeps several
+  named groups) and each bucket is announced with ``/update_weights_from_distributed`` while the
+  sender broadcasts its tensors in the same order. NCCL on GPUs; the CPU tests run the same
+  protocol over gloo against a fake engine.
 
-Stale draft weights silently collapse speculative acceptance, so the MTP layers are always
-part of the payload; :func:`check_payload` refuses a payload without them.
+The peak extra memory of a push is about two buckets plus the largest single tensor, whatever the
+model size. Stale draft weights silently collapse speculative acceptance, so the MTP layers are
+always part of the payload; :func:`check_payload` refuses a payload without them.
 """
 
 from __future__ import annotations
@@ -28,14 +30,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from megatron_mtp_rl.models.bucketing import bucket_named_tensors
+from megatron_mtp_rl.models.bucketing import iter_buckets, tensor_nbytes
 from megatron_mtp_rl.models.families import family_for, get_family
 from megatron_mtp_rl.models.hf_mapping import gather_full_state, megatron_to_hf
 from megatron_mtp_rl.models.mtp_forward import unwrap
 from megatron_mtp_rl.models.presets import ModelArgs
+from megatron_mtp_rl.models.weight_stream import INDEX_FILE, is_stage_sender, iter_hf_tensors, write_hf_shards
 from megatron_mtp_rl.platform.device import cuda_available
 from megatron_mtp_rl.platform.distributed import device as platform_device
+
+#: Default for ``--max-shard-size`` (HF's spelling and default: 10^9 bytes per GB).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 SYNC_MODES = ("disk", "tensor", "distributed")
 _MTP_LAYER = re.compile(r"mtp\.layers\.(\d+)\.")
@@ -64,7 +71,10 @@ def hf_tensors(
     with_copies: bool = False,
     depth: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """This model's weights as an HF state dict of ``flavour``'s family (collective over TP/EP; every rank gets it).
+    """This model's weights as ONE HF state dict of ``flavour``'s family (collective; every rank gets it all).
+
+    The whole-model reference the streamed path (:func:`stream_hf`) is tested against; training,
+    exports and weight sync never call it.
 
     ``depth``: MTP layers to include (default: what the family's SGLang draft takes). The family
     adds tensors its architecture always has and our model may leave out (exact zeros: MiMo's q/k/v
@@ -113,33 +123,64 @@ def export_note(model_args: ModelArgs, flavour: str, depth: int) -> str:
     return note
 
 
-def write_hf_dir(out: Path, tensors: dict[str, torch.Tensor], model_args: ModelArgs, flavour: str, depth: int,
-                 dtype_name: str | None = None) -> None:  # fmt: skip
-    """model.safetensors + config.json (+ the family's own files, e.g. MiMo's configuration_mimo.py)."""
-    from safetensors.torch import save_file
+def stream_hf(model, model_args: ModelArgs, flavour: str, *, depth: int | None = None):
+    """This stage's HF tensors one at a time (a collective over each parameter's TP / EP group)."""
+    return iter_hf_tensors(model, model_args, flavour, depth=depth)
 
-    fam = get_family(flavour)
-    out.mkdir(parents=True, exist_ok=True)
-    # clone: per-layer copies alias their source and safetensors refuses shared storage
-    owned = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
-    save_file(owned, str(out / "model.safetensors"))
+
+def shard_names(out: Path) -> list[str]:
+    """Every tensor name of an HF directory (from the index, or the single file's header)."""
+    index = out / INDEX_FILE
+    if index.is_file():
+        return list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as h:
+        return list(h.keys())
+
+
+def write_hf_metadata(out: Path, shards: list[str], model_args: ModelArgs, flavour: str, depth: int,
+                      dtype_name: str | None = None) -> None:  # fmt: skip
+    """config.json (+ the family's own files, e.g. MiMo's configuration_mimo.py) beside written shards.
+
+    Checks first that the shards carry the MTP (draft) layers SGLang's draft needs.
+    """
+    check_payload(shard_names(out), model_args, flavour)
     cfg = hf_config(model_args, flavour, depth)
     if dtype_name:
         cfg["torch_dtype"] = dtype_name
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    for fname, text in fam.extra_files(model_args).items():
+    for fname, text in get_family(flavour).extra_files(model_args).items():
         (out / fname).write_text(text)
 
 
-def export_hf(model, model_args: ModelArgs, out_dir: str | Path, flavour: str | None = None) -> Path:
-    """Write the model as an HF directory SGLang loads (collective; rank 0 writes). Returns the directory."""
+def write_hf_dir(out: Path, tensors: dict[str, torch.Tensor], model_args: ModelArgs, flavour: str, depth: int,
+                 dtype_name: str | None = None) -> None:  # fmt: skip
+    """model.safetensors + config.json from an in-memory dict (small models and tests; exports stream)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    # clone: per-layer copies alias their source and safetensors refuses shared storage
+    owned = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
+    save_file(owned, str(out / "model.safetensors"))
+    write_hf_metadata(out, ["model.safetensors"], model_args, flavour, depth, dtype_name)
+
+
+def export_hf(model, model_args: ModelArgs, out_dir: str | Path, flavour: str | None = None,
+              max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:  # fmt: skip
+    """Write the model as an HF directory SGLang loads (collective; each stage writes its own shards).
+
+    Shards of at most ``max_shard_size`` as they fill (``model-0000k-of-0000n.safetensors`` + index);
+    rank 0 writes config.json. Returns the directory.
+    """
+    from megatron_mtp_rl.models.weight_stream import parse_size
+
     flavour = flavour or default_flavour(model_args)
     depth = family_for(model_args, flavour).export_depth(model_args)
-    tensors = hf_tensors(model, model_args, flavour, depth=depth)
-    check_payload(tensors, model_args, flavour)
     out = Path(out_dir)
+    shards = write_hf_shards(model, model_args, flavour, out, max_shard_bytes=parse_size(max_shard_size), depth=depth)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        write_hf_dir(out, tensors, model_args, flavour, depth)
+        write_hf_metadata(out, shards, model_args, flavour, depth)
         if depth < model_args.mtp_num_layers:
             print(f"export {out}: {export_note(model_args, flavour, depth)}", flush=True)
     if dist.is_initialized():
@@ -148,32 +189,48 @@ def export_hf(model, model_args: ModelArgs, out_dir: str | Path, flavour: str | 
 
 
 class WeightSync:
-    """Pushes the trainer's weights to an SGLangEngine after each RL step."""
+    """Pushes the trainer's weights to the SGLang engines after each RL step (a collective on every rank).
+
+    ``engine`` is this rank's SGLangEngine client: global rank 0 opens and closes the update frame,
+    and each stage's sender (:func:`~megatron_mtp_rl.models.weight_stream.is_stage_sender`) pushes its
+    own stage through it; other ranks pass ``None``.
+    """
 
     def __init__(self, engine, model, model_args: ModelArgs, *, mode: str, bucket_bytes: int, export_dir: str,
                  flavour: str | None = None, engine_tp: int = 1, num_engines: int = 1,
-                 master_address: str = "127.0.0.1"):  # fmt: skip
+                 master_address: str = "127.0.0.1", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):  # fmt: skip
         if mode not in SYNC_MODES:
             raise ValueError(f"--weight-sync-mode must be one of {SYNC_MODES}")
         self.engine, self.model, self.model_args = engine, model, model_args
         self.mode, self.bucket_bytes = mode, bucket_bytes
         self.export_dir = Path(export_dir)
         self.flavour = flavour or default_flavour(model_args)
+        self.max_shard_size = max_shard_size
         self.version = 0
         self.engine_tp = engine_tp
         self.num_engines = num_engines
         self.master_address = master_address
-        self.group_name = "mtp_rl_weight_sync"
+        self.stage = parallel_state.get_pipeline_model_parallel_rank() if dist.is_initialized() else 0
+        self.group_name = "mtp_rl_weight_sync" if self.stage == 0 else f"mtp_rl_weight_sync_pp{self.stage}"
         self._group = None
-        self.last_buckets: list[list[str]] = []
-        self._last_payload = None  # rank 0: what the engines hold now (for a restarted engine)
+        self.last_buckets: list[list[str]] = []  # this sender's buckets (names) of the last push
+        self.last_bucket_bytes: list[int] = []
+        self.peak_bucket_bytes = 0
+        # what the engines hold now, for a restarted engine (disk mode only: the pushed buckets are
+        # not kept, so a restarted engine in tensor/distributed mode catches up at the next sync)
+        self._last_payload = None
+
+    @property
+    def is_opener(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0
 
     def __call__(self) -> dict:
         self.version += 1
-        is_sender = not dist.is_initialized() or dist.get_rank() == 0
         if self.mode == "disk":
-            path = export_hf(self.model, self.model_args, self.export_dir / f"v{self.version}", self.flavour)
-            if is_sender:
+            path = export_hf(
+                self.model, self.model_args, self.export_dir / f"v{self.version}", self.flavour, self.max_shard_size
+            )
+            if self.is_opener:
                 self.engine.pause_flush_update_continue(
                     lambda clients: _gather(
                         c.update_weights_from_disk(str(path), weight_version=str(self.version)) for c in clients
@@ -182,34 +239,60 @@ class WeightSync:
                 )
                 self._last_payload = ("disk", path, self.version)
             return {"rollout/weight_version": float(self.version)}
-        tensors = hf_tensors(self.model, self.model_args, self.flavour)
-        check_payload(tensors, self.model_args, self.flavour)
-        buckets = bucket_named_tensors(list(tensors.items()), self.bucket_bytes)
-        self.last_buckets = [[n for n, _ in b] for b in buckets]
-        if self.mode == "distributed":
-            if is_sender:
-                self._broadcast(buckets)
-                # A restarted engine is not in the broadcast group; it gets this payload over
-                # /update_weights_from_tensor (colocated engines only, see README).
-                self._last_payload = ("tensor", buckets, self.version)
-            return {"rollout/weight_version": float(self.version), "rollout/weight_buckets": float(len(buckets))}
-        if is_sender:
-            version = str(self.version)
+        if self.is_opener:
+            self.engine.open_update_frame()
+        _barrier()
+        try:
+            buckets = self._push_stage()
+        finally:
+            _barrier()
+            if self.is_opener:
+                self.engine.close_update_frame()
+        if self.is_opener:
+            self._last_payload = ("stale", None, self.version)
+        total = torch.tensor([float(buckets)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return {"rollout/weight_version": float(self.version), "rollout/weight_buckets": float(total.item())}
 
-            async def push(clients):
-                for i, bucket in enumerate(buckets):
-                    last = i == len(buckets) - 1
-                    await _gather(
-                        c.update_weights_from_tensor(bucket, flush_cache=last, weight_version=version) for c in clients
-                    )
+    def _push_stage(self) -> int:
+        """Stream this stage's tensors; the sender pushes each bucket as it fills. Returns buckets sent."""
+        sender = is_stage_sender()
+        version = str(self.version)
+        self.last_buckets, self.last_bucket_bytes = [], []
+        seen_mtp = [False]
+        marker = mtp_marker(self.model_args, self.flavour)
 
-            self.engine.pause_flush_update_continue(push)
-            self._last_payload = ("tensor", buckets, self.version)
-        return {"rollout/weight_version": float(self.version), "rollout/weight_buckets": float(len(buckets))}
+        def named():
+            for name, t in stream_hf(self.model, self.model_args, self.flavour):
+                seen_mtp[0] |= name.startswith(marker)
+                yield name, t
+
+        pushed = 0
+        if self.mode == "distributed" and sender:
+            self._ensure_group()
+        for bucket in iter_buckets(named(), self.bucket_bytes):
+            if not sender:
+                continue
+            bucket = [(n, t.detach().contiguous()) for n, t in bucket]
+            self.last_buckets.append([n for n, _ in bucket])
+            size = sum(tensor_nbytes(t) for _, t in bucket)
+            self.last_bucket_bytes.append(size)
+            self.peak_bucket_bytes = max(self.peak_bucket_bytes, size)
+            if self.mode == "distributed":
+                self._broadcast(bucket, version)
+            else:
+                self.engine.push_bucket(bucket, version)
+            pushed += 1
+            del bucket
+        last_stage = not dist.is_initialized() or parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        if sender and last_stage and not seen_mtp[0]:
+            check_payload([], self.model_args, self.flavour)  # the last stage holds the MTP layers
+        return pushed
 
     # -- distributed mode ---------------------------------------------------------------
     def _ensure_group(self):
-        """Create the trainer ↔ engines group once: engines join via HTTP while rank 0 joins here."""
+        """This stage's sender ↔ engines group, created once: engines join via HTTP while the sender joins here."""
         if self._group is not None:
             return self._group
         import datetime
@@ -248,48 +331,45 @@ class WeightSync:
         fut.result(timeout=600)
         return self._group
 
-    def _broadcast(self, buckets) -> None:
-        """Announce each bucket to the engines and broadcast its tensors, inside the sync frame."""
+    def _broadcast(self, bucket, version: str) -> None:
+        """Announce one bucket to the engines and broadcast its tensors (inside the open frame)."""
         import threading
 
-        group = self._ensure_group()
-        announced = [threading.Event() for _ in buckets]
-        version = str(self.version)
+        group = self._group
+        announced = threading.Event()
 
-        async def update(clients):
+        async def update():
             import asyncio
 
-            for i, bucket in enumerate(buckets):
-                names = [n for n, _ in bucket]
-                dtypes = [str(t.dtype).removeprefix("torch.") for _, t in bucket]
-                shapes = [list(t.shape) for _, t in bucket]
-                calls = asyncio.gather(
-                    *(
-                        c.update_weights_from_distributed(
-                            names,
-                            dtypes,
-                            shapes,
-                            group_name=self.group_name,
-                            flush_cache=i == len(buckets) - 1,
-                            weight_version=version,
-                        )  # fmt: skip
-                        for c in clients
+            _, clients = await self.engine._clients()
+            names = [n for n, _ in bucket]
+            dtypes = [str(t.dtype).removeprefix("torch.") for _, t in bucket]
+            shapes = [list(t.shape) for _, t in bucket]
+            calls = asyncio.gather(
+                *(
+                    c.update_weights_from_distributed(
+                        names, dtypes, shapes, group_name=self.group_name, flush_cache=False, weight_version=version
                     )
+                    for c in clients
                 )
-                announced[i].set()
-                await calls  # returns once every engine has received the bucket
+            )
+            announced.set()
+            await calls  # returns once every engine has received the bucket
 
-        fut = self.engine.submit(self.engine.apause_flush_update_continue(update))
+        fut = self.engine.submit(update())
         device = platform_device() if cuda_available() else None
-        for i, bucket in enumerate(buckets):
-            while not announced[i].wait(0.1):
-                if fut.done():
-                    fut.result()  # the frame failed before announcing: raise its error
-                    raise RuntimeError("weight sync frame ended before every bucket was announced")
-            for _, t in bucket:
-                t = t.detach().contiguous()
-                dist.broadcast(t.to(device) if device is not None else t, src=0, group=group)
+        while not announced.wait(0.1):
+            if fut.done():
+                fut.result()  # the announcement failed: raise its error
+                raise RuntimeError("weight sync bucket was not announced")
+        for _, t in bucket:
+            dist.broadcast(t.to(device) if device is not None else t, src=0, group=group)
         fut.result(timeout=600)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 async def _gather(coros):
@@ -337,6 +417,8 @@ def resync_engine(sync: WeightSync, url: str) -> None:
     if payload is None:
         return
     kind, data, version = payload
+    if kind == "stale":
+        return  # tensor/distributed pushes are not kept: it catches up at the next sync (see WeightSync)
 
     async def go():
         async with SGLangClient(url) as c:

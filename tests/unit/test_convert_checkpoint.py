@@ -279,7 +279,7 @@ def test_unplaced_tensor_is_named(single_process, tmp_path):
     conv = _tool()
     make_hf_checkpoint(tmp_path / "hf", DENSE, family="mimo")
     save_file({"model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}, str(tmp_path / "hf" / "extra.safetensors"))
-    with pytest.raises(conv.ConversionError, match=r"linear_proj\.bias"):
+    with pytest.raises(conv.ConversionError, match=r"no place for \(1\): model\.layers\.0\.self_attn\.o_proj\.bias"):
         conv.hf_to_mcore(tmp_path / "hf", tmp_path / "mcore")
 
 

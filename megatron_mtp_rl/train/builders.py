@@ -362,9 +362,9 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
 
     import torch.distributed as dist
 
+    from megatron_mtp_rl.models.weight_stream import is_stage_sender
     from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
     from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig
-    from megatron_mtp_rl.models.weight_stream import is_stage_sender
     from megatron_mtp_rl.train.weight_sync import WeightSync, default_flavour, export_hf, resync_engine
 
     ro = cfg.rollout

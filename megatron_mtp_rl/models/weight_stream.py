@@ -30,6 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_mtp_rl.errors import ConfigError
+from megatron_mtp_rl.models.hf_dir import INDEX_FILE, is_hf_dir  # noqa: F401 (re-exported)
 from megatron_mtp_rl.models.hf_mapping import (
     build_from_parts,
     get_flavour,
@@ -41,7 +42,6 @@ from megatron_mtp_rl.models.hf_mapping import (
 from megatron_mtp_rl.models.mtp_forward import unwrap
 from megatron_mtp_rl.models.state import full_name
 
-INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -50,16 +50,6 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _LOCAL_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)(\.)")
-
-
-def is_hf_dir(path: str | os.PathLike | None) -> bool:
-    """An HF checkpoint directory (config.json + safetensors), not one of our dist checkpoints."""
-    if not path:
-        return False
-    p = Path(path)
-    if not (p / "config.json").is_file() or (p / "latest_checkpointed_iteration.txt").exists():
-        return False
-    return (p / INDEX_FILE).is_file() or any(p.glob("*.safetensors"))
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:

@@ -186,11 +186,14 @@ ARITH_ALPHABET = "0123456789+-*= "
 
 
 def checkpoint_tokenizer_dir(load_dir: str | Path | None) -> Path | None:
-    """``<load>/tokenizer`` when the checkpoint carries an HF tokenizer (the converter copies one)."""
+    """``<load>/tokenizer`` when the checkpoint carries an HF tokenizer (the converter copies one); an HF
+    checkpoint directory's own tokenizer files (``train --load HF_DIR``)."""
     if not load_dir:
         return None
-    d = Path(load_dir) / CHECKPOINT_TOKENIZER_DIR
-    return d if (d / "tokenizer_config.json").exists() or (d / "tokenizer.json").exists() else None
+    for d in (Path(load_dir) / CHECKPOINT_TOKENIZER_DIR, Path(load_dir)):
+        if (d / "tokenizer_config.json").exists() or (d / "tokenizer.json").exists():
+            return d
+    return None
 
 
 def build_tokenizer(name: str, *, extra_stop_ids: tuple[int, ...] = ()) -> Tokenizer:

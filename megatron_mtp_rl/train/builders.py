@@ -123,15 +123,12 @@ def model_vocab_size(cfg: RunConfig, tokenizer) -> int:
     """The model's vocabulary: the ``--load`` checkpoint's (a converted HF model's may exceed its
     tokenizer's, e.g. Qwen's 151936 rows for 151665 tokens), else the tokenizer's. A tokenizer with
     ids the checkpoint has no rows for is refused here, before anything is built."""
-    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, read_trainer_state
+    from megatron_mtp_rl.models.presets import saved_model_args
 
-    path = latest_checkpoint(cfg.ckpt.load) if cfg.ckpt.load else None
-    if path is None:
-        return tokenizer.vocab_size
-    saved = read_trainer_state(path).get("model_args", {}).get("vocab_size")
+    saved = (saved_model_args(cfg.ckpt.load) or {}).get("vocab_size")
     if saved is None:
         return tokenizer.vocab_size
-    check_vocab(tokenizer, int(saved), f"the checkpoint {path}")
+    check_vocab(tokenizer, int(saved), f"the checkpoint {cfg.ckpt.load}")
     return int(saved)
 
 
@@ -272,14 +269,20 @@ def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
     """
     if cfg.algo.kl_coef <= 0:
         return None
+    from megatron_mtp_rl.models.hf_dir import is_hf_dir
+    from megatron_mtp_rl.models.weight_stream import load_hf
     from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint
 
     path = cfg.ckpt.ref_load or cfg.ckpt.load
     flag = "--ref-load" if cfg.ckpt.ref_load else "--load"
-    if latest_checkpoint(path) is None:
+    hf = is_hf_dir(path)
+    if not hf and latest_checkpoint(path) is None:
         raise ConfigError(f"{flag} {path}: no checkpoint there for the KL reference (--kl-coef {cfg.algo.kl_coef})")
     ref = build_gpt(run.model_args)
-    load_checkpoint(path, ref, None)
+    if hf:  # an HF directory: each rank reads its own slices
+        load_hf(ref, path)
+    else:
+        load_checkpoint(path, ref, None)
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)

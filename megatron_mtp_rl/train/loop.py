@@ -18,6 +18,8 @@ from megatron.core import parallel_state
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.errors import ConfigError
 from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.models.hf_dir import is_hf_dir
+from megatron_mtp_rl.models.weight_stream import load_hf
 from megatron_mtp_rl.platform.device import collective_device
 from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
 from megatron_mtp_rl.rollout.dump import RolloutDumper
@@ -255,6 +257,14 @@ def resume(cfg: RunConfig, run: Run) -> LoopState:
     """Load ``--load`` (weights; with optimizer, step, cursor, OCC, LR and RNG unless --finetune)."""
     c = cfg.ckpt
     if not c.load:
+        return LoopState()
+    if is_hf_dir(c.load):  # weights only; each rank reads only its slices of the safetensors shards
+        report = load_hf(run.model, c.load)
+        if is_logging_rank() and not cfg.log.quiet:
+            print_progress(
+                f"--load {c.load}: HF checkpoint, weights only ({report.tensors} tensors, "
+                f"{report.bytes_read / 2**20:.1f} MiB read on this rank)"
+            )
         return LoopState()
     path = latest_checkpoint(c.load)
     if path is None:

@@ -59,19 +59,29 @@ def init(tmp_path_factory) -> str:
 
 
 def test_pp2_rl_run_logs_what_pp1_logs(tmp_path, init):
-    rows = {}
+    from megatron_mtp_rl.train.weight_sync import shard_names
+
+    rows, names = {}, {}
     for pp in (1, 2):
         out = tmp_path / f"pp{pp}"
         out.mkdir()
         (out / "ports").write_text(f"{free_port(span=11)} {free_port()}")
         run_ranks(_run, pp, out / "ranks", str(out), init, timeout=300)
         rows[pp] = _rows(out)
-        assert (out / "ckpt" / "iter_0000002").is_dir() and (out / "hf" / "init" / "model.safetensors").exists()
+        assert (out / "ckpt" / "iter_0000002").is_dir()
+        shards = sorted(p.name for p in (out / "hf" / "init").glob("model*.safetensors"))
+        # one process writes one file; with PP=2 each stage writes its own shard, named in one index
+        assert shards == (["model.safetensors"] if pp == 1 else [f"model-0000{k}-of-00002.safetensors" for k in (1, 2)])
+        names[pp] = sorted(shard_names(out / "hf" / "init"))
+    assert names[1] == names[2]
     one, two = rows[1], rows[2]
     assert [r["step"] for r in two] == [0, 1, 2] and [sorted(r) for r in two] == [sorted(r) for r in one]
     assert two[2]["train/kl"] > 0 and two[1]["train/policy_loss"] != 0  # a real update, then a KL term
     for a, b in zip(one, two):
         for k, v in a.items():
+            if k == "rollout/weight_buckets":  # every stage's sender fills its own buckets
+                assert b[k] >= v
+                continue
             assert abs(b[k] - v) <= 1e-4 * max(1.0, abs(v)), (a["step"], k, v, b[k])
 
 

@@ -29,7 +29,16 @@ REFUSED = {
     "Glm4MoeLiteForCausalLM": "GLM-4.7-Flash (glm4_moe_lite) uses MLA with GLM naming, which is not mapped",
 }
 
-__all__ = ["FAMILIES", "ExportInfo", "Family", "UnsupportedCheckpoint", "detect", "family_for", "get_family"]
+__all__ = [
+    "FAMILIES",
+    "ExportInfo",
+    "Family",
+    "UnsupportedCheckpoint",
+    "detect",
+    "family_for",
+    "get_family",
+    "model_args_for_hf_dir",
+]
 
 
 def get_family(name: str | Family) -> Family:
@@ -55,6 +64,16 @@ def detect(cfg: dict[str, Any]) -> Family:
         f"architectures={cfg.get('architectures')!r} model_type={cfg.get('model_type')!r}: not a supported family "
         f"(supported: {', '.join(a for f in FAMILIES.values() for a in f.accepts[:1])})"
     )
+
+
+def model_args_for_hf_dir(hf_dir: str, **overrides: Any) -> ModelArgs:
+    """ModelArgs of an HF checkpoint directory (``train --load HF_DIR``): its family's reading of
+    config.json, in the dtype holding most of its bytes (fp8 releases: bf16)."""
+    from megatron_mtp_rl.models.weight_stream import HFCheckpoint, dominant_dtype
+
+    ckpt = HFCheckpoint(hf_dir)
+    fam = detect(ckpt.config)
+    return fam.model_args(ckpt.config, **({"params_dtype": dominant_dtype(ckpt)} | overrides))
 
 
 def family_for(m: ModelArgs, name: str | None = None) -> Family:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.hf_release import mtp_only_tensors, randomise
 from tests.tool_loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,42 +71,6 @@ FAMILIES = {
 }  # fmt: skip
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> None:
-    """Norms ≠ 1 and routing biases ≠ 0, so a wrong mapping of either shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.05 * torch.randn(b.shape, generator=g))
-
-
-def _mtp_only(family: str, num_layers: int, k: int, h: int, g: torch.Generator) -> tuple[str, dict]:
-    """(the MTP layer's decoder prefix, its own tensors) in the family's published naming."""
-
-    def norm():
-        return 1.0 + 0.2 * torch.randn(h, generator=g)
-
-    proj = 0.05 * torch.randn(h, 2 * h, generator=g)
-    if family == "mimo":
-        p = f"model.mtp_layers.{k}."
-        names = ("token_layernorm", "hidden_layernorm", "input_proj", "final_layernorm")
-    elif family in ("qwen3", "qwen3_moe"):
-        p = "mtp."
-        names = ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "fc", "norm")
-        return "mtp.layers.0.", {p + names[0] + ".weight": norm(), p + names[1] + ".weight": norm(),
-                                 p + names[2] + ".weight": proj, p + names[3] + ".weight": norm()}  # fmt: skip
-    else:
-        p = f"model.layers.{num_layers + k}."
-        names = ("enorm", "hnorm", "eh_proj", "shared_head.norm")
-    return p, {p + names[0] + ".weight": norm(), p + names[1] + ".weight": norm(), p + names[2] + ".weight": proj,
-               p + names[3] + ".weight": norm()}  # fmt: skip
-
-
 def make_family_checkpoint(path: Path, family: str, seed: int = 0):
     """A tiny random HF checkpoint of ``family`` with MTP layers; returns (reference model, all tensors)."""
     from safetensors.torch import load_file, save_file
@@ -114,7 +79,7 @@ def make_family_checkpoint(path: Path, family: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = cfg_cls(**(TINY | extra))
     ref = model_cls(cfg).eval()
-    _randomise(ref, seed + 1)
+    randomise(ref, seed + 1)
     ref.save_pretrained(path)  # transformers writes the checkpoint names and config.json
     tensors = load_file(str(path / "model.safetensors"))
     g = torch.Generator().manual_seed(seed + 2)
@@ -122,11 +87,11 @@ def make_family_checkpoint(path: Path, family: str, seed: int = 0):
     one_kwargs = TINY | extra | {"num_hidden_layers": 1, "first_k_dense_replace": 0}
     for k in range(depth):
         one = model_cls(cfg_cls(**one_kwargs))
-        _randomise(one, seed + 10 + k)
+        randomise(one, seed + 10 + k)
         one.save_pretrained(path / f"one{k}")
         layer = {n: t for n, t in load_file(str(path / f"one{k}" / "model.safetensors")).items()
                  if n.startswith("model.layers.0.")}  # fmt: skip
-        prefix, own = _mtp_only(family, layers, k, cfg.hidden_size, g)
+        prefix, own = mtp_only_tensors(family, layers, k, cfg.hidden_size, g)
         tensors |= own | {prefix + n.removeprefix("model.layers.0."): t for n, t in layer.items()}
     config = json.loads((path / "config.json").read_text()) | {"num_nextn_predict_layers": depth}
     if family == "mimo":  # MiMo's release: Qwen2 + MTP under its own model type

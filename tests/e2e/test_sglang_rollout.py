@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_mtp_rl.config import parse_config
 from megatron_mtp_rl.train.loop import close, prepare
@@ -71,6 +72,11 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
             m, state.cursor = rl_step(ctx, step, state.cursor)
             hist.append(m)
         states = [_state(u) for u in engine_urls]
+        # the whole-model payload the sync used to build in one dict: the streamed one must equal it
+        from megatron_mtp_rl.train.weight_sync import hf_tensors
+
+        sync = ctx.engine.push
+        reference = {n: float(t.double().sum()) for n, t in hf_tensors(ctx.run.model, ctx.run.model_args, sync.flavour).items()}
     finally:
         close(ctx)
     assert (tmp_path / "hf/init/model.safetensors").exists() and (tmp_path / "hf/init/config.json").exists()
@@ -96,6 +102,9 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
     assert hist[0]["rollout/weight_buckets"] > 1  # 64 KiB buckets: several per sync
     names = [n for b in ctx.engine.push.last_buckets for n in b]
     assert len(names) == len(set(names))  # every tensor exactly once
+    assert sorted(names) == sorted(reference)  # the streamed payload is today's, name for name
+    limit = 64 * 1024  # --update-weight-buffer-size: a bucket over it holds one tensor alone
+    assert all(size <= limit or len(b) == 1 for b, size in zip(sync.last_buckets, sync.last_bucket_bytes))
     assert any(n.startswith("model.layers.2.") and "eh_proj" in n for n in names)  # MTP depth 1 (GLM-4.5 naming)
     # SGLang's Glm4MoeForCausalLMNextN takes one MTP layer: depth 2 is trained, not synced
     assert not any(n.startswith("model.layers.3.") for n in names)
@@ -103,5 +112,13 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
     if mode == "distributed":
         for st in states:  # both engines received every tensor of both syncs, in bucket order
             assert [n for n, _ in st["received"]] == names + names
+            last = dict(st["received"][len(names) :])
+            assert all(abs(last[n] - v) <= 1e-6 * max(1.0, abs(v)) for n, v in reference.items())
+            announced = [r["body"] for r in st["log"] if r["route"] == "/update_weights_from_distributed"]
+            for body in announced:  # one bucket per announcement, none over the limit unless it is one tensor
+                size = sum(
+                    torch.empty(shape, dtype=getattr(torch, dt)).nbytes for shape, dt in zip(body["shapes"], body["dtypes"])
+                )
+                assert size <= limit or len(body["names"]) == 1
     # 2 steps × 4 prompts × 4 samples, eval off: every sample generated exactly once, via the router
     assert sum(st["generate_count"] for st in states) == 2 * 4 * 4

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from megatron_mtp_rl.errors import ConfigError
 from megatron_mtp_rl.flags import flag, flag_name, split_passthrough_args
+from megatron_mtp_rl.models.hf_dir import is_hf_dir
 from megatron_mtp_rl.models.presets import PRESETS, ModelArgs, from_checkpoint, saved_model_args
 
 # Choices mirrored from rl/ (which imports torch); tests/unit/test_config.py checks they agree.
@@ -720,6 +721,8 @@ def resolve_model_args(cfg: RunConfig, vocab_size: int) -> ModelArgs:
     base = PRESETS[cfg.model.preset]
     overrides = {f.name: getattr(cfg.model, f.name) for f in fields(ModelArgs) if hasattr(cfg.model, f.name)}
     saved = saved_model_args(cfg.ckpt.load)  # --load DIR: the checkpoint's shapes, no flags needed
+    if saved is not None and is_hf_dir(cfg.ckpt.load):  # a release's dtype is storage: the run trains in
+        saved = saved | {"params_dtype": "bf16" if cfg.model.bf16 else "fp32"}  # fp32 unless --bf16
     if saved is not None:
         return from_checkpoint(
             saved, overrides, vocab_size=vocab_size, seq_length=cfg.data.seq_length, bf16=cfg.model.bf16,

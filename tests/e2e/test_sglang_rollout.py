@@ -76,7 +76,9 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
         from megatron_mtp_rl.train.weight_sync import hf_tensors
 
         sync = ctx.engine.push
-        reference = {n: float(t.double().sum()) for n, t in hf_tensors(ctx.run.model, ctx.run.model_args, sync.flavour).items()}
+        reference = {
+            n: float(t.double().sum()) for n, t in hf_tensors(ctx.run.model, ctx.run.model_args, sync.flavour).items()
+        }
     finally:
         close(ctx)
     assert (tmp_path / "hf/init/model.safetensors").exists() and (tmp_path / "hf/init/config.json").exists()
@@ -117,7 +119,8 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
             announced = [r["body"] for r in st["log"] if r["route"] == "/update_weights_from_distributed"]
             for body in announced:  # one bucket per announcement, none over the limit unless it is one tensor
                 size = sum(
-                    torch.empty(shape, dtype=getattr(torch, dt)).nbytes for shape, dt in zip(body["shapes"], body["dtypes"])
+                    torch.empty(shape, dtype=getattr(torch, dt)).nbytes
+                    for shape, dt in zip(body["shapes"], body["dtypes"])
                 )
                 assert size <= limit or len(body["names"]) == 1
     # 2 steps × 4 prompts × 4 samples, eval off: every sample generated exactly once, via the router

@@ -89,9 +89,12 @@ def test_recipe_model_equals_the_converted_release(recipe):
     assert cfg.rollout.hf_flavour == fam.name
 
 
-def test_fp8_release_is_refused_until_dequantized():
+def test_block_fp8_release_is_read_and_other_quantisations_refused():
     from megatron_mtp_rl.models.families import UnsupportedCheckpoint, detect
 
-    fp8 = PUBLISHED["deepseek_v3_671b_layout"] | {"quantization_config": {"quant_method": "fp8"}}
-    with pytest.raises(UnsupportedCheckpoint, match="quantization_config='quant_method=fp8'"):
-        detect(fp8).model_args(fp8)
+    q = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    fp8 = PUBLISHED["deepseek_v3_671b_layout"] | {"quantization_config": q}
+    assert detect(fp8).model_args(fp8).num_experts == 256  # dequantised to bf16 on load (models/weight_stream)
+    awq = PUBLISHED["deepseek_v3_671b_layout"] | {"quantization_config": {"quant_method": "awq"}}
+    with pytest.raises(UnsupportedCheckpoint, match="quant_method='awq'"):
+        detect(awq).model_args(awq)

@@ -136,9 +136,13 @@ class Family:
             r.finish()
         r.refuse_unless("hidden_act", (None, "silu"), "our MLPs are SwiGLU")
         r.refuse_unless("mlp_bias", (None, False), "megatron's bias-free MLP")
-        if r.get("quantization_config"):
-            method = r.get("quantization_config").get("quant_method", "?")
-            r.refuse("quantization_config", f"quant_method={method}", "dequantize to bf16 first")
+        if r.get("quantization_config"):  # block fp8 (DeepSeek-V3's) is dequantised to bf16 on load
+            from megatron_mtp_rl.models.fp8 import block_size_from_config
+
+            try:
+                block_size_from_config(r.cfg)
+            except UnsupportedCheckpoint as e:
+                r.problems.append(str(e))
         for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "logits_scaling"):
             r.refuse_unless(key, (None,))
         if r.get("use_sliding_window", False):

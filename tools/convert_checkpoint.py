@@ -164,12 +164,14 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _build(model_args, use_te: bool | None):
+def _build(model_args, use_te: bool | None, initialise: bool = True):
     from megatron_mtp_rl.models import build_model
+    from megatron_mtp_rl.models.provider import RuntimeOptions
 
     device = None if torch.cuda.is_available() else "cpu"
+    runtime = RuntimeOptions(perform_initialization=initialise)
     try:
-        return build_model(model_args, use_te=use_te, device=device)
+        return build_model(model_args, use_te=use_te, device=device, runtime=runtime)
     except ValueError as e:  # e.g. MLA without Transformer Engine: one line, no megatron traceback
         raise ConversionError(str(e)) from None
 
@@ -189,7 +191,7 @@ def _load_model(load_dir: str | Path, use_te: bool | None = None, parallel: tupl
     if use_te is None:
         use_te = transformer_engine_available()
     _init_processes(parallel)
-    gpt = _build(margs, use_te)
+    gpt = _build(margs, use_te, initialise=False)  # every tensor comes from the checkpoint
     load_checkpoint(str(load_dir), gpt, None)
     return gpt, margs, saved
 
@@ -243,7 +245,7 @@ def hf_to_mcore(
     if use_te is None:
         use_te = transformer_engine_available()
     _init_processes(parallel)
-    gpt = _build(margs, use_te)
+    gpt = _build(margs, use_te, initialise=allow_missing_mtp)  # every tensor is loaded: allocate only
     try:
         report = load_hf(gpt, hf_dir, family=fam, allow_missing_mtp=allow_missing_mtp, ckpt=ckpt)
     except ConfigError as e:  # names every tensor it could not place

@@ -66,6 +66,9 @@ class RuntimeOptions:
     recompute_granularity: str | None = None  # "full" | "selective"
     recompute_method: str | None = None  # "uniform" | "block"
     recompute_num_layers: int | None = None
+    # False: parameters are allocated, not initialised (every one is about to be loaded: no fp32
+    # master copy per tensor, no RNG work) — the converter and direct HF loading
+    perform_initialization: bool = True
 
     def use_te(self) -> bool:
         if self.transformer_impl is None:
@@ -127,6 +130,7 @@ def build_config(
         bf16=dtype is torch.bfloat16,
         fp16=dtype is torch.float16,
         use_cpu_initialization=not cuda,
+        perform_initialization=runtime.perform_initialization,
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

@@ -82,13 +82,15 @@ def gpt_forward(
     if not (with_mtp and gpt.mtp_process):
         return out
 
+    first = first_position_mask(gpt, position_ids)
+
     def run_mtp(detach: bool) -> list[torch.Tensor]:
         trunk = hidden.detach() if detach else hidden
-        embedding = gpt.embedding
-        if detach:
 
-            def embedding(input_ids, position_ids, _emb=gpt.embedding):
-                return _emb(input_ids=input_ids, position_ids=position_ids).detach()
+        def embedding(input_ids, position_ids, _emb=gpt.embedding):
+            out = _emb(input_ids=input_ids, position_ids=position_ids)
+            out = out.detach() if detach else out
+            return out if first is None else zero_rows(out, first)
 
         stacked = gpt.mtp(
             input_ids=tokens,
@@ -119,6 +121,7 @@ def mtp_depth_forward(
     attention_mask: torch.Tensor,
     rotary_pos_emb: torch.Tensor | None,
     inference_context=None,
+    query_position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MTP depth ``depth`` (1-based) at given positions, with each position's next token given.
 
@@ -126,13 +129,41 @@ def mtp_depth_forward(
     depth's output, the trunk's for depth 1; ``next_ids[b, j]`` is the token ``depth``
     positions after query ``j``), without rolling ``input_ids`` by a column, so rows may
     have gaps; with ``inference_context`` (one per MTP block: its layers number 1..D) each
-    call extends that depth's KV cache instead of re-running the prefix.
+    call extends that depth's KV cache instead of re-running the prefix. ``query_position_ids``
+    (the queries' own positions) let a model with ``mtp_zero_first_embedding`` zero position 0's input.
     """
     gpt = unwrap(model)
     block = gpt.mtp
     layer = block.layers[0 if getattr(block, "mtp_use_repeated_layer", False) else depth - 1]
     decoder_input = gpt.embedding(input_ids=next_ids, position_ids=next_position_ids)
+    first = None if query_position_ids is None else first_position_mask(gpt, query_position_ids)
+    if first is not None:
+        decoder_input = zero_rows(decoder_input, first)
     return compat.mtp_layer_step(layer, hidden, decoder_input, attention_mask, rotary_pos_emb, inference_context)
+
+
+def first_position_mask(gpt, position_ids: torch.Tensor) -> torch.Tensor | None:
+    """``[S, B]`` True where a sequence starts (position 0), for models whose MTP layers read a zero
+    token embedding there (``gpt.mtp_zero_first_embedding``, set by the provider); None otherwise.
+
+    MiMo's MTP does this (SGLang's ``MiMoMTP``: ``hidden_states[positions == 0] = 0``), so the heads
+    we train compute what SGLang drafts with. Megatron rolls ``position_ids`` along with the tokens
+    before each depth's embedding lookup, so the mask is taken here, from the unrolled positions.
+    """
+    if not getattr(gpt, "mtp_zero_first_embedding", False):
+        return None
+    return (position_ids == 0).t()
+
+
+def zero_rows(embedded: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``embedded [S, B, H]`` with the rows ``first [S, B]`` set to 0 (this rank's part under sequence parallel)."""
+    if embedded.shape[0] != first.shape[0]:  # sequence parallel: the embedding is scattered along S
+        from megatron.core import parallel_state
+
+        rows = embedded.shape[0]
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        first = first[rank * rows : (rank + 1) * rows]
+    return embedded.masked_fill(first[..., None], 0.0)
 
 
 def output_weight(model: torch.nn.Module) -> torch.Tensor | None:

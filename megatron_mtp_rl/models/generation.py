@@ -184,6 +184,7 @@ class _Runner:
                 self.mask(start, end),
                 self.freqs[:end],
                 self.mtp_ctx,
+                query_position_ids=self.pos[:, start:end],
             )
             if k < depths:
                 if k not in self.mtp_hidden:

@@ -19,6 +19,9 @@ class ModelArgs:
     vocab_size: int = flag(64, "vocabulary size (from the tokenizer)", cli=False)
     seq_length: int = flag(128, "tokens per packed row (the --seq-length data flag)", cli=False)
     mtp_num_layers: int = flag(0, "MTP depths D", min=0)
+    mtp_zero_first_embedding: bool = flag(
+        False, "MTP layers read a zero token embedding at each sequence's position 0 (MiMo's MTP, as SGLang drafts)"
+    )
     num_experts: int | None = flag(None, "MoE experts per layer (0 = dense)", min=0)
     moe_router_topk: int = flag(2, "experts per token", min=1)
     moe_ffn_hidden_size: int | None = flag(None, "expert MLP width", min=1)
@@ -112,7 +115,15 @@ def parse_moe_layer_freq(freq: int | str | list, num_layers: int) -> list[int]:
 
 PRESETS: dict[str, ModelArgs] = {
     # ~0.2M parameters: fast enough for the whole test suite on 2 cores.
-    "tiny-dense": ModelArgs(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192, mtp_num_layers=2),
+    # Exports as MiMo, whose SGLang draft zeroes position 0's token embedding: trained the same way.
+    "tiny-dense": ModelArgs(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=192,
+        mtp_num_layers=2,
+        mtp_zero_first_embedding=True,
+    ),
     # 4 experts, top-2 sigmoid routing (GLM-4.5's router, so the preset exports as a GLM-4.5
     # checkpoint SGLang loads); the MTP layers use the same (MoE) layer spec as the trunk.
     "tiny-moe": ModelArgs(

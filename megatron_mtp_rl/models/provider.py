@@ -250,6 +250,8 @@ def build_model(
     model.real_vocab_size = args.vocab_size
     # Transformer Engine's attention reads packed rows as THD (cu_seqlens), not through a mask.
     model.thd_packing = use_te
+    # MiMo's MTP layers read a zero token embedding at each sequence's position 0 (models/forward.py).
+    model.mtp_zero_first_embedding = args.mtp_zero_first_embedding
     model = model.to(device if device is not None else platform_device())
     return model
 

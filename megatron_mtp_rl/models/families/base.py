@@ -96,6 +96,8 @@ class Family:
     flavour: ClassVar[HFFlavour]
     draft_class: ClassVar[str | None] = None  # SGLang 0.5.23's draft (speculative) class for it
     draft_depth: ClassVar[int] = 1  # MTP layers that draft takes (SGLang: one; 0 where it has no draft)
+    # The draft reads a zero token embedding at each sequence's position 0 (MiMo); our MTP layers then do too.
+    draft_zeroes_first_embedding: ClassVar[bool] = False
 
     # -- HF → ours ---------------------------------------------------------------------------
     def normalize(self, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -128,6 +130,18 @@ class Family:
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return ModelArgs(**fields)
 
+    def draft_token_embedding(self, embedded, positions=None):
+        """``embedded [B, T, H]`` (the token embeddings an MTP layer reads) as this family's SGLang draft
+        feeds them: zero at ``positions == 0`` when the draft masks position 0 (``positions`` default:
+        each row is one sequence from position 0). The MTP reference of ``convert_checkpoint verify``."""
+        if not self.draft_zeroes_first_embedding:
+            return embedded
+        if positions is None:
+            import torch
+
+            positions = torch.arange(embedded.shape[1], device=embedded.device).expand(embedded.shape[:2])
+        return embedded.masked_fill((positions == 0)[..., None], 0.0)
+
     def common(self, r: Reader) -> dict[str, Any]:
         """Keys every family here reads the same way (Llama-style trunk)."""
         hidden, heads = r.req("hidden_size"), r.req("num_attention_heads")
@@ -158,6 +172,7 @@ class Family:
         head_dim = r.get("head_dim")
         mtp = int(r.get("num_nextn_predict_layers", 0) or 0)
         return dict(
+            mtp_zero_first_embedding=self.draft_zeroes_first_embedding,
             num_layers=layers,
             hidden_size=hidden,
             num_attention_heads=heads,

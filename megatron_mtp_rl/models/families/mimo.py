@@ -9,10 +9,10 @@
   export ships ``configuration_mimo.py`` + ``auto_map`` as MiMo's release does. SGLang's draft
   ``MiMoMTP`` maps every ``model.mtp_layers.k.`` onto ONE module, so exports carry depth 1.
   A model without q/k/v biases exports zero biases (exactly the same computation).
-* Numerics to know: SGLang's ``MiMoMTP`` zeroes the token embedding at position 0
-  (``hidden_states[positions == 0] = 0``); megatron's MTP layer does not. Positions ≥ 1 of the MTP
-  head are unaffected only when attention cannot see position 0 — it can, so the draft's
-  distributions differ slightly from the trained MTP head (see tests/unit/test_families_parity.py).
+* SGLang's ``MiMoMTP`` zeroes the token embedding at position 0 (``hidden_states[positions == 0] = 0``,
+  positions per request) and megatron's MTP layer does not, so a MiMo model sets
+  ``mtp_zero_first_embedding``: our MTP forward zeroes it at each packed sequence's start and the
+  trained heads compute what SGLang drafts with (tests/unit/test_mimo_draft_parity.py).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class MiMo(Family):
     accepts = ("MiMoForCausalLM", "mimo", "Qwen2ForCausalLM", "qwen2")
     flavour = MIMO
     draft_class = "MiMoMTP"
+    draft_zeroes_first_embedding = True
 
     def specific(self, r: Reader, fields: dict[str, Any]) -> dict[str, Any]:
         self.partial_rotary(r, mapped=False)

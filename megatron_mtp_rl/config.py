@@ -307,6 +307,13 @@ class OptimConfig:
     clip_grad_mtp: float | None = flag(None, "clip of the MTP group (default --clip-grad)", min=0)
     global_batch_size: int | None = flag(None, "samples per optimizer step (default: rollout samples / 2)", min=1)
     micro_batch_size: int = flag(16, "samples per micro-batch", min=1)
+    use_dynamic_batch_size: bool = flag(
+        False, "form micro-batches by tokens (at most --max-tokens-per-gpu each), not --micro-batch-size samples"
+    )
+    max_tokens_per_gpu: int | None = flag(None, "tokens per micro-batch with --use-dynamic-batch-size", min=1)
+    balance_data: bool | None = flag(
+        None, "deal each update's samples to the DP ranks by tokens (default: on with --use-dynamic-batch-size)"
+    )
 
 
 @dataclass(frozen=True)
@@ -833,7 +840,13 @@ def validate(
             f"--global-batch-size {gbs} does not divide the rollout batch "
             f"({ro.rollout_batch_size} prompts × {ro.n_samples_per_prompt} samples = {samples})"
         )
-    if gbs // dp % op.micro_batch_size and pp > 1:
+    if op.use_dynamic_batch_size and not op.max_tokens_per_gpu:
+        problems.append("--use-dynamic-batch-size needs --max-tokens-per-gpu N (the token budget of a micro-batch)")
+    if op.max_tokens_per_gpu and not op.use_dynamic_batch_size:
+        problems.append("--max-tokens-per-gpu applies with --use-dynamic-batch-size")
+    if op.balance_data and not op.use_dynamic_batch_size and pp > 1:
+        problems.append("--balance-data with pipeline parallelism needs --use-dynamic-batch-size")
+    if gbs // dp % op.micro_batch_size and pp > 1 and not op.use_dynamic_batch_size:
         problems.append("with pipeline parallelism --micro-batch-size must divide --global-batch-size / DP")
     if pp > 1 and ro.rollout_engine == "local" and not cfg.ray.ray:
         problems.append(

@@ -57,6 +57,8 @@ def forward_backward(
     seq, mbs = micro_batches[0].shape[1], micro_batches[0].shape[0]
     if getattr(unwrap(model), "thd_packing", False):  # THD: one [B*S] row goes from stage to stage
         seq, mbs = seq * mbs, 1
+    if len({b.shape for b in micro_batches}) > 1:  # token-budget micro-batches: stages exchange shapes
+        unwrap(model).config.variable_seq_lengths = True
     scale = n * parallel_state.get_data_parallel_world_size() / max(1, parallel_state.get_context_parallel_world_size())
 
     def _loss(batch, received, out):

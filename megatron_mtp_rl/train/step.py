@@ -33,6 +33,7 @@ from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
 from megatron_mtp_rl.rollout.reward_sandbox import check_step_rewards
 from megatron_mtp_rl.train import faults
 from megatron_mtp_rl.train.builders import Reference, Rollout, Run
+from megatron_mtp_rl.train.microbatches import balance_on, plan_minibatches
 from megatron_mtp_rl.train.optim import clip_and_step, param_norm, split_parameters
 from megatron_mtp_rl.train.schedule import configure, forward_backward
 
@@ -160,6 +161,9 @@ def pack_minibatches(
     """
     cfg = ctx.cfg
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    if cfg.optim.use_dynamic_batch_size or balance_on(cfg.optim):  # by tokens (train/microbatches.py)
+        seed = step_seed(cfg.seed, step, 0 if balance_on(cfg.optim) else dp_rank) + 1
+        return plan_minibatches(cfg, samples, adv, seed, spans)
     order = list(range(len(samples)))
     random.Random(step_seed(cfg.seed, step, dp_rank) + 1).shuffle(order)
     per_step = cfg.optim.global_batch_size // dp

@@ -347,6 +347,9 @@ class LogConfig:
         None, "write DIR/step_NNNNNN.jsonl per step: prompt, response, tokens, reward, advantage (show_rollouts.py)"
     )
     rollout_dump_n: int = flag(16, "samples per step in the rollout dump", min=0)
+    peak_tflops: float | None = flag(
+        None, "peak TFLOP/s of one GPU for perf/mfu (default: from the CUDA device name; none on CPU)", min=0
+    )
     quiet: bool = flag(False, "no progress line")
 
 

@@ -36,6 +36,7 @@ from megatron_mtp_rl.train.builders import Reference, Rollout, Run
 from megatron_mtp_rl.train.microbatches import balance_on, plan_minibatches
 from megatron_mtp_rl.train.optim import clip_and_step, param_norm, split_parameters
 from megatron_mtp_rl.train.schedule import configure, forward_backward
+from megatron_mtp_rl.train.throughput import throughput_metrics
 
 
 @dataclass
@@ -77,6 +78,12 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
     metrics.update(average_updates(per_update))
     metrics.update(sync_weights(ctx))
     metrics.update(step_metrics(ctx, batch.samples, len(minibatches), t0, t_train))
+    metrics.update(
+        throughput_metrics(
+            ctx.cfg, ctx.run.model_args, [mb for m in minibatches for mb in m], with_mtp=ctx.loss_cfg.runs_mtp,
+            train_time=metrics["perf/train_time"], step_time=metrics["perf/step_time"],
+        )
+    )  # fmt: skip
     return metrics, cursor
 
 

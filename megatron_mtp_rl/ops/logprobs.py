@@ -9,11 +9,60 @@ logits themselves is O(chunk × V/TP) in fp32, in forward and in backward.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.distributed as dist
 
 # Rows per chunk are chosen so one fp32 chunk holds about this many elements (64 MiB).
 CHUNK_ELEMENTS = 2**24
+
+# MTP_RL_COMPILE_LOGPROBS=1 / 0: the log-prob pass's per-chunk kernels through torch.compile, or eager.
+# Unset: compiled for CUDA tensors, eager on the CPU (where inductor's C++ compile takes tens of seconds).
+COMPILE_ENV = "MTP_RL_COMPILE_LOGPROBS"
+_compiled: dict = {}
+
+
+def _lse_and_pick(x: torch.Tensor, local_t: torch.Tensor, in_shard: torch.Tensor):
+    """One chunk's fp32 log-sum-exp per row and its target logit (0 outside this shard), in one pass."""
+    xf = x.float()
+    m = xf.amax(-1)
+    lse = (xf - m[:, None]).exp().sum(-1).log() + m
+    return lse, xf.gather(1, local_t[:, None]).squeeze(1) * in_shard
+
+
+def _logprob_grad(x: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, local_t: torch.Tensor, in_shard):
+    """One chunk's gradient of Σ g·log p[target]: g·(onehot − p), in the logits' dtype."""
+    grad = (x.float() - lse[:, None]).exp() * -g[:, None]
+    grad = grad.scatter_add(1, local_t[:, None], (g * in_shard)[:, None])
+    return grad.to(x.dtype)
+
+
+def _use_compiled(x: torch.Tensor) -> bool:
+    flag = os.environ.get(COMPILE_ENV)
+    return x.is_cuda if flag is None else flag == "1"
+
+
+def _kernel(fn, x: torch.Tensor):
+    """``fn`` compiled (once per process) when enabled for ``x``; eager if torch.compile fails."""
+    if not _use_compiled(x) or _compiled.get(fn.__name__) is False:
+        return fn
+    if fn.__name__ not in _compiled:
+        _compiled[fn.__name__] = torch.compile(fn, dynamic=None)
+    compiled = _compiled[fn.__name__]
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as e:  # inductor without a compiler, an unsupported backend: stay correct
+            warnings.warn(
+                f"{COMPILE_ENV}: torch.compile of {fn.__name__} failed ({e}); running it eagerly", stacklevel=2
+            )
+            _compiled[fn.__name__] = False
+            return fn(*args)
+
+    return run
 
 
 def _default_chunk(v_local: int) -> int:
@@ -63,6 +112,11 @@ def _logsumexp(x: torch.Tensor, chunk: int, tp_group) -> torch.Tensor:
     if x.shape[1]:
         for s, e in _chunks(n, chunk):
             lse[s:e] = torch.logsumexp(x[s:e].float(), dim=-1)
+    return _combine_lse(lse, tp_group)
+
+
+def _combine_lse(lse: torch.Tensor, tp_group) -> torch.Tensor:
+    """log Σ_r exp(lse_r) over the TP ranks' shard log-sum-exps (two all-reduces)."""
     if tp_group is None or not dist.is_initialized() or dist.get_world_size(tp_group) == 1:
         return lse
     mx = lse.clone()
@@ -85,11 +139,19 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         rank, _ = _tp_info(tp_group)
         x = logits.reshape(-1, v_local)[:, :valid]
         t = targets.reshape(-1)
-        lse = _logsumexp(x, chunk, tp_group)
         local_t, in_shard = _local_targets(t, rank * v_local, valid)
-        if valid:
-            picked = x.gather(1, local_t[:, None]).squeeze(1).float() * in_shard
+        if valid and _use_compiled(x):  # one fused pass per chunk: log-sum-exp and the target logit
+            lse = torch.empty(t.shape[0], dtype=torch.float32, device=t.device)
+            picked = torch.empty_like(lse)
+            kernel = _kernel(_lse_and_pick, x)
+            for s, e in _chunks(x.shape[0], chunk):
+                lse[s:e], picked[s:e] = kernel(x[s:e], local_t[s:e], in_shard[s:e])
+            lse = _combine_lse(lse, tp_group)
         else:
+            lse = _logsumexp(x, chunk, tp_group)
+        if valid and not _use_compiled(x):
+            picked = x.gather(1, local_t[:, None]).squeeze(1).float() * in_shard
+        elif not valid:
             picked = torch.zeros(t.shape[0], dtype=torch.float32, device=t.device)
         _all_reduce(picked, dist.ReduceOp.SUM, tp_group)
         ctx.save_for_backward(logits, local_t, in_shard, lse)
@@ -108,6 +170,11 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             return full.view_as(logits), None, None, None, None
         x = logits.reshape(-1, v_local)[:, :valid]
         grad = full[:, :valid]
+        if _use_compiled(x):
+            kernel = _kernel(_logprob_grad, x)
+            for s, e in _chunks(x.shape[0], ctx.chunk):
+                grad[s:e] = kernel(x[s:e], lse[s:e], g[s:e], local_t[s:e], in_shard[s:e])
+            return full.view_as(logits), None, None, None, None
         rows = torch.arange(x.shape[0], device=x.device)
         in_place = grad.dtype == torch.float32
         for s, e in _chunks(x.shape[0], ctx.chunk):

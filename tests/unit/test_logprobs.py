@@ -86,3 +86,27 @@ def test_padded_vocabulary_is_left_out(dtype):
     p = ref.exp()
     q = torch.softmax(logits.detach().float()[..., :11] + 0.1, -1)
     torch.testing.assert_close(accept, torch.minimum(p, q).sum(-1), atol=tol, rtol=tol)
+
+
+@pytest.mark.slow  # inductor compiles C++ on the CPU: ~30 s on 2 idle cores
+def test_compiled_kernels_match_the_reference(monkeypatch):
+    """MTP_RL_COMPILE_LOGPROBS=1: the torch.compile'd chunk kernels give the eager values and gradients."""
+    monkeypatch.setenv("MTP_RL_COMPILE_LOGPROBS", "1")
+    from megatron_mtp_rl.ops import logprobs as ops
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        torch.manual_seed(4)
+        logits = (torch.randn(5, 7, 20) * 3).to(dtype).requires_grad_()
+        targets = torch.randint(0, 17, (5, 7))
+        weights = torch.randn(5, 7)
+        lp = vocab_parallel_logprobs(logits, targets, chunk_size=8, vocab_size=17)  # a tail chunk of 3 rows
+        (lp * weights).sum().backward()
+        ref = torch.log_softmax(logits.detach().double()[..., :17], -1)
+        ref_lp = ref.gather(-1, targets[..., None]).squeeze(-1)
+        onehot = torch.nn.functional.one_hot(targets, 17).double()
+        ref_grad = weights.double()[..., None] * (onehot - ref.exp())
+        torch.testing.assert_close(lp.double(), ref_lp, atol=tol, rtol=tol)
+        torch.testing.assert_close(logits.grad[..., :17].double(), ref_grad, atol=tol, rtol=tol)
+        assert logits.grad.dtype == dtype and logits.grad[..., 17:].abs().sum() == 0
+    assert ops._compiled.get("_lse_and_pick") not in (None, False)  # it ran compiled, not the fallback
+    assert ops._compiled.get("_logprob_grad") not in (None, False)

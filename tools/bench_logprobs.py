@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -21,6 +22,7 @@ import time
 import psutil
 import torch
 
+COMPILE = "MTP_RL_COMPILE_LOGPROBS"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -101,6 +103,48 @@ def _tp_group():
     return dist.group.WORLD
 
 
+def _interleaved(tokens: int, vocab: int, chunk: int | None, dtype: str, reps: int) -> None:
+    """Time only, one process: eager ours, compiled ours and megatron's kernel taken in turns, so a
+    busy machine's drifting load hits all three alike; prints median ratios (compile untimed)."""
+
+    from megatron_mtp_rl.ops import vocab_parallel_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(tokens, vocab, dtype=DTYPES[dtype])
+    targets = torch.randint(0, vocab, (tokens,))
+    group = _tp_group()
+
+    def run(variant: str, backward: bool) -> float:
+        x = logits.detach().clone().requires_grad_(backward)  # megatron's kernel overwrites its input
+        os.environ["MTP_RL_COMPILE_LOGPROBS"] = "1" if variant == "compiled" else "0"
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(backward):
+            if variant == "megatron":
+                lp = -_megatron_ce()(x, targets, group)
+            else:
+                lp = vocab_parallel_logprobs(x, targets, chunk_size=chunk)
+            if backward:
+                lp.sum().backward()
+        return time.perf_counter() - t0
+
+    for backward in (False, True):
+        t0 = time.perf_counter()
+        run("compiled", backward)
+        print(f"compile + first call ({'fwd+bwd' if backward else 'fwd'}): {time.perf_counter() - t0:.1f}s")
+    for backward in (False, True):
+        times: dict[str, list[float]] = {"eager": [], "compiled": [], "megatron": []}
+        for _ in range(reps):
+            for v in times:
+                times[v].append(run(v, backward))
+        med = {v: statistics.median(t) for v, t in times.items()}
+        mode = "fwd+bwd" if backward else "fwd"
+        print(
+            f"{mode:8s} median of {reps}: eager {med['eager']:.3f}s compiled {med['compiled']:.3f}s megatron "
+            f"{med['megatron']:.3f}s | eager/megatron {med['eager'] / med['megatron']:.2f}x "
+            f"compiled/megatron {med['compiled'] / med['megatron']:.2f}x"
+        )
+
+
 def _max_abs_diff(vocab: int, chunk: int, dtype: str) -> float:
     from megatron_mtp_rl.ops import vocab_parallel_logprobs
 
@@ -123,8 +167,11 @@ def main() -> None:
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--interleaved", action="store_true", help="time only: ours eager / compiled / megatron in turns")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.interleaved:
+        return _interleaved(a.tokens, a.vocab, a.chunk, a.dtype, a.reps)
     if a._child:
         res = _run_variant(a._child[0], a._child[1], a.tokens, a.vocab, a.chunk, a.dtype, a.reps)
         print(json.dumps(res))
@@ -159,7 +206,7 @@ def main() -> None:
             f"{mode:8s} vs megatron fused CE: time megatron {m['time_s']:.3f}s ours {o['time_s']:.3f}s "
             f"ratio {o['time_s'] / m['time_s']:.2f}x | extra memory megatron {m['extra_bytes'] / gib:.2f} GiB "
             f"ours {o['extra_bytes'] / gib:.2f} GiB ratio {o['extra_bytes'] / max(1, m['extra_bytes']):.3f}x"
-            + (f" (ours compiled first, untimed: {o['compile_s']:.1f}s)" if o["compile_s"] > 1 else "")
+            + (f" (ours compiled first, untimed: {o['compile_s']:.1f}s)" if os.environ.get(COMPILE) == "1" else "")
         )
         line = (
             f"{mode:8s} time naive {n['time_s']:.3f}s ours {o['time_s']:.3f}s "

@@ -10,6 +10,9 @@ memory every millisecond during a step and reports the peak above the level befo
 
     .venv/bin/python tools/bench_step.py --preset tiny-moe --reps 7
     torchrun --nproc_per_node 8 tools/bench_step.py --preset ... (on a GPU node)
+
+``--length-dist lognormal`` instead: fixed vs token-budget micro-batches on skewed response lengths
+(padding fraction, DP token imbalance, peak memory, step time); see :func:`main_lengths`.
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ def main_lengths(argv: list[str]) -> None:
     On CPU, peak memory is the resident-set growth during a step: give ``--modes fixed`` and
     ``--modes dynamic`` to separate runs (a second mode in the same process reuses the first's pages).
 
-        torchrun --nproc_per_node 2 tools/bench_step.py --length-dist lognormal --median 64 --max 1024 \
+        torchrun --nproc_per_node 2 tools/bench_step.py --length-dist lognormal --median-len 64 --max-len 1024 \
             --samples 64 --max-tokens-per-gpu 2048 --preset tiny-dense --micro-batch-size 4
     """
     from megatron_mtp_rl.cli import quiet_known_noise
@@ -149,7 +152,7 @@ def main_lengths(argv: list[str]) -> None:
 
     dist_name = _pop(argv, "--length-dist", "lognormal", str)
     assert dist_name == "lognormal", "only --length-dist lognormal"
-    median, longest, n = _pop(argv, "--median", 512), _pop(argv, "--max", 8192), _pop(argv, "--samples", 64)
+    median, longest, n = _pop(argv, "--median-len", 512), _pop(argv, "--max-len", 8192), _pop(argv, "--samples", 64)
     budget, reps = _pop(argv, "--max-tokens-per-gpu", 2 * longest), _pop(argv, "--reps", 2)
     only = _pop(argv, "--modes", "fixed,dynamic", str).split(",")  # on CPU run one per process: RSS peaks
     prompt = 16

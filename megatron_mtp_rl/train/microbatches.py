@@ -78,18 +78,30 @@ def token_bins(lengths: Sequence[int], max_tokens: int, count: int | None = None
     The fewest groups we find: from ``⌈Σ/N⌉`` up to first-fit decreasing's count, the first
     count whose balanced (LPT) split fits the budget, else first-fit decreasing itself.
     ``count`` (≥ that number) asks for exactly that many groups (pipeline parallelism: every DP
-    rank runs the same number): the largest multi-sample groups are split, then empty ones added.
+    rank runs the same number): a balanced split into ``count`` if it fits, else the fewest
+    groups with the largest multi-sample ones split in two, then empty ones added.
     """
     check_fits(lengths, max_tokens)
-    ffd = _first_fit_decreasing(lengths, max_tokens)
-    want = max(len(ffd), 1) if count is None else count
-    lower = max(1, math.ceil(sum(lengths) / max_tokens)) if count is None else count
-    for k in range(lower, want + 1):
-        parts = balanced_parts(lengths, k)
-        if max(sum(lengths[i] for i in g) for g in parts) <= max_tokens:
+
+    def fits(parts: list[list[int]]) -> bool:
+        return max(sum(lengths[i] for i in g) for g in parts) <= max_tokens
+
+    if count is not None:
+        parts = balanced_parts(lengths, count)
+        if fits(parts):
             return [g for g in parts if g] + [[] for g in parts if not g]
-    bins = [sorted(b) for b in ffd] or [[]]
-    while len(bins) < want:
+    ffd = [sorted(b) for b in _first_fit_decreasing(lengths, max_tokens)] or [[]]
+    bins = ffd
+    for k in range(max(1, math.ceil(sum(lengths) / max_tokens)), len(ffd)):
+        parts = balanced_parts(lengths, k)
+        if fits(parts):
+            bins = parts
+            break
+    if count is None:
+        return bins
+    if count < len(bins):
+        raise ValueError(f"{count} micro-batches asked for, but these samples need {len(bins)}")
+    while len(bins) < count:
         splittable = [b for b in bins if len(b) > 1]
         if not splittable:
             bins.append([])

@@ -216,6 +216,12 @@ class RolloutConfig:
     rollout_server_cmd: str | None = flag(None, "SGLang server command prefix (tests: a fake)")
     rollout_router_cmd: str | None = flag(None, "sglang-router command prefix")
     rollout_startup_timeout: float = flag(900.0, "seconds for engines to come up", min=0, min_exclusive=True)
+    rollout_version_timeout: float = flag(
+        600.0,
+        "seconds a generate request waits for the weights it expects (the trainer's last push) before failing",
+        min=0,
+        min_exclusive=True,
+    )
     sglang_engine_flags: tuple = flag(
         (), "--sglang-X v given on the command line, passed to SGLang as --X v", cli=False
     )

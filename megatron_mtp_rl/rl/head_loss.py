@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_mtp_rl.rl.metric_values import masked_mean, summed
 from megatron_mtp_rl.rl.policy_loss import Denominators, aggregate
 from megatron_mtp_rl.rl.regimes import HEAD_LOSSES
 
@@ -49,7 +50,6 @@ def head_loss_terms(
     agg_mode: str,
     denominators: list[Denominators],
     metrics: dict,
-    pair,
 ) -> torch.Tensor:
     """Σ_k coef · L_head_k of one micro-batch; adds ``mtp/head_loss_k`` to ``metrics``.
 
@@ -61,7 +61,7 @@ def head_loss_terms(
     for k in range(out.num_depths):
         term = aggregate(per_token[k], out.mtp_mask[k], seq_index, agg_mode, denominators[k])
         total = total + coef * term
-        metrics[f"mtp/head_loss_{k + 1}"] = pair(term.detach(), 0)
+        metrics[f"mtp/head_loss_{k + 1}"] = summed(term.detach())
     return total
 
 
@@ -85,14 +85,10 @@ class HeadOnlyLoss:
 
         metrics: dict[str, torch.Tensor] = {}
         seq_index = sequence_index(batch.segment_ids)
-        loss = head_loss_terms(out, self.kind, self.coef, seq_index, self.agg_mode, self.den, metrics, _pair)
+        loss = head_loss_terms(out, self.kind, self.coef, seq_index, self.agg_mode, self.den, metrics)
         for k in range(out.num_depths):
             m = out.mtp_mask[k].bool()
-            metrics[f"mtp/accept_{k + 1}"] = _pair(out.mtp_accept[k][m].double().sum(), m.sum())
-            metrics[f"mtp/top1_agree_{k + 1}"] = _pair(out.mtp_top1[k][m].double().sum(), m.sum())
-        metrics["train/loss"] = _pair(loss.detach(), 0)
+            metrics[f"mtp/accept_{k + 1}"] = masked_mean(out.mtp_accept[k], m)
+            metrics[f"mtp/top1_agree_{k + 1}"] = masked_mean(out.mtp_top1[k], m)
+        metrics["train/loss"] = summed(loss.detach())
         return loss, metrics
-
-
-def _pair(total, count) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(total, dtype=torch.float64), torch.as_tensor(count, dtype=torch.float64)])

@@ -2,8 +2,8 @@
 
 ``RLLoss`` is the ``loss_fn`` handed to the training schedule. It returns the
 micro-batch's share of the step loss (normalised by global denominators) and metrics as
-``(sum, count)`` pairs: a metric's step value is Σsum/Σcount over micro-batches and DP
-ranks, or Σsum when every count is 0 (shares of the step loss).
+``rl/metric_values.py`` vectors: a mean's step value is Σsum/Σcount over micro-batches and DP
+ranks (absent when nothing was counted), a share of the step loss is Σsum.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from megatron_mtp_rl.models.batch import TokenBatch, aligned_mtp_mask
 from megatron_mtp_rl.models.mtp_forward import HeadLogProbs
 from megatron_mtp_rl.platform.device import collective_device
 from megatron_mtp_rl.rl.head_loss import check_head_loss, head_loss_terms
-from megatron_mtp_rl.rl.mismatch import mismatch_per_token, tis_weights
+from megatron_mtp_rl.rl.metric_values import averaged, masked_mean, summed
+from megatron_mtp_rl.rl.mismatch import MISMATCH_METRICS, mismatch_per_token, tis_weights
 from megatron_mtp_rl.rl.occ import OCCEstimator, occ_statistics
 from megatron_mtp_rl.rl.policy_loss import (
     AGG_MODES,
@@ -117,15 +118,6 @@ def step_denominators(batches: list[TokenBatch], num_depths: int, group=None) ->
     return StepDenominators(main=dens[0], mtp=dens[1:])
 
 
-def _pair(total, count) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(total, dtype=torch.float64), torch.as_tensor(count, dtype=torch.float64)])
-
-
-def _masked_pair(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.bool()
-    return _pair(values.detach()[m].double().sum(), m.sum())
-
-
 class RLLoss:
     """Callable ``(batch, HeadLogProbs) -> (loss, metrics)`` for one micro-batch."""
 
@@ -171,29 +163,33 @@ class RLLoss:
 
         sur = self._surrogate(out.logprobs, batch.old_logprobs, batch.advantages, mask, seq_index)
         pg_tokens = sur.loss
+        # Always present (same keys on every micro-batch and DP rank); nothing counted when the
+        # engine returned no log-probs, and then the metric is absent from the step's row.
+        for name in MISMATCH_METRICS:
+            metrics[name] = averaged(0.0, 0.0)
         if batch.rollout_logprobs is not None:
             for name, v in mismatch_per_token(batch.old_logprobs, batch.rollout_logprobs).items():
-                metrics[name] = _masked_pair(v, mask)
+                metrics[name] = masked_mean(v, mask)
         if cfg.tis_cap is not None:
             if batch.rollout_logprobs is None:
                 raise ValueError("--tis-cap needs the rollout engine's log-probs in the batch")
             w = tis_weights(batch.old_logprobs, batch.rollout_logprobs, cfg.tis_cap)
             pg_tokens = pg_tokens * w
-            metrics["train/tis_weight"] = _masked_pair(w, mask)
+            metrics["train/tis_weight"] = masked_mean(w, mask)
         pg = aggregate(pg_tokens, mask, seq_index, agg, self.den.main)
         loss = pg
-        metrics["train/policy_loss"] = _pair(pg.detach(), 0)
-        metrics["train/clipfrac"] = _masked_pair(sur.clipped.double(), mask)
-        metrics["train/ratio"] = _masked_pair(sur.ratio, mask)
-        metrics["train/logprob"] = _masked_pair(out.logprobs, mask)
+        metrics["train/policy_loss"] = summed(pg.detach())
+        metrics["train/clipfrac"] = masked_mean(sur.clipped.double(), mask)
+        metrics["train/ratio"] = masked_mean(sur.ratio, mask)
+        metrics["train/logprob"] = masked_mean(out.logprobs, mask)
         if cfg.kl_coef > 0:
             if batch.ref_logprobs is None:
                 raise ValueError("--kl-coef > 0 needs reference log-probs in the batch")
             kl = kl_penalty(out.logprobs, batch.ref_logprobs, cfg.kl_type)
             loss = loss + cfg.kl_coef * aggregate(kl, mask, seq_index, agg, self.den.main)
-            metrics["train/kl"] = _masked_pair(kl, mask)
+            metrics["train/kl"] = masked_mean(kl, mask)
         if out.entropy is not None:
-            metrics["train/entropy"] = _masked_pair(out.entropy, mask)
+            metrics["train/entropy"] = masked_mean(out.entropy, mask)
             if cfg.entropy_coef > 0:
                 ent = aggregate(out.entropy, mask, seq_index, agg, self.den.main)
                 loss = loss - cfg.entropy_coef * ent
@@ -204,9 +200,9 @@ class RLLoss:
             self._mtp_metrics(out, metrics)
         if cfg.mtp_head_loss != "none" and out.num_depths:
             loss = loss + head_loss_terms(
-                out, cfg.mtp_head_loss, cfg.mtp_head_coef, seq_index, agg, self.den.mtp, metrics, _pair
+                out, cfg.mtp_head_loss, cfg.mtp_head_coef, seq_index, agg, self.den.mtp, metrics
             )
-        metrics["train/loss"] = _pair(loss.detach(), 0)
+        metrics["train/loss"] = summed(loss.detach())
         return loss, metrics
 
     def _mtp_terms(self, batch, out, seq_index, metrics) -> torch.Tensor:
@@ -252,8 +248,8 @@ class RLLoss:
                 sur_k = self._surrogate(lp, batch.old_mtp_logprobs[k], batch.advantages, m, seq_index)
                 term = aggregate(sur_k.loss, m, seq_index, cfg.loss_agg_mode, den)
             total = total + coefs[k] * term
-            metrics[f"mtp/loss_{k + 1}"] = _pair(term.detach(), 0)
-            metrics[f"mtp/coef_{k + 1}"] = _pair(coefs[k], 1)
+            metrics[f"mtp/loss_{k + 1}"] = summed(term.detach())
+            metrics[f"mtp/coef_{k + 1}"] = averaged(coefs[k], 1)
         self._mtp_metrics(out, metrics)
         return total
 
@@ -262,7 +258,7 @@ class RLLoss:
         """Per-depth MTP log-prob, expected draft acceptance and top-1 agreement."""
         for k in range(out.num_depths):
             m, d = out.mtp_mask[k], k + 1
-            metrics[f"mtp/logprob_{d}"] = _masked_pair(out.mtp_logprobs[k], m)
+            metrics[f"mtp/logprob_{d}"] = masked_mean(out.mtp_logprobs[k], m)
             if out.mtp_accept is not None:
-                metrics[f"mtp/accept_{d}"] = _masked_pair(out.mtp_accept[k], m)
-                metrics[f"mtp/top1_agree_{d}"] = _masked_pair(out.mtp_top1[k], m)
+                metrics[f"mtp/accept_{d}"] = masked_mean(out.mtp_accept[k], m)
+                metrics[f"mtp/top1_agree_{d}"] = masked_mean(out.mtp_top1[k], m)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+MISMATCH_METRICS = ("rollout/logprob_abs_diff", "rollout/mismatch_kl")
+
 
 def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
     """``min(exp(ℓ_old − ℓ_rollout), cap)``, detached, fp32."""
@@ -28,7 +30,5 @@ def mismatch_per_token(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
     drawn from π_rollout (Schulman's estimator).
     """
     log_r = old_logprobs.double() - rollout_logprobs.double()
-    return {
-        "rollout/logprob_abs_diff": log_r.abs(),
-        "rollout/mismatch_kl": torch.expm1(log_r) - log_r,
-    }
+    abs_diff, kl = MISMATCH_METRICS
+    return {abs_diff: log_r.abs(), kl: torch.expm1(log_r) - log_r}

@@ -63,14 +63,18 @@ class RemoteEngine:
         self.client = client
         self.push = push
         self.name = name
+        self.version = 0  # the weights this rank pushed last (0: the engine's initial ones)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
+        """Generated with the weights of this rank's last push, never older ones (rollout/weight_version.py)."""
         if self.client is None:
             raise RuntimeError(f"{self.name} engine: this rank does not generate (not a model-parallel leader)")
-        return self.client.generate(prompts, params, seed=seed)
+        return self.client.generate(prompts, params, seed=seed, weight_version=self.version or None)
 
     def sync_weights(self) -> dict:
-        return self.push()
+        metrics = self.push()
+        self.version = int(metrics.get("rollout/weight_version", self.version))
+        return metrics
 
     def close(self) -> None:
         if self.client is not None and hasattr(self.client, "close"):

@@ -44,6 +44,7 @@ import aiohttp
 from megatron_mtp_rl.models.generation import SamplingParams
 from megatron_mtp_rl.rollout import sglang_schema as S
 from megatron_mtp_rl.rollout.engine import Completion
+from megatron_mtp_rl.rollout.weight_version import WeightVersionError, stale_answer
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,12 @@ class SGLangClient:
         backoff_max_s: float = 8.0,
         jitter: float = 0.1,
         max_concurrency: int = 256,
+        version_timeout_s: float = 600.0,
+        version_poll_s: float = 0.1,
     ):
         self.url = url.rstrip("/")
+        self.version_timeout_s = version_timeout_s
+        self.version_poll_s = version_poll_s
         self.abort_urls = [u.rstrip("/") for u in (abort_urls if abort_urls is not None else [url])]
         self.request_timeout_s = request_timeout_s
         self.control_timeout_s = control_timeout_s
@@ -88,6 +93,7 @@ class SGLangClient:
         self.jitter = jitter
         self.max_concurrency = max_concurrency
         self.stats = {"requests": 0, "retries": 0, "timeouts": 0, "aborts_sent": 0, "abort_failures": 0}
+        self.stats["stale_answers"] = 0
         self._session: aiohttp.ClientSession | None = None
         self._sem: asyncio.Semaphore | None = None
 
@@ -126,13 +132,23 @@ class SGLangClient:
         *,
         rid: str | None = None,
         sampling_seed: int | None = None,
+        weight_version: int | None = None,
     ) -> Completion:
-        """One prompt → one Completion, with deadline, abort-on-timeout and bounded retries."""
+        """One prompt → one Completion, with deadline, abort-on-timeout and bounded retries.
+
+        ``weight_version``: the weights the answer must come from (rollout/weight_version.py). SGLang's
+        request has no such field, so the answer's ``meta_info.weight_version`` is checked: one from
+        older weights (the trainer's push has not landed yet) is dropped and asked again, up to
+        ``version_timeout_s``; one from newer weights is refused.
+        """
         base_rid = rid or uuid.uuid4().hex
         errors: list[str] = []
-        for attempt in range(self.max_retries + 1):
+        version_deadline = time.monotonic() + self.version_timeout_s
+        attempt = asked_again = 0
+        while attempt <= self.max_retries:
             # A fresh rid per attempt: the aborted one may still be known to the server.
             arid = base_rid if attempt == 0 else f"{base_rid}.r{attempt}"
+            arid += f".v{asked_again}" if asked_again else ""
             payload = S.build_generate_payload(input_ids, params, rid=arid, sampling_seed=sampling_seed)
             try:
                 async with self._sem:
@@ -140,8 +156,20 @@ class SGLangClient:
                     async with asyncio.timeout(self.request_timeout_s):
                         body = await self._post_json(S.GENERATE, payload)
                 out = S.parse_generate_response(body, rid=arid)
-                out.meta["attempts"] = attempt + 1
-                return out
+                served = out.meta.get("weight_version")
+                if stale_answer(weight_version, served) is None:
+                    out.meta["attempts"] = attempt + 1
+                    return out
+                if _version_number(served) > weight_version:
+                    raise WeightVersionError(f"{self.url}: {stale_answer(weight_version, served)}")
+                if time.monotonic() >= version_deadline:
+                    raise WeightVersionError(
+                        f"{self.url}: still {stale_answer(weight_version, served)} after {self.version_timeout_s:g}s"
+                    )
+                self.stats["stale_answers"] += 1
+                await asyncio.sleep(self.version_poll_s)
+                asked_again += 1
+                continue
             except TimeoutError:
                 self.stats["timeouts"] += 1
                 errors.append(f"attempt {attempt + 1}: no answer within {self.request_timeout_s:g}s")
@@ -157,12 +185,19 @@ class SGLangClient:
             if attempt < self.max_retries:
                 self.stats["retries"] += 1
                 await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
         raise SGLangRetriesExhausted(
             f"/generate at {self.url} failed {self.max_retries + 1} times for rid {base_rid}: " + "; ".join(errors)
         )
 
     async def generate_many(
-        self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int, rid_prefix: str | None = None
+        self,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        *,
+        seed: int,
+        rid_prefix: str | None = None,
+        weight_version: int | None = None,
     ) -> list[Completion]:
         """All prompts concurrently (bounded by the semaphore), results in prompt order.
 
@@ -170,7 +205,11 @@ class SGLangClient:
         """
         prefix = rid_prefix or uuid.uuid4().hex[:12]
         tasks = [
-            asyncio.ensure_future(self.generate(p, params, rid=f"{prefix}-{i}", sampling_seed=seed * 1_000_003 + i))
+            asyncio.ensure_future(
+                self.generate(
+                    p, params, rid=f"{prefix}-{i}", sampling_seed=seed * 1_000_003 + i, weight_version=weight_version
+                )
+            )
             for i, p in enumerate(prompts)
         ]
         try:
@@ -358,6 +397,14 @@ class SGLangClient:
 
     async def add_worker(self, worker_url: str) -> None:
         await self._request("POST", S.ROUTER_WORKERS, json_body={"url": worker_url})
+
+
+def _version_number(served: str | None) -> int:
+    """SGLang's weight_version as our push number ("default": the weights it started with, 0)."""
+    try:
+        return int(served)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _put_optional(body: dict, **kw) -> None:

@@ -43,6 +43,7 @@ class SGLangEngine:
         backoff_s: float = 0.5,
         backoff_max_s: float = 8.0,
         max_concurrency: int = 256,
+        version_timeout_s: float = 600.0,
     ):
         self.generate_url = generate_url.rstrip("/")
         self.engine_urls = [u.rstrip("/") for u in (engine_urls or [generate_url])]
@@ -53,6 +54,7 @@ class SGLangEngine:
             max_retries=max_retries,
             backoff_s=backoff_s,
             backoff_max_s=backoff_max_s,
+            version_timeout_s=version_timeout_s,
         )
         self.max_concurrency = max_concurrency
         self._rid_prefix = uuid.uuid4().hex[:8]
@@ -123,18 +125,27 @@ class SGLangEngine:
         self.close()
 
     # -- RolloutEngine ----------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int) -> tuple[list[Completion], dict]:
-        """Completions in prompt order, plus throughput and speculative-decoding statistics."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, *, seed: int, weight_version: int | None = None
+    ) -> tuple[list[Completion], dict]:
+        """Completions in prompt order, plus throughput and speculative-decoding statistics.
+
+        ``weight_version``: only answers from those weights count (rollout/weight_version.py).
+        """
         if self.supervisor is not None:
             self.supervisor.check()
-        return self._run(self.agenerate(prompts, params, seed=seed))
+        return self._run(self.agenerate(prompts, params, seed=seed, weight_version=weight_version))
 
-    async def agenerate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
+    async def agenerate(
+        self, prompts: list[list[int]], params: SamplingParams, *, seed: int, weight_version: int | None = None
+    ):
         gen, _ = await self._clients()
         self._calls += 1
         retries0, timeouts0 = gen.stats["retries"], gen.stats["timeouts"]
         t0 = time.perf_counter()
-        outs = await gen.generate_many(prompts, params, seed=seed, rid_prefix=f"{self._rid_prefix}-{self._calls}")
+        outs = await gen.generate_many(
+            prompts, params, seed=seed, rid_prefix=f"{self._rid_prefix}-{self._calls}", weight_version=weight_version
+        )
         seconds = time.perf_counter() - t0
         tokens = sum(len(o.response_ids) for o in outs)
         stats = {

@@ -298,7 +298,7 @@ def build_engine(cfg: RunConfig, run: Run, *, rollout_actor=None) -> RolloutEngi
     launched by global rank 0, ``WeightSync`` after each step.
     """
     if rollout_actor is not None:
-        return _ray_engine(run, rollout_actor)
+        return _ray_engine(cfg, run, rollout_actor)
     if cfg.rollout.rollout_engine == "sglang":
         return _sglang_engine(cfg, run)
     if cfg.rollout.async_rollout:
@@ -335,7 +335,7 @@ def _process_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
     return engine
 
 
-def _ray_engine(run: Run, actor) -> RolloutEngine:
+def _ray_engine(cfg: RunConfig, run: Run, actor) -> RolloutEngine:
     import ray
     import torch.distributed as dist
 
@@ -354,7 +354,8 @@ def _ray_engine(run: Run, actor) -> RolloutEngine:
             ray.get(actor.load_weights.remote(cpu, version[0]))
         return {"rollout/weight_version": float(version[0])}
 
-    engine = RemoteEngine(RayRolloutClient(actor), push, name="ray")
+    client = RayRolloutClient(actor, version_timeout_s=cfg.rollout.rollout_version_timeout)
+    engine = RemoteEngine(client, push, name="ray")
     engine.sync_weights()
     return engine
 
@@ -399,7 +400,7 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
             log_dir=str(root / "logs"),
             **kw,
         )
-        client = SGLangEngine.launch(server_cfg)
+        client = SGLangEngine.launch(server_cfg, version_timeout_s=ro.rollout_version_timeout)
         urls = [(client.generate_url, client.engine_urls)]
     if dist.is_initialized():
         dist.broadcast_object_list(urls, src=0)
@@ -408,7 +409,7 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
         or dist.get_rank() == dist.get_process_group_ranks(parallel_state.get_model_parallel_group())[0]
     )
     if client is None and (mp_leader or is_stage_sender()):  # each pipeline stage's sender pushes its own stage
-        client = SGLangEngine(urls[0][0], engine_urls=urls[0][1])
+        client = SGLangEngine(urls[0][0], engine_urls=urls[0][1], version_timeout_s=ro.rollout_version_timeout)
     sync = WeightSync(
         client, run.model, run.model_args, mode=ro.weight_sync_mode, bucket_bytes=ro.update_weight_buffer_size,
         export_dir=str(root / "sync"), flavour=flavour, engine_tp=ro.rollout_engine_tp,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 
-import torch
 from megatron.core import parallel_state
 
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.models import pack_sequences
 from megatron_mtp_rl.rl.loss import step_denominators
+from megatron_mtp_rl.rl.metric_values import summed
 from megatron_mtp_rl.rollout.local_engine import LocalEngine
 from megatron_mtp_rl.rollout.manager import RolloutManager
 from megatron_mtp_rl.rollout.reward_sandbox import build_scorer
@@ -36,13 +36,11 @@ def ce_loss(den, mtp_weight: float):
     def fn(batch, out):
         main = -(out.logprobs * batch.loss_mask).sum() / max(den.main.tokens, 1.0)
         loss = main
-        metrics = {"pretrain/main_ce": torch.stack([main.detach().double(), torch.zeros((), dtype=torch.float64)])}
+        metrics = {"pretrain/main_ce": summed(main.detach())}
         for k in range(out.num_depths):
             ce = -(out.mtp_logprobs[k] * out.mtp_mask[k]).sum() / max(den.mtp[k].tokens, 1.0)
             loss = loss + mtp_weight * ce
-            metrics[f"pretrain/mtp_ce_{k + 1}"] = torch.stack(
-                [ce.detach().double(), torch.zeros((), dtype=torch.float64)]
-            )
+            metrics[f"pretrain/mtp_ce_{k + 1}"] = summed(ce.detach())
         return loss, metrics
 
     return fn

@@ -79,7 +79,7 @@ def launch(cfg) -> list[dict]:
             num_cpus=1 if disaggregated else share,
             num_gpus=gpus if disaggregated else share * gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rollout_bundle),
-        ).remote(margs.__dict__, seed=cfg.seed, speculative=cfg.rollout.local_spec_decode, vocab_size=vocab)
+        ).remote(margs.__dict__, seed=cfg.seed + 1, speculative=cfg.rollout.local_spec_decode, vocab_size=vocab)
         trainers = [
             TrainerActor.options(
                 num_cpus=1 - (share if (i == 0 and not disaggregated) else 0.0),

@@ -25,6 +25,7 @@ from megatron_mtp_rl.models import pack_sequences
 from megatron_mtp_rl.platform.device import collective_device, peak_memory_gb
 from megatron_mtp_rl.rl.advantages import overlong_penalty
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
+from megatron_mtp_rl.rl.metric_values import read
 from megatron_mtp_rl.rl.occ import OCCEstimator
 from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
 from megatron_mtp_rl.rollout.dump import RolloutDumper
@@ -332,7 +333,8 @@ def _poisoned(loss_fn):
 
 
 def reduce_metrics(per_microbatch: list[dict], group=None) -> dict[str, float]:
-    """Σ (sum, count) over micro-batches and DP ranks; value = sum/count (or sum if count=0)."""
+    """Σ (sum, count, is_mean) over micro-batches and DP ranks (``rl/metric_values.py``); a mean that
+    counted nothing is left out."""
     if not per_microbatch:
         return {}
     keys = sorted(per_microbatch[0])
@@ -341,8 +343,10 @@ def reduce_metrics(per_microbatch: list[dict], group=None) -> dict[str, float]:
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
     out = {}
-    for k, (s, c) in zip(keys, t.tolist()):
-        out[k] = s / c if c > 0 else s
+    for k, (s, c, is_mean) in zip(keys, t.tolist()):
+        value = read(s, c, is_mean)
+        if value is not None:
+            out[k] = value
     return out
 
 

@@ -36,6 +36,9 @@ def test_two_rl_steps_on_ray(tmp_path, placement, trainers, mode):
     assert [h["step"] for h in hist] == [0, 1, 2]
     for h in hist[1:]:
         assert math.isfinite(h["train/policy_loss"]) and math.isfinite(h["occ/lambda_1"])
+        # measured (not an empty 0), and tiny: every sample came from the pushed weights (the
+        # replica starts from other ones), never before the push it depends on
+        assert 0.0 < h["rollout/logprob_abs_diff"] < 1e-3, h["rollout/logprob_abs_diff"]
     # initial push (version 1) + one push after each step
     assert [h["rollout/weight_version"] for h in hist[1:]] == [2.0, 3.0]
     assert (tmp_path / "m.jsonl").read_text().count("\n") == 3

@@ -84,6 +84,7 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
     assert (tmp_path / "hf/init/model.safetensors").exists() and (tmp_path / "hf/init/config.json").exists()
     for h in hist:
         assert h["rollout/spec_accept_len"] > 1.0
+        assert h["rollout/logprob_abs_diff"] > 0.0  # the engine returned log-probs: measured
     assert [h["rollout/weight_version"] for h in hist] == [1.0, 2.0]
     for st in states:
         assert st["weight_version"] == "2"

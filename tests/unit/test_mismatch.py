@@ -61,3 +61,22 @@ def test_tis_weights_the_policy_loss():
     assert kl == pytest.approx(((2 - 1 - math.log(2)) + 0 + (0.5 - 1 - math.log(0.5))) / 3)
     with pytest.raises(ValueError, match="rollout engine's log-probs"):
         RLLoss(RLLossConfig(mtp_regime="none", tis_cap=1.5), den)(_batch(False), out)
+
+
+def test_a_mismatch_that_measured_nothing_is_absent_not_zero():
+    """No engine log-probs on any micro-batch: the mismatch means are left out of the step's row
+    (a 0 would read as a perfect match); with them on one micro-batch, they are its mean."""
+    from megatron_mtp_rl.models.mtp_forward import HeadLogProbs
+    from megatron_mtp_rl.train.step import reduce_metrics
+
+    den = StepDenominators(main=Denominators(tokens=3.0, sequences=1.0))
+    loss = RLLoss(RLLossConfig(mtp_regime="none"), den)
+
+    def metrics(batch):
+        return loss(batch, HeadLogProbs(logprobs=batch.old_logprobs.clone(), loss_mask=batch.loss_mask))[1]
+
+    without = reduce_metrics([metrics(_batch(False)), metrics(_batch(False))])
+    assert "rollout/mismatch_kl" not in without and "rollout/logprob_abs_diff" not in without
+    assert without["train/policy_loss"] == pytest.approx(2 * -(1.0 - 1.0 + 2.0) / 3)  # sums stay sums
+    mixed = reduce_metrics([metrics(_batch(False)), metrics(_batch(True))])
+    assert mixed["rollout/logprob_abs_diff"] == pytest.approx((math.log(2) + 0 + math.log(2)) / 3)

@@ -47,10 +47,12 @@ def _run(job, cfg) -> int:
     """Run a job; the parallel state is torn down whatever happens.
 
     Exit 1 with our message (no trainer traceback) when the reward function failed on every
-    sample of a step (the message carries the worker's traceback) or a collective timed out
-    (which collective, which ranks: a hung peer).
+    sample of a step (the message carries the worker's traceback), a rollout engine could not
+    start (its command, exit code and log) or a collective timed out (which collective, which
+    ranks: a hung peer).
     """
     from megatron_mtp_rl import platform
+    from megatron_mtp_rl.errors import EngineStartError
     from megatron_mtp_rl.platform.distributed import describe_timeout
     from megatron_mtp_rl.rollout.reward_sandbox import RewardError
 
@@ -58,6 +60,12 @@ def _run(job, cfg) -> int:
         job(cfg)
     except RewardError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except EngineStartError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if _peers_waiting():
+            sys.stdout.flush()
+            os._exit(1)  # the other ranks wait in a collective for the engines' addresses
         return 1
     except RuntimeError as e:
         msg = describe_timeout(e)
@@ -69,6 +77,12 @@ def _run(job, cfg) -> int:
     finally:
         platform.destroy()
     return 0
+
+
+def _peers_waiting() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _train(argv) -> int:

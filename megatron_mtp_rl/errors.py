@@ -12,3 +12,7 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Input data that cannot be used (a malformed prompt row, a missing file); names the file and line."""
+
+
+class EngineStartError(RuntimeError):
+    """A rollout engine (or its router) could not start; one line: the command, its exit code, its log's last lines."""

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # The --sglang-* passthrough is split off the command line in flags.py (torch-free, before argparse).
+from megatron_mtp_rl.errors import EngineStartError
 from megatron_mtp_rl.flags import ENGINE_PREFIX, ROUTER_PREFIX, split_passthrough_args  # noqa: F401
 from megatron_mtp_rl.rollout import sglang_schema as S
 
@@ -52,6 +53,10 @@ DEFAULT_ENGINE_ENV = {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"}
 
 class SGLangServerError(RuntimeError):
     """An engine or the router did not come up (or stay up)."""
+
+
+class SGLangStartError(SGLangServerError, EngineStartError):
+    """An engine or the router exited before it answered /health (one line: command, exit code, log)."""
 
 
 def _flag_given(flags: Sequence[str], *names: str) -> bool:
@@ -171,6 +176,11 @@ class SGLangSupervisor:
         return self.router.url if self.router else self.engines[0].url
 
     # -- lifecycle --------------------------------------------------------------------------
+    def ports(self) -> list[tuple[int, str]]:
+        """(port, what) of everything this supervisor starts, for the pre-start check."""
+        out = [(int(e.url.rsplit(":", 1)[1]), e.name) for e in self.engines]
+        return out + ([(self.config.router_port, "router")] if self.router else [])
+
     def start(self) -> SGLangSupervisor:
         c = self.config
         try:
@@ -250,16 +260,20 @@ class SGLangSupervisor:
                 raise SGLangServerError(f"supervisor closed while waiting for {p.name}")
             if self._exited(p):
                 self._terminate(p)  # reap it and whatever it left behind
-                raise SGLangServerError(
-                    f"{p.name} exited with code {p.popen.returncode} before answering /health; "
-                    f"command: {' '.join(p.cmd)}\n--- last lines of {self.log_dir / (p.name + '.log')}:\n"
-                    + self._log_tail(p)
+                tail = " | ".join(line.strip() for line in self._log_tail(p, 5).splitlines() if line.strip())
+                raise SGLangStartError(
+                    f"SGLang {p.name} exited with code {p.popen.returncode} before answering /health; "
+                    f"command: {' '.join(p.cmd)}; last lines of {self.log_dir / (p.name + '.log')}: {tail or '(empty)'}"
                 )
             if _http_status(p.url + S.HEALTH) == 200:
                 self._event("healthy", p.name)
                 return
             if time.monotonic() >= deadline:
-                raise SGLangServerError(f"{p.name} at {p.url} not healthy before the deadline; logs in {self.log_dir}")
+                tail = " | ".join(line.strip() for line in self._log_tail(p, 5).splitlines() if line.strip())
+                raise SGLangStartError(
+                    f"SGLang {p.name} at {p.url} not healthy before the deadline; command: {' '.join(p.cmd)}; "
+                    f"last lines of {self.log_dir / (p.name + '.log')}: {tail or '(empty)'}"
+                )
             time.sleep(self.config.health_poll_s)
 
     @staticmethod

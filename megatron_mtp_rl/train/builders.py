@@ -361,45 +361,33 @@ def _ray_engine(cfg: RunConfig, run: Run, actor) -> RolloutEngine:
 
 
 def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
-    import shlex
     from pathlib import Path
 
     import torch.distributed as dist
 
     from megatron_mtp_rl.models.weight_stream import is_stage_sender
+    from megatron_mtp_rl.rollout.engine_preflight import preflight
     from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
-    from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig
+    from megatron_mtp_rl.rollout.sglang_server import SGLangSupervisor
     from megatron_mtp_rl.train.weight_sync import WeightSync, default_flavour, export_hf, resync_engine
 
     ro = cfg.rollout
     root = Path(ro.rollout_hf_dir or Path(cfg.ckpt.save or "runs") / "hf")
     flavour = ro.hf_flavour or default_flavour(run.model_args)
+    launcher = not dist.is_initialized() or dist.get_rank() == 0
+    if launcher:
+        server_cfg = _sglang_server_config(cfg, root)
+        sup = SGLangSupervisor(server_cfg)
+        preflight(server_cfg.server_cmd, server_cfg.router_cmd if sup.use_router else None, ro.rollout_host,
+                  sup.ports())  # fmt: skip
     init = export_hf(run.model, run.model_args, root / "init", flavour, ro.max_shard_size)
     urls = [None]
     client = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if launcher:
         if getattr(run.tokenizer, "path", None):  # SGLang loads its tokenizer (EOS ids) from the model dir
             from megatron_mtp_rl.rollout.tokenizer import copy_tokenizer_files
 
             copy_tokenizer_files(run.tokenizer.path, init)
-        kw = {}
-        if ro.rollout_server_cmd:
-            kw["server_cmd"] = shlex.split(ro.rollout_server_cmd)
-        if ro.rollout_router_cmd:
-            kw["router_cmd"] = shlex.split(ro.rollout_router_cmd)
-        server_cfg = SGLangServerConfig(
-            model_path=str(init),
-            num_engines=ro.rollout_num_engines,
-            tp_size=ro.rollout_engine_tp,
-            port=ro.rollout_base_port,
-            router_port=ro.rollout_router_port,
-            host=ro.rollout_host,
-            engine_flags=list(ro.sglang_engine_flags),
-            router_flags=list(ro.sglang_router_flags),
-            startup_timeout_s=ro.rollout_startup_timeout,
-            log_dir=str(root / "logs"),
-            **kw,
-        )
         client = SGLangEngine.launch(server_cfg, version_timeout_s=ro.rollout_version_timeout)
         urls = [(client.generate_url, client.engine_urls)]
     if dist.is_initialized():
@@ -418,6 +406,33 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
     if client is not None and client.supervisor is not None:
         client.supervisor.on_restart = lambda url: resync_engine(sync, url)
     return RemoteEngine(client, sync, name="sglang")
+
+
+def _sglang_server_config(cfg: RunConfig, root):
+    """What rank 0 launches for ``--rollout-engine sglang`` (the model directory is ``root/init``)."""
+    import shlex
+
+    from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig
+
+    ro = cfg.rollout
+    kw = {}
+    if ro.rollout_server_cmd:
+        kw["server_cmd"] = shlex.split(ro.rollout_server_cmd)
+    if ro.rollout_router_cmd:
+        kw["router_cmd"] = shlex.split(ro.rollout_router_cmd)
+    return SGLangServerConfig(
+        model_path=str(root / "init"),
+        num_engines=ro.rollout_num_engines,
+        tp_size=ro.rollout_engine_tp,
+        port=ro.rollout_base_port,
+        router_port=ro.rollout_router_port,
+        host=ro.rollout_host,
+        engine_flags=list(ro.sglang_engine_flags),
+        router_flags=list(ro.sglang_router_flags),
+        startup_timeout_s=ro.rollout_startup_timeout,
+        log_dir=str(root / "logs"),
+        **kw,
+    )
 
 
 @dataclass

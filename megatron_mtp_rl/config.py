@@ -214,6 +214,10 @@ class RolloutConfig:
     update_weight_buffer_size: int = flag(512 * 2**20, "bytes per weight-sync bucket", min=1)
     max_shard_size: str = flag("5GB", "largest safetensors shard an HF export writes (HF's spelling: 5GB, 500MB)")
     rollout_server_cmd: str | None = flag(None, "SGLang server command prefix (tests: a fake)")
+    rollout_engine_urls: str | None = flag(
+        None,
+        "SGLang servers started elsewhere: engine URLs, or one router URL, comma-separated (nothing is started)",
+    )
     rollout_router_cmd: str | None = flag(None, "sglang-router command prefix")
     rollout_startup_timeout: float = flag(900.0, "seconds for engines to come up", min=0, min_exclusive=True)
     rollout_version_timeout: float = flag(
@@ -870,6 +874,8 @@ def validate(
     if ro.rollout_engine == "local" and (ro.sglang_engine_flags or ro.sglang_router_flags):
         problems.append("--sglang-* flags need --rollout-engine sglang")
     problems += _size_problems(ro.max_shard_size, "--max-shard-size")
+    if ro.rollout_engine_urls is not None:
+        problems += _engine_urls_problems(ro)
     if ro.local_spec_decode and ro.rollout_engine != "local":
         problems.append("--local-spec-decode is for the local engine; SGLang drafts with --sglang-speculative-*")
     problems += _memory_and_kernel_problems(cfg, cuda)
@@ -884,6 +890,20 @@ def _size_problems(value: str, flag_text: str) -> list[str]:
     except ValueError as e:
         return [f"{flag_text}: {e}"]
     return []
+
+
+def _engine_urls_problems(ro: RolloutConfig) -> list[str]:
+    """``--rollout-engine-urls``: SGLang servers someone else runs."""
+    out = []
+    if ro.rollout_engine != "sglang":
+        out.append("--rollout-engine-urls needs --rollout-engine sglang")
+    if ro.rollout_server_cmd or ro.rollout_router_cmd:
+        out.append("--rollout-engine-urls: the servers are started elsewhere; drop --rollout-server-cmd/-router-cmd")
+    urls = [u.strip() for u in ro.rollout_engine_urls.split(",") if u.strip()]
+    bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+    if not urls or bad:
+        out.append(f"--rollout-engine-urls {ro.rollout_engine_urls!r}: expected http://HOST:PORT[,http://HOST:PORT...]")
+    return out
 
 
 def _memory_and_kernel_problems(cfg: RunConfig, cuda: bool | None) -> list[str]:

@@ -198,8 +198,11 @@ class SGLangClient:
         seed: int,
         rid_prefix: str | None = None,
         weight_version: int | None = None,
+        first_index: int = 0,
     ) -> list[Completion]:
         """All prompts concurrently (bounded by the semaphore), results in prompt order.
+
+        ``first_index``: the index of ``prompts[0]`` in the whole call (rids and sampling seeds follow it).
 
         The first request that fails for good cancels the others and its error is raised.
         """
@@ -210,7 +213,7 @@ class SGLangClient:
                     p, params, rid=f"{prefix}-{i}", sampling_seed=seed * 1_000_003 + i, weight_version=weight_version
                 )
             )
-            for i, p in enumerate(prompts)
+            for i, p in enumerate(prompts, start=first_index)
         ]
         try:
             return list(await asyncio.gather(*tasks))

@@ -33,7 +33,7 @@ class SGLangEngine:
 
     def __init__(
         self,
-        generate_url: str,
+        generate_url: str | None,
         *,
         engine_urls: Sequence[str] | None = None,
         supervisor: SGLangSupervisor | None = None,
@@ -45,7 +45,8 @@ class SGLangEngine:
         max_concurrency: int = 256,
         version_timeout_s: float = 600.0,
     ):
-        self.generate_url = generate_url.rstrip("/")
+        # None: no router; each call's prompts are split over the engines (external engines)
+        self.generate_url = generate_url.rstrip("/") if generate_url else None
         self.engine_urls = [u.rstrip("/") for u in (engine_urls or [generate_url])]
         self.supervisor = supervisor
         self._client_kw = dict(
@@ -92,12 +93,18 @@ class SGLangEngine:
             raise RuntimeError("SGLangEngine is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    async def _clients(self) -> tuple[SGLangClient, list[SGLangClient]]:
-        if self._gen_client is None:
-            self._gen_client = await SGLangClient(
-                self.generate_url, abort_urls=self.engine_urls, max_concurrency=self.max_concurrency, **self._client_kw
-            ).__aenter__()
-            self._engine_clients = [await SGLangClient(u, **self._client_kw).__aenter__() for u in self.engine_urls]
+    async def _clients(self) -> tuple[SGLangClient | None, list[SGLangClient]]:
+        """(the generate client — None when calls are split over the engines —, one client per engine)."""
+        if not self._engine_clients:
+            if self.generate_url is not None:
+                self._gen_client = await SGLangClient(
+                    self.generate_url, abort_urls=self.engine_urls, max_concurrency=self.max_concurrency,
+                    **self._client_kw,
+                ).__aenter__()  # fmt: skip
+            self._engine_clients = [
+                await SGLangClient(u, max_concurrency=self.max_concurrency, **self._client_kw).__aenter__()
+                for u in self.engine_urls
+            ]
         return self._gen_client, self._engine_clients
 
     def close(self) -> None:
@@ -139,19 +146,34 @@ class SGLangEngine:
     async def agenerate(
         self, prompts: list[list[int]], params: SamplingParams, *, seed: int, weight_version: int | None = None
     ):
-        gen, _ = await self._clients()
+        gen, engines = await self._clients()
+        gens = [gen] if gen is not None else engines
         self._calls += 1
-        retries0, timeouts0 = gen.stats["retries"], gen.stats["timeouts"]
+        retries0 = sum(g.stats["retries"] for g in gens)
+        timeouts0 = sum(g.stats["timeouts"] for g in gens)
         t0 = time.perf_counter()
-        outs = await gen.generate_many(
-            prompts, params, seed=seed, rid_prefix=f"{self._rid_prefix}-{self._calls}", weight_version=weight_version
+        # contiguous shares (a sample's seed follows its index in the call, whichever engine serves it)
+        bounds = [len(prompts) * k // len(gens) for k in range(len(gens) + 1)]
+        shares = await asyncio.gather(
+            *(
+                g.generate_many(
+                    prompts[a:b],
+                    params,
+                    seed=seed,
+                    rid_prefix=f"{self._rid_prefix}-{self._calls}",
+                    weight_version=weight_version,
+                    first_index=a,
+                )  # fmt: skip
+                for g, a, b in zip(gens, bounds, bounds[1:])
+            )
         )
+        outs = [o for share in shares for o in share]
         seconds = time.perf_counter() - t0
         tokens = sum(len(o.response_ids) for o in outs)
         stats = {
             "rollout/gen_tokens_per_s": tokens / max(seconds, 1e-9),
-            "rollout/sglang_retries": gen.stats["retries"] - retries0,
-            "rollout/sglang_timeouts": gen.stats["timeouts"] - timeouts0,
+            "rollout/sglang_retries": sum(g.stats["retries"] for g in gens) - retries0,
+            "rollout/sglang_timeouts": sum(g.stats["timeouts"] for g in gens) - timeouts0,
         }
         # Token-weighted accept length: Σ completion tokens / Σ verify rounds (SGLang's
         # per-request spec_accept_length is completion_tokens / spec_verify_ct).

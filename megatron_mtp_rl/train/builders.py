@@ -367,6 +367,7 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
 
     from megatron_mtp_rl.models.weight_stream import is_stage_sender
     from megatron_mtp_rl.rollout.engine_preflight import preflight
+    from megatron_mtp_rl.rollout.external_engines import ExternalEngines, parse_urls
     from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
     from megatron_mtp_rl.rollout.sglang_server import SGLangSupervisor
     from megatron_mtp_rl.train.weight_sync import WeightSync, default_flavour, export_hf, resync_engine
@@ -375,20 +376,27 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
     root = Path(ro.rollout_hf_dir or Path(cfg.ckpt.save or "runs") / "hf")
     flavour = ro.hf_flavour or default_flavour(run.model_args)
     launcher = not dist.is_initialized() or dist.get_rank() == 0
-    if launcher:
+    external = ro.rollout_engine_urls is not None
+    urls = [None]
+    client = None
+    if launcher and external:  # servers started elsewhere: health-checked, never started or stopped here
+        ext = ExternalEngines(parse_urls(ro.rollout_engine_urls), startup_timeout_s=ro.rollout_startup_timeout).start()
+        client = SGLangEngine(ext.generate_url, engine_urls=ext.engine_urls, supervisor=ext,
+                              version_timeout_s=ro.rollout_version_timeout)  # fmt: skip
+    elif launcher:
         server_cfg = _sglang_server_config(cfg, root)
         sup = SGLangSupervisor(server_cfg)
         preflight(server_cfg.server_cmd, server_cfg.router_cmd if sup.use_router else None, ro.rollout_host,
                   sup.ports())  # fmt: skip
-    init = export_hf(run.model, run.model_args, root / "init", flavour, ro.max_shard_size)
-    urls = [None]
-    client = None
-    if launcher:
+    if not external:
+        init = export_hf(run.model, run.model_args, root / "init", flavour, ro.max_shard_size)
+    if launcher and not external:
         if getattr(run.tokenizer, "path", None):  # SGLang loads its tokenizer (EOS ids) from the model dir
             from megatron_mtp_rl.rollout.tokenizer import copy_tokenizer_files
 
             copy_tokenizer_files(run.tokenizer.path, init)
         client = SGLangEngine.launch(server_cfg, version_timeout_s=ro.rollout_version_timeout)
+    if launcher:
         urls = [(client.generate_url, client.engine_urls)]
     if dist.is_initialized():
         dist.broadcast_object_list(urls, src=0)
@@ -401,11 +409,14 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
     sync = WeightSync(
         client, run.model, run.model_args, mode=ro.weight_sync_mode, bucket_bytes=ro.update_weight_buffer_size,
         export_dir=str(root / "sync"), flavour=flavour, engine_tp=ro.rollout_engine_tp,
-        num_engines=ro.rollout_num_engines, master_address=ro.rollout_host, max_shard_size=ro.max_shard_size,
+        num_engines=len(urls[0][1]), master_address=ro.rollout_host, max_shard_size=ro.max_shard_size,
     )  # fmt: skip
     if client is not None and client.supervisor is not None:
         client.supervisor.on_restart = lambda url: resync_engine(sync, url)
-    return RemoteEngine(client, sync, name="sglang")
+    engine = RemoteEngine(client, sync, name="sglang")
+    if external:
+        engine.sync_weights()  # they loaded a model of their own: push this run's (weight version 1)
+    return engine
 
 
 def _sglang_server_config(cfg: RunConfig, root):

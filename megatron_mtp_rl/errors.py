@@ -16,3 +16,7 @@ class DataError(ValueError):
 
 class EngineStartError(RuntimeError):
     """A rollout engine (or its router) could not start; one line: the command, its exit code, its log's last lines."""
+
+
+class TrainerFailed(RuntimeError):
+    """A trainer actor (``--ray``) failed or died; one line: its rank, its node and what happened."""

@@ -290,17 +290,18 @@ def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
 
 
 # -- rollout: engine (with weight sync), manager, extension points ----------------------------
-def build_engine(cfg: RunConfig, run: Run, *, rollout_actor=None) -> RolloutEngine:
+def build_engine(cfg: RunConfig, run: Run, *, rollout_actor=None, engines=None) -> RolloutEngine:
     """The rollout engine with its weight sync, already holding the current weights.
 
     local: the training model itself. ``rollout_actor`` (``--ray``): a Ray RolloutActor that
     gets full tensors pushed. ``--rollout-engine sglang``: HF export, servers (+ router)
-    launched by global rank 0, ``WeightSync`` after each step.
+    launched by global rank 0 — as subprocesses, or with ``engines`` (``--ray``: a
+    ``train/placement.py:RayEngineGroup``) as Ray actors on their nodes — ``WeightSync`` after each step.
     """
     if rollout_actor is not None:
         return _ray_engine(cfg, run, rollout_actor)
     if cfg.rollout.rollout_engine == "sglang":
-        return _sglang_engine(cfg, run)
+        return _sglang_engine(cfg, run, engines)
     if cfg.rollout.async_rollout:
         return _process_engine(cfg, run)
     # the model's vocabulary, as the trainer normalises over it (a converted checkpoint may have more rows than
@@ -360,7 +361,7 @@ def _ray_engine(cfg: RunConfig, run: Run, actor) -> RolloutEngine:
     return engine
 
 
-def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
+def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
     from pathlib import Path
 
     import torch.distributed as dist
@@ -386,8 +387,8 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
     elif launcher:
         server_cfg = _sglang_server_config(cfg, root)
         sup = SGLangSupervisor(server_cfg)
-        preflight(server_cfg.server_cmd, server_cfg.router_cmd if sup.use_router else None, ro.rollout_host,
-                  sup.ports())  # fmt: skip
+        ports = [] if ray_engines is not None else sup.ports()  # Ray: each engine actor picks a free one
+        preflight(server_cfg.server_cmd, server_cfg.router_cmd if sup.use_router else None, ro.rollout_host, ports)
     if not external:
         init = export_hf(run.model, run.model_args, root / "init", flavour, ro.max_shard_size)
     if launcher and not external:
@@ -395,7 +396,12 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
             from megatron_mtp_rl.rollout.tokenizer import copy_tokenizer_files
 
             copy_tokenizer_files(run.tokenizer.path, init)
-        client = SGLangEngine.launch(server_cfg, version_timeout_s=ro.rollout_version_timeout)
+        if ray_engines is not None:
+            group = ray_engines.start(server_cfg)
+            client = SGLangEngine(group.generate_url, engine_urls=group.engine_urls, supervisor=group,
+                                  version_timeout_s=ro.rollout_version_timeout)  # fmt: skip
+        else:
+            client = SGLangEngine.launch(server_cfg, version_timeout_s=ro.rollout_version_timeout)
     if launcher:
         urls = [(client.generate_url, client.engine_urls)]
     if dist.is_initialized():
@@ -409,7 +415,8 @@ def _sglang_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
     sync = WeightSync(
         client, run.model, run.model_args, mode=ro.weight_sync_mode, bucket_bytes=ro.update_weight_buffer_size,
         export_dir=str(root / "sync"), flavour=flavour, engine_tp=ro.rollout_engine_tp,
-        num_engines=len(urls[0][1]), master_address=ro.rollout_host, max_shard_size=ro.max_shard_size,
+        num_engines=len(urls[0][1]), max_shard_size=ro.max_shard_size,
+        master_address=ray_engines.trainer_ip if ray_engines is not None else ro.rollout_host,
     )  # fmt: skip
     if client is not None and client.supervisor is not None:
         client.supervisor.on_restart = lambda url: resync_engine(sync, url)

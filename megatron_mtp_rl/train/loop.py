@@ -57,22 +57,22 @@ def is_logging_rank() -> bool:
     )
 
 
-def run_training(cfg: RunConfig, *, rollout_actor=None) -> list[dict]:
+def run_training(cfg: RunConfig, *, rollout_actor=None, engines=None) -> list[dict]:
     """``mtp-rl train``: build everything, train, close; returns the metrics history."""
-    ctx, state = prepare(cfg, rollout_actor=rollout_actor)
+    ctx, state = prepare(cfg, rollout_actor=rollout_actor, engines=engines)
     try:
         return train(ctx, state)
     finally:
         close(ctx)
 
 
-def prepare(cfg: RunConfig, *, rollout_actor=None) -> tuple[StepContext, LoopState]:
+def prepare(cfg: RunConfig, *, rollout_actor=None, engines=None) -> tuple[StepContext, LoopState]:
     """Build the run, the KL reference, load ``--load``, then the engine (holding those weights)."""
     run = build_run(cfg)
     cfg = run.cfg  # device filled in
     reference = build_reference(cfg, run)
     state = resume(cfg, run)
-    engine = build_engine(cfg, run, rollout_actor=rollout_actor)
+    engine = build_engine(cfg, run, rollout_actor=rollout_actor, engines=engines)
     rollout = build_rollout(cfg, run, engine)
     dumper = RolloutDumper(cfg.log.rollout_dump_dir, cfg.log.rollout_dump_n, enabled=is_logging_rank())
     ctx = StepContext(cfg, run, engine, rollout, build_advantage_estimator(cfg), build_loss(cfg), reference, dumper)

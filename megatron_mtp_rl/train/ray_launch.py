@@ -1,51 +1,72 @@
-"""``mtp-rl train --ray``: trainer ranks and a rollout actor as Ray actors in a placement group.
+"""``mtp-rl train --ray``: trainer ranks (and what generates for them) as Ray actors in one placement group.
 
 The driver (the ``mtp-rl`` process) starts a local Ray cluster — or joins one when
-``RAY_ADDRESS`` is set — reserves one bundle per trainer rank (plus one for the rollout actor
-when ``--ray-rollout-placement disaggregated``; ``colocated`` packs it into rank 0's bundle),
-starts the rollout actor, then one TrainerActor per rank with the torchrun environment
-variables set, and waits for them. Trainer rank 0 pushes weights to the rollout actor after
-each RL step.
+``RAY_ADDRESS`` is set — reserves one placement group and starts one TrainerActor per rank with
+the torchrun environment variables set, then waits for them.
+
+* ``--rollout-engine sglang``: the group also holds the SGLang engines' bundles
+  (``train/placement.py``): engine actors start the servers on their own nodes, the router runs on
+  the head node; trainer rank 0 starts them and pushes weights after each step.
+* otherwise: one rollout actor (a TP=1 replica of the policy) in its own bundle
+  (``--ray-rollout-placement disaggregated``) or in rank 0's (``colocated``); rank 0 pushes full
+  tensors to it after each step.
+
+Every actor's place is printed at start-up (``placement: <trainer|engine|router> <index>
+node=<id> gpus=<ids>``). A trainer that fails ends the job with one line naming its rank and node.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from megatron_mtp_rl.errors import TrainerFailed
+from megatron_mtp_rl.train.placement import COLOCATED_SHARE, RayEngineGroup, in_bundle, place_engines, placement_line
+from megatron_mtp_rl.train.placement import plan as plan_layout
+from megatron_mtp_rl.train.placement import where as actor_where
 
 
 @ray.remote
 class TrainerActor:
-    def node_ip(self) -> str:
-        return ray.util.get_node_ip_address()
+    def where(self) -> dict:
+        return actor_where()
 
     def free_port(self) -> int:
         import socket
 
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind((ray.util.get_node_ip_address(), 0))
             return s.getsockname()[1]
 
-    def run(self, cfg, env: dict, rollout_actor) -> list[dict]:
-        """One trainer rank; its engine is the rollout actor (weights pushed: builders.build_engine)."""
+    def run(self, cfg, env: dict, rollout_actor=None, engines=None) -> list[dict]:
+        """One trainer rank; its engine is the rollout actor or the SGLang engine actors."""
         os.environ.update(env)
         from megatron_mtp_rl import platform
         from megatron_mtp_rl.train.loop import run_training
 
         try:
-            return run_training(cfg, rollout_actor=rollout_actor)
+            return run_training(cfg, rollout_actor=rollout_actor, engines=engines)
         finally:
             platform.destroy()
+
+
+def _init_ray(world: int) -> None:
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto")
+    else:
+        # A private local cluster bound to loopback (CPU machines, tests).
+        ray.init(num_cpus=max(2, world + 1), _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
 
 
 def launch(cfg) -> list[dict]:
     """Run the job on Ray; returns rank 0's metrics history."""
     from megatron_mtp_rl.config import check, resolve_model_args
     from megatron_mtp_rl.models.presets import ModelArgs  # noqa: F401  (imported for pickling)
-    from megatron_mtp_rl.rollout.ray_engine import RolloutActor
     from megatron_mtp_rl.rollout.tokenizer import build_tokenizer
     from megatron_mtp_rl.train.builders import model_vocab_size
 
@@ -55,17 +76,72 @@ def launch(cfg) -> list[dict]:
     vocab = model_vocab_size(cfg, tok)  # the checkpoint's rows, as the trainers build (≥ the tokenizer's)
     margs = resolve_model_args(cfg, vocab)
     check(cfg, world, margs, cuda=bool(gpus))  # before Ray starts: one line, not a traceback per trainer actor
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address="auto")
-        else:
-            # A private local cluster bound to loopback (CPU machines, tests).
-            ray.init(
-                num_cpus=max(2, world + 1),
-                _node_ip_address="127.0.0.1",
-                include_dashboard=False,
-                log_to_driver=True,
-            )
+    _init_ray(world)
+    if cfg.rollout.rollout_engine == "sglang" and cfg.rollout.rollout_engine_urls is None:
+        return _launch_with_engines(cfg, world, gpus)
+    return _launch_with_rollout_actor(cfg, world, gpus, margs, vocab)
+
+
+def _trainer_env(i: int, world: int, gpus: int, master: str, port: int) -> dict:
+    return {"RANK": str(i), "WORLD_SIZE": str(world), "LOCAL_RANK": str(i if gpus == 0 else 0),
+            "MASTER_ADDR": master, "MASTER_PORT": str(port)}  # fmt: skip
+
+
+def _run_trainers(cfg, trainers, infos, world, gpus, **kw) -> list[dict]:
+    master = infos[0]["ip"]
+    port = ray.get(trainers[0].free_port.remote())
+    runs = [t.run.remote(cfg, _trainer_env(i, world, gpus, master, port), **kw) for i, t in enumerate(trainers)]
+    pending = list(runs)
+    while pending:  # the first failure ends the job (the others would wait on it in a collective)
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except ray.exceptions.RayError as err:
+            rank = runs.index(done[0])
+            cause = getattr(err, "cause", None)
+            from megatron_mtp_rl.errors import ConfigError, DataError, EngineStartError
+
+            if isinstance(cause, (ConfigError, DataError, EngineStartError)):
+                raise type(cause)(str(cause)) from None
+            what = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}" if cause else (
+                type(err).__name__)  # fmt: skip
+            raise TrainerFailed(f"trainer rank {rank} on node {infos[rank]['node']} failed: {what}") from None
+    return ray.get(runs[0])
+
+
+def _print_placement(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stdout, flush=True)
+
+
+def _launch_with_engines(cfg, world: int, gpus: int) -> list[dict]:
+    ro = cfg.rollout
+    layout = plan_layout(world, ro.rollout_num_engines, ro.rollout_engine_tp, cfg.ray.ray_rollout_placement, bool(gpus))
+    pg = placement_group(layout.bundles, strategy="PACK")
+    ray.get(pg.ready())
+    group = None
+    try:
+        share = COLOCATED_SHARE if layout.colocated else 0.0
+        trainers = [
+            TrainerActor.options(num_cpus=1, num_gpus=gpus * (1 - share), scheduling_strategy=in_bundle(pg, b)).remote()
+            for b in layout.trainer_bundles
+        ]
+        infos = ray.get([t.where.remote() for t in trainers])
+        engines, router, lines = place_engines(pg, layout, infos, with_router=ro.rollout_num_engines > 1)
+        _print_placement([placement_line("trainer", i, info) for i, info in enumerate(infos)] + lines)
+        group = RayEngineGroup(engines, router, trainer_ip=infos[0]["ip"])
+        return _run_trainers(cfg, trainers, infos, world, gpus, engines=group)
+    finally:
+        if group is not None:
+            group.close()  # rank 0 stopped the servers already; this reaps what a failure left
+            if group.router is not None:
+                ray.kill(group.router)
+        remove_placement_group(pg)
+
+
+def _launch_with_rollout_actor(cfg, world: int, gpus: int, margs, vocab: int) -> list[dict]:
+    from megatron_mtp_rl.rollout.ray_engine import RolloutActor
+
     bundles = [{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1} for _ in range(world)]
     disaggregated = cfg.ray.ray_rollout_placement == "disaggregated"
     if disaggregated:
@@ -78,29 +154,18 @@ def launch(cfg) -> list[dict]:
         rollout = RolloutActor.options(
             num_cpus=1 if disaggregated else share,
             num_gpus=gpus if disaggregated else share * gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rollout_bundle),
+            scheduling_strategy=in_bundle(pg, rollout_bundle),
         ).remote(margs.__dict__, seed=cfg.seed + 1, speculative=cfg.rollout.local_spec_decode, vocab_size=vocab)
         trainers = [
             TrainerActor.options(
                 num_cpus=1 - (share if (i == 0 and not disaggregated) else 0.0),
                 num_gpus=gpus * (1 - (share if (i == 0 and not disaggregated) else 0.0)),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                scheduling_strategy=in_bundle(pg, i),
             ).remote()
             for i in range(world)
         ]
-        master = ray.get(trainers[0].node_ip.remote())
-        port = ray.get(trainers[0].free_port.remote())
-        runs = []
-        for i, t in enumerate(trainers):
-            env = {
-                "RANK": str(i),
-                "WORLD_SIZE": str(world),
-                "LOCAL_RANK": str(i if gpus == 0 else 0),
-                "MASTER_ADDR": master,
-                "MASTER_PORT": str(port),
-            }
-            runs.append(t.run.remote(cfg, env, rollout))
-        histories = ray.get(runs)
-        return histories[0]
+        infos = ray.get([t.where.remote() for t in trainers])
+        _print_placement([placement_line("trainer", i, info) for i, info in enumerate(infos)])
+        return _run_trainers(cfg, trainers, infos, world, gpus, rollout_actor=rollout)
     finally:
         remove_placement_group(pg)

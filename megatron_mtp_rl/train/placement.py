@@ -178,6 +178,11 @@ class RayEngineGroup:
             self.engine_urls = ray.get([e.start.remote(server_cfg) for e in self.engines])
             if self.router is not None:
                 self.router_url = ray.get(self.router.start.remote(server_cfg, self.engine_urls))
+                listed = ray.get(self.router.workers.remote())
+                if sorted(listed) != sorted(self.engine_urls):
+                    raise EngineStartError(
+                        f"router {self.router_url} lists {listed}, not the engines {self.engine_urls}"
+                    )
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, EngineStartError):
                 raise EngineStartError(str(err.cause)) from None

@@ -27,8 +27,8 @@ def test_two_nodes_two_trainers_two_engines_disaggregated(tmp_path, capsys, monk
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         head_id = ray.get_runtime_context().get_node_id()
-        cfg = parse_config([*FAST, "--num-steps", "2", "--ray", "--ray-num-trainers", "2", "--ray-gpus-per-trainer", "1",
-                            "--rollout-engine", "sglang", "--rollout-num-engines", "2",
+        cfg = parse_config([*FAST, "--num-steps", "2", "--ray", "--ray-num-trainers", "2",
+                            "--ray-gpus-per-trainer", "1", "--rollout-engine", "sglang", "--rollout-num-engines", "2",
                             "--ray-rollout-placement", "disaggregated",
                             "--rollout-server-cmd", f"{sys.executable} {FAKE}",
                             "--rollout-router-cmd", f"{sys.executable} {FAKE} --router",

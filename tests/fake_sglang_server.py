@@ -8,8 +8,9 @@ our client or supervisor fails a test instead of a GPU job.
 
 Engine mode answers /health (503 while "starting"), /health_generate, /generate (deterministic
 tokens and log-probs, meta_info shaped like SGLang's), /abort_request, /flush_cache,
-/pause_generation, /continue_generation, /begin_weight_update, /end_weight_update and the
-weight-update routes (recorded; tensor and distributed updates need an open session, as in
+/pause_generation, /continue_generation, /release_memory_occupation and
+/resume_memory_occupation (generation is refused while released), /begin_weight_update,
+/end_weight_update and the weight-update routes (recorded; tensor and distributed updates need an open session, as in
 0.5.23). Router mode (``--router``) answers /health, /workers (GET/POST/DELETE), /flush_cache
 and proxies /generate round-robin, health-checking and (by default) evicting dead workers.
 
@@ -85,6 +86,7 @@ class State:
         self.aborted: list[str] = []
         self.paused = threading.Event()
         self.session_open = False
+        self.released: set[str] = set()  # memory tags released (colocated hand-off)
         self.weight_version = "default"
         self.update_groups: dict = {}  # group name -> torch ProcessGroup (gloo, tests)
         self.received: list = []  # (name, sum) of every tensor received by broadcast
@@ -116,6 +118,7 @@ class State:
                 "aborted": self.aborted,
                 "paused": self.paused.is_set(),
                 "session_open": self.session_open,
+                "released": sorted(self.released),
                 "weight_version": self.weight_version,
                 "received": list(self.received),
                 "first_healthy_at": self.first_healthy_at,
@@ -269,6 +272,11 @@ class Handler(BaseHTTPRequestHandler):
         if route == "/continue_generation":
             st.paused.clear()
             return self._send(200, {"message": "Generation continued successfully.", "status": "ok"})
+        if route in ("/release_memory_occupation", "/resume_memory_occupation"):
+            tags = set(body.get("tags") or ("weights", "kv_cache"))
+            with st.lock:
+                st.released = st.released | tags if route.startswith("/release") else st.released - tags
+            return self._send(200, {"success": True, "message": "Success"})
         if route == "/begin_weight_update":
             if st.session_open:
                 return self._send(400, {"success": False, "message": "a weight-update session is already open"})
@@ -319,6 +327,10 @@ class Handler(BaseHTTPRequestHandler):
         if err:
             return self._send(400, {"error": err})
         rid = body["rid"]
+        if st.released:  # colocated hand-off: no generation while the memory is the trainer's
+            return self._send(
+                400, {"error": f"memory released ({sorted(st.released)}): resume_memory_occupation first"}
+            )
         while st.paused.is_set():  # a paused SGLang holds new requests until continue
             time.sleep(0.01)
         with st.lock:

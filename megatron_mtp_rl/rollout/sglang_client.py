@@ -288,6 +288,14 @@ class SGLangClient:
         body = {} if torch_empty_cache is None else {"torch_empty_cache": bool(torch_empty_cache)}
         await self._control(S.CONTINUE_GENERATION, body)
 
+    # -- colocated memory hand-off ----------------------------------------------------------
+    async def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """Free the engine's GPU memory (``tags``: "weights", "kv_cache"; None: both) for the trainer."""
+        await self._control(S.RELEASE_MEMORY_OCCUPATION, {} if tags is None else {"tags": list(tags)})
+
+    async def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        await self._control(S.RESUME_MEMORY_OCCUPATION, {} if tags is None else {"tags": list(tags)})
+
     # -- weight updates ---------------------------------------------------------------------
     async def begin_weight_update(self, selector: str = "all") -> None:
         await self._control(S.BEGIN_WEIGHT_UPDATE, {"selector": selector})

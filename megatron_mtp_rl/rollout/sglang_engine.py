@@ -191,6 +191,21 @@ class SGLangEngine:
             "SGLangClient.update_weights_from_tensor / _from_distributed / _from_disk."
         )
 
+    # -- colocated memory hand-off (every engine) ------------------------------------------
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        async def run():
+            _, engines = await self._clients()
+            await asyncio.gather(*(c.release_memory_occupation(tags) for c in engines))
+
+        self._run(run())
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        async def run():
+            _, engines = await self._clients()
+            await asyncio.gather(*(c.resume_memory_occupation(tags) for c in engines))
+
+        self._run(run())
+
     # -- weight-update frame ----------------------------------------------------------------
     def open_update_frame(self, pause_mode: str = "abort", flush_timeout_s: float = 60.0) -> None:
         """Pause every engine, flush, begin the weight-update session (the first half of the frame)."""

@@ -48,6 +48,9 @@ INIT_WEIGHTS_UPDATE_GROUP = "/init_weights_update_group"
 DESTROY_WEIGHTS_UPDATE_GROUP = "/destroy_weights_update_group"
 BEGIN_WEIGHT_UPDATE = "/begin_weight_update"
 END_WEIGHT_UPDATE = "/end_weight_update"
+# Colocated hand-off: free (and take back) the engine's GPU memory; tags "weights" / "kv_cache" (None: both).
+RELEASE_MEMORY_OCCUPATION = "/release_memory_occupation"
+RESUME_MEMORY_OCCUPATION = "/resume_memory_occupation"
 
 # Router control plane (sglang-router 0.3.2): POST {"url": ...} registers a worker (202),
 # GET lists {"workers": [{"id", "url", "is_healthy", ...}]}, DELETE /workers/{id} removes one.
@@ -66,6 +69,8 @@ ROUTE_REQUEST_CLASS: dict[str, str] = {
     DESTROY_WEIGHTS_UPDATE_GROUP: "DestroyWeightsUpdateGroupReqInput",
     BEGIN_WEIGHT_UPDATE: "BeginWeightUpdateReqInput",
     END_WEIGHT_UPDATE: "EndWeightUpdateReqInput",
+    RELEASE_MEMORY_OCCUPATION: "ReleaseMemoryOccupationReqInput",
+    RESUME_MEMORY_OCCUPATION: "ResumeMemoryOccupationReqInput",
 }
 
 # The fields we ever send, per request class (a subset of the wheel's; the tests check it).
@@ -112,6 +117,8 @@ FIELDS_USED: dict[str, tuple[str, ...]] = {
     "DestroyWeightsUpdateGroupReqInput": ("group_name",),
     "BeginWeightUpdateReqInput": ("selector",),
     "EndWeightUpdateReqInput": (),
+    "ReleaseMemoryOccupationReqInput": ("tags",),
+    "ResumeMemoryOccupationReqInput": ("tags",),
 }
 
 # Keys of meta_info copied into Completion.meta when present.

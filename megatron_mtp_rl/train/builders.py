@@ -421,6 +421,13 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
     if client is not None and client.supervisor is not None:
         client.supervisor.on_restart = lambda url: resync_engine(sync, url)
     engine = RemoteEngine(client, sync, name="sglang")
+    if ray_engines is not None and ray_engines.colocated:  # the engines share the trainers' GPUs: take turns
+        from megatron_mtp_rl.rollout.colocated import ColocatedEngine
+        from megatron_mtp_rl.train.offload import TrainerOffload
+
+        barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+        return ColocatedEngine(engine, TrainerOffload(run.model, run.optimizer), client if launcher else None,
+                               barrier=barrier)  # fmt: skip
     if external:
         engine.sync_weights()  # they loaded a model of their own: push this run's (weight version 1)
     return engine

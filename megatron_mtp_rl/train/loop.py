@@ -22,6 +22,7 @@ from megatron_mtp_rl.models.hf_dir import is_hf_dir
 from megatron_mtp_rl.models.weight_stream import load_hf
 from megatron_mtp_rl.platform.device import collective_device
 from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
+from megatron_mtp_rl.rollout.colocated import generation_phase
 from megatron_mtp_rl.rollout.dump import RolloutDumper
 from megatron_mtp_rl.rollout.tokenizer import CHECKPOINT_TOKENIZER_DIR, copy_tokenizer_files
 from megatron_mtp_rl.train.builders import (
@@ -165,19 +166,20 @@ def evaluate_accuracy(run: Run, manager, engine, prompts=None) -> dict:
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = prompts[dp_rank::dp]
     correct = 0.0
-    if mine:
-        greedy = SamplingParams(
-            temperature=0.0,
-            max_new_tokens=manager.sampling.max_new_tokens,
-            eos_id=manager.sampling.eos_id,
-            stop_ids=manager.sampling.stop_ids,
-        )
+    with generation_phase(engine):  # colocated: the engines' turn on the GPUs (every rank enters)
+        if mine:
+            greedy = SamplingParams(
+                temperature=0.0,
+                max_new_tokens=manager.sampling.max_new_tokens,
+                eos_id=manager.sampling.eos_id,
+                stop_ids=manager.sampling.stop_ids,
+            )
 
-        def score():
-            samples, _ = manager.generate_groups(mine, seed=0, params=greedy, n=1)
-            return sum(float(s.reward >= 1.0 - 1e-6) for s in samples)
+            def score():
+                samples, _ = manager.generate_groups(mine, seed=0, params=greedy, n=1)
+                return sum(float(s.reward >= 1.0 - 1e-6) for s in samples)
 
-        correct = on_mp_leader(engine, score)
+            correct = on_mp_leader(engine, score)
     dp_group = parallel_state.get_data_parallel_group()
     t = torch.tensor([correct, float(len(mine))], dtype=torch.float64, device=collective_device(dp_group))
     if dist.is_initialized() and dp > 1:

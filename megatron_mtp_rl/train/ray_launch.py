@@ -129,7 +129,7 @@ def _launch_with_engines(cfg, world: int, gpus: int) -> list[dict]:
         infos = ray.get([t.where.remote() for t in trainers])
         engines, router, lines = place_engines(pg, layout, infos, with_router=ro.rollout_num_engines > 1)
         _print_placement([placement_line("trainer", i, info) for i, info in enumerate(infos)] + lines)
-        group = RayEngineGroup(engines, router, trainer_ip=infos[0]["ip"])
+        group = RayEngineGroup(engines, router, trainer_ip=infos[0]["ip"], colocated=layout.colocated)
         return _run_trainers(cfg, trainers, infos, world, gpus, engines=group)
     finally:
         if group is not None:

@@ -28,6 +28,7 @@ from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denomina
 from megatron_mtp_rl.rl.metric_values import read
 from megatron_mtp_rl.rl.occ import OCCEstimator
 from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
+from megatron_mtp_rl.rollout.colocated import generation_phase
 from megatron_mtp_rl.rollout.dump import RolloutDumper
 from megatron_mtp_rl.rollout.engine import RolloutEngine
 from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
@@ -97,7 +98,9 @@ def generate(ctx: StepContext, step: int, cursor: int) -> tuple[RolloutBatch, in
     """
     dp = parallel_state.get_data_parallel_world_size()
     if ctx.ahead is None:
-        batch = on_mp_leader(ctx.engine, _rollout_fn(ctx, step, cursor))
+        with generation_phase(ctx.engine) as handoff:  # colocated: the engines' turn on the GPUs
+            batch = on_mp_leader(ctx.engine, _rollout_fn(ctx, step, cursor))
+        batch.metrics.update(handoff)
         return batch, cursor + max_over_dp(batch.prompts_consumed) * dp
     if ctx.ahead.step != step:  # the run's first step (or a resume without a pending batch)
         ctx.ahead.submit(step, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, step, cursor)))

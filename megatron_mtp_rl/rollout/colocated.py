@@ -2,8 +2,12 @@
 
 One RL step, as slime runs it:
 
-    engines resume (KV cache) → generate → engines release (all) → trainer onloads → train
-    → engines resume (weights) → push weights → trainer offloads → next step
+    trainer offloads → engines resume (KV cache) → generate → engines release (all)
+    → trainer onloads → train → engines resume (weights) → push weights → next step
+
+(The trainer offloads when the generation starts rather than right after the push: a trainer
+tensor read while offloaded would be a read of freed memory, and the step's metrics and a
+checkpoint save still read the parameters after the push.)
 
 The engines' memory goes through SGLang's ``/release_memory_occupation`` and
 ``/resume_memory_occupation`` (tags ``weights`` / ``kv_cache``, sent to every engine by the rank
@@ -69,12 +73,12 @@ class ColocatedEngine:
         return self.engine.generate(prompts, params, seed=seed)
 
     def sync_weights(self) -> dict:
-        """Engines take their weights' memory back, the push fills it, then the trainer steps aside."""
+        """Engines take their weights' memory back and the push fills it (the trainer steps aside when
+        the next generation starts: the step's metrics still read its parameters)."""
         self.trainer.onload()
         resume = self._engines("resume", ("weights",))
         metrics = dict(self.engine.sync_weights())
-        metrics["perf/engine_resume_time"] = resume
-        metrics["perf/trainer_offload_time"] = self.trainer.offload()
+        metrics["perf/engine_weights_resume_time"] = resume
         return metrics
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 the GPU while the SGLang engines generate on it, and come back bit for bit.
 
 Every tensor's *storage* is copied out (to pinned host memory on CUDA; to another CPU storage on
-CPU) and resized to 0 bytes, then resized back and refilled: megatron's contiguous parameter and
+CPU) and, on CUDA, resized to 0 bytes, then resized back and refilled: megatron's contiguous parameter and
 gradient buffers, the views the model's parameters are into them, and the optimizer's state keep
 their identity, so nothing holding a reference (DDP hooks, the optimizer, the weight sync) needs
 to be told. (``torch_memory_saver``, which slime uses, would also release memory allocated
@@ -60,7 +60,8 @@ class TrainerOffload:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         for st, _ in self._saved:
-            st.resize_(0)
+            if st.device.type == "cuda":  # CPU: the copy-out and copy-back only (nothing to free for a GPU)
+                st.resize_(0)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.offloaded = True
@@ -72,7 +73,8 @@ class TrainerOffload:
             return 0.0
         t0 = time.perf_counter()
         for st, host in self._saved:
-            st.resize_(host.numel())
+            if st.nbytes() != host.numel():
+                st.resize_(host.numel())
             torch.empty(0, dtype=torch.uint8, device=st.device).set_(st).copy_(host)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -81,11 +83,11 @@ class TrainerOffload:
         return time.perf_counter() - t0
 
     def resident_bytes(self) -> int:
-        """Bytes the model and optimizer hold now (0 while offloaded)."""
+        """Bytes the model and optimizer hold on the GPU now (0 while offloaded; CPU storages are kept)."""
         seen, total = set(), 0
         for t in _tensors(self.model, self.optimizer):
             st = t.untyped_storage()
             if st.data_ptr() not in seen:
                 seen.add(st.data_ptr())
-                total += st.nbytes()
+                total += st.nbytes() if st.device.type == "cuda" else 0
         return total

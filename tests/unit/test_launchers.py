@@ -52,7 +52,7 @@ def _run(script: str, *args: str, env: dict | None = None, check: bool = True) -
 
 
 def test_there_is_a_launcher_of_each_kind():
-    assert {p.name for p in SCRIPTS} == {"torchrun.sh", "slurm.sbatch", "ray_submit.sh"}
+    assert {p.name for p in SCRIPTS} == {"torchrun.sh", "slurm.sbatch", "ray_submit.sh", "slurm_ray.sbatch"}
     for p in SCRIPTS:
         assert os.access(p, os.X_OK), f"{p.name} is not executable"
         assert p.read_text().startswith("#!/usr/bin/env bash\n")
@@ -125,6 +125,30 @@ def test_slurm_container_and_errors(fake_scontrol):
     assert bad.returncode == 2 and "expands to 2 hosts" in bad.stderr
     outside = _run("slurm.sbatch", "--dry-run", env={"PATH": fake_scontrol}, check=False)
     assert outside.returncode != 0 and "SLURM_NNODES" in outside.stderr
+
+
+@pytest.mark.parametrize("placement", ["disaggregated", "colocated"])
+def test_slurm_ray_dry_run_starts_a_ray_node_per_host_then_the_driver(fake_scontrol, placement):
+    env = {"PATH": fake_scontrol, "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-[001-002]", "SLURM_JOB_ID": "9"}
+    flags = ["--rollout-engine", "sglang", "--rollout-num-engines", "2", "--rollout-engine-tp", "4",
+             "--ray-rollout-placement", placement]  # fmt: skip
+    out = _run("slurm_ray.sbatch", "--dry-run", "--config", RECIPE, *flags, env=env).stdout.splitlines()
+    assert len(out) == 3
+    node = ["--block", "--num-gpus", "8", "--disable-usage-stats"]
+    srun = ["srun", "--nodes", "1", "--ntasks", "1", "-w"]
+    log = "runs/slurm-ray-9/ray-node{}-gpu-00{}.log"
+    assert out[0] == "node 0 gpu-001: " + shlex.join(
+        [*srun, "gpu-001", "--output", log.format(0, 1), "ray", "start", "--head", "--port", "6379", *node]
+    )
+    assert out[1] == "node 1 gpu-002: " + shlex.join(
+        [*srun, "gpu-002", "--output", log.format(1, 2), "ray", "start", "--address", "gpu-001:6379", *node]
+    )
+    head, driver = out[2].split(": ", 1)
+    trainers = "8" if placement == "disaggregated" else "16"  # 16 GPUs, the engines' 2×4 their own or shared
+    assert head == "driver gpu-001" and shlex.split(driver) == [
+        "env", "RAY_ADDRESS=gpu-001:6379", "python", "-m", "megatron_mtp_rl.train", "--ray", "--ray-gpus-per-trainer",
+        "1", "--ray-num-trainers", trainers, "--config", RECIPE, *flags,
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("nodes", [1, 2])

@@ -160,3 +160,28 @@ def test_speculative_decoding_is_exact_on_cuda(cuda_group):
     spec = generate(model, prompts, params, vocab_size=64, speculative=True)
     assert spec.responses == plain.responses
     assert spec.stats["row_accept_len"] >= 1.0
+
+
+def test_colocated_offload_frees_the_gpu_and_restores_bit_for_bit(cuda_group):
+    """The colocated hand-off's trainer side on CUDA: offload frees every parameter, gradient and
+    Adam-state storage (allocated bytes drop by at least their size), onload restores them exactly."""
+    from megatron_mtp_rl.train.offload import TrainerOffload, _tensors
+    from tests.unit.test_offload import _model_and_optimizer, _step
+
+    model, optimizer = _model_and_optimizer()
+    _step(model, optimizer)
+    before = [t.detach().clone() for t in _tensors(model, optimizer)]
+    hand = TrainerOffload(model, optimizer)
+    held = hand.resident_bytes()
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    hand.offload()
+    freed = allocated - torch.cuda.memory_allocated()
+    print(f"offload freed {freed / 2**20:.1f} MiB of {held / 2**20:.1f} MiB held")
+    assert hand.resident_bytes() == 0 and freed >= held
+    hand.onload()
+    after = list(_tensors(model, optimizer))
+    same = [
+        torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)) for a, b in zip(before, after)
+    ]
+    assert len(after) == len(before) and all(same)

@@ -18,8 +18,9 @@ def _model_and_optimizer():
 def _step(model, optimizer):
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
-    out = model(tokens, torch.arange(6)[None], None)
+    dev = next(model.parameters()).device
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]], device=dev)
+    out = model(tokens, torch.arange(6, device=dev)[None], None)
     out.float().logsumexp(-1).mean().backward()
     model.finish_grad_sync()
     optimizer.step()

@@ -34,6 +34,7 @@ REGIMES = ("none", "detach", "ce", "policy", "occ")
 HEAD_LOSSES = ("none", "ce", "distill")  # rl/regimes.py:HEAD_LOSSES
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_TYPES = ("k1", "k3", "low-var-kl")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo")  # rl/advantages.py:ESTIMATORS
 OCC_BASELINES = ("main_old", "mtp_old")
 OCC_REDUCE_MODES = ("global", "local")
 
@@ -232,8 +233,12 @@ class AlgoConfig:
         choices=sorted(ALGORITHMS),
     )
     advantage_estimator: str = flag(
-        "grpo", "grpo | module:function(rewards, group_size, cfg.algo) -> per-sample advantages"
+        "grpo",
+        f"{' | '.join(ADVANTAGE_ESTIMATORS)} | module:NAME: an rl.advantages.Estimator (per-token advantages) "
+        "or a function(rewards, group_size, cfg.algo) -> per-sample advantages",
     )
+    gamma: float = flag(1.0, "discount γ of token-level returns (reinforce_plus_plus, gae)", min=0)
+    lam: float = flag(1.0, "GAE λ (gae)", min=0)
     no_grpo_std_normalization: bool = flag(False, "advantages r - mean (no division by the group std)")
     dynamic_sampling: bool = flag(False, "drop groups the --dynamic-sampling-filter rejects (DAPO)")
     dynamic_sampling_filter: str = flag(
@@ -859,6 +864,13 @@ def validate(
     if cp > 1:
         problems.append("--context-parallel-size > 1 is not supported by the RL forward yet")
     problems += _data_and_log_problems(cfg)
+    est = al.advantage_estimator
+    if est not in ADVANTAGE_ESTIMATORS and ":" not in est and "." not in est:
+        problems.append(
+            f"--advantage-estimator {est!r}: not one of {', '.join(ADVANTAGE_ESTIMATORS)} nor a module:function path"
+        )
+    if al.gamma > 1 or al.lam > 1:
+        problems.append(f"--gamma {al.gamma} and --lam {al.lam} must be in [0, 1]")
     if cfg.command == "train" and ro.n_samples_per_prompt < 2:
         problems.append("--n-samples-per-prompt must be ≥ 2 (group-normalised advantages)")
     if ro.rollout_engine == "local" and (ro.sglang_engine_flags or ro.sglang_router_flags):

@@ -1,12 +1,67 @@
-"""Sequence-level advantages: GRPO / DAPO group normalisation, dynamic sampling, overlong shaping.
+"""Advantage estimators (``--advantage-estimator``), dynamic sampling and overlong shaping.
 
 Rewards arrive as a flat tensor ordered group by group: ``n`` samples of prompt 0, then
 ``n`` samples of prompt 1, ... (``n = --n-samples-per-prompt``).
+
+An estimator (:class:`Estimator`) reads :class:`AdvantageInputs` and returns either one
+advantage per sample (``[N]``, given to every trained token of the sample's response) or one
+per response token (``[N, T]``, the response frame: row ``i`` is sample ``i``'s response, right
+padded to the longest). It runs after the old / reference log-probs (and critic values) are
+computed, so token-level estimators can read them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+
+
+@dataclass
+class AdvantageInputs:
+    """What an estimator may read for this DP rank's samples; token tensors are ``[N, T]``."""
+
+    rewards: torch.Tensor  # [N] shaped rewards, grouped (n consecutive samples share a prompt)
+    group_size: int
+    algo: Any  # cfg.algo (config.AlgoConfig)
+    mask: torch.Tensor  # [N, T] bool: tokens that are trained (policy tokens; not tool output, not padding)
+    old_logprobs: torch.Tensor | None = None  # [N, T] θ_old's log-probs of the response tokens
+    ref_logprobs: torch.Tensor | None = None  # [N, T] the KL reference's (--kl-coef > 0)
+    values: torch.Tensor | None = None  # [N, T] a critic's value estimates, when the run has one
+    teacher_logprobs: torch.Tensor | None = None  # [N, T] a distillation teacher's, when the run has one
+    dp_group: Any = None  # the data-parallel group a global (whole-batch) statistic reduces over
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator: ``fn(inputs) -> [N]`` (per sample) or ``[N, T]`` (per response token).
+
+    ``needs`` names the :class:`AdvantageInputs` scores it reads beyond rewards and mask
+    (``ref_logprobs``, ``values``, ``teacher_logprobs``): the run checks they are there.
+    """
+
+    fn: Callable[[AdvantageInputs], torch.Tensor]
+    needs: tuple[str, ...] = ()
+
+    def __call__(self, inputs: AdvantageInputs) -> torch.Tensor:
+        return self.fn(inputs)
+
+
+def token_advantages(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """An estimator's output as ``[N, T]`` float32, zero on untrained tokens (per-sample values broadcast)."""
+    n, t = mask.shape
+    if adv.dim() == 1 and adv.shape[0] == n:
+        adv = adv[:, None].expand(n, t)
+    elif adv.shape != (n, t):
+        raise ValueError(f"an advantage estimator must return shape ({n},) or ({n}, {t}), got {tuple(adv.shape)}")
+    return torch.where(mask.bool(), adv.float(), torch.zeros((), dtype=torch.float32))
+
+
+def sample_estimator(fn: Callable) -> Estimator:
+    """A per-sample hook ``fn(rewards [N], group_size, algo) -> [N]`` as an :class:`Estimator`."""
+    return Estimator(lambda x: fn(x.rewards, x.group_size, x.algo))
 
 
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -57,3 +112,25 @@ def overlong_penalty(
     start = max_len - buffer_len
     pen = (start - lengths) / buffer_len * penalty_factor
     return pen.clamp(min=-penalty_factor, max=0.0)
+
+
+def grpo(x: AdvantageInputs) -> torch.Tensor:
+    """GRPO: ``A_i = (r_i − mean_group(r)) / (std_group(r) + ε)``; ``--no-grpo-std-normalization``: no division."""
+    return grpo_advantages(x.rewards, x.group_size, normalize_std=not x.algo.no_grpo_std_normalization)
+
+
+def rloo(x: AdvantageInputs) -> torch.Tensor:
+    """RLOO: ``A_i = r_i − (Σ_{j≠i} r_j) / (n − 1)`` over the ``n`` samples of ``i``'s group (n ≥ 2)."""
+    if x.group_size < 2:
+        raise ValueError("rloo needs at least 2 samples per prompt (--n-samples-per-prompt)")
+    g = _groups(x.rewards, x.group_size)
+    others = (g.sum(dim=1, keepdim=True) - g) / (x.group_size - 1)
+    return (g - others).flatten()
+
+
+# --advantage-estimator NAME (config.py:ADVANTAGE_ESTIMATORS mirrors the names); any other value is a
+# dotted path to an Estimator or to a per-sample function fn(rewards, group_size, algo).
+ESTIMATORS: dict[str, Estimator] = {
+    "grpo": Estimator(grpo),
+    "rloo": Estimator(rloo),
+}

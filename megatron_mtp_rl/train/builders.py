@@ -24,7 +24,8 @@ from megatron_mtp_rl.models.generation import SamplingParams
 from megatron_mtp_rl.models.presets import ModelArgs
 from megatron_mtp_rl.models.provider import RuntimeOptions
 from megatron_mtp_rl.models.provider import build_model as build_gpt
-from megatron_mtp_rl.rl import OCCConfig, OCCEstimator, RLLossConfig, grpo_advantages, zero_alignment_warning
+from megatron_mtp_rl.rl import OCCConfig, OCCEstimator, RLLossConfig, zero_alignment_warning
+from megatron_mtp_rl.rl.advantages import ESTIMATORS, Estimator, sample_estimator
 from megatron_mtp_rl.rl.regimes import get_regime
 from megatron_mtp_rl.rollout.chat import prompt_format
 from megatron_mtp_rl.rollout.data import ArithTask, FilePromptSource
@@ -454,9 +455,11 @@ def build_rollout(cfg: RunConfig, run: Run, engine: RolloutEngine) -> Rollout:
     return Rollout(manager, rollout_fn or RolloutManager.rollout, group_filter, scorer)
 
 
-def build_advantage_estimator(cfg: RunConfig) -> Callable:
-    """``--advantage-estimator``: ``grpo`` or ``module:function(rewards, group_size, algo_cfg)``."""
-    al = cfg.algo
-    if al.advantage_estimator == "grpo":
-        return lambda rewards, n, algo: grpo_advantages(rewards, n, normalize_std=not algo.no_grpo_std_normalization)
-    return load_extension(al.advantage_estimator, "--advantage-estimator")
+def build_advantage_estimator(cfg: RunConfig) -> Estimator:
+    """``--advantage-estimator``: a built-in name (rl/advantages.py:ESTIMATORS), or a dotted path to an
+    ``Estimator`` or to a per-sample function ``fn(rewards, group_size, algo_cfg)``."""
+    name = cfg.algo.advantage_estimator
+    if name in ESTIMATORS:
+        return ESTIMATORS[name]
+    fn = load_extension(name, "--advantage-estimator")
+    return fn if isinstance(fn, Estimator) else sample_estimator(fn)

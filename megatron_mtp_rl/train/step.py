@@ -1,6 +1,6 @@
 """One RL step, as named phases read top to bottom:
 
-    generate → score → advantages → (pack) → old/ref log-probs → (dump) → updates → weight sync → metrics
+    generate → score → (pack) → old/ref log-probs → advantages → (dump) → updates → weight sync → metrics
 
 :func:`rl_step` calls them in that order; each phase is one function below, in the same order.
 The update phase (:func:`train_step`) calls the OCC reduce visibly, right before ``optimizer.step()``.
@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.models import pack_sequences
 from megatron_mtp_rl.platform.device import collective_device, peak_memory_gb
-from megatron_mtp_rl.rl.advantages import overlong_penalty
+from megatron_mtp_rl.rl.advantages import AdvantageInputs, Estimator, overlong_penalty, token_advantages
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
 from megatron_mtp_rl.rl.occ import OCCEstimator
 from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
@@ -47,7 +47,7 @@ class StepContext:
     run: Run  # model, optimizer, scheduler, OCC, data source
     engine: RolloutEngine  # generates; sync_weights() after the updates
     rollout: Rollout  # manager + --rollout-function + --dynamic-sampling-filter
-    advantage_fn: Callable  # --advantage-estimator
+    advantage_fn: Estimator  # --advantage-estimator
     loss_cfg: RLLossConfig
     reference: Reference | None  # --kl-coef > 0
     dumper: RolloutDumper | None = None  # --rollout-dump-dir (logging rank only)
@@ -68,11 +68,11 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
     stats = getattr(ctx.rollout.scorer, "stats", None)
     check_step_rewards(stats, bm.get("rollout/reward_errors", 0.0), bm.get("rollout/generated_samples", 0.0), step)
     raw, shaped, metrics = score(ctx, batch)
-    adv = advantages(ctx, shaped)
     t_train = time.perf_counter()
     spans: dict = {}
-    minibatches = pack_minibatches(ctx, batch.samples, adv, step, spans=spans)
+    minibatches = pack_minibatches(ctx, batch.samples, None, step, spans=spans)
     old_and_ref_logprobs(ctx, minibatches)
+    adv = advantages(ctx, shaped, spans)
     dump_rollouts(ctx, step, batch.samples, adv, spans)
     per_update = [update_and_schedule(ctx, m) for m in minibatches]
     metrics.update(average_updates(per_update))
@@ -152,16 +152,13 @@ def score(ctx: StepContext, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Te
     return raw, shaped, metrics
 
 
-# -- phase 3: advantages ------------------------------------------------------------------------
-def advantages(ctx: StepContext, shaped: torch.Tensor) -> torch.Tensor:
-    """Per-sample advantages from the ``--advantage-estimator`` (GRPO by default)."""
-    return ctx.advantage_fn(shaped, ctx.cfg.rollout.n_samples_per_prompt, ctx.cfg.algo)
-
-
+# -- phase 3: pack ----------------------------------------------------------------------------
 def pack_minibatches(
-    ctx: StepContext, samples: list[Sample], adv: torch.Tensor, step: int, spans: dict | None = None
+    ctx: StepContext, samples: list[Sample], adv: torch.Tensor | None, step: int, spans: dict | None = None
 ) -> list[list[RLBatch]]:
     """Shuffle this rank's samples and cut them into mini-batches of micro-batches.
+
+    ``adv``: per-sample advantages, or None for zeros (:func:`advantages` writes them in later).
 
     ``spans`` (optional) receives, per sample index, where its response sits: (micro-batch, row,
     first, end) in the label frame — what the rollout dump reads the trainer's log-probs from.
@@ -181,7 +178,7 @@ def pack_minibatches(
         out.append(
             build_micro_batches(
                 [samples[i] for i in ids],
-                [float(adv[i]) for i in ids],
+                [float(adv[i]) if adv is not None else 0.0 for i in ids],
                 cfg.optim.micro_batch_size,
                 cfg.data.seq_length,
                 pad_rows,
@@ -246,11 +243,51 @@ def compute_old_logprobs(model, micro_batches: list[RLBatch], *, with_mtp: bool)
         batch.old_mtp_logprobs = out.mtp_logprobs.detach() if out.mtp_logprobs is not None else None
 
 
-def dump_rollouts(ctx: StepContext, step: int, samples: list[Sample], adv: torch.Tensor, spans: dict) -> None:
-    """``--rollout-dump-dir``: the first samples with reward, advantage and the rollout-vs-trainer
-    log-prob gap (θ_old's log-probs of the same response tokens, just computed)."""
+# -- phase 4b: advantages (token-level estimators read the log-probs just computed) -----------
+def advantages(ctx: StepContext, shaped: torch.Tensor, spans: dict) -> torch.Tensor | None:
+    """The ``--advantage-estimator``'s advantages, written into the packed micro-batches.
+
+    Returns them per response token ``[N, T]`` (sample ``i``'s response in row ``i``, zero on
+    untrained tokens). Computed on the last pipeline stage only: the loss, and the log-probs and
+    values an estimator reads, live there (other stages return None).
+    """
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    where = [spans[i] for i in range(len(shaped))]
+    x = AdvantageInputs(
+        rewards=shaped,
+        group_size=ctx.cfg.rollout.n_samples_per_prompt,
+        algo=ctx.cfg.algo,
+        mask=response_frame(where, "loss_mask").bool(),
+        dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+    for name in ("old_logprobs", "ref_logprobs", "values", "teacher_logprobs"):
+        if where and all(getattr(mb, name, None) is not None for mb, *_ in where):
+            setattr(x, name, response_frame(where, name))
+    missing = [n for n in ctx.advantage_fn.needs if getattr(x, n) is None]
+    if missing:
+        raise ValueError(f"--advantage-estimator {ctx.cfg.algo.advantage_estimator} needs {', '.join(missing)}")
+    adv = token_advantages(ctx.advantage_fn(x), x.mask)
+    for i, (mb, row, a, b) in enumerate(where):
+        mb.advantages[row, a:b] = adv[i, : b - a]
+    return adv
+
+
+def response_frame(where: list[tuple], name: str) -> torch.Tensor:
+    """``[N, T]``: per sample, the packed tensor ``name`` over its response span (right padded with 0)."""
+    t = max((b - a for _, _, a, b in where), default=0)
+    first = getattr(where[0][0], name) if where else torch.zeros(0)
+    out = torch.zeros((len(where), t), dtype=first.dtype, device=first.device)
+    for i, (mb, row, a, b) in enumerate(where):
+        out[i, : b - a] = getattr(mb, name)[row, a:b]
+    return out
+
+
+def dump_rollouts(ctx: StepContext, step: int, samples: list[Sample], adv: torch.Tensor | None, spans: dict) -> None:
+    """``--rollout-dump-dir``: the first samples with reward, advantage (mean over the trained tokens) and
+    the rollout-vs-trainer log-prob gap (θ_old's log-probs of the same response tokens, just computed)."""
     d = ctx.dumper
-    if d is None or not d.active:
+    if d is None or not d.active or adv is None:
         return
     n = min(d.n, len(samples))
     trainer = []
@@ -258,7 +295,12 @@ def dump_rollouts(ctx: StepContext, step: int, samples: list[Sample], adv: torch
         mb, row, a, b = spans.get(i, (None, 0, 0, 0))
         lp = getattr(mb, "old_logprobs", None)
         trainer.append(lp[row, a:b].tolist() if lp is not None else None)
-    d.dump(step, samples[:n], [float(x) for x in adv[:n]], trainer)
+    per_sample = []
+    for i in range(n):
+        mb, row, a, b = spans[i]
+        m = mb.loss_mask[row, a:b]
+        per_sample.append(float(adv[i, : b - a][m].mean()) if m.any() else 0.0)
+    d.dump(step, samples[:n], per_sample, trainer)
 
 
 # -- phase 5: updates -----------------------------------------------------------------------------

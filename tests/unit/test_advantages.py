@@ -1,0 +1,86 @@
+"""Advantage estimators: per-sample and per-token outputs, the registry, and the packed batch they reach."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_mtp_rl import config as C
+from megatron_mtp_rl.rl.advantages import ESTIMATORS, AdvantageInputs, Estimator, token_advantages
+from megatron_mtp_rl.rollout.data import Prompt
+from megatron_mtp_rl.rollout.manager import Sample
+
+# A per-token estimator reachable by dotted path: advantage = 10·sample + position in the response.
+POSITIONAL = Estimator(lambda x: 10.0 * torch.arange(x.mask.shape[0])[:, None] + torch.arange(x.mask.shape[1]))
+
+
+def per_sample_hook(rewards, group_size, algo):
+    """The long-standing hook signature: fn(rewards, group_size, algo) -> [N]."""
+    return rewards * 2
+
+
+def _inputs(rewards, group_size=2, lengths=None, **kw):
+    n = len(rewards)
+    lengths = lengths or [3] * n
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    algo = C.parse_config([]).algo
+    return AdvantageInputs(torch.tensor(rewards), group_size, algo, mask, **kw)
+
+
+def test_token_advantages_broadcasts_per_sample_values_and_zeroes_untrained_tokens():
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    got = token_advantages(torch.tensor([2.0, -1.0]), mask)
+    assert got.tolist() == [[2.0, 2.0, 0.0], [-1.0, 0.0, -1.0]]
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    assert token_advantages(per_token, mask).tolist() == [[1.0, 2.0, 0.0], [4.0, 0.0, 6.0]]
+    with pytest.raises(ValueError, match=r"shape \(2,\) or \(2, 3\)"):
+        token_advantages(torch.zeros(3), mask)
+
+
+def test_registry_and_dotted_paths(tmp_path):
+    from megatron_mtp_rl.train.builders import build_advantage_estimator
+
+    assert C.ADVANTAGE_ESTIMATORS == tuple(ESTIMATORS)
+    x = _inputs([1.0, 0.0, 3.0, 3.0])
+    grpo = build_advantage_estimator(C.parse_config([]))
+    assert grpo(x).tolist() == pytest.approx([0.7071, -0.7071, 0.0, 0.0], abs=1e-4)
+    hook = build_advantage_estimator(C.parse_config(["--advantage-estimator", f"{__name__}:per_sample_hook"]))
+    assert hook(x).tolist() == [2.0, 0.0, 6.0, 6.0]
+    token = build_advantage_estimator(C.parse_config(["--advantage-estimator", f"{__name__}:POSITIONAL"]))
+    assert token is POSITIONAL and token(x)[2].tolist() == [20.0, 21.0, 22.0]
+    problems = C.validate(C.parse_config(["--advantage-estimator", "ppo", "--gamma", "2"]), 1)
+    assert any(p.startswith("--advantage-estimator 'ppo': not one of grpo, rloo") for p in problems)
+    assert any(p.startswith("--gamma 2.0") for p in problems)
+    cfg = C.parse_config(["--gamma", "0.9", "--lam", "0.95"]).algo
+    assert (cfg.gamma, cfg.lam) == (0.9, 0.95) and (C.AlgoConfig.gamma, C.AlgoConfig.lam) == (1.0, 1.0)
+
+
+def test_advantages_reach_the_packed_batch_per_token(single_process):
+    """Per-token estimator output lands on each sample's response tokens of the packed batch; per-sample
+    output is broadcast exactly as the per-sample packing path writes it."""
+    from megatron_mtp_rl.train.step import advantages, build_micro_batches
+
+    p = Prompt("q", None, 0)
+    samples = [Sample(p, [1, 2], [3] * n, [], "", True) for n in (3, 1, 2, 4)]
+    cfg = C.parse_config(["--n-samples-per-prompt", "2"])
+
+    def packed(est):
+        spans: dict = {}
+        mbs = build_micro_batches(samples, [0.0] * 4, 2, 16, False, keys=list(range(4)), spans=spans)
+        ctx = SimpleNamespace(cfg=cfg, advantage_fn=est)
+        return mbs, advantages(ctx, torch.tensor([1.0, 0.0, 0.0, 2.0]), spans), spans
+
+    mbs, adv, spans = packed(POSITIONAL)
+    assert len(mbs) == 2
+    assert adv.shape == (4, 4)
+    for i, n in enumerate((3, 1, 2, 4)):
+        mb, row, a, b = spans[i]
+        assert mb.advantages[row, a:b].tolist() == [10.0 * i + t for t in range(n)]
+        assert mb.loss_mask[row, a:b].all() and not mb.advantages[~mb.loss_mask].any()
+    want = ESTIMATORS["grpo"](_inputs([1.0, 0.0, 0.0, 2.0])).tolist()
+    mbs, adv, _ = packed(ESTIMATORS["grpo"])
+    ref = build_micro_batches(samples, want, 2, 16, False)  # the per-sample packing path
+    for got_mb, ref_mb in zip(mbs, ref):
+        assert torch.equal(got_mb.advantages, ref_mb.advantages)
+    with pytest.raises(ValueError, match="needs values"):
+        packed(Estimator(lambda x: x.values, needs=("values",)))

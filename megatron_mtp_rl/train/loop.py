@@ -74,7 +74,9 @@ def prepare(cfg: RunConfig, *, rollout_actor=None) -> tuple[StepContext, LoopSta
     state = resume(cfg, run)
     engine = build_engine(cfg, run, rollout_actor=rollout_actor)
     rollout = build_rollout(cfg, run, engine)
-    dumper = RolloutDumper(cfg.log.rollout_dump_dir, cfg.log.rollout_dump_n, enabled=is_logging_rank())
+    dumper = RolloutDumper(
+        cfg.log.rollout_dump_dir, cfg.log.rollout_dump_n, enabled=is_logging_rank(), decode=run.tokenizer.decode
+    )
     ctx = StepContext(cfg, run, engine, rollout, build_advantage_estimator(cfg), build_loss(cfg), reference, dumper)
     if cfg.rollout.async_rollout:
         ctx.ahead = OneStepAhead()

@@ -212,12 +212,24 @@ def build_micro_batches(
         rl_batch = RLBatch(**batch.__dict__, advantages=adv, rollout_logprobs=rollout_lp)
         for j, (x, a, (row, start, n)) in enumerate(zip(chunk, advantages[s : s + mbs], where)):
             adv[row, start + len(x.prompt_ids) - 1 : start + n - 1] = a
+            if x.loss_mask is not None:  # tool / environment tokens: context only, out of every loss term
+                batch.loss_mask[row, start + len(x.prompt_ids) - 1 : start + n - 1] &= response_mask(x)
             if has_lp:
                 rollout_lp[row, start + len(x.prompt_ids) - 1 : start + n - 1] = torch.tensor(x.logprobs)
             if spans is not None and keys is not None:
                 spans[keys[s + j]] = (rl_batch, row, start + len(x.prompt_ids) - 1, start + n - 1)
         out.append(rl_batch)
     return out
+
+
+def response_mask(sample: Sample) -> torch.Tensor:
+    """The sample's per-response-token loss mask as a bool tensor (checked against its length)."""
+    if len(sample.loss_mask) != len(sample.response_ids):
+        raise ValueError(
+            f"a sample's loss_mask has {len(sample.loss_mask)} entries for {len(sample.response_ids)} response "
+            "tokens (the rollout function must give one per response token)"
+        )
+    return torch.tensor(sample.loss_mask, dtype=torch.bool)
 
 
 # -- phase 4: old and reference log-probs -----------------------------------------------------

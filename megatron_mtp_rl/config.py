@@ -34,7 +34,8 @@ REGIMES = ("none", "detach", "ce", "policy", "occ")
 HEAD_LOSSES = ("none", "ce", "distill")  # rl/regimes.py:HEAD_LOSSES
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_TYPES = ("k1", "k3", "low-var-kl")
-ADVANTAGE_ESTIMATORS = ("grpo", "rloo")  # rl/advantages.py:ESTIMATORS
+# rl/advantages.py:ESTIMATORS
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 OCC_BASELINES = ("main_old", "mtp_old")
 OCC_REDUCE_MODES = ("global", "local")
 

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from megatron_mtp_rl.platform.device import collective_device
+from megatron_mtp_rl.rl.policy_loss import kl_penalty
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Estimator:
 
     fn: Callable[[AdvantageInputs], torch.Tensor]
     needs: tuple[str, ...] = ()
+    kl_in_reward: bool = False  # --kl-coef goes into the token rewards, not into the loss
 
     def __call__(self, inputs: AdvantageInputs) -> torch.Tensor:
         return self.fn(inputs)
@@ -128,9 +133,79 @@ def rloo(x: AdvantageInputs) -> torch.Tensor:
     return (g - others).flatten()
 
 
+def whiten(values: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-8) -> torch.Tensor:
+    """``(v − μ) / sqrt(σ² + ε)`` over the masked-in entries of every rank of ``group``; 0 elsewhere.
+
+    μ = Σ m·v / N and σ² = (Σ m·v² − N·μ²) / (N − 1) (Bessel-corrected) with N = Σ m, summed over
+    all ranks of ``group`` (the data-parallel group: the global batch) in ONE all-reduce of
+    (Σ m·v, Σ m·v², N), so the result does not depend on how the batch is split over ranks.
+    """
+    m = mask.bool()
+    v = values.double()
+    t = torch.stack([v[m].sum(), (v[m] ** 2).sum(), m.sum().double()]).to(collective_device(group))
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    total, squares, n = t.tolist()
+    mean = total / max(n, 1.0)
+    var = (squares - n * mean * mean) / max(n - 1.0, 1.0)
+    out = (v - mean) / (max(var, 0.0) + eps) ** 0.5
+    return torch.where(m, out, torch.zeros((), dtype=v.dtype, device=v.device)).to(values.dtype)
+
+
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``G_t = r_t + γ·G_{t'}`` with ``t'`` the next masked-in token after ``t`` (masked-out tokens are skipped:
+    they neither earn reward nor count a discount step); 0 on masked-out tokens."""
+    m = mask.bool()
+    out = torch.zeros_like(token_rewards, dtype=torch.float32)
+    running = torch.zeros(token_rewards.shape[0], dtype=torch.float32, device=token_rewards.device)
+    for t in range(token_rewards.shape[1] - 1, -1, -1):
+        running = torch.where(m[:, t], token_rewards[:, t].float() + gamma * running, running)
+        out[:, t] = torch.where(m[:, t], running, torch.zeros_like(running))
+    return out
+
+
+def outcome_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[N, T]``: each sample's reward on its last masked-in token, 0 elsewhere (a sample without one gets none)."""
+    m = mask.bool()
+    n, t = m.shape
+    last = torch.where(m, torch.arange(t, device=m.device)[None, :], torch.full_like(m, -1, dtype=torch.long))
+    last = last.max(dim=1).values
+    out = torch.zeros((n, t), dtype=torch.float32, device=m.device)
+    has = last >= 0
+    out[has.nonzero().flatten(), last[has]] = rewards.float().to(m.device)[has]
+    return out
+
+
+def reinforce_plus_plus(x: AdvantageInputs) -> torch.Tensor:
+    """REINFORCE++: token returns of the outcome reward, KL-penalised, whitened over the global batch.
+
+    Token reward ``r_t = R·[t = last policy token] − β·KL_t`` with β = ``--kl-coef`` and
+    ``KL_t`` the ``--kl-type`` estimate of KL(π_old ‖ π_ref) at token ``t`` (the KL term then leaves
+    the loss); ``G_t = Σ_{s ≥ t} γ^{s−t} r_s`` over the policy tokens (γ = ``--gamma``);
+    ``A_t = whiten(G)`` over every DP rank's policy tokens (:func:`whiten`).
+    """
+    r = outcome_token_rewards(x.rewards, x.mask)
+    if x.algo.kl_coef > 0:
+        if x.old_logprobs is None or x.ref_logprobs is None:
+            raise ValueError("reinforce_plus_plus with --kl-coef > 0 needs old and reference log-probs")
+        kl = kl_penalty(x.old_logprobs.float(), x.ref_logprobs.float(), x.algo.kl_type)
+        r = r - x.algo.kl_coef * kl * x.mask
+    return whiten(discounted_returns(r, x.mask, x.algo.gamma), x.mask, x.dp_group)
+
+
+def reinforce_plus_plus_baseline(x: AdvantageInputs) -> torch.Tensor:
+    """REINFORCE++-baseline: ``A_t = whiten(r_i − mean_group(r))`` on every policy token ``t`` of sample ``i``,
+    whitened over every DP rank's policy tokens (:func:`whiten`)."""
+    g = _groups(x.rewards, x.group_size)
+    centred = (g - g.mean(dim=1, keepdim=True)).flatten()
+    return whiten(token_advantages(centred, x.mask), x.mask, x.dp_group)
+
+
 # --advantage-estimator NAME (config.py:ADVANTAGE_ESTIMATORS mirrors the names); any other value is a
 # dotted path to an Estimator or to a per-sample function fn(rewards, group_size, algo).
 ESTIMATORS: dict[str, Estimator] = {
     "grpo": Estimator(grpo),
     "rloo": Estimator(rloo),
+    "reinforce_plus_plus": Estimator(reinforce_plus_plus, kl_in_reward=True),
+    "reinforce_plus_plus_baseline": Estimator(reinforce_plus_plus_baseline),
 }

@@ -227,13 +227,14 @@ def build_occ(cfg: RunConfig, model_args: ModelArgs) -> OCCEstimator | None:
 def build_loss(cfg: RunConfig) -> RLLossConfig:
     """The RL loss terms (``--eps-clip`` ..., ``--kl-*``, ``--entropy-coef``, ``--mtp-*``)."""
     al, mt = cfg.algo, cfg.mtp
+    kl_in_reward = build_advantage_estimator(cfg).kl_in_reward  # e.g. reinforce_plus_plus: KL is in the rewards
     return RLLossConfig(
         eps_clip=al.eps_clip,
         eps_clip_high=al.eps_clip_high,
         eps_clip_c=al.eps_clip_c,
         loss_agg_mode=al.loss_agg_mode,
         ratio_type=al.ratio_type,
-        kl_coef=al.kl_coef,
+        kl_coef=0.0 if kl_in_reward else al.kl_coef,
         kl_type=al.kl_type,
         entropy_coef=al.entropy_coef,
         mtp_regime=mt.mtp_regime,

@@ -1,5 +1,7 @@
 """Advantage estimators: per-sample and per-token outputs, the registry, and the packed batch they reach."""
 
+import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -84,3 +86,60 @@ def test_advantages_reach_the_packed_batch_per_token(single_process):
         assert torch.equal(got_mb.advantages, ref_mb.advantages)
     with pytest.raises(ValueError, match="needs values"):
         packed(Estimator(lambda x: x.values, needs=("values",)))
+
+
+def test_rloo_by_hand_and_its_group_size_error():
+    x = _inputs([1.0, 0.0, 0.0, 2.0, 2.0, 5.0], group_size=3)
+    assert ESTIMATORS["rloo"](x).tolist() == pytest.approx([1.0, -0.5, -0.5, -1.5, -1.5, 3.0])
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        ESTIMATORS["rloo"](_inputs([1.0, 0.0], group_size=1))
+    problems = C.validate(C.parse_config(["--advantage-estimator", "rloo", "--n-samples-per-prompt", "1"]), 1)
+    assert "--n-samples-per-prompt must be ≥ 2 (group-normalised advantages)" in problems
+
+
+def _whitened_by_hand(values):
+    mean, var = statistics.mean(values), statistics.variance(values)  # Bessel-corrected
+    return [(v - mean) / math.sqrt(var + 1e-8) for v in values]
+
+
+def test_reinforce_plus_plus_by_hand():
+    """γ = 0.5, k1 KL folded into the token rewards, a masked-out (tool) token skipped by the returns."""
+    from megatron_mtp_rl.train.builders import build_advantage_estimator, build_loss
+
+    mask = torch.tensor([[1, 1, 0, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    old = -torch.ones(2, 4)
+    kl = torch.tensor([[0.2, 0.4, 9.0, 0.6], [0.1, 0.3, 9.0, 9.0]])
+    argv = ["--advantage-estimator", "reinforce_plus_plus", "--gamma", "0.5", "--kl-coef", "0.1", "--kl-type", "k1"]
+    cfg = C.parse_config(argv)
+    x = AdvantageInputs(torch.tensor([1.0, 0.0]), 2, cfg.algo, mask, old_logprobs=old, ref_logprobs=old - kl)
+    got = build_advantage_estimator(cfg)(x)
+    # token rewards: -0.1·KL on each policy token, plus R on the last one; G_t = r_t + 0.5·G_next.
+    g0_3 = 1.0 - 0.06
+    g0_1 = -0.04 + 0.5 * g0_3
+    g0_0 = -0.02 + 0.5 * g0_1
+    g1_1 = -0.03
+    g1_0 = -0.01 + 0.5 * g1_1
+    want = _whitened_by_hand([g0_0, g0_1, g0_3, g1_0, g1_1])
+    assert got[mask].tolist() == pytest.approx(want, abs=1e-5)
+    assert not got[~mask].any()
+    assert build_loss(cfg).kl_coef == 0.0  # the KL is in the rewards, not in the loss
+    assert build_loss(C.parse_config(["--kl-coef", "0.1"])).kl_coef == 0.1
+
+
+def test_reinforce_plus_plus_baseline_by_hand():
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [0, 1]], dtype=torch.bool)
+    x = AdvantageInputs(torch.tensor([1.0, 0.0, 3.0, 1.0]), 2, C.parse_config([]).algo, mask)
+    got = ESTIMATORS["reinforce_plus_plus_baseline"](x)
+    # r − mean_group: [0.5, −0.5, 1, −1], on each policy token, then whitened over all of them
+    want = _whitened_by_hand([0.5, 0.5, -0.5, 1.0, 1.0, -1.0])
+    assert got[mask].tolist() == pytest.approx(want, abs=1e-5) and not got[~mask].any()
+
+
+def test_whiten_by_hand():
+    from megatron_mtp_rl.rl.advantages import whiten
+    from tests.distributed.test_data_parallel import whiten_inputs
+
+    values, mask = whiten_inputs()  # also whitened over 2 DP ranks in tests/distributed/test_data_parallel.py
+    got = whiten(values, mask)
+    assert got[mask].tolist() == pytest.approx(_whitened_by_hand(values[mask].tolist()), abs=1e-5)
+    assert not got[~mask].any()

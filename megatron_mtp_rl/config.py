@@ -184,6 +184,9 @@ class RolloutConfig:
         "module:function(manager, fetch, *, num_prompts, seed, group_filter, max_rounds) -> RolloutBatch "
         "(default: RolloutManager.rollout)",
     )
+    max_turns: int = flag(
+        1, "multi-turn rollout functions (manager.max_turns): most model turns per sample, tool calls between", min=1
+    )
     rollout_batch_size: int = flag(16, "prompts per RL step", min=1)
     n_samples_per_prompt: int = flag(8, "samples per prompt (group size)", min=1)
     rollout_temperature: float = flag(1.0, "sampling temperature", min=0)

@@ -67,12 +67,14 @@ class RolloutManager:
         *,
         n_samples: int,
         sampling: SamplingParams,
+        max_turns: int = 1,
     ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.scorer = scorer  # .score([(prompt, response, label)]) -> [float]; .stats.errors
         self.n = n_samples
         self.sampling = sampling
+        self.max_turns = max_turns  # --max-turns, for multi-turn rollout functions
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         ids = self.tokenizer.encode(prompt.text)

@@ -448,7 +448,9 @@ def build_rollout(cfg: RunConfig, run: Run, engine: RolloutEngine) -> Rollout:
         scorer = build_scorer(ro.reward_fn, workers=ro.reward_workers, timeout_s=ro.reward_timeout)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    manager = RolloutManager(engine, run.tokenizer, scorer, n_samples=ro.n_samples_per_prompt, sampling=sampling)
+    manager = RolloutManager(
+        engine, run.tokenizer, scorer, n_samples=ro.n_samples_per_prompt, sampling=sampling, max_turns=ro.max_turns
+    )
     rollout_fn = load_extension(ro.rollout_function, "--rollout-function") if ro.rollout_function else None
     group_filter = (
         load_extension(al.dynamic_sampling_filter, "--dynamic-sampling-filter") if al.dynamic_sampling else None

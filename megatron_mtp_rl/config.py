@@ -35,7 +35,7 @@ HEAD_LOSSES = ("none", "ce", "distill")  # rl/regimes.py:HEAD_LOSSES
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_TYPES = ("k1", "k3", "low-var-kl")
 # rl/advantages.py:ESTIMATORS
-ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "opd")
 OCC_BASELINES = ("main_old", "mtp_old")
 OCC_REDUCE_MODES = ("global", "local")
 
@@ -243,6 +243,7 @@ class AlgoConfig:
     )
     gamma: float = flag(1.0, "discount γ of token-level returns (reinforce_plus_plus, gae)", min=0)
     lam: float = flag(1.0, "GAE λ (gae)", min=0)
+    opd_coef: float = flag(0.0, "opd: weight of the outcome (GRPO) advantage added to the teacher's", min=0)
     no_grpo_std_normalization: bool = flag(False, "advantages r - mean (no division by the group std)")
     dynamic_sampling: bool = flag(False, "drop groups the --dynamic-sampling-filter rejects (DAPO)")
     dynamic_sampling_filter: str = flag(
@@ -333,6 +334,9 @@ class CheckpointConfig:
     load: str | None = flag(None, "checkpoint directory to resume from")
     finetune: bool = flag(False, "with --load: weights only, restart at step 0")
     ref_load: str | None = flag(None, "checkpoint of the KL reference model (default: --load)")
+    teacher_load: str | None = flag(
+        None, "checkpoint of the on-policy distillation teacher (--advantage-estimator opd); its own shape, same vocab"
+    )
     save_interval: int = flag(0, "steps between checkpoints (0: at the end)", min=0)
     keep_last: int = flag(2, "checkpoints kept in --save (0: all)", min=0)
     no_auto_resume: bool = flag(False, "a --save holding checkpoints, without --load: refuse instead of resuming it")
@@ -873,6 +877,8 @@ def validate(
         problems.append(
             f"--advantage-estimator {est!r}: not one of {', '.join(ADVANTAGE_ESTIMATORS)} nor a module:function path"
         )
+    if est == "opd" and cfg.command == "train" and not cfg.ckpt.teacher_load:
+        problems.append("--advantage-estimator opd needs a teacher: --teacher-load DIR")
     if al.gamma > 1 or al.lam > 1:
         problems.append(f"--gamma {al.gamma} and --lam {al.lam} must be in [0, 1]")
     if cfg.command == "train" and ro.n_samples_per_prompt < 2:

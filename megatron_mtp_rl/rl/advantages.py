@@ -201,6 +201,19 @@ def reinforce_plus_plus_baseline(x: AdvantageInputs) -> torch.Tensor:
     return whiten(token_advantages(centred, x.mask), x.mask, x.dp_group)
 
 
+def opd(x: AdvantageInputs) -> torch.Tensor:
+    """On-policy distillation: ``A_t = log p_teacher(y_t) − log π_old(y_t) + c·A^grpo_i`` on the policy tokens.
+
+    The first term is the per-token negative reverse KL's sample, which the clipped surrogate then
+    pushes up: the policy moves toward the teacher on its own samples. ``c`` = ``--opd-coef``
+    (default 0) adds the GRPO outcome advantage of the sample.
+    """
+    adv = x.teacher_logprobs.float() - x.old_logprobs.float()
+    if x.algo.opd_coef > 0:
+        adv = adv + x.algo.opd_coef * grpo(x)[:, None]
+    return adv
+
+
 # --advantage-estimator NAME (config.py:ADVANTAGE_ESTIMATORS mirrors the names); any other value is a
 # dotted path to an Estimator or to a per-sample function fn(rewards, group_size, algo).
 ESTIMATORS: dict[str, Estimator] = {
@@ -208,4 +221,5 @@ ESTIMATORS: dict[str, Estimator] = {
     "rloo": Estimator(rloo),
     "reinforce_plus_plus": Estimator(reinforce_plus_plus, kl_in_reward=True),
     "reinforce_plus_plus_baseline": Estimator(reinforce_plus_plus_baseline),
+    "opd": Estimator(opd, needs=("old_logprobs", "teacher_logprobs")),
 }

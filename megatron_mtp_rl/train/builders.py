@@ -247,20 +247,24 @@ def build_loss(cfg: RunConfig) -> RLLossConfig:
 
 # -- the reference model (KL) -----------------------------------------------------------------
 class Reference:
-    """A frozen second model scoring the main head's log-probs through the same schedule."""
+    """A frozen second model scoring the main head's log-probs through the same schedule.
 
-    def __init__(self, model: torch.nn.Module, path: str):
+    The KL reference fills ``ref_logprobs``; the distillation teacher (``attr="teacher_logprobs"``) too.
+    """
+
+    def __init__(self, model: torch.nn.Module, path: str, attr: str = "ref_logprobs"):
         self.model = model
         self.path = path
+        self.attr = attr
 
     @torch.no_grad()
     def score(self, micro_batches: list) -> None:
-        """Fill ``ref_logprobs`` of each micro-batch (forward-only schedule: PP-safe)."""
+        """Fill ``self.attr`` of each micro-batch (forward-only schedule: PP-safe)."""
         outs = forward_backward(self.model, micro_batches, None, forward_only=True, with_mtp=False)
         if not parallel_state.is_pipeline_last_stage():
             return
         for batch, out in zip(micro_batches, outs):
-            batch.ref_logprobs = out.logprobs.detach()
+            setattr(batch, self.attr, out.logprobs.detach())
 
 
 def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
@@ -289,6 +293,34 @@ def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
     for p in ref.parameters():
         p.requires_grad_(False)
     return Reference(ref, path)
+
+
+def build_teacher(cfg: RunConfig, run: Run) -> Reference | None:
+    """``--advantage-estimator opd``: the frozen teacher of ``--teacher-load DIR``, scored like the KL reference.
+
+    Its shape is the checkpoint's own (a larger teacher is fine); vocabulary and sequence length are the run's.
+    """
+    path = cfg.ckpt.teacher_load
+    if cfg.algo.advantage_estimator != "opd" or not path:
+        return None
+    from megatron_mtp_rl.models.presets import from_checkpoint, saved_model_args
+    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    if latest_checkpoint(path) is None:
+        raise ConfigError(f"--teacher-load {path}: no checkpoint there for the distillation teacher")
+    saved = saved_model_args(path)
+    ma = run.model_args
+    args = ma
+    if saved:
+        args = from_checkpoint(
+            saved, {}, vocab_size=ma.vocab_size, seq_length=ma.seq_length, bf16=cfg.model.bf16, where="--teacher-load"
+        )
+    teacher = build_gpt(args)
+    load_checkpoint(path, teacher, None)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return Reference(teacher, path, attr="teacher_logprobs")
 
 
 # -- rollout: engine (with weight sync), manager, extension points ----------------------------

@@ -32,6 +32,7 @@ from megatron_mtp_rl.train.builders import (
     build_reference,
     build_rollout,
     build_run,
+    build_teacher,
 )
 from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from megatron_mtp_rl.train.metrics import MetricsWriter, WandbSettings, print_progress, progress_line
@@ -78,6 +79,7 @@ def prepare(cfg: RunConfig, *, rollout_actor=None) -> tuple[StepContext, LoopSta
         cfg.log.rollout_dump_dir, cfg.log.rollout_dump_n, enabled=is_logging_rank(), decode=run.tokenizer.decode
     )
     ctx = StepContext(cfg, run, engine, rollout, build_advantage_estimator(cfg), build_loss(cfg), reference, dumper)
+    ctx.teacher = build_teacher(cfg, run)
     if cfg.rollout.async_rollout:
         ctx.ahead = OneStepAhead()
         ctx.ahead.load_state_dict(state.pending)

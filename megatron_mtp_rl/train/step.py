@@ -52,6 +52,7 @@ class StepContext:
     reference: Reference | None  # --kl-coef > 0
     dumper: RolloutDumper | None = None  # --rollout-dump-dir (logging rank only)
     ahead: OneStepAhead | None = None  # --async-rollout: the next step's batch, generated during this one
+    teacher: Reference | None = None  # --advantage-estimator opd: the distillation teacher
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -239,6 +240,8 @@ def old_and_ref_logprobs(ctx: StepContext, minibatches: list[list[RLBatch]]) -> 
     compute_old_logprobs(ctx.run.model, all_mbs, with_mtp=ctx.loss_cfg.regime.runs_mtp)
     if ctx.reference is not None:
         ctx.reference.score(all_mbs)
+    if ctx.teacher is not None:
+        ctx.teacher.score(all_mbs)
 
 
 @torch.no_grad()

@@ -143,3 +143,18 @@ def test_whiten_by_hand():
     got = whiten(values, mask)
     assert got[mask].tolist() == pytest.approx(_whitened_by_hand(values[mask].tolist()), abs=1e-5)
     assert not got[~mask].any()
+
+
+def test_opd_by_hand():
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, -9.0]])
+    teacher = torch.tensor([[-0.5, -5.0, -1.5], [-0.2, -0.1, -1.0]])
+    algo = C.parse_config(["--opd-coef", "0.5", "--no-grpo-std-normalization"]).algo
+    x = AdvantageInputs(torch.tensor([1.0, 0.0]), 2, algo, mask, old_logprobs=old, teacher_logprobs=teacher)
+    got = token_advantages(ESTIMATORS["opd"](x), mask)
+    # log p_teacher − log π_old, plus 0.5 × the GRPO advantage (r − group mean: +0.5, −0.5)
+    want = torch.tensor([[0.5 + 0.25, 0.0, -1.0 + 0.25], [0.0 - 0.25, 0.2 - 0.25, 0.0]])
+    torch.testing.assert_close(got, want)
+    assert ESTIMATORS["opd"].needs == ("old_logprobs", "teacher_logprobs")
+    problems = C.validate(C.parse_config(["--advantage-estimator", "opd"]), 1)
+    assert "--advantage-estimator opd needs a teacher: --teacher-load DIR" in problems

@@ -25,7 +25,7 @@ from megatron_mtp_rl.rl.policy_loss import kl_penalty
 
 @dataclass
 class AdvantageInputs:
-    """What an estimator may read for this DP rank's samples; token tensors are ``[N, T]``."""
+    """What an estimator may read for this DP rank's samples; token tensors are ``[N, T]``, on the CPU."""
 
     rewards: torch.Tensor  # [N] shaped rewards, grouped (n consecutive samples share a prompt)
     group_size: int
@@ -42,8 +42,8 @@ class AdvantageInputs:
 class Estimator:
     """An advantage estimator: ``fn(inputs) -> [N]`` (per sample) or ``[N, T]`` (per response token).
 
-    ``needs`` names the :class:`AdvantageInputs` scores it reads beyond rewards and mask
-    (``ref_logprobs``, ``values``, ``teacher_logprobs``): the run checks they are there.
+    ``needs`` names the :class:`AdvantageInputs` scores it cannot do without (``old_logprobs``,
+    ``ref_logprobs``, ``values``, ``teacher_logprobs``): the run checks they are there.
     """
 
     fn: Callable[[AdvantageInputs], torch.Tensor]

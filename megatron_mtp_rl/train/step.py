@@ -289,12 +289,18 @@ def advantages(ctx: StepContext, shaped: torch.Tensor, spans: dict) -> torch.Ten
 
 
 def response_frame(where: list[tuple], name: str) -> torch.Tensor:
-    """``[N, T]``: per sample, the packed tensor ``name`` over its response span (right padded with 0)."""
+    """``[N, T]`` on the CPU: per sample, the packed tensor ``name`` over its response span (right padded
+    with 0). The CPU, like the rewards and the packed batches: log-probs computed on a GPU come over once
+    per micro-batch."""
     t = max((b - a for _, _, a, b in where), default=0)
-    first = getattr(where[0][0], name) if where else torch.zeros(0)
-    out = torch.zeros((len(where), t), dtype=first.dtype, device=first.device)
+    on_cpu: dict[int, torch.Tensor] = {}
+    for mb, *_ in where:
+        if id(mb) not in on_cpu:
+            on_cpu[id(mb)] = getattr(mb, name).detach().cpu()
+    first = next(iter(on_cpu.values()), torch.zeros(0))
+    out = torch.zeros((len(where), t), dtype=first.dtype)
     for i, (mb, row, a, b) in enumerate(where):
-        out[i, : b - a] = getattr(mb, name)[row, a:b]
+        out[i, : b - a] = on_cpu[id(mb)][row, a:b]
     return out
 
 

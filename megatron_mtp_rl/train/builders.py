@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from megatron.core import parallel_state
@@ -296,27 +296,37 @@ def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
 
 
 def build_teacher(cfg: RunConfig, run: Run) -> Reference | None:
-    """``--advantage-estimator opd``: the frozen teacher of ``--teacher-load DIR``, scored like the KL reference.
-
-    Its shape is the checkpoint's own (a larger teacher is fine); vocabulary and sequence length are the run's.
-    """
+    """``--advantage-estimator opd``: the frozen teacher of ``--teacher-load DIR`` (a checkpoint or an HF
+    directory), scored like the KL reference. Its shape is its own (a larger teacher is fine); its
+    vocabulary must be the policy's (log-probs of the same token ids)."""
     path = cfg.ckpt.teacher_load
     if cfg.algo.advantage_estimator != "opd" or not path:
         return None
+    from megatron_mtp_rl.models.hf_dir import is_hf_dir
     from megatron_mtp_rl.models.presets import from_checkpoint, saved_model_args
+    from megatron_mtp_rl.models.weight_stream import load_hf
     from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint
 
-    if latest_checkpoint(path) is None:
+    hf = is_hf_dir(path)
+    if not hf and latest_checkpoint(path) is None:
         raise ConfigError(f"--teacher-load {path}: no checkpoint there for the distillation teacher")
-    saved = saved_model_args(path)
     ma = run.model_args
-    args = ma
-    if saved:
-        args = from_checkpoint(
-            saved, {}, vocab_size=ma.vocab_size, seq_length=ma.seq_length, bf16=cfg.model.bf16, where="--teacher-load"
+    saved = saved_model_args(path) or asdict(ma)
+    if int(saved.get("vocab_size", ma.vocab_size)) != ma.vocab_size:
+        raise ConfigError(
+            f"--teacher-load {path}: the teacher's vocabulary ({saved['vocab_size']}) is not the policy's "
+            f"({ma.vocab_size}); distillation compares log-probs of the same token ids"
         )
+    if hf:  # a release's dtype is storage: the teacher runs in the run's precision
+        saved = saved | {"params_dtype": "bf16" if cfg.model.bf16 else "fp32"}
+    args = from_checkpoint(
+        saved, {}, vocab_size=ma.vocab_size, seq_length=ma.seq_length, bf16=cfg.model.bf16, where="--teacher-load"
+    )
     teacher = build_gpt(args)
-    load_checkpoint(path, teacher, None)
+    if hf:
+        load_hf(teacher, path)
+    else:
+        load_checkpoint(path, teacher, None)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -1,6 +1,8 @@
 """On-policy distillation (--advantage-estimator opd) end to end: a teacher checkpoint scored like the KL reference."""
 
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,6 +25,14 @@ def test_opd_two_steps_learn_from_the_teacher_alone(tmp_path):
     opd = _run(tmp_path / "o", *common, "--advantage-estimator", "opd", "--teacher-load", str(tmp_path / "teacher"))
     assert all(h["rollout/reward_mean"] == 0.0 for h in opd[1:])
     assert all(h["train/grad_norm"] > 0.0 and math.isfinite(h["train/policy_loss"]) for h in opd[1:])
+    # A teacher of another vocabulary is refused before anything is built.
+    from megatron_mtp_rl.models.presets import ModelArgs, saved_model_args
+    from megatron_mtp_rl.train.builders import build_teacher
+
+    other = SimpleNamespace(model_args=replace(ModelArgs(**saved_model_args(str(tmp_path / "teacher"))), vocab_size=99))
+    cfg = parse_config(["--advantage-estimator", "opd", "--teacher-load", str(tmp_path / "teacher")])
+    with pytest.raises(ConfigError, match=r"the teacher's vocabulary \(\d+\) is not the policy's \(99\)"):
+        build_teacher(cfg, other)
 
 
 def test_a_missing_teacher_checkpoint_is_a_config_error(tmp_path):

@@ -877,6 +877,13 @@ def validate(
         problems.append(
             f"--advantage-estimator {est!r}: not one of {', '.join(ADVANTAGE_ESTIMATORS)} nor a module:function path"
         )
+    balance = op.use_dynamic_batch_size if op.balance_data is None else op.balance_data
+    if balance and est in ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "opd"):
+        problems.append(
+            f"--advantage-estimator {est} gives per-token advantages, computed where each sample is trained: "
+            "not with --balance-data (on with --use-dynamic-batch-size), which deals samples to other ranks; "
+            "add --no-balance-data"
+        )
     if est == "opd" and cfg.command == "train" and not cfg.ckpt.teacher_load:
         problems.append("--advantage-estimator opd needs a teacher: --teacher-load DIR")
     if al.gamma > 1 or al.lam > 1:

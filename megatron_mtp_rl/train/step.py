@@ -71,9 +71,11 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
     raw, shaped, metrics = score(ctx, batch)
     t_train = time.perf_counter()
     spans: dict = {}
-    minibatches = pack_minibatches(ctx, batch.samples, None, step, spans=spans)
+    # --balance-data deals samples to other DP ranks: their advantages go with them, computed here first.
+    early = sample_advantages(ctx, batch.samples, shaped) if balance_on(ctx.cfg.optim) else None
+    minibatches = pack_minibatches(ctx, batch.samples, early, step, spans=spans)
     old_and_ref_logprobs(ctx, minibatches)
-    adv = advantages(ctx, shaped, spans)
+    adv = early if early is not None else advantages(ctx, shaped, spans)
     dump_rollouts(ctx, step, batch.samples, adv, spans)
     per_update = [update_and_schedule(ctx, m) for m in minibatches]
     metrics.update(average_updates(per_update))
@@ -166,6 +168,7 @@ def pack_minibatches(
     """
     cfg = ctx.cfg
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    adv = torch.zeros(len(samples)) if adv is None else adv
     if cfg.optim.use_dynamic_batch_size or balance_on(cfg.optim):  # by tokens (train/microbatches.py)
         seed = step_seed(cfg.seed, step, 0 if balance_on(cfg.optim) else dp_rank) + 1
         return plan_minibatches(cfg, samples, adv, seed, spans)
@@ -179,7 +182,7 @@ def pack_minibatches(
         out.append(
             build_micro_batches(
                 [samples[i] for i in ids],
-                [float(adv[i]) if adv is not None else 0.0 for i in ids],
+                [float(adv[i]) for i in ids],
                 cfg.optim.micro_batch_size,
                 cfg.data.seq_length,
                 pad_rows,
@@ -288,6 +291,26 @@ def advantages(ctx: StepContext, shaped: torch.Tensor, spans: dict) -> torch.Ten
     return adv
 
 
+def sample_advantages(ctx: StepContext, samples: list[Sample], shaped: torch.Tensor) -> torch.Tensor:
+    """Per-sample advantages before packing (``--balance-data``: whole groups are on this rank only now).
+
+    Only an estimator of one value per sample that reads no model scores can run here: config.py refuses
+    the others with ``--balance-data``.
+    """
+    longest = max((len(s.response_ids) for s in samples), default=0)
+    mask = torch.zeros((len(samples), longest), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        mask[i, : len(s.response_ids)] = response_mask(s) if s.loss_mask is not None else True
+    x = AdvantageInputs(shaped, ctx.cfg.rollout.n_samples_per_prompt, ctx.cfg.algo, mask)
+    adv = ctx.advantage_fn(x)
+    if ctx.advantage_fn.needs or adv.dim() != 1:
+        raise ValueError(
+            f"--advantage-estimator {ctx.cfg.algo.advantage_estimator} gives per-token advantages: "
+            "not with --balance-data (add --no-balance-data)"
+        )
+    return adv
+
+
 def response_frame(where: list[tuple], name: str) -> torch.Tensor:
     """``[N, T]`` on the CPU: per sample, the packed tensor ``name`` over its response span (right padded
     with 0). The CPU, like the rewards and the packed batches: log-probs computed on a GPU come over once
@@ -311,14 +334,14 @@ def dump_rollouts(ctx: StepContext, step: int, samples: list[Sample], adv: torch
     if d is None or not d.active or adv is None:
         return
     n = min(d.n, len(samples))
-    trainer = []
+    trainer, per_sample = [], []
     for i in range(n):
-        mb, row, a, b = spans.get(i, (None, 0, 0, 0))
+        mb, row, a, b = spans.get(i, (None, 0, 0, 0))  # --balance-data: maybe trained on another rank
         lp = getattr(mb, "old_logprobs", None)
         trainer.append(lp[row, a:b].tolist() if lp is not None else None)
-    per_sample = []
-    for i in range(n):
-        mb, row, a, b = spans[i]
+        if adv.dim() == 1:  # per sample (--balance-data)
+            per_sample.append(float(adv[i]))
+            continue
         m = mb.loss_mask[row, a:b]
         per_sample.append(float(adv[i, : b - a][m].mean()) if m.any() else 0.0)
     d.dump(step, samples[:n], per_sample, trainer)

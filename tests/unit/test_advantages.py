@@ -53,6 +53,9 @@ def test_registry_and_dotted_paths(tmp_path):
     problems = C.validate(C.parse_config(["--advantage-estimator", "ppo", "--gamma", "2"]), 1)
     assert any(p.startswith("--advantage-estimator 'ppo': not one of grpo, rloo") for p in problems)
     assert any(p.startswith("--gamma 2.0") for p in problems)
+    dyn = ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "64", "--advantage-estimator", "reinforce_plus_plus"]
+    assert any("not with --balance-data" in p for p in C.validate(C.parse_config(dyn), 1))
+    assert not any("balance" in p for p in C.validate(C.parse_config([*dyn, "--no-balance-data"]), 1))
     cfg = C.parse_config(["--gamma", "0.9", "--lam", "0.95"]).algo
     assert (cfg.gamma, cfg.lam) == (0.9, 0.95) and (C.AlgoConfig.gamma, C.AlgoConfig.lam) == (1.0, 1.0)
 

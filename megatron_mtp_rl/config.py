@@ -35,7 +35,7 @@ HEAD_LOSSES = ("none", "ce", "distill")  # rl/regimes.py:HEAD_LOSSES
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_TYPES = ("k1", "k3", "low-var-kl")
 # rl/advantages.py:ESTIMATORS
-ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "opd")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae", "opd")
 OCC_BASELINES = ("main_old", "mtp_old")
 OCC_REDUCE_MODES = ("global", "local")
 
@@ -268,6 +268,10 @@ class AlgoConfig:
         min=0,
         min_exclusive=True,
     )
+    value_clip: float = flag(
+        0.2, "gae: clip of the critic's value change per update, around the values the advantages used (0 = off)", min=0
+    )
+    critic_warmup_steps: int = flag(0, "gae: RL steps that train only the critic (the policy is not updated)", min=0)
 
 
 @dataclass(frozen=True)
@@ -324,6 +328,7 @@ class OptimConfig:
     balance_data: bool | None = flag(
         None, "deal each update's samples to the DP ranks by tokens (default: on with --use-dynamic-batch-size)"
     )
+    critic_lr: float | None = flag(None, "gae: the critic's (constant) learning rate (default --lr)", min=0)
 
 
 @dataclass(frozen=True)
@@ -334,6 +339,9 @@ class CheckpointConfig:
     load: str | None = flag(None, "checkpoint directory to resume from")
     finetune: bool = flag(False, "with --load: weights only, restart at step 0")
     ref_load: str | None = flag(None, "checkpoint of the KL reference model (default: --load)")
+    critic_load: str | None = flag(
+        None, "gae: the critic's start: a run's checkpoint with a critic, or a policy checkpoint (default: the policy)"
+    )
     teacher_load: str | None = flag(
         None, "checkpoint of the on-policy distillation teacher (--advantage-estimator opd); its own shape, same vocab"
     )
@@ -878,7 +886,7 @@ def validate(
             f"--advantage-estimator {est!r}: not one of {', '.join(ADVANTAGE_ESTIMATORS)} nor a module:function path"
         )
     balance = op.use_dynamic_batch_size if op.balance_data is None else op.balance_data
-    if balance and est in ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "opd"):
+    if balance and est in ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae", "opd"):
         problems.append(
             f"--advantage-estimator {est} gives per-token advantages, computed where each sample is trained: "
             "not with --balance-data (on with --use-dynamic-batch-size), which deals samples to other ranks; "
@@ -888,6 +896,7 @@ def validate(
         problems.append("--advantage-estimator opd needs a teacher: --teacher-load DIR")
     if al.gamma > 1 or al.lam > 1:
         problems.append(f"--gamma {al.gamma} and --lam {al.lam} must be in [0, 1]")
+    problems += _critic_problems(cfg)
     if cfg.command == "train" and ro.n_samples_per_prompt < 2:
         problems.append("--n-samples-per-prompt must be ≥ 2 (group-normalised advantages)")
     if ro.rollout_engine == "local" and (ro.sglang_engine_flags or ro.sglang_router_flags):
@@ -907,6 +916,23 @@ def _size_problems(value: str, flag_text: str) -> list[str]:
     except ValueError as e:
         return [f"{flag_text}: {e}"]
     return []
+
+
+def _critic_problems(cfg: RunConfig) -> list[str]:
+    """PPO with a critic (``--advantage-estimator gae``): what its critic supports."""
+    al, par, problems = cfg.algo, cfg.parallel, []
+    gae = al.advantage_estimator == "gae"
+    if not gae:
+        given = [name for name, on in (("--critic-load", cfg.ckpt.critic_load), ("--critic-lr", cfg.optim.critic_lr),
+                 ("--critic-warmup-steps", al.critic_warmup_steps)) if on]  # fmt: skip
+        if given:
+            problems.append(f"{', '.join(given)}: only with --advantage-estimator gae (the runs with a critic)")
+        return problems
+    if par.pipeline_model_parallel_size > 1:
+        problems.append("--advantage-estimator gae: the critic runs with --pipeline-model-parallel-size 1 only")
+    if par.sequence_parallel:
+        problems.append("--advantage-estimator gae: the critic's value head does not support --sequence-parallel")
+    return problems
 
 
 def _memory_and_kernel_problems(cfg: RunConfig, cuda: bool | None) -> list[str]:

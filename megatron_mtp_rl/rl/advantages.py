@@ -184,13 +184,23 @@ def reinforce_plus_plus(x: AdvantageInputs) -> torch.Tensor:
     the loss); ``G_t = Σ_{s ≥ t} γ^{s−t} r_s`` over the policy tokens (γ = ``--gamma``);
     ``A_t = whiten(G)`` over every DP rank's policy tokens (:func:`whiten`).
     """
+    r = kl_penalised_token_rewards(x, "reinforce_plus_plus")
+    return whiten(discounted_returns(r, x.mask, x.algo.gamma), x.mask, x.dp_group)
+
+
+def kl_penalised_token_rewards(x: AdvantageInputs, who: str) -> torch.Tensor:
+    """``[N, T]`` token rewards ``r_t = R·[t = last policy token] − β·KL_t`` (β = ``--kl-coef``; no KL term at 0).
+
+    ``KL_t`` is the ``--kl-type`` estimate of KL(π_old ‖ π_ref) at token ``t``; estimators that fold it
+    into the rewards (``Estimator.kl_in_reward``) take it out of the loss.
+    """
     r = outcome_token_rewards(x.rewards, x.mask)
     if x.algo.kl_coef > 0:
         if x.old_logprobs is None or x.ref_logprobs is None:
-            raise ValueError("reinforce_plus_plus with --kl-coef > 0 needs old and reference log-probs")
+            raise ValueError(f"{who} with --kl-coef > 0 needs old and reference log-probs")
         kl = kl_penalty(x.old_logprobs.float(), x.ref_logprobs.float(), x.algo.kl_type)
         r = r - x.algo.kl_coef * kl * x.mask
-    return whiten(discounted_returns(r, x.mask, x.algo.gamma), x.mask, x.dp_group)
+    return r
 
 
 def reinforce_plus_plus_baseline(x: AdvantageInputs) -> torch.Tensor:
@@ -199,6 +209,57 @@ def reinforce_plus_plus_baseline(x: AdvantageInputs) -> torch.Tensor:
     g = _groups(x.rewards, x.group_size)
     centred = (g - g.mean(dim=1, keepdim=True)).flatten()
     return whiten(token_advantages(centred, x.mask), x.mask, x.dp_group)
+
+
+def compute_gae(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens; (advantages, returns), **not** whitened.
+
+    Rows are responses, columns their tokens in order (``[N, T]``)::
+
+        δ_t = r_t + γ·V_{t'} − V_t          t' = the next masked-in token after t (V = 0 past the last)
+        A_t = δ_t + γ·λ·A_{t'}
+        R_t = A_t + V_t
+
+    Masked-out tokens (tool / environment output, padding) are skipped by the recursion, as veRL
+    does: they pass the next token's value and advantage through unchanged, so a masked span
+    between two policy tokens acts like it is not there. At masked tokens A = 0 and R = V (they
+    carry no loss). Whitening over the batch is a separate step.
+    """
+    if not (token_rewards.shape == values.shape == mask.shape) or values.dim() != 2:
+        raise ValueError(
+            f"compute_gae needs [N, T] rewards, values and mask of one shape, got "
+            f"{tuple(token_rewards.shape)}, {tuple(values.shape)}, {tuple(mask.shape)}"
+        )
+    rewards, values, on = token_rewards.float(), values.float(), mask.bool()
+    advantages = torch.zeros_like(values)
+    next_value = values.new_zeros(values.shape[0])
+    next_adv = values.new_zeros(values.shape[0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        next_adv = torch.where(on[:, t], adv, next_adv)
+        next_value = torch.where(on[:, t], values[:, t], next_value)
+        advantages[:, t] = torch.where(on[:, t], adv, 0.0)
+    return advantages, advantages + values
+
+
+def gae(x: AdvantageInputs) -> torch.Tensor:
+    """PPO with a critic: ``A = whiten(GAE(r, V))`` over the global batch's policy tokens.
+
+    ``r`` are :func:`kl_penalised_token_rewards`, ``V`` the critic's values of the response tokens,
+    GAE as in :func:`compute_gae` (γ = ``--gamma``, λ = ``--lam``); the critic's targets are
+    :func:`gae_returns` (``A + V`` before whitening).
+    """
+    adv, _ = compute_gae(kl_penalised_token_rewards(x, "gae"), x.values, x.mask, x.algo.gamma, x.algo.lam)
+    return whiten(adv, x.mask, x.dp_group)
+
+
+def gae_returns(x: AdvantageInputs) -> torch.Tensor:
+    """``[N, T]`` the critic's regression targets ``R_t = A_t + V_t`` (un-whitened GAE, as :func:`gae`)."""
+    _, returns = compute_gae(kl_penalised_token_rewards(x, "gae"), x.values, x.mask, x.algo.gamma, x.algo.lam)
+    return returns
 
 
 def opd(x: AdvantageInputs) -> torch.Tensor:
@@ -221,5 +282,6 @@ ESTIMATORS: dict[str, Estimator] = {
     "rloo": Estimator(rloo),
     "reinforce_plus_plus": Estimator(reinforce_plus_plus, kl_in_reward=True),
     "reinforce_plus_plus_baseline": Estimator(reinforce_plus_plus_baseline),
+    "gae": Estimator(gae, needs=("values",), kl_in_reward=True),
     "opd": Estimator(opd, needs=("old_logprobs", "teacher_logprobs")),
 }

@@ -4,6 +4,8 @@
 
 :func:`rl_step` calls them in that order; each phase is one function below, in the same order.
 The update phase (:func:`train_step`) calls the OCC reduce visibly, right before ``optimizer.step()``.
+With a critic (``gae``) the old-log-prob phase also scores its values, the advantages phase also writes
+its targets (:func:`critic_targets`) and each update is followed by the critic's (:func:`updates`).
 
 Everything a step does is determined by (seed, step, DP rank) and the data cursor, so a run
 resumed from a checkpoint reproduces the metrics of an uninterrupted run.
@@ -23,7 +25,7 @@ from megatron.core import parallel_state
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.models import pack_sequences
 from megatron_mtp_rl.platform.device import collective_device, peak_memory_gb
-from megatron_mtp_rl.rl.advantages import AdvantageInputs, Estimator, overlong_penalty, token_advantages
+from megatron_mtp_rl.rl.advantages import AdvantageInputs, Estimator, gae_returns, overlong_penalty, token_advantages
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
 from megatron_mtp_rl.rl.occ import OCCEstimator
 from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
@@ -33,6 +35,7 @@ from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
 from megatron_mtp_rl.rollout.reward_sandbox import check_step_rewards
 from megatron_mtp_rl.train import faults
 from megatron_mtp_rl.train.builders import Reference, Rollout, Run
+from megatron_mtp_rl.train.critic import Critic
 from megatron_mtp_rl.train.microbatches import balance_on, plan_minibatches
 from megatron_mtp_rl.train.optim import clip_and_step, param_norm, split_parameters
 from megatron_mtp_rl.train.schedule import configure, forward_backward
@@ -52,6 +55,7 @@ class StepContext:
     reference: Reference | None  # --kl-coef > 0
     dumper: RolloutDumper | None = None  # --rollout-dump-dir (logging rank only)
     ahead: OneStepAhead | None = None  # --async-rollout: the next step's batch, generated during this one
+    critic: Critic | None = None  # --advantage-estimator gae
     teacher: Reference | None = None  # --advantage-estimator opd: the distillation teacher
 
 
@@ -76,8 +80,9 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
     minibatches = pack_minibatches(ctx, batch.samples, early, step, spans=spans)
     old_and_ref_logprobs(ctx, minibatches)
     adv = early if early is not None else advantages(ctx, shaped, spans)
+    critic_targets(ctx, shaped, spans)
     dump_rollouts(ctx, step, batch.samples, adv, spans)
-    per_update = [update_and_schedule(ctx, m) for m in minibatches]
+    per_update = [updates(ctx, m, step) for m in minibatches]
     metrics.update(average_updates(per_update))
     metrics.update(sync_weights(ctx))
     metrics.update(step_metrics(ctx, batch.samples, len(minibatches), t0, t_train))
@@ -238,11 +243,14 @@ def response_mask(sample: Sample) -> torch.Tensor:
 
 # -- phase 4: old and reference log-probs -----------------------------------------------------
 def old_and_ref_logprobs(ctx: StepContext, minibatches: list[list[RLBatch]]) -> None:
-    """θ_old scores every micro-batch (main and, when trained, MTP heads); the reference too."""
+    """θ_old scores every micro-batch (main and, when trained, MTP heads); the reference and the critic too."""
     all_mbs = [mb for m in minibatches for mb in m]
     compute_old_logprobs(ctx.run.model, all_mbs, with_mtp=ctx.loss_cfg.regime.runs_mtp)
     if ctx.reference is not None:
         ctx.reference.score(all_mbs)
+    if ctx.critic is not None:
+        for mb, values in zip(all_mbs, ctx.critic.values(all_mbs)):
+            mb.values = values
     if ctx.teacher is not None:
         ctx.teacher.score(all_mbs)
 
@@ -272,6 +280,30 @@ def advantages(ctx: StepContext, shaped: torch.Tensor, spans: dict) -> torch.Ten
     if not parallel_state.is_pipeline_last_stage():
         return None
     where = [spans[i] for i in range(len(shaped))]
+    x = advantage_inputs(ctx, shaped, where)
+    missing = [n for n in ctx.advantage_fn.needs if getattr(x, n) is None]
+    if missing:
+        raise ValueError(f"--advantage-estimator {ctx.cfg.algo.advantage_estimator} needs {', '.join(missing)}")
+    adv = token_advantages(ctx.advantage_fn(x), x.mask)
+    for i, (mb, row, a, b) in enumerate(where):
+        mb.advantages[row, a:b] = adv[i, : b - a]
+    return adv
+
+
+def critic_targets(ctx: StepContext, shaped: torch.Tensor, spans: dict) -> None:
+    """With a critic: its regression targets (GAE returns, from the advantages' inputs) into the micro-batches."""
+    if ctx.critic is None or not parallel_state.is_pipeline_last_stage():
+        return
+    where = [spans[i] for i in range(len(shaped))]
+    returns = gae_returns(advantage_inputs(ctx, shaped, where))
+    for i, (mb, row, a, b) in enumerate(where):
+        if mb.returns is None:
+            mb.returns = torch.zeros_like(mb.advantages)
+        mb.returns[row, a:b] = returns[i, : b - a]
+
+
+def advantage_inputs(ctx: StepContext, shaped: torch.Tensor, where: list[tuple]) -> AdvantageInputs:
+    """What an estimator reads, in the response frame: mask, and every score the micro-batches hold."""
     x = AdvantageInputs(
         rewards=shaped,
         group_size=ctx.cfg.rollout.n_samples_per_prompt,
@@ -282,13 +314,7 @@ def advantages(ctx: StepContext, shaped: torch.Tensor, spans: dict) -> torch.Ten
     for name in ("old_logprobs", "ref_logprobs", "values", "teacher_logprobs"):
         if where and all(getattr(mb, name, None) is not None for mb, *_ in where):
             setattr(x, name, response_frame(where, name))
-    missing = [n for n in ctx.advantage_fn.needs if getattr(x, n) is None]
-    if missing:
-        raise ValueError(f"--advantage-estimator {ctx.cfg.algo.advantage_estimator} needs {', '.join(missing)}")
-    adv = token_advantages(ctx.advantage_fn(x), x.mask)
-    for i, (mb, row, a, b) in enumerate(where):
-        mb.advantages[row, a:b] = adv[i, : b - a]
-    return adv
+    return x
 
 
 def sample_advantages(ctx: StepContext, samples: list[Sample], shaped: torch.Tensor) -> torch.Tensor:
@@ -348,6 +374,22 @@ def dump_rollouts(ctx: StepContext, step: int, samples: list[Sample], adv: torch
 
 
 # -- phase 5: updates -----------------------------------------------------------------------------
+def updates(ctx: StepContext, micro_batches: list[RLBatch], step: int) -> dict:
+    """The policy's update (none during ``--critic-warmup-steps``), then the critic's, on one mini-batch."""
+    metrics = {} if step <= ctx.cfg.algo.critic_warmup_steps else update_and_schedule(ctx, micro_batches)
+    if ctx.critic is not None:
+        metrics.update(update_critic(ctx, micro_batches))
+    return metrics
+
+
+def update_critic(ctx: StepContext, micro_batches: list[RLBatch]) -> dict:
+    """One critic step on the value loss (targets: ``returns``; clip around ``values``)."""
+    results, norms, stepped = ctx.critic.update(micro_batches)
+    metrics = {"critic/grad_norm": norms.main, "critic/skipped_steps": float(not stepped)}
+    metrics.update(reduce_metrics(results, parallel_state.get_data_parallel_group(with_context_parallel=True)))
+    return metrics
+
+
 def update_and_schedule(ctx: StepContext, micro_batches: list[RLBatch]) -> dict:
     """One optimizer update on a mini-batch, then one LR-scheduler step."""
     r, op = ctx.run, ctx.cfg.optim
@@ -440,7 +482,7 @@ def average_updates(per_update: list[dict]) -> dict:
         vals = [u[k] for u in per_update if k in u]
         if k.startswith(last_only):
             out[k] = vals[-1]
-        elif k == "train/skipped_steps":
+        elif k in ("train/skipped_steps", "critic/skipped_steps"):
             out[k] = float(sum(vals))
         else:
             finite = [v for v in vals if v == v]

@@ -23,6 +23,7 @@ from megatron_mtp_rl.errors import ConfigError
 from megatron_mtp_rl.models import megatron_compat as compat
 from megatron_mtp_rl.models.batch import TokenBatch
 from megatron_mtp_rl.models.forward import gpt_forward, unwrap
+from megatron_mtp_rl.models.hf_dir import is_hf_dir
 from megatron_mtp_rl.models.presets import ModelArgs
 from megatron_mtp_rl.models.provider import RuntimeOptions
 from megatron_mtp_rl.models.provider import build_model as build_gpt
@@ -193,6 +194,11 @@ def init_critic(cfg: RunConfig, critic: Critic, run) -> str:
         load_checkpoint(c.load, critic.model, critic.optimizer if updated else None, part=CRITIC_DIR)
         return f"{resumed}/{CRITIC_DIR}"
     if c.critic_load:
+        if is_hf_dir(c.critic_load):
+            raise ConfigError(
+                f"--critic-load {c.critic_load} is an HF directory: the critic loads this project's checkpoints; "
+                "--load the HF model instead (the critic then starts from its weights)"
+            )
         src = latest_checkpoint(c.critic_load)
         if src is None:
             raise ConfigError(f"--critic-load {c.critic_load}: no checkpoint there (no {LATEST})")

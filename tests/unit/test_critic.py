@@ -69,6 +69,7 @@ def test_value_model_is_the_policy_trunk_with_a_scalar_head(critic_and_policy):
 
 
 def test_updates_fit_the_returns_then_save_and_load_round_trip(critic_and_policy, tmp_path):
+    from megatron_mtp_rl.errors import ConfigError
     from megatron_mtp_rl.train.checkpoint import load_checkpoint, save_checkpoint
     from megatron_mtp_rl.train.critic import create_critic, init_critic, load_trunk
     from megatron_mtp_rl.train.step import reduce_metrics
@@ -104,6 +105,12 @@ def test_updates_fit_the_returns_then_save_and_load_round_trip(critic_and_policy
     shutil.rmtree(tmp_path / "run" / "iter_0000001" / "critic")
     (tmp_path / "run" / "iter_0000001" / "manifest.json").unlink()
     assert "policy trunk" in init_critic(cfg, loaded, SimpleNamespace(model_args=_args()))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    hf = SimpleNamespace(ckpt=SimpleNamespace(load=None, finetune=False, critic_load=str(tmp_path / "hf")))
+    with pytest.raises(ConfigError, match="is an HF directory"):
+        init_critic(hf, loaded, SimpleNamespace(model_args=_args()))
 
 
 def test_config_refuses_what_the_critic_cannot_do():

@@ -30,6 +30,7 @@ from megatron_mtp_rl.models.provider import build_model as build_gpt
 from megatron_mtp_rl.rl.loss import step_denominators
 from megatron_mtp_rl.rl.policy_loss import aggregate, sequence_index
 from megatron_mtp_rl.rl.value_loss import clipped_value_loss
+from megatron_mtp_rl.train.builders import runtime_options
 from megatron_mtp_rl.train.checkpoint import (
     LATEST,
     latest_checkpoint,
@@ -167,8 +168,6 @@ def build_critic(cfg: RunConfig, run) -> Critic | None:
     """
     if cfg.algo.advantage_estimator != "gae":
         return None
-    from megatron_mtp_rl.train.builders import runtime_options
-
     op = cfg.optim
     critic = create_critic(
         run.model_args,

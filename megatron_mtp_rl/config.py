@@ -34,6 +34,8 @@ REGIMES = ("none", "detach", "ce", "policy", "occ")
 HEAD_LOSSES = ("none", "ce", "distill")  # rl/regimes.py:HEAD_LOSSES
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_TYPES = ("k1", "k3", "low-var-kl")
+# rl/advantages.py:ESTIMATORS
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae", "opd")
 OCC_BASELINES = ("main_old", "mtp_old")
 OCC_REDUCE_MODES = ("global", "local")
 
@@ -182,6 +184,9 @@ class RolloutConfig:
         "module:function(manager, fetch, *, num_prompts, seed, group_filter, max_rounds) -> RolloutBatch "
         "(default: RolloutManager.rollout)",
     )
+    max_turns: int = flag(
+        1, "multi-turn rollout functions (manager.max_turns): most model turns per sample, tool calls between", min=1
+    )
     rollout_batch_size: int = flag(16, "prompts per RL step", min=1)
     n_samples_per_prompt: int = flag(8, "samples per prompt (group size)", min=1)
     rollout_temperature: float = flag(1.0, "sampling temperature", min=0)
@@ -242,8 +247,13 @@ class AlgoConfig:
         choices=sorted(ALGORITHMS),
     )
     advantage_estimator: str = flag(
-        "grpo", "grpo | module:function(rewards, group_size, cfg.algo) -> per-sample advantages"
+        "grpo",
+        f"{' | '.join(ADVANTAGE_ESTIMATORS)} | module:NAME: an rl.advantages.Estimator (per-token advantages) "
+        "or a function(rewards, group_size, cfg.algo) -> per-sample advantages",
     )
+    gamma: float = flag(1.0, "discount γ of token-level returns (reinforce_plus_plus, gae)", min=0)
+    lam: float = flag(1.0, "GAE λ (gae)", min=0)
+    opd_coef: float = flag(0.0, "opd: weight of the outcome (GRPO) advantage added to the teacher's", min=0)
     no_grpo_std_normalization: bool = flag(False, "advantages r - mean (no division by the group std)")
     dynamic_sampling: bool = flag(False, "drop groups the --dynamic-sampling-filter rejects (DAPO)")
     dynamic_sampling_filter: str = flag(
@@ -268,6 +278,10 @@ class AlgoConfig:
         min=0,
         min_exclusive=True,
     )
+    value_clip: float = flag(
+        0.2, "gae: clip of the critic's value change per update, around the values the advantages used (0 = off)", min=0
+    )
+    critic_warmup_steps: int = flag(0, "gae: RL steps that train only the critic (the policy is not updated)", min=0)
 
 
 @dataclass(frozen=True)
@@ -324,6 +338,7 @@ class OptimConfig:
     balance_data: bool | None = flag(
         None, "deal each update's samples to the DP ranks by tokens (default: on with --use-dynamic-batch-size)"
     )
+    critic_lr: float | None = flag(None, "gae: the critic's (constant) learning rate (default --lr)", min=0)
 
 
 @dataclass(frozen=True)
@@ -334,6 +349,12 @@ class CheckpointConfig:
     load: str | None = flag(None, "checkpoint directory to resume from")
     finetune: bool = flag(False, "with --load: weights only, restart at step 0")
     ref_load: str | None = flag(None, "checkpoint of the KL reference model (default: --load)")
+    critic_load: str | None = flag(
+        None, "gae: the critic's start: a run's checkpoint with a critic, or a policy checkpoint (default: the policy)"
+    )
+    teacher_load: str | None = flag(
+        None, "checkpoint of the on-policy distillation teacher (--advantage-estimator opd); its own shape, same vocab"
+    )
     save_interval: int = flag(0, "steps between checkpoints (0: at the end)", min=0)
     keep_last: int = flag(2, "checkpoints kept in --save (0: all)", min=0)
     no_auto_resume: bool = flag(False, "a --save holding checkpoints, without --load: refuse instead of resuming it")
@@ -869,6 +890,23 @@ def validate(
     if cp > 1:
         problems.append("--context-parallel-size > 1 is not supported by the RL forward yet")
     problems += _data_and_log_problems(cfg)
+    est = al.advantage_estimator
+    if est not in ADVANTAGE_ESTIMATORS and ":" not in est and "." not in est:
+        problems.append(
+            f"--advantage-estimator {est!r}: not one of {', '.join(ADVANTAGE_ESTIMATORS)} nor a module:function path"
+        )
+    balance = op.use_dynamic_batch_size if op.balance_data is None else op.balance_data
+    if balance and est in ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae", "opd"):
+        problems.append(
+            f"--advantage-estimator {est} gives per-token advantages, computed where each sample is trained: "
+            "not with --balance-data (on with --use-dynamic-batch-size), which deals samples to other ranks; "
+            "add --no-balance-data"
+        )
+    if est == "opd" and cfg.command == "train" and not cfg.ckpt.teacher_load:
+        problems.append("--advantage-estimator opd needs a teacher: --teacher-load DIR")
+    if al.gamma > 1 or al.lam > 1:
+        problems.append(f"--gamma {al.gamma} and --lam {al.lam} must be in [0, 1]")
+    problems += _critic_problems(cfg)
     if cfg.command == "train" and ro.n_samples_per_prompt < 2:
         problems.append("--n-samples-per-prompt must be ≥ 2 (group-normalised advantages)")
     if ro.rollout_engine == "local" and (ro.sglang_engine_flags or ro.sglang_router_flags):
@@ -904,6 +942,23 @@ def _engine_urls_problems(ro: RolloutConfig) -> list[str]:
     if not urls or bad:
         out.append(f"--rollout-engine-urls {ro.rollout_engine_urls!r}: expected http://HOST:PORT[,http://HOST:PORT...]")
     return out
+
+
+def _critic_problems(cfg: RunConfig) -> list[str]:
+    """PPO with a critic (``--advantage-estimator gae``): what its critic supports."""
+    al, par, problems = cfg.algo, cfg.parallel, []
+    gae = al.advantage_estimator == "gae"
+    if not gae:
+        given = [name for name, on in (("--critic-load", cfg.ckpt.critic_load), ("--critic-lr", cfg.optim.critic_lr),
+                 ("--critic-warmup-steps", al.critic_warmup_steps)) if on]  # fmt: skip
+        if given:
+            problems.append(f"{', '.join(given)}: only with --advantage-estimator gae (the runs with a critic)")
+        return problems
+    if par.pipeline_model_parallel_size > 1:
+        problems.append("--advantage-estimator gae: the critic runs with --pipeline-model-parallel-size 1 only")
+    if par.sequence_parallel:
+        problems.append("--advantage-estimator gae: the critic's value head does not support --sequence-parallel")
+    return problems
 
 
 def _memory_and_kernel_problems(cfg: RunConfig, cuda: bool | None) -> list[str]:

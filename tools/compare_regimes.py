@@ -10,6 +10,9 @@ paper's Figure 1 analogue) and ``dynamics.png`` (A_k, V_k, λ_k / coefficient vs
 Figures 2–3 analogue).
 
     .venv/bin/python tools/compare_regimes.py --out runs/compare --seeds 3 --num-steps 60
+
+``--advantage-estimator grpo,gae,rloo`` runs every regime under each estimator (rows ``REGIME@ESTIMATOR``;
+the default, ``grpo`` alone, keeps the plain regime names and run files).
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ VARIANTS = {
 }
 DEFAULT_ROWS = ["detach", "ce", "policy", "occ", "occ+head-ce", "occ+head-distill", "policy+head-distill"]
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def estimator_rows(regimes: list[str], estimators: list[str]) -> dict[str, list[str]]:
+    """Row name → train flags: every regime under every estimator (``REGIME@ESTIMATOR``; plain names for grpo alone)."""
+    if estimators == ["grpo"]:
+        return {v: VARIANTS[v] for v in regimes}
+    return {f"{v}@{e}": [*VARIANTS[v], "--advantage-estimator", e] for e in estimators for v in regimes}
 
 
 def _cli() -> list[str]:
@@ -238,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
     p.add_argument("--config", default=str(ROOT / "examples/tiny_cpu/demo.yaml"), help="train config")
     p.add_argument("--pretrain-config", default=str(ROOT / "examples/tiny_cpu/pretrain.yaml"))
+    p.add_argument(
+        "--advantage-estimator", default="grpo", help="comma list of estimators: every regime runs under each"
+    )
     p.add_argument("--extra", default="", help="extra flags for every train run (quoted)")
     p.add_argument("--pretrain-extra", default="", help="extra flags for the warm starts (quoted)")
     p.add_argument(
@@ -257,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown regime(s) {unknown}; choose from {list(VARIANTS)}")
+    rows = estimator_rows(variants, [e.strip() for e in a.advantage_estimator.split(",") if e.strip()])
+    variants = list(rows)
     seeds = [1234 + i for i in range(a.seeds)]
     extra = a.extra.split()
 
@@ -276,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             if is_complete(metrics, a.num_steps):
                 continue
             cmd = [
-                *_cli(), "train", "--config", a.config, *VARIANTS[v], "--seed", str(s), "--num-steps", str(a.num_steps),
+                *_cli(), "train", "--config", a.config, *rows[v], "--seed", str(s), "--num-steps", str(a.num_steps),
                 "--load", str(out / f"warmstart_seed{s}"), "--finetune", "--metrics-jsonl", str(metrics), "--quiet",
                 *extra,
             ]  # fmt: skip
@@ -306,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
         0,
     )
-    meta = {"seeds": len(seeds), "num_steps": a.num_steps, "num_eval": num_eval, "config": a.config, "extra": a.extra}
+    meta = {"seeds": len(seeds), "num_steps": a.num_steps, "num_eval": num_eval, "config": a.config, "extra": a.extra,
+            "advantage_estimator": a.advantage_estimator}  # fmt: skip
     print(write_table(out, table, meta))
     plot(out, variants, seeds)
     print(f"{out / 'results.md'}\n{out / 'accuracy.png'}\n{out / 'dynamics.png'}")

@@ -67,8 +67,12 @@ def render(rec: dict, max_chars: int = 2000) -> str:
     lines.append(f"label: {rec.get('label')}")
     lines.append("── prompt ──")
     lines.append(_clip(str(rec.get("prompt", "")), max_chars))
-    lines.append("── response ──")
-    lines.append(_clip(str(rec.get("response", "")), max_chars))
+    spans = rec.get("tool_spans")
+    if spans:
+        lines.append(f"── response ({rec.get('policy_tokens')} policy tokens; tool spans {spans}: not trained) ──")
+    else:
+        lines.append("── response ──")
+    lines.append(_clip(str(rec.get("response_marked") or rec.get("response", "")), max_chars))
     return "\n".join(lines)
 
 

@@ -168,15 +168,18 @@ def shift_right(x: torch.Tensor, k: int, fill=0) -> torch.Tensor:
 def mtp_targets(batch: TokenBatch, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets and validity of MTP depth ``depth`` in its own frame (position ``p``).
 
-    Depth ``k`` at position ``p`` predicts ``labels[p + k]``. A position is valid when that
-    label is a response token (``loss_mask``), lies inside the row, and belongs to the same
-    packed sequence as position ``p``.
+    Depth ``k`` at position ``p`` predicts ``labels[p + k]``. The alignment rule: the term is
+    used only when BOTH ``p`` and ``p + k`` are masked in (``loss_mask``: ``labels[p]`` and
+    ``labels[p + k]`` are policy-generated response tokens, not prompt or tool output) and
+    ``p + k`` lies in the same packed sequence. These are the drafts speculative decoding makes:
+    the main head samples ``labels[p]`` at ``p``, depth ``k`` drafts ``labels[p + k]`` from there;
+    a draft from a prompt or tool position, or of a prompt or tool token, is never made.
     """
     if depth < 1:
         raise ValueError(f"MTP depth is 1-based, got {depth}")
     targets = shift_left(batch.labels, depth)
     same_segment = shift_left(batch.segment_ids, depth, fill=-1) == batch.segment_ids
-    valid = shift_left(batch.loss_mask, depth, fill=False) & same_segment & (batch.segment_ids > 0)
+    valid = batch.loss_mask & shift_left(batch.loss_mask, depth, fill=False) & same_segment & (batch.segment_ids > 0)
     return targets, valid
 
 

@@ -91,3 +91,15 @@ def mtp_layer_step(
         rotary_pos_emb=rotary_pos_emb,
         inference_params=inference_context,
     )
+
+
+def replace_output_layer(gpt, head: torch.nn.Module) -> None:
+    """Make ``head`` the GPTModel's (untied) output layer: the critic's scalar value head.
+
+    ``GPTModel`` (0.19.2) builds a vocabulary-sized ``output_layer``; built tied on a single stage it
+    allocates no weight (``skip_weight_param_allocation``). Swapping in ``head`` and clearing
+    ``share_embeddings_and_output_weights`` makes ``LanguageModule.sharded_state_dict`` save it as an
+    ordinary ``output_layer.weight`` instead of tying it to the word embeddings. Call before DDP.
+    """
+    gpt.output_layer = head
+    gpt.share_embeddings_and_output_weights = False

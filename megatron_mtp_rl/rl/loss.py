@@ -44,6 +44,9 @@ class RLBatch(TokenBatch):
     old_mtp_logprobs: torch.Tensor | None = None  # [D, B, S]
     ref_logprobs: torch.Tensor | None = None  # [B, S]
     rollout_logprobs: torch.Tensor | None = None  # [B, S] the engine's log-probs (mismatch, TIS)
+    values: torch.Tensor | None = None  # [B, S] V_old: the critic's values before its update (gae)
+    returns: torch.Tensor | None = None  # [B, S] GAE returns, the critic's targets (gae)
+    teacher_logprobs: torch.Tensor | None = None  # [B, S] a distillation teacher's (--advantage-estimator opd)
 
     def to(self, device) -> RLBatch:
         return RLBatch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})

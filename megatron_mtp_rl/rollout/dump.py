@@ -5,6 +5,10 @@ first ``--rollout-dump-n`` samples of the step) so a run can be read, not only p
 ``tools/show_rollouts.py DIR`` prints them. The prompt is the formatted text (chat template
 applied), exactly what was tokenized. Written by the logging rank only, atomically (a reader
 never sees half a file), and a resumed run overwrites the steps it repeats.
+
+Multi-turn samples (a per-token ``loss_mask``) also record ``tool_spans``, the ``[start, end)``
+response-token ranges of tool / environment output (not trained), and, given the tokenizer's
+``decode``, ``response_marked``: the response with each tool span wrapped in ``⟦tool⟧…⟦/tool⟧``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -37,6 +41,32 @@ def logprob_gap(rollout: Sequence[float], trainer: Sequence[float]) -> dict[str,
     }
 
 
+TOOL_OPEN, TOOL_CLOSE = "⟦tool⟧", "⟦/tool⟧"
+
+
+def tool_spans(loss_mask: Sequence[int]) -> list[list[int]]:
+    """``[start, end)`` runs of response tokens whose loss mask is 0 (tool / environment output)."""
+    spans: list[list[int]] = []
+    for i, m in enumerate(loss_mask):
+        if m:
+            continue
+        if spans and spans[-1][1] == i:
+            spans[-1][1] = i + 1
+        else:
+            spans.append([i, i + 1])
+    return spans
+
+
+def marked_response(ids: Sequence[int], loss_mask: Sequence[int], decode: Callable[[list[int]], str]) -> str:
+    """The response text with every tool span wrapped in ``⟦tool⟧…⟦/tool⟧`` (each run decoded on its own)."""
+    out, start = [], 0
+    for a, b in tool_spans(loss_mask):
+        out += [decode(list(ids[start:a])), TOOL_OPEN + decode(list(ids[a:b])) + TOOL_CLOSE]
+        start = b
+    out.append(decode(list(ids[start:])))
+    return "".join(out)
+
+
 def _finite(x):
     return x if not isinstance(x, float) or math.isfinite(x) else None
 
@@ -47,6 +77,7 @@ def rollout_records(
     advantages: Sequence[float] | None = None,
     trainer_logprobs: Sequence[Sequence[float] | None] | None = None,
     limit: int | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> list[dict]:
     """One JSON-ready dict per sample (``samples`` are ``rollout.manager.Sample``; the first ``limit``)."""
     out = []
@@ -65,8 +96,18 @@ def rollout_records(
             "reward": _finite(float(s.reward)),
             "advantage": _finite(float(advantages[i])) if advantages is not None and i < len(advantages) else None,
         }
+        mask = getattr(s, "loss_mask", None)
+        if mask is not None:
+            rec["tool_spans"] = tool_spans(mask)
+            rec["policy_tokens"] = int(sum(1 for m in mask if m))
+            if decode is not None:
+                rec["response_marked"] = marked_response(s.response_ids, mask, decode)
         tl = trainer_logprobs[i] if trainer_logprobs is not None and i < len(trainer_logprobs) else None
-        gap = logprob_gap(s.logprobs, tl) if tl is not None and s.logprobs else None
+        rl = s.logprobs
+        if mask is not None and tl is not None:  # the engine scored the policy's tokens only
+            keep = [j for j, m in enumerate(mask) if m and j < len(tl) and j < len(rl)]
+            rl, tl = [rl[j] for j in keep], [tl[j] for j in keep]
+        gap = logprob_gap(rl, tl) if tl is not None and rl else None
         if gap is not None:
             rec["logprob_gap"] = gap
         out.append(rec)
@@ -76,9 +117,17 @@ def rollout_records(
 class RolloutDumper:
     """Writes ``DIR/step_{step:06d}.jsonl``; a no-op when ``directory`` is None or not the logging rank."""
 
-    def __init__(self, directory: str | os.PathLike | None, n: int = 16, *, enabled: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike | None,
+        n: int = 16,
+        *,
+        enabled: bool = True,
+        decode: Callable[[list[int]], str] | None = None,
+    ):
         self.dir = Path(directory) if directory and enabled else None
         self.n = n
+        self.decode = decode  # the tokenizer's: marks tool spans in the response text
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -98,7 +147,7 @@ class RolloutDumper:
     ) -> Path | None:
         if not self.active:
             return None
-        recs = rollout_records(step, samples, advantages, trainer_logprobs, limit=self.n)
+        recs = rollout_records(step, samples, advantages, trainer_logprobs, limit=self.n, decode=self.decode)
         path = self.path(step)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as f:

@@ -29,6 +29,9 @@ class Sample:
     finished: bool
     reward: float = 0.0
     group: int = 0
+    # Per response token: 1 = the policy's (trained), 0 = tool / environment output (context only,
+    # its engine log-prob is a placeholder). None = every response token is the policy's.
+    loss_mask: list[int] | None = None
 
 
 @dataclass
@@ -64,12 +67,14 @@ class RolloutManager:
         *,
         n_samples: int,
         sampling: SamplingParams,
+        max_turns: int = 1,
     ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.scorer = scorer  # .score([(prompt, response, label)]) -> [float]; .stats.errors
         self.n = n_samples
         self.sampling = sampling
+        self.max_turns = max_turns  # --max-turns, for multi-turn rollout functions
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         ids = self.tokenizer.encode(prompt.text)
@@ -92,7 +97,9 @@ class RolloutManager:
             ids = c.response_ids
             text_ids = ids[:-1] if c.finished and ids else ids
             text = self.tokenizer.decode(text_ids)
-            samples.append(Sample(prompts[g], enc[g], ids, c.logprobs, text, c.finished, group=g))
+            samples.append(
+                Sample(prompts[g], enc[g], ids, c.logprobs, text, c.finished, group=g, loss_mask=c.loss_mask)
+            )
         rewards = self.scorer.score([(s.prompt.text, s.response_text, s.prompt.label) for s in samples])
         for s, r in zip(samples, rewards):
             s.reward = r

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from megatron.core import parallel_state
@@ -24,7 +24,8 @@ from megatron_mtp_rl.models.generation import SamplingParams
 from megatron_mtp_rl.models.presets import ModelArgs
 from megatron_mtp_rl.models.provider import RuntimeOptions
 from megatron_mtp_rl.models.provider import build_model as build_gpt
-from megatron_mtp_rl.rl import OCCConfig, OCCEstimator, RLLossConfig, grpo_advantages, zero_alignment_warning
+from megatron_mtp_rl.rl import OCCConfig, OCCEstimator, RLLossConfig, zero_alignment_warning
+from megatron_mtp_rl.rl.advantages import ESTIMATORS, Estimator, sample_estimator
 from megatron_mtp_rl.rl.regimes import get_regime
 from megatron_mtp_rl.rollout.chat import prompt_format
 from megatron_mtp_rl.rollout.data import ArithTask, FilePromptSource
@@ -226,13 +227,14 @@ def build_occ(cfg: RunConfig, model_args: ModelArgs) -> OCCEstimator | None:
 def build_loss(cfg: RunConfig) -> RLLossConfig:
     """The RL loss terms (``--eps-clip`` ..., ``--kl-*``, ``--entropy-coef``, ``--mtp-*``)."""
     al, mt = cfg.algo, cfg.mtp
+    kl_in_reward = build_advantage_estimator(cfg).kl_in_reward  # e.g. reinforce_plus_plus: KL is in the rewards
     return RLLossConfig(
         eps_clip=al.eps_clip,
         eps_clip_high=al.eps_clip_high,
         eps_clip_c=al.eps_clip_c,
         loss_agg_mode=al.loss_agg_mode,
         ratio_type=al.ratio_type,
-        kl_coef=al.kl_coef,
+        kl_coef=0.0 if kl_in_reward else al.kl_coef,
         kl_type=al.kl_type,
         entropy_coef=al.entropy_coef,
         mtp_regime=mt.mtp_regime,
@@ -245,20 +247,24 @@ def build_loss(cfg: RunConfig) -> RLLossConfig:
 
 # -- the reference model (KL) -----------------------------------------------------------------
 class Reference:
-    """A frozen second model scoring the main head's log-probs through the same schedule."""
+    """A frozen second model scoring the main head's log-probs through the same schedule.
 
-    def __init__(self, model: torch.nn.Module, path: str):
+    The KL reference fills ``ref_logprobs``; the distillation teacher (``attr="teacher_logprobs"``) too.
+    """
+
+    def __init__(self, model: torch.nn.Module, path: str, attr: str = "ref_logprobs"):
         self.model = model
         self.path = path
+        self.attr = attr
 
     @torch.no_grad()
     def score(self, micro_batches: list) -> None:
-        """Fill ``ref_logprobs`` of each micro-batch (forward-only schedule: PP-safe)."""
+        """Fill ``self.attr`` of each micro-batch (forward-only schedule: PP-safe)."""
         outs = forward_backward(self.model, micro_batches, None, forward_only=True, with_mtp=False)
         if not parallel_state.is_pipeline_last_stage():
             return
         for batch, out in zip(micro_batches, outs):
-            batch.ref_logprobs = out.logprobs.detach()
+            setattr(batch, self.attr, out.logprobs.detach())
 
 
 def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
@@ -287,6 +293,44 @@ def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
     for p in ref.parameters():
         p.requires_grad_(False)
     return Reference(ref, path)
+
+
+def build_teacher(cfg: RunConfig, run: Run) -> Reference | None:
+    """``--advantage-estimator opd``: the frozen teacher of ``--teacher-load DIR`` (a checkpoint or an HF
+    directory), scored like the KL reference. Its shape is its own (a larger teacher is fine); its
+    vocabulary must be the policy's (log-probs of the same token ids)."""
+    path = cfg.ckpt.teacher_load
+    if cfg.algo.advantage_estimator != "opd" or not path:
+        return None
+    from megatron_mtp_rl.models.hf_dir import is_hf_dir
+    from megatron_mtp_rl.models.presets import from_checkpoint, saved_model_args
+    from megatron_mtp_rl.models.weight_stream import load_hf
+    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    hf = is_hf_dir(path)
+    if not hf and latest_checkpoint(path) is None:
+        raise ConfigError(f"--teacher-load {path}: no checkpoint there for the distillation teacher")
+    ma = run.model_args
+    saved = saved_model_args(path) or asdict(ma)
+    if int(saved.get("vocab_size", ma.vocab_size)) != ma.vocab_size:
+        raise ConfigError(
+            f"--teacher-load {path}: the teacher's vocabulary ({saved['vocab_size']}) is not the policy's "
+            f"({ma.vocab_size}); distillation compares log-probs of the same token ids"
+        )
+    if hf:  # a release's dtype is storage: the teacher runs in the run's precision
+        saved = saved | {"params_dtype": "bf16" if cfg.model.bf16 else "fp32"}
+    args = from_checkpoint(
+        saved, {}, vocab_size=ma.vocab_size, seq_length=ma.seq_length, bf16=cfg.model.bf16, where="--teacher-load"
+    )
+    teacher = build_gpt(args)
+    if hf:
+        load_hf(teacher, path)
+    else:
+        load_checkpoint(path, teacher, None)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return Reference(teacher, path, attr="teacher_logprobs")
 
 
 # -- rollout: engine (with weight sync), manager, extension points ----------------------------
@@ -487,7 +531,9 @@ def build_rollout(cfg: RunConfig, run: Run, engine: RolloutEngine) -> Rollout:
         scorer = build_scorer(ro.reward_fn, workers=ro.reward_workers, timeout_s=ro.reward_timeout)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    manager = RolloutManager(engine, run.tokenizer, scorer, n_samples=ro.n_samples_per_prompt, sampling=sampling)
+    manager = RolloutManager(
+        engine, run.tokenizer, scorer, n_samples=ro.n_samples_per_prompt, sampling=sampling, max_turns=ro.max_turns
+    )
     rollout_fn = load_extension(ro.rollout_function, "--rollout-function") if ro.rollout_function else None
     group_filter = (
         load_extension(al.dynamic_sampling_filter, "--dynamic-sampling-filter") if al.dynamic_sampling else None
@@ -495,9 +541,11 @@ def build_rollout(cfg: RunConfig, run: Run, engine: RolloutEngine) -> Rollout:
     return Rollout(manager, rollout_fn or RolloutManager.rollout, group_filter, scorer)
 
 
-def build_advantage_estimator(cfg: RunConfig) -> Callable:
-    """``--advantage-estimator``: ``grpo`` or ``module:function(rewards, group_size, algo_cfg)``."""
-    al = cfg.algo
-    if al.advantage_estimator == "grpo":
-        return lambda rewards, n, algo: grpo_advantages(rewards, n, normalize_std=not algo.no_grpo_std_normalization)
-    return load_extension(al.advantage_estimator, "--advantage-estimator")
+def build_advantage_estimator(cfg: RunConfig) -> Estimator:
+    """``--advantage-estimator``: a built-in name (rl/advantages.py:ESTIMATORS), or a dotted path to an
+    ``Estimator`` or to a per-sample function ``fn(rewards, group_size, algo_cfg)``."""
+    name = cfg.algo.advantage_estimator
+    if name in ESTIMATORS:
+        return ESTIMATORS[name]
+    fn = load_extension(name, "--advantage-estimator")
+    return fn if isinstance(fn, Estimator) else sample_estimator(fn)

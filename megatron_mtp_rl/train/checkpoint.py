@@ -182,8 +182,20 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(save_dir: str, step: int, model, optimizer, trainer_state: dict, keep_last: int = 2) -> Path:
-    """Write ``SAVE/iter_{step}`` atomically with its manifest (collective: every rank calls it)."""
+def save_checkpoint(
+    save_dir: str,
+    step: int,
+    model,
+    optimizer,
+    trainer_state: dict,
+    keep_last: int = 2,
+    parts: dict | None = None,
+) -> Path:
+    """Write ``SAVE/iter_{step}`` atomically with its manifest (collective: every rank calls it).
+
+    ``parts`` (``{name: (model, optimizer)}``, e.g. the critic) are saved as dist checkpoints in
+    ``SAVE/iter_{step}/name/``, inside the same atomic rename and manifest.
+    """
     from megatron_mtp_rl.platform.distributed import in_process_checkpoint_writes
 
     in_process_checkpoint_writes()
@@ -197,6 +209,11 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, trainer_state: d
         tmp.mkdir()
     _barrier()
     dist_checkpointing.save(_sharded(model, optimizer, loading=False), str(tmp))
+    for part, (part_model, part_optimizer) in (parts or {}).items():
+        if _rank() == 0:
+            (tmp / part).mkdir()
+        _barrier()
+        dist_checkpointing.save(_sharded(part_model, part_optimizer, loading=False), str(tmp / part))
     if faults.active("crash_in_save"):
         os._exit(17)  # fault injection: die after the shards, before publishing
     _barrier()
@@ -356,13 +373,18 @@ def _find_damaged(path: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(load_dir: str, model, optimizer=None) -> tuple[Path, dict]:
-    """Load model (and optimizer, unless None) from the latest checkpoint in ``load_dir``, verified."""
+def load_checkpoint(load_dir: str, model, optimizer=None, *, part: str | None = None) -> tuple[Path, dict]:
+    """Load model (and optimizer, unless None) from the latest checkpoint in ``load_dir``, verified.
+
+    ``part``: the named part saved beside the policy (``save_checkpoint(parts=...)``) instead.
+    """
     path = latest_checkpoint(load_dir)
     if path is None:
         raise CheckpointError(f"no checkpoint in {load_dir} (missing {LATEST})")
     verify_checkpoint(path)
     trainer_state = read_trainer_state(path)
+    if part is not None:
+        path = path / part
     try:
         state = dist_checkpointing.load(_sharded(model, optimizer, loading=True), str(path))
     except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, CheckpointException) as e:

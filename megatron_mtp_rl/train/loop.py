@@ -33,8 +33,10 @@ from megatron_mtp_rl.train.builders import (
     build_reference,
     build_rollout,
     build_run,
+    build_teacher,
 )
 from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from megatron_mtp_rl.train.critic import CRITIC_DIR, build_critic, init_critic
 from megatron_mtp_rl.train.metrics import MetricsWriter, WandbSettings, print_progress, progress_line
 from megatron_mtp_rl.train.run_lock import release_run
 from megatron_mtp_rl.train.signals import GracefulStop, StopRequested
@@ -72,11 +74,20 @@ def prepare(cfg: RunConfig, *, rollout_actor=None, engines=None) -> tuple[StepCo
     run = build_run(cfg)
     cfg = run.cfg  # device filled in
     reference = build_reference(cfg, run)
+    critic = build_critic(cfg, run)
     state = resume(cfg, run)
+    if critic is not None:
+        where = init_critic(cfg, critic, run)
+        if is_logging_rank() and not cfg.log.quiet:
+            print_progress(f"critic: starts from {where}")
     engine = build_engine(cfg, run, rollout_actor=rollout_actor, engines=engines)
     rollout = build_rollout(cfg, run, engine)
-    dumper = RolloutDumper(cfg.log.rollout_dump_dir, cfg.log.rollout_dump_n, enabled=is_logging_rank())
+    dumper = RolloutDumper(
+        cfg.log.rollout_dump_dir, cfg.log.rollout_dump_n, enabled=is_logging_rank(), decode=run.tokenizer.decode
+    )
     ctx = StepContext(cfg, run, engine, rollout, build_advantage_estimator(cfg), build_loss(cfg), reference, dumper)
+    ctx.critic = critic
+    ctx.teacher = build_teacher(cfg, run)
     if cfg.rollout.async_rollout:
         ctx.ahead = OneStepAhead()
         ctx.ahead.load_state_dict(state.pending)
@@ -244,7 +255,8 @@ def save(ctx: StepContext, state: LoopState) -> None:
     if ctx.ahead is not None:
         ctx.ahead.wait()
         state.pending = ctx.ahead.state_dict()
-    save_checkpoint(c.save, state.step, r.model, r.optimizer, trainer_state(r, state), c.keep_last)
+    parts = {CRITIC_DIR: (ctx.critic.model, ctx.critic.optimizer)} if ctx.critic is not None else None
+    save_checkpoint(c.save, state.step, r.model, r.optimizer, trainer_state(r, state), c.keep_last, parts=parts)
     # the checkpoint carries its HF tokenizer, so --load of it needs no --tokenizer
     tok_dir = getattr(r.tokenizer, "path", None)
     if (
@@ -283,8 +295,10 @@ def resume(cfg: RunConfig, run: Run) -> LoopState:
     if weights_only and not c.finetune and is_logging_rank() and not cfg.log.quiet:
         what = "a pretrain (warm start)" if _is_pretrain(saved_state) else "an RL"
         print_progress(f"--load {path} is {what} checkpoint: loading its weights only, as with --finetune")
+    # Saved before the policy's first update (step 0, --critic-warmup-steps): no Adam state to load, a fresh one is it.
+    never_updated = saved_state.get("scheduler", {}).get("num_steps", 1) == 0
     try:
-        _, saved_state = load_checkpoint(c.load, run.model, None if weights_only else run.optimizer)
+        _, saved_state = load_checkpoint(c.load, run.model, None if weights_only or never_updated else run.optimizer)
     except ValueError as e:
         if "parameter group" not in str(e):
             raise

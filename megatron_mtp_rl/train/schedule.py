@@ -44,13 +44,16 @@ def forward_backward(
     loss_fn: LossFn | None,
     *,
     forward_only: bool = False,
+    forward_fn: Callable | None = None,
     **forward_kwargs,
 ) -> list:
     """Run the schedule; returns per-micro-batch metrics dicts (last stage) or outputs.
 
     With ``loss_fn=None`` and ``forward_only=True`` the last stage returns the
-    :class:`HeadLogProbs` of each micro-batch (the old-log-prob pass).
+    :class:`HeadLogProbs` of each micro-batch (the old-log-prob pass). ``forward_fn(model, batch,
+    **forward_kwargs)`` replaces the policy's log-prob forward (the critic's values forward).
     """
+    forward_fn = forward_fn or forward_logprobs
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
     n = len(micro_batches)
@@ -78,7 +81,7 @@ def forward_backward(
     def step(data_iterator, m):
         # The one place batches (built on the CPU) move to the model's device.
         batch = next(data_iterator).to(device)
-        out = forward_logprobs(m, batch, **forward_kwargs)
+        out = forward_fn(m, batch, **forward_kwargs)
         if loss_fn is None:
             return out, _collect
         return out, partial(_loss, batch, compat.stage_input(unwrap(m)))

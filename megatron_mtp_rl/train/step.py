@@ -1,9 +1,11 @@
 """One RL step, as named phases read top to bottom:
 
-    generate → score → advantages → (pack) → old/ref log-probs → (dump) → updates → weight sync → metrics
+    generate → score → (pack) → old/ref log-probs → advantages → (dump) → updates → weight sync → metrics
 
 :func:`rl_step` calls them in that order; each phase is one function below, in the same order.
 The update phase (:func:`train_step`) calls the OCC reduce visibly, right before ``optimizer.step()``.
+With a critic (``gae``) the old-log-prob phase also scores its values, the advantages phase also writes
+its targets (:func:`critic_targets`) and each update is followed by the critic's (:func:`updates`).
 
 Everything a step does is determined by (seed, step, DP rank) and the data cursor, so a run
 resumed from a checkpoint reproduces the metrics of an uninterrupted run.
@@ -23,7 +25,7 @@ from megatron.core import parallel_state
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.models import pack_sequences
 from megatron_mtp_rl.platform.device import collective_device, peak_memory_gb
-from megatron_mtp_rl.rl.advantages import overlong_penalty
+from megatron_mtp_rl.rl.advantages import AdvantageInputs, Estimator, gae_returns, overlong_penalty, token_advantages
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
 from megatron_mtp_rl.rl.metric_values import read
 from megatron_mtp_rl.rl.occ import OCCEstimator
@@ -35,6 +37,7 @@ from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
 from megatron_mtp_rl.rollout.reward_sandbox import check_step_rewards
 from megatron_mtp_rl.train import faults
 from megatron_mtp_rl.train.builders import Reference, Rollout, Run
+from megatron_mtp_rl.train.critic import Critic
 from megatron_mtp_rl.train.microbatches import balance_on, plan_minibatches
 from megatron_mtp_rl.train.optim import clip_and_step, param_norm, split_parameters
 from megatron_mtp_rl.train.schedule import configure, forward_backward
@@ -49,11 +52,13 @@ class StepContext:
     run: Run  # model, optimizer, scheduler, OCC, data source
     engine: RolloutEngine  # generates; sync_weights() after the updates
     rollout: Rollout  # manager + --rollout-function + --dynamic-sampling-filter
-    advantage_fn: Callable  # --advantage-estimator
+    advantage_fn: Estimator  # --advantage-estimator
     loss_cfg: RLLossConfig
     reference: Reference | None  # --kl-coef > 0
     dumper: RolloutDumper | None = None  # --rollout-dump-dir (logging rank only)
     ahead: OneStepAhead | None = None  # --async-rollout: the next step's batch, generated during this one
+    critic: Critic | None = None  # --advantage-estimator gae
+    teacher: Reference | None = None  # --advantage-estimator opd: the distillation teacher
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -70,13 +75,16 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
     stats = getattr(ctx.rollout.scorer, "stats", None)
     check_step_rewards(stats, bm.get("rollout/reward_errors", 0.0), bm.get("rollout/generated_samples", 0.0), step)
     raw, shaped, metrics = score(ctx, batch)
-    adv = advantages(ctx, shaped)
     t_train = time.perf_counter()
     spans: dict = {}
-    minibatches = pack_minibatches(ctx, batch.samples, adv, step, spans=spans)
+    # --balance-data deals samples to other DP ranks: their advantages go with them, computed here first.
+    early = sample_advantages(ctx, batch.samples, shaped) if balance_on(ctx.cfg.optim) else None
+    minibatches = pack_minibatches(ctx, batch.samples, early, step, spans=spans)
     old_and_ref_logprobs(ctx, minibatches)
+    adv = early if early is not None else advantages(ctx, shaped, spans)
+    critic_targets(ctx, shaped, spans)
     dump_rollouts(ctx, step, batch.samples, adv, spans)
-    per_update = [update_and_schedule(ctx, m) for m in minibatches]
+    per_update = [updates(ctx, m, step) for m in minibatches]
     metrics.update(average_updates(per_update))
     metrics.update(sync_weights(ctx))
     metrics.update(step_metrics(ctx, batch.samples, len(minibatches), t0, t_train))
@@ -156,22 +164,20 @@ def score(ctx: StepContext, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Te
     return raw, shaped, metrics
 
 
-# -- phase 3: advantages ------------------------------------------------------------------------
-def advantages(ctx: StepContext, shaped: torch.Tensor) -> torch.Tensor:
-    """Per-sample advantages from the ``--advantage-estimator`` (GRPO by default)."""
-    return ctx.advantage_fn(shaped, ctx.cfg.rollout.n_samples_per_prompt, ctx.cfg.algo)
-
-
+# -- phase 3: pack ----------------------------------------------------------------------------
 def pack_minibatches(
-    ctx: StepContext, samples: list[Sample], adv: torch.Tensor, step: int, spans: dict | None = None
+    ctx: StepContext, samples: list[Sample], adv: torch.Tensor | None, step: int, spans: dict | None = None
 ) -> list[list[RLBatch]]:
     """Shuffle this rank's samples and cut them into mini-batches of micro-batches.
+
+    ``adv``: per-sample advantages, or None for zeros (:func:`advantages` writes them in later).
 
     ``spans`` (optional) receives, per sample index, where its response sits: (micro-batch, row,
     first, end) in the label frame — what the rollout dump reads the trainer's log-probs from.
     """
     cfg = ctx.cfg
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    adv = torch.zeros(len(samples)) if adv is None else adv
     if cfg.optim.use_dynamic_batch_size or balance_on(cfg.optim):  # by tokens (train/microbatches.py)
         seed = step_seed(cfg.seed, step, 0 if balance_on(cfg.optim) else dp_rank) + 1
         return plan_minibatches(cfg, samples, adv, seed, spans)
@@ -219,6 +225,8 @@ def build_micro_batches(
         rl_batch = RLBatch(**batch.__dict__, advantages=adv, rollout_logprobs=rollout_lp)
         for j, (x, a, (row, start, n)) in enumerate(zip(chunk, advantages[s : s + mbs], where)):
             adv[row, start + len(x.prompt_ids) - 1 : start + n - 1] = a
+            if x.loss_mask is not None:  # tool / environment tokens: context only, out of every loss term
+                batch.loss_mask[row, start + len(x.prompt_ids) - 1 : start + n - 1] &= response_mask(x)
             if has_lp:
                 rollout_lp[row, start + len(x.prompt_ids) - 1 : start + n - 1] = torch.tensor(x.logprobs)
             if spans is not None and keys is not None:
@@ -227,13 +235,28 @@ def build_micro_batches(
     return out
 
 
+def response_mask(sample: Sample) -> torch.Tensor:
+    """The sample's per-response-token loss mask as a bool tensor (checked against its length)."""
+    if len(sample.loss_mask) != len(sample.response_ids):
+        raise ValueError(
+            f"a sample's loss_mask has {len(sample.loss_mask)} entries for {len(sample.response_ids)} response "
+            "tokens (the rollout function must give one per response token)"
+        )
+    return torch.tensor(sample.loss_mask, dtype=torch.bool)
+
+
 # -- phase 4: old and reference log-probs -----------------------------------------------------
 def old_and_ref_logprobs(ctx: StepContext, minibatches: list[list[RLBatch]]) -> None:
-    """θ_old scores every micro-batch (main and, when trained, MTP heads); the reference too."""
+    """θ_old scores every micro-batch (main and, when trained, MTP heads); the reference and the critic too."""
     all_mbs = [mb for m in minibatches for mb in m]
     compute_old_logprobs(ctx.run.model, all_mbs, with_mtp=ctx.loss_cfg.regime.runs_mtp)
     if ctx.reference is not None:
         ctx.reference.score(all_mbs)
+    if ctx.critic is not None:
+        for mb, values in zip(all_mbs, ctx.critic.values(all_mbs)):
+            mb.values = values
+    if ctx.teacher is not None:
+        ctx.teacher.score(all_mbs)
 
 
 @torch.no_grad()
@@ -250,22 +273,127 @@ def compute_old_logprobs(model, micro_batches: list[RLBatch], *, with_mtp: bool)
         batch.old_mtp_logprobs = out.mtp_logprobs.detach() if out.mtp_logprobs is not None else None
 
 
-def dump_rollouts(ctx: StepContext, step: int, samples: list[Sample], adv: torch.Tensor, spans: dict) -> None:
-    """``--rollout-dump-dir``: the first samples with reward, advantage and the rollout-vs-trainer
-    log-prob gap (θ_old's log-probs of the same response tokens, just computed)."""
+# -- phase 4b: advantages (token-level estimators read the log-probs just computed) -----------
+def advantages(ctx: StepContext, shaped: torch.Tensor, spans: dict) -> torch.Tensor | None:
+    """The ``--advantage-estimator``'s advantages, written into the packed micro-batches.
+
+    Returns them per response token ``[N, T]`` (sample ``i``'s response in row ``i``, zero on
+    untrained tokens). Computed on the last pipeline stage only: the loss, and the log-probs and
+    values an estimator reads, live there (other stages return None).
+    """
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    where = [spans[i] for i in range(len(shaped))]
+    x = advantage_inputs(ctx, shaped, where)
+    missing = [n for n in ctx.advantage_fn.needs if getattr(x, n) is None]
+    if missing:
+        raise ValueError(f"--advantage-estimator {ctx.cfg.algo.advantage_estimator} needs {', '.join(missing)}")
+    adv = token_advantages(ctx.advantage_fn(x), x.mask)
+    for i, (mb, row, a, b) in enumerate(where):
+        mb.advantages[row, a:b] = adv[i, : b - a]
+    return adv
+
+
+def critic_targets(ctx: StepContext, shaped: torch.Tensor, spans: dict) -> None:
+    """With a critic: its regression targets (GAE returns, from the advantages' inputs) into the micro-batches."""
+    if ctx.critic is None or not parallel_state.is_pipeline_last_stage():
+        return
+    where = [spans[i] for i in range(len(shaped))]
+    returns = gae_returns(advantage_inputs(ctx, shaped, where))
+    for i, (mb, row, a, b) in enumerate(where):
+        if mb.returns is None:
+            mb.returns = torch.zeros_like(mb.advantages)
+        mb.returns[row, a:b] = returns[i, : b - a]
+
+
+def advantage_inputs(ctx: StepContext, shaped: torch.Tensor, where: list[tuple]) -> AdvantageInputs:
+    """What an estimator reads, in the response frame: mask, and every score the micro-batches hold."""
+    x = AdvantageInputs(
+        rewards=shaped,
+        group_size=ctx.cfg.rollout.n_samples_per_prompt,
+        algo=ctx.cfg.algo,
+        mask=response_frame(where, "loss_mask").bool(),
+        dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+    for name in ("old_logprobs", "ref_logprobs", "values", "teacher_logprobs"):
+        if where and all(getattr(mb, name, None) is not None for mb, *_ in where):
+            setattr(x, name, response_frame(where, name))
+    return x
+
+
+def sample_advantages(ctx: StepContext, samples: list[Sample], shaped: torch.Tensor) -> torch.Tensor:
+    """Per-sample advantages before packing (``--balance-data``: whole groups are on this rank only now).
+
+    Only an estimator of one value per sample that reads no model scores can run here: config.py refuses
+    the others with ``--balance-data``.
+    """
+    longest = max((len(s.response_ids) for s in samples), default=0)
+    mask = torch.zeros((len(samples), longest), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        mask[i, : len(s.response_ids)] = response_mask(s) if s.loss_mask is not None else True
+    x = AdvantageInputs(shaped, ctx.cfg.rollout.n_samples_per_prompt, ctx.cfg.algo, mask)
+    adv = ctx.advantage_fn(x)
+    if ctx.advantage_fn.needs or adv.dim() != 1:
+        raise ValueError(
+            f"--advantage-estimator {ctx.cfg.algo.advantage_estimator} gives per-token advantages: "
+            "not with --balance-data (add --no-balance-data)"
+        )
+    return adv
+
+
+def response_frame(where: list[tuple], name: str) -> torch.Tensor:
+    """``[N, T]`` on the CPU: per sample, the packed tensor ``name`` over its response span (right padded
+    with 0). The CPU, like the rewards and the packed batches: log-probs computed on a GPU come over once
+    per micro-batch."""
+    t = max((b - a for _, _, a, b in where), default=0)
+    on_cpu: dict[int, torch.Tensor] = {}
+    for mb, *_ in where:
+        if id(mb) not in on_cpu:
+            on_cpu[id(mb)] = getattr(mb, name).detach().cpu()
+    first = next(iter(on_cpu.values()), torch.zeros(0))
+    out = torch.zeros((len(where), t), dtype=first.dtype)
+    for i, (mb, row, a, b) in enumerate(where):
+        out[i, : b - a] = on_cpu[id(mb)][row, a:b]
+    return out
+
+
+def dump_rollouts(ctx: StepContext, step: int, samples: list[Sample], adv: torch.Tensor | None, spans: dict) -> None:
+    """``--rollout-dump-dir``: the first samples with reward, advantage (mean over the trained tokens) and
+    the rollout-vs-trainer log-prob gap (θ_old's log-probs of the same response tokens, just computed)."""
     d = ctx.dumper
-    if d is None or not d.active:
+    if d is None or not d.active or adv is None:
         return
     n = min(d.n, len(samples))
-    trainer = []
+    trainer, per_sample = [], []
     for i in range(n):
-        mb, row, a, b = spans.get(i, (None, 0, 0, 0))
+        mb, row, a, b = spans.get(i, (None, 0, 0, 0))  # --balance-data: maybe trained on another rank
         lp = getattr(mb, "old_logprobs", None)
         trainer.append(lp[row, a:b].tolist() if lp is not None else None)
-    d.dump(step, samples[:n], [float(x) for x in adv[:n]], trainer)
+        if adv.dim() == 1:  # per sample (--balance-data)
+            per_sample.append(float(adv[i]))
+            continue
+        m = mb.loss_mask[row, a:b]
+        per_sample.append(float(adv[i, : b - a][m].mean()) if m.any() else 0.0)
+    d.dump(step, samples[:n], per_sample, trainer)
 
 
 # -- phase 5: updates -----------------------------------------------------------------------------
+def updates(ctx: StepContext, micro_batches: list[RLBatch], step: int) -> dict:
+    """The policy's update (none during ``--critic-warmup-steps``), then the critic's, on one mini-batch."""
+    metrics = {} if step <= ctx.cfg.algo.critic_warmup_steps else update_and_schedule(ctx, micro_batches)
+    if ctx.critic is not None:
+        metrics.update(update_critic(ctx, micro_batches))
+    return metrics
+
+
+def update_critic(ctx: StepContext, micro_batches: list[RLBatch]) -> dict:
+    """One critic step on the value loss (targets: ``returns``; clip around ``values``)."""
+    results, norms, stepped = ctx.critic.update(micro_batches)
+    metrics = {"critic/grad_norm": norms.main, "critic/skipped_steps": float(not stepped)}
+    metrics.update(reduce_metrics(results, parallel_state.get_data_parallel_group(with_context_parallel=True)))
+    return metrics
+
+
 def update_and_schedule(ctx: StepContext, micro_batches: list[RLBatch]) -> dict:
     """One optimizer update on a mini-batch, then one LR-scheduler step."""
     r, op = ctx.run, ctx.cfg.optim
@@ -361,7 +489,7 @@ def average_updates(per_update: list[dict]) -> dict:
         vals = [u[k] for u in per_update if k in u]
         if k.startswith(last_only):
             out[k] = vals[-1]
-        elif k == "train/skipped_steps":
+        elif k in ("train/skipped_steps", "critic/skipped_steps"):
             out[k] = float(sum(vals))
         else:
             finite = [v for v in vals if v == v]

@@ -134,6 +134,19 @@ def test_thd_packing_equals_per_sequence(cuda_group):
                 torch.testing.assert_close(got, ref.mtp_logprobs[k, 0, :n][mk], **close)
 
 
+def test_gae_critic_with_transformer_engine_bf16_and_the_distributed_optimizer(tmp_path):
+    pytest.importorskip("transformer_engine")
+    out = tmp_path / "m.jsonl"
+    _cli("train", "--preset", "tiny-dense", "--bf16", "--transformer-impl", "transformer_engine",
+         "--use-distributed-optimizer", "--advantage-estimator", "gae", "--critic-warmup-steps", "1",
+         "--num-steps", "2", "--metrics-jsonl", str(out), *TINY)  # fmt: skip
+    rows = [r for r in _rows(out) if r["step"] > 0]
+    assert len(rows) == 2 and "train/loss" not in rows[0]  # warm-up step: the critic only
+    for key in ("critic/value_loss", "critic/values_mean", "critic/grad_norm"):
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in rows), key
+    assert torch.isfinite(torch.tensor(rows[1]["train/loss"]))
+
+
 def test_distributed_optimizer_save_and_exact_resume(tmp_path):
     common = ["--preset", "tiny-moe", "--bf16", "--use-distributed-optimizer", "--seed", "3", *TINY]
     straight, first, resumed = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"

@@ -30,17 +30,18 @@ def test_depth_targets_and_masks_are_exactly_the_expected_ones():
     t1, v1 = mtp_targets(batch, 1)
     # Depth 1 at position p predicts labels[p+1] = tokens[p+2].
     assert t1[0].tolist() == [13, 14, 15, 0, 22, 23, 0, 0, 0, 0]
-    # Valid: label in response and same segment as p (p=4 -> label of pos 5 is seq B: masked).
-    assert v1[0].nonzero().flatten().tolist() == [0, 1, 2, 5]
-    assert v1[1].nonzero().flatten().tolist() == [1]
+    # Valid: labels[p] and labels[p+1] both response tokens of p's sequence (p=0: labels[0] is the
+    # prompt token 12, a draft never made; p=3: labels[4] is past seq A's end).
+    assert v1[0].nonzero().flatten().tolist() == [1, 2, 5]
+    assert v1[1].nonzero().flatten().tolist() == []  # seq C's one response token: nothing to draft
     t2, v2 = mtp_targets(batch, 2)
     assert t2[0].tolist() == [14, 15, 0, 22, 23, 0, 0, 0, 0, 0]
-    assert v2[0].nonzero().flatten().tolist() == [0, 1]  # p=3,4 would cross into seq B
-    assert v2[1].nonzero().flatten().tolist() == [0]
+    assert v2[0].nonzero().flatten().tolist() == [1]
+    assert v2[1].nonzero().flatten().tolist() == []
     # In the label frame both depths score the same tokens as the main head, minus the
-    # first k response tokens of each sequence (no position i-k inside the sequence).
-    assert aligned_mtp_mask(batch, 1)[0].nonzero().flatten().tolist() == [1, 2, 3, 6]
-    assert aligned_mtp_mask(batch, 2)[0].nonzero().flatten().tolist() == [2, 3]
+    # first k response tokens of each sequence (position i-k is not a response position).
+    assert aligned_mtp_mask(batch, 1)[0].nonzero().flatten().tolist() == [2, 3, 6]
+    assert aligned_mtp_mask(batch, 2)[0].nonzero().flatten().tolist() == [3]
     for k in (1, 2):
         assert not (aligned_mtp_mask(batch, k) & ~batch.loss_mask).any()
 

@@ -114,3 +114,11 @@ def test_bench_step_smoke(capsys):
     for r in ("none", "detach", "ce", "policy", "occ"):
         assert any(line.startswith(f"{r:6s} |") and line.count("x") >= 1 for line in out.splitlines()), r
     assert "headline: occ / policy step time" in out
+
+
+def test_compare_regimes_rows_per_estimator():
+    rows = _tools()["compare_regimes"].estimator_rows
+    assert list(rows(["occ"], ["grpo"])) == ["occ"]  # the default keeps the plain names (and run files)
+    both = rows(["detach", "occ"], ["grpo", "gae"])
+    assert list(both) == ["detach@grpo", "occ@grpo", "detach@gae", "occ@gae"]
+    assert both["occ@gae"][-2:] == ["--advantage-estimator", "gae"] and "--mtp-regime" in both["occ@gae"]

@@ -244,6 +244,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_listening(port: int, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.2)
+    return False
+
+
 def run_phase(phase: str, world: int, a, paths: dict, mcore: Path, engine_url: str) -> list[dict]:
     port = _free_port()
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
@@ -319,9 +329,12 @@ def main(argv: list[str] | None = None) -> int:
           f"(built in {time.perf_counter() - t0:.0f} s); push bucket {a.bucket_mb} MB", flush=True)  # fmt: skip
     engine_port = _free_port()
     engine = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_sglang_server.py"), "--port", str(engine_port)],
+        [sys.executable, str(ROOT / "tests" / "fake_sglang_server.py"), "--port", str(engine_port),
+         "--model-path", str(paths["hf"])],
         env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    if engine.poll() is not None or not _wait_listening(engine_port):
+        print("the fake SGLang engine did not start: the push phases will fail", file=sys.stderr)
     try:
         for n in a.ranks:
             for phase in a.phases:

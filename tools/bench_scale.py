@@ -316,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         worker(a)
         return 0
 
+    sys.path.insert(0, str(ROOT))
+    from megatron_mtp_rl.cli import quiet_known_noise
+
+    quiet_known_noise()  # the release builder imports megatron-core
     work = Path(a.work)
     tag = f"{a.size_gb:g}gb" + ("-fp8" if a.fp8 else "")
     paths = {"hf": work / f"release-{tag}", "out": work / f"out-{tag}"}

@@ -268,15 +268,17 @@ def run_phase(phase: str, world: int, a, paths: dict, mcore: Path, engine_url: s
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
     results = []
     for rank, p in enumerate(procs):
+        timed_out = False
         try:
             out, err = p.communicate(timeout=a.timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # a result printed before a hang at exit still counts
             p.kill()
             out, err = p.communicate()
-            results.append({"rank": rank, "status": f"timeout ({a.timeout}s)"})
-            continue
+            timed_out = True
         lines = [x for x in out.splitlines() if x.startswith("BENCH ")]
-        if lines:
+        if timed_out and not lines:
+            results.append({"rank": rank, "status": f"timeout ({a.timeout:g} s)"})
+        elif lines:
             results.append(json.loads(lines[-1][6:]))
         else:
             tail = [x for x in err.strip().splitlines() if x.strip()][-1:] or ["?"]

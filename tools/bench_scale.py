@@ -89,7 +89,7 @@ def build_release(out: Path, size_gb: float, fp8: bool, shards: int) -> dict:
     per_expert = 3 * h * (h // 2) * 2 * (LAYERS - 1 + MTP_LAYERS)  # gate/up/down of every MoE layer, bf16
     attn = (2 * h * h + 2 * h * 256) * 2 * (LAYERS + MTP_LAYERS)
     rest = attn + 6 * h * h * 2 + 1.5 * h * h * 2 * (LAYERS - 1 + MTP_LAYERS) + 2 * h * h * 2
-    experts = max(2, round((size_gb * 1e9 - rest) / per_expert))
+    experts = 4 * max(1, round((size_gb * 1e9 - rest) / per_expert / 4))  # EP=1, 2 and 4 divide it
     config, tensors = release_tensors(
         "glm4_moe", hidden=h, layers=LAYERS, experts=experts, mtp_layers=MTP_LAYERS, fp8=fp8, seed=0
     )

@@ -77,11 +77,6 @@ def peak_bytes(reset_ok: bool) -> int:
 def build_release(out: Path, size_gb: float, fp8: bool, shards: int) -> dict:
     """A GLM-4.5-shaped release of about ``size_gb`` bf16 bytes in ``out`` (kept: rebuilt only when the
     size or fp8 changes); returns its facts (model bytes, largest tensor, experts)."""
-    facts_file = out / "bench.json"
-    if facts_file.exists():
-        facts = json.loads(facts_file.read_text())
-        if facts["size_gb"] == size_gb and facts["fp8"] == fp8 and facts["shards"] == shards:
-            return facts
     sys.path.insert(0, str(ROOT))
     from tests.hf_release import release_tensors, write_release
 
@@ -90,6 +85,11 @@ def build_release(out: Path, size_gb: float, fp8: bool, shards: int) -> dict:
     attn = (2 * h * h + 2 * h * 256) * 2 * (LAYERS + MTP_LAYERS)
     rest = attn + 6 * h * h * 2 + 1.5 * h * h * 2 * (LAYERS - 1 + MTP_LAYERS) + 2 * h * h * 2
     experts = 4 * max(1, round((size_gb * 1e9 - rest) / per_expert / 4))  # EP=1, 2 and 4 divide it
+    facts_file = out / "bench.json"
+    if facts_file.exists():
+        facts = json.loads(facts_file.read_text())
+        if (facts["size_gb"], facts["fp8"], facts["shards"], facts["experts"]) == (size_gb, fp8, shards, experts):
+            return facts
     config, tensors = release_tensors(
         "glm4_moe", hidden=h, layers=LAYERS, experts=experts, mtp_layers=MTP_LAYERS, fp8=fp8, seed=0
     )

@@ -375,9 +375,9 @@ _MTP_ONLY = ("token_layernorm", "hidden_layernorm", "input_proj", "final_layerno
 def hf_reference_logprobs(hf_dir: str | Path, tokens: torch.Tensor, depths: int) -> tuple[torch.Tensor, list]:
     """transformers' log-probs of ``tokens[:, 1:]`` (main head) and of each MTP depth.
 
-    The MTP reference is written from the HF weights the way SGLang's draft computes it (without
-    MiMo's position-0 embedding mask): a one-layer model of the family's own decoder class runs
-    ``proj(cat(norm(emb(x_{i+k})), norm(h_i)))`` (MiMo: hidden first), then the MTP final norm and
+    The MTP reference is written from the HF weights the way SGLang's draft computes it (MiMo's
+    included: its token embedding is 0 at position 0, as ``MiMoMTP`` drafts): a one-layer model of the
+    family's own decoder class runs ``proj(cat(norm(emb(x_{i+k})), norm(h_i)))`` (MiMo: hidden first), then the MTP final norm and
     the shared head. Depth k's hidden input is depth k-1's normalised output, as in megatron and
     SGLang. Returns ``(main [B, T-1], [depth k: [B, T-1-k] scoring tokens[:, 1+k:]])``.
     """
@@ -408,7 +408,8 @@ def hf_reference_logprobs(hf_dir: str | Path, tokens: torch.Tensor, depths: int)
         names = _mtp_module_names(fam, cfg, k)
         one = _one_layer_model(model_cls, cfg, tensors, names["layer"], eps)
         shifted = torch.roll(tokens, -(k + 1), dims=1)  # position i sees token i+1+k (last ones unused)
-        e = _rms(torch.nn.functional.embedding(shifted, embed), tensors[names["enorm"] + ".weight"].float(), eps)
+        emb = fam.draft_token_embedding(torch.nn.functional.embedding(shifted, embed))  # MiMo: 0 at position 0
+        e = _rms(emb, tensors[names["enorm"] + ".weight"].float(), eps)
         h = _rms(hidden, tensors[names["hnorm"] + ".weight"].float(), eps)
         x = (
             torch.cat((h, e) if names["order"] == "he" else (e, h), dim=-1)
@@ -496,6 +497,16 @@ def verify(hf_dir: str | Path, load_dir: str | Path, *, tol: float = 1e-4, seq_l
     main = (ours_main.float() - ref_main).abs().max().item()
     mtp = [(ours_mtp[k].float() - ref_mtp[k]).abs().max().item() for k in range(depths)]
     return main, mtp
+
+
+def _draft_reference_note(hf_dir: str | Path) -> str:
+    """What the MTP reference computes: SGLang's draft for the family (MiMo's zeroes position 0's embedding)."""
+    from megatron_mtp_rl.models.families import detect
+
+    fam = detect(read_hf_config(hf_dir))
+    zeroed = getattr(fam, "draft_zeroes_first_embedding", False)
+    draft = fam.draft_class or "no SGLang draft"
+    return f"{draft}" + (" (token embedding 0 at position 0, as the trained heads)" if zeroed else "")
 
 
 def _hf_mtp_depth(cfg: dict[str, Any], tensors: dict) -> int:
@@ -615,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
                                     seed=args.seed)  # fmt: skip
             for k, d in enumerate(mtp, start=1):
                 print(f"mtp_depth_{k}_max_abs_diff={d:.3e}")
+            if mtp:
+                print(f"mtp_reference={_draft_reference_note(args.hf_dir)}")
             print(f"main_max_abs_diff={main_diff:.3e} (tol {args.tol:g})")
             print(f"max_abs_diff={main_diff:.6e}")
             return 0 if main_diff <= args.tol else 1

@@ -377,9 +377,9 @@ def hf_reference_logprobs(hf_dir: str | Path, tokens: torch.Tensor, depths: int)
 
     The MTP reference is written from the HF weights the way SGLang's draft computes it (MiMo's
     included: its token embedding is 0 at position 0, as ``MiMoMTP`` drafts): a one-layer model of the
-    family's own decoder class runs ``proj(cat(norm(emb(x_{i+k})), norm(h_i)))`` (MiMo: hidden first), then the MTP final norm and
-    the shared head. Depth k's hidden input is depth k-1's normalised output, as in megatron and
-    SGLang. Returns ``(main [B, T-1], [depth k: [B, T-1-k] scoring tokens[:, 1+k:]])``.
+    family's own decoder class runs ``proj(cat(norm(emb(x_{i+k})), norm(h_i)))`` (MiMo: hidden first),
+    then the MTP final norm and the shared head. Depth k's hidden input is depth k-1's normalised
+    output, as in megatron and SGLang. Returns ``(main [B, T-1], [depth k: [B, T-1-k] scoring tokens[:, 1+k:]])``.
     """
     import tempfile
 

@@ -28,6 +28,7 @@ from megatron_mtp_rl.models.presets import ModelArgs
 from megatron_mtp_rl.models.provider import RuntimeOptions
 from megatron_mtp_rl.models.provider import build_model as build_gpt
 from megatron_mtp_rl.rl.loss import step_denominators
+from megatron_mtp_rl.rl.metric_values import averaged, summed
 from megatron_mtp_rl.rl.policy_loss import aggregate, sequence_index
 from megatron_mtp_rl.rl.value_loss import clipped_value_loss
 from megatron_mtp_rl.train.builders import runtime_options
@@ -80,10 +81,6 @@ def _values(gpt, batch: TokenBatch, packed_seq_params) -> torch.Tensor:
     return values.squeeze(-1).t().float()
 
 
-def _pair(total, count) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(total, dtype=torch.float64), torch.as_tensor(count, dtype=torch.float64)])
-
-
 class ValueLoss:
     """``loss_fn`` of the schedule: the clipped value loss of one micro-batch (global denominators)."""
 
@@ -98,9 +95,9 @@ class ValueLoss:
         loss = aggregate(terms.loss, mask, sequence_index(batch.segment_ids), self.loss_agg_mode, self.den)
         m = mask.bool()
         metrics = {
-            "critic/value_loss": _pair(loss.detach(), 0),
-            "critic/values_mean": _pair(values.detach()[m].double().sum(), m.sum()),
-            "critic/clipfrac": _pair(terms.clipped[m].double().sum(), m.sum()),
+            "critic/value_loss": summed(loss.detach()),
+            "critic/values_mean": averaged(values.detach()[m].double().sum(), m.sum()),
+            "critic/clipfrac": averaged(terms.clipped[m].double().sum(), m.sum()),
         }
         return loss, metrics
 

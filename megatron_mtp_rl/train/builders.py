@@ -276,23 +276,32 @@ def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
     if cfg.algo.kl_coef <= 0:
         return None
     from megatron_mtp_rl.models.hf_dir import is_hf_dir
-    from megatron_mtp_rl.models.weight_stream import load_hf
-    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint
+    from megatron_mtp_rl.train.checkpoint import latest_checkpoint
 
     path = cfg.ckpt.ref_load or cfg.ckpt.load
     flag = "--ref-load" if cfg.ckpt.ref_load else "--load"
     hf = is_hf_dir(path)
     if not hf and latest_checkpoint(path) is None:
         raise ConfigError(f"{flag} {path}: no checkpoint there for the KL reference (--kl-coef {cfg.algo.kl_coef})")
-    ref = build_gpt(run.model_args)
-    if hf:  # an HF directory: each rank reads its own slices
-        load_hf(ref, path)
+    return Reference(_frozen_model(run.model_args, path), path)
+
+
+def _frozen_model(args: ModelArgs, path: str) -> torch.nn.Module:
+    """A model of ``args`` with the weights of ``path`` (our checkpoint, or an HF directory: each rank
+    reads its own slices), in eval mode with no gradients."""
+    from megatron_mtp_rl.models.hf_dir import is_hf_dir
+    from megatron_mtp_rl.models.weight_stream import load_hf
+    from megatron_mtp_rl.train.checkpoint import load_checkpoint
+
+    model = build_gpt(args)
+    if is_hf_dir(path):
+        load_hf(model, path)
     else:
-        load_checkpoint(path, ref, None)
-    ref.eval()
-    for p in ref.parameters():
+        load_checkpoint(path, model, None)
+    model.eval()
+    for p in model.parameters():
         p.requires_grad_(False)
-    return Reference(ref, path)
+    return model
 
 
 def build_teacher(cfg: RunConfig, run: Run) -> Reference | None:
@@ -304,8 +313,7 @@ def build_teacher(cfg: RunConfig, run: Run) -> Reference | None:
         return None
     from megatron_mtp_rl.models.hf_dir import is_hf_dir
     from megatron_mtp_rl.models.presets import from_checkpoint, saved_model_args
-    from megatron_mtp_rl.models.weight_stream import load_hf
-    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint
+    from megatron_mtp_rl.train.checkpoint import latest_checkpoint
 
     hf = is_hf_dir(path)
     if not hf and latest_checkpoint(path) is None:
@@ -322,15 +330,7 @@ def build_teacher(cfg: RunConfig, run: Run) -> Reference | None:
     args = from_checkpoint(
         saved, {}, vocab_size=ma.vocab_size, seq_length=ma.seq_length, bf16=cfg.model.bf16, where="--teacher-load"
     )
-    teacher = build_gpt(args)
-    if hf:
-        load_hf(teacher, path)
-    else:
-        load_checkpoint(path, teacher, None)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return Reference(teacher, path, attr="teacher_logprobs")
+    return Reference(_frozen_model(args, path), path, attr="teacher_logprobs")
 
 
 # -- rollout: engine (with weight sync), manager, extension points ----------------------------

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-gpu lint demo docker clean
+.PHONY: install test test-all test-gpu lint demo docker clean
 
 $(VENV)/.installed: setup.py
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.12 found; run 'make install PYTHON=/path/to/python3.12'"; exit 1; }
@@ -17,7 +17,12 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+# The suite CI runs (about 9 minutes on 2 cores); `make test-all` adds the `slow` tests (second variants
+# of a multi-process layout, minute-long timeouts, tool smoke runs: about 15 minutes).
 test: install
+	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+
+test-all: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # On a machine with CUDA: the gpu-marked tests (TE + bf16 step, CPU-fp32 vs GPU-bf16 log-probs,

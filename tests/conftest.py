@@ -10,7 +10,11 @@ if os.environ.get("MTP_RL_TEST_GPU") != "1":
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (make test-gpu); skipped with the reason elsewhere")
-    config.addinivalue_line("markers", "slow: over a minute by design (a collective timeout); -m 'not slow' skips it")
+    config.addinivalue_line(
+        "markers",
+        "slow: a second variant of a covered layout, a minute-long timeout or a tool smoke run; "
+        "`make test` deselects it, `make test-all` runs it",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

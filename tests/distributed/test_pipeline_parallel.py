@@ -1,5 +1,6 @@
 """PP=2: tiny-dense with its MTP block on the last stage, 1F1B with 2 micro-batches."""
 
+import pytest
 import torch
 
 from tests.dist_utils import run_ranks
@@ -53,6 +54,7 @@ def _worker(rank, world, full_state):
     }
 
 
+@pytest.mark.slow  # PP=2 == PP=1: tests/distributed/test_pp_rl_steps.py checks it fast through a whole RL run
 def test_pp2_matches_pp1(tmp_path):
     ref = run_ranks(_worker, 1, tmp_path / "pp1", None)[0]
     stages = run_ranks(_worker, 2, tmp_path / "pp2", ref["state"])

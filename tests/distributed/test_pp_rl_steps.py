@@ -101,6 +101,7 @@ def _heal(rank: int, world: int, out: str, load: str) -> dict:
                                 "mtp_digest_saved")}  # fmt: skip
 
 
+@pytest.mark.slow  # PP=2: the RL-run test of this file stays fast
 def test_heal_with_pp2_trains_the_last_stage_mtp_layers_only(tmp_path, init):
     """The head-only loss never reaches the trunk, so the last stage would send no input gradient back
     and 1F1B would wait for it forever; the schedule gives it a zero one."""

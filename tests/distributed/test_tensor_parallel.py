@@ -1,5 +1,6 @@
 """TP=2 over 2 gloo processes: log-prob op and whole-model log-probs equal TP=1."""
 
+import pytest
 import torch
 
 from tests.dist_utils import run_ranks
@@ -49,10 +50,12 @@ def _check_op(tmp_path, dtype, tol, vocab_size=None):
             torch.testing.assert_close(grad.float(), ref_grad.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.slow  # TP=2 log-probs: the padded-vocabulary case stays fast
 def test_vocab_parallel_logprobs_tp2_fp32(tmp_path):
     _check_op(tmp_path, torch.float32, 1e-5)
 
 
+@pytest.mark.slow  # TP=2 log-probs: the padded-vocabulary case stays fast
 def test_vocab_parallel_logprobs_tp2_bf16(tmp_path):
     _check_op(tmp_path, torch.bfloat16, 2e-2)
 

@@ -10,7 +10,10 @@ from megatron_mtp_rl.train.ray_launch import launch
 from tests.e2e.test_train import FAST
 
 
-@pytest.mark.parametrize("placement, trainers, mode", [("disaggregated", 2, "sync"), ("disaggregated", 2, "async")])
+@pytest.mark.parametrize(
+    "placement, trainers, mode",
+    [("disaggregated", 2, "sync"), pytest.param("disaggregated", 2, "async", marks=pytest.mark.slow)],
+)
 def test_two_rl_steps_on_ray(tmp_path, placement, trainers, mode):
     """Sync: every batch from the current weights. Async: the actor generates step n+1 while step n
     trains, one step off-policy (lag 0 for the first batch, then 1)."""

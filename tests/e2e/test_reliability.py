@@ -330,6 +330,7 @@ def test_a_flipped_byte_in_a_shard_fails_the_load_naming_the_file(tmp_path):
         run_training(parse_args([*FAST, "--num-steps", "2", "--load", str(tmp_path / "c")]))
 
 
+@pytest.mark.slow  # the sandbox unit tests cover the faults fast
 def test_a_reward_that_always_raises_stops_the_run_with_its_traceback(tmp_path):
     code, out = _cli(tmp_path, "--num-steps", "2", "--reward-fn", "tests.reward_faults:boom")
     assert code == 1, out[-2000:]

@@ -302,6 +302,7 @@ def test_missing_mtp_layers_need_the_flag(single_process, tmp_path):
 # The CLI and `mtp-rl train --load DIR`
 
 
+@pytest.mark.slow  # ~50 s of subprocesses; the same steps run in-process in the fast tests
 def test_cli_convert_verify_and_load_alone(tmp_path):
     """Convert, verify against transformers (exit 0, last line max_abs_diff=); --load alone gives the shapes.
 

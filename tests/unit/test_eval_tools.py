@@ -78,6 +78,7 @@ def test_eval_math_runs_end_to_end_with_the_local_engine(tmp_path):
     assert (tmp_path / "results.md").read_text().startswith("| benchmark |")
 
 
+@pytest.mark.slow  # ~40 s: every regime through the tool; the per-estimator rows test stays fast
 def test_compare_regimes_smoke(tmp_path):
     cr = _tools()["compare_regimes"]
     cr.main(

@@ -157,7 +157,8 @@ def _prepare(phase: str, a) -> tuple[object, str | None]:
         if phase == "hf-to-mcore":
             argv = ["hf-to-mcore", "--hf-dir", a.hf_dir, "--save", a.mcore_dir, "--dtype", "bf16"]
         else:
-            argv = ["mcore-to-hf", "--load", a.mcore_dir, "--out", a.out_dir]
+            # shards of the push bucket's size: the export's peak then follows the shard, not the model
+            argv = ["mcore-to-hf", "--load", a.mcore_dir, "--out", a.out_dir, "--max-shard-size", f"{a.bucket_mb}MiB"]
         argv += _parallel_flags(world, a.layout)
         if not _cli_accepts(tool, argv):
             return None, NA
@@ -198,7 +199,8 @@ def _prepare(phase: str, a) -> tuple[object, str | None]:
     load_checkpoint(a.mcore_dir, model, None)
     engine = SGLangEngine(a.engine_url) if a.rank == 0 else None
     mode = "disk" if phase == "push-disk" else "distributed"
-    sync = WeightSync(engine, model, margs, mode=mode, bucket_bytes=a.bucket_mb << 20, export_dir=a.out_dir)
+    sync = WeightSync(engine, model, margs, mode=mode, bucket_bytes=a.bucket_mb << 20, export_dir=a.out_dir,
+                      max_shard_size=a.bucket_mb << 20)  # fmt: skip
     return sync, None
 
 

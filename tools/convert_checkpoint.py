@@ -43,7 +43,6 @@ Two things to get right for a real run:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from dataclasses import asdict, fields
@@ -68,10 +67,14 @@ class ConversionWarning(UserWarning):
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    path = Path(hf_dir) / "config.json"
-    if not path.exists():
-        raise ConversionError(f"{path} not found: an HF checkpoint directory needs its config.json")
-    return json.loads(path.read_text(encoding="utf-8"))
+    """config.json of an HF directory (``weight_stream.read_hf_config``), as a ConversionError when bad."""
+    from megatron_mtp_rl.errors import ConfigError
+    from megatron_mtp_rl.models.weight_stream import read_hf_config as read
+
+    try:
+        return read(hf_dir)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
 
 
 def load_hf_tensors(hf_dir: str | Path) -> dict[str, torch.Tensor]:

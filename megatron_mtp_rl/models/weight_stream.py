@@ -527,8 +527,6 @@ class HFShardWriter:
         self.parts: list[tuple[str, list[str], int]] = []  # (temp file name, tensor names, bytes)
         self._buf: dict[str, torch.Tensor] = {}
         self._size = 0
-        self.total = 0
-        self.peak_buffer = 0
 
     def add(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
@@ -538,8 +536,6 @@ class HFShardWriter:
             self.flush()
         self._buf[name] = t
         self._size += n
-        self.total += n
-        self.peak_buffer = max(self.peak_buffer, self._size)
 
     def flush(self) -> None:
         from safetensors.torch import save_file

@@ -73,7 +73,7 @@ def hf_tensors(
 ) -> dict[str, torch.Tensor]:
     """This model's weights as ONE HF state dict of ``flavour``'s family (collective; every rank gets it all).
 
-    The whole-model reference the streamed path (:func:`stream_hf`) is tested against; training,
+    The whole-model reference the streamed path (``weight_stream.iter_hf_tensors``) is tested against; training,
     exports and weight sync never call it.
 
     ``depth``: MTP layers to include (default: what the family's SGLang draft takes). The family
@@ -121,11 +121,6 @@ def export_note(model_args: ModelArgs, flavour: str, depth: int) -> str:
     elif depth < model_args.mtp_num_layers:
         note += f" ({fam.draft_class} takes {fam.draft_depth}; the deeper ones are trained, not exported)"
     return note
-
-
-def stream_hf(model, model_args: ModelArgs, flavour: str, *, depth: int | None = None):
-    """This stage's HF tensors one at a time (a collective over each parameter's TP / EP group)."""
-    return iter_hf_tensors(model, model_args, flavour, depth=depth)
 
 
 def shard_names(out: Path) -> list[str]:
@@ -215,7 +210,6 @@ class WeightSync:
         self._group = None
         self.last_buckets: list[list[str]] = []  # this sender's buckets (names) of the last push
         self.last_bucket_bytes: list[int] = []
-        self.peak_bucket_bytes = 0
         # what the engines hold now, for a restarted engine (disk mode only: the pushed buckets are
         # not kept, so a restarted engine in tensor/distributed mode catches up at the next sync)
         self._last_payload = None
@@ -264,7 +258,7 @@ class WeightSync:
         marker = mtp_marker(self.model_args, self.flavour)
 
         def named():
-            for name, t in stream_hf(self.model, self.model_args, self.flavour):
+            for name, t in iter_hf_tensors(self.model, self.model_args, self.flavour):
                 seen_mtp[0] |= name.startswith(marker)
                 yield name, t
 
@@ -278,7 +272,6 @@ class WeightSync:
             self.last_buckets.append([n for n, _ in bucket])
             size = sum(tensor_nbytes(t) for _, t in bucket)
             self.last_bucket_bytes.append(size)
-            self.peak_bucket_bytes = max(self.peak_bucket_bytes, size)
             if self.mode == "distributed":
                 self._broadcast(bucket, version)
             else:

@@ -396,6 +396,12 @@ class RayConfig:
         "rollout actor shares trainer rank 0's bundle, or gets its own",
         choices=["colocated", "disaggregated"],
     )
+    ray_engine_replace_timeout: float = flag(
+        300.0,
+        "seconds to re-place a dead SGLang engine actor in its bundle before the run goes on without it",
+        min=0,
+        min_exclusive=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -547,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         vocab=vocab,
     ).start()
     print(f"fake {'router' if a.router else 'engine'} listening on {server.url}", flush=True)
+    dump_dir = os.environ.get("FAKE_SGLANG_STATE_DIR")  # tests: what it was asked, written when it stops
+    if dump_dir:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             time.sleep(3600)
@@ -554,7 +558,23 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         server.stop()
+        if dump_dir:
+            _dump_state(server, Path(dump_dir) / f"{'router' if a.router else 'engine'}-{a.port}.json")
     return 0
+
+
+def _dump_state(server: FakeServer, path: Path) -> None:
+    """The request log without bodies (route, time, weight version asked or given) and the router's workers."""
+    snap = server.state.snapshot()
+    log = [
+        {"t": r["t"], "route": r["route"], "method": r["method"],
+         "weight_version": (r["body"] or {}).get("weight_version") if isinstance(r["body"], dict) else None,
+         "url": (r["body"] or {}).get("url") if isinstance(r["body"], dict) else None}
+        for r in snap["log"]
+    ]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"url": server.url, "log": log, "workers": snap["workers"],
+                                "generate_count": snap["generate_count"], "weight_version": snap["weight_version"]}))
 
 
 if __name__ == "__main__":

@@ -107,6 +107,18 @@ class SGLangEngine:
             ]
         return self._gen_client, self._engine_clients
 
+    def set_engines(self, generate_url: str | None, engine_urls: Sequence[str]) -> None:
+        """Talk to another set of engines from now on (one was restarted elsewhere or left out)."""
+
+        async def _close():
+            for c in ([self._gen_client] if self._gen_client else []) + self._engine_clients:
+                await c.aclose()
+
+        self._run(_close())
+        self._gen_client, self._engine_clients = None, []
+        self.generate_url = generate_url.rstrip("/") if generate_url else None
+        self.engine_urls = [u.rstrip("/") for u in engine_urls]
+
     def close(self) -> None:
         """Close the clients, the loop and, when this engine launched them, the servers."""
         if self._closed:

@@ -470,8 +470,13 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
         from megatron_mtp_rl.train.offload import TrainerOffload
 
         barrier = dist.barrier if dist.is_initialized() else (lambda: None)
-        return ColocatedEngine(engine, TrainerOffload(run.model, run.optimizer), client if launcher else None,
-                               barrier=barrier)  # fmt: skip
+        engine = ColocatedEngine(engine, TrainerOffload(run.model, run.optimizer), client if launcher else None,
+                                 barrier=barrier)  # fmt: skip
+    if ray_engines is not None:  # a dead engine actor is put back in its bundle and re-synced (every rank)
+        from megatron_mtp_rl.train.engine_recovery import RecoveringEngine
+        from megatron_mtp_rl.train.metrics import print_progress
+
+        return RecoveringEngine(engine, ray_engines if launcher else None, sync, log=print_progress)
     if external:
         engine.sync_weights()  # they loaded a model of their own: push this run's (weight version 1)
     return engine

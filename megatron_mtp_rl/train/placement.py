@@ -11,6 +11,7 @@ through :class:`RayEngineGroup`, which stands where the local ``SGLangSupervisor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -117,6 +118,10 @@ class EngineActor:
     def alive(self) -> bool:
         return self.supervisor is not None and not any(e.failed for e in self.supervisor.engines)
 
+    def restarts(self) -> int:
+        """How often its supervisor restarted the server here: each one came back with the initial weights."""
+        return 0 if self.supervisor is None else sum(e.restarts for e in self.supervisor.engines)
+
     def stop(self) -> None:
         if self.supervisor is not None:
             self.supervisor.close()
@@ -147,6 +152,23 @@ class RouterActor:
             _http_json("POST", url + ROUTER_WORKERS, {"url": u})
         return url
 
+    def add(self, urls: list[str]) -> None:
+        from megatron_mtp_rl.rollout.sglang_schema import ROUTER_WORKERS
+        from megatron_mtp_rl.rollout.sglang_server import _http_json
+
+        for u in urls:
+            _http_json("POST", self.supervisor.router_url + ROUTER_WORKERS, {"url": u})
+
+    def remove(self, urls: list[str]) -> None:
+        """``DELETE /workers/{id}`` for each listed worker at one of ``urls``."""
+        from megatron_mtp_rl.rollout.sglang_schema import ROUTER_WORKERS
+        from megatron_mtp_rl.rollout.sglang_server import _http_json
+
+        base = self.supervisor.router_url + ROUTER_WORKERS
+        for w in _http_json("GET", base)["workers"]:
+            if str(w.get("url", "")).rstrip("/") in {u.rstrip("/") for u in urls}:
+                _http_json("DELETE", f"{base}/{w['id']}")
+
     def workers(self) -> list[str]:
         from megatron_mtp_rl.rollout.sglang_schema import ROUTER_WORKERS
         from megatron_mtp_rl.rollout.sglang_server import _http_json
@@ -160,8 +182,24 @@ class RouterActor:
 
 
 @dataclass
+class Recovery:
+    """What :meth:`RayEngineGroup.recover` did: engines to re-sync before the router sees them, engines gone."""
+
+    resync: list[str]  # URLs of restarted engines (held out of the router until re-synced)
+    lines: list[str]  # one per event, for the log
+    dropped: int = 0
+
+
+@dataclass
 class RayEngineGroup:
-    """The engine and router actors the driver placed; trainer rank 0 starts them (``start``)."""
+    """The engine and router actors the driver placed; trainer rank 0 starts them (``start``).
+
+    An engine actor that dies (or whose node does) is started again in its bundle by :meth:`recover`,
+    which trainer rank 0 calls before every generation (train/engine_recovery.py does the rest:
+    every rank learns the new URLs, the weights are pushed again, then the router gets the engine).
+    An engine its bundle cannot take back within ``replace_timeout_s`` (its node is gone and no
+    other has room) is left out, and the run goes on with fewer.
+    """
 
     engines: list
     router: object | None
@@ -170,11 +208,21 @@ class RayEngineGroup:
     engine_urls: list[str] = field(default_factory=list)
     router_url: str | None = None
     on_restart: object = None  # SGLangSupervisor's hook (restarts happen inside each engine actor)
+    pg: object = None  # the placement group and layout, to put a dead engine back in its bundle
+    layout: Layout | None = None
+    trainer_infos: list[dict] = field(default_factory=list)
+    replace_timeout_s: float = 300.0
+    server_cfg: object = None
+    indices: list[int] = field(default_factory=list)  # engine e's place in the layout (engines dropped: fewer)
+    restarts_seen: list[int] = field(default_factory=list)
 
     def start(self, server_cfg) -> RayEngineGroup:
         """Every engine (its server healthy), then the router told them all; a failed start is one line."""
         from megatron_mtp_rl.errors import EngineStartError
 
+        self.server_cfg = server_cfg
+        self.indices = list(range(len(self.engines)))
+        self.restarts_seen = [0] * len(self.engines)
         try:
             self.engine_urls = ray.get([e.start.remote(server_cfg) for e in self.engines])
             if self.router is not None:
@@ -195,16 +243,85 @@ class RayEngineGroup:
         return self.router_url or self.engine_urls[0]
 
     def check(self) -> None:
-        """Before each rollout: every engine actor answers and its server is up."""
+        """Before each generate call: at least one engine is there (recover() replaces dead ones)."""
         from megatron_mtp_rl.rollout.sglang_server import SGLangServerError
 
+        if not self.engine_urls:
+            raise SGLangServerError("no SGLang engine is left: every engine actor died and none could be re-placed")
+
+    def _status(self, e: int) -> tuple[bool, int]:
+        """(alive, restarts) of engine actor ``e``; a dead actor or a failed server is (False, ·)."""
         try:
-            alive = ray.get([e.alive.remote() for e in self.engines], timeout=60)
-        except ray.exceptions.RayError as err:
-            raise SGLangServerError(f"an SGLang engine actor is gone: {type(err).__name__}") from None
-        dead = [i for i, ok in enumerate(alive) if not ok]
-        if dead:
-            raise SGLangServerError(f"SGLang engine(s) {dead} died and could not be restarted")
+            ok, restarts = ray.get([self.engines[e].alive.remote(), self.engines[e].restarts.remote()], timeout=60)
+            return bool(ok), int(restarts)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return False, 0
+
+    def recover(self, fault_kill: bool = False) -> Recovery:
+        """Put every dead engine back in its bundle (server started, out of the router until re-synced).
+
+        ``fault_kill``: kill the last engine actor first (``MTP_RL_FAULTS=kill_engine_actor@N``, the tests).
+        """
+        if fault_kill and self.engines:
+            ray.kill(self.engines[-1], no_restart=True)
+        out = Recovery([], [])
+        keep = []
+        for e, actor in enumerate(self.engines):
+            ok, restarts = self._status(e)
+            index, old = self.indices[e], self.engine_urls[e]
+            if ok and restarts == self.restarts_seen[e]:
+                keep.append(e)
+                continue
+            self.unroute([old])
+            if ok:  # its server was restarted inside the actor: same URL, the initial weights
+                self.restarts_seen[e] = restarts
+                out.resync.append(old)
+                out.lines.append(f"engine {index}: its server restarted on its node; re-syncing before it serves again")
+                keep.append(e)
+                continue
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.kill(actor, no_restart=True)
+            try:
+                new, info = self._replace(index)
+                url = ray.get(new.start.remote(self.server_cfg), timeout=self.server_cfg.startup_timeout_s + 60)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as err:
+                out.dropped += 1
+                out.lines.append(
+                    f"engine {index}: its actor died and could not be re-placed in its bundle "
+                    f"({type(err).__name__}); going on with the other engines"
+                )
+                continue
+            self.engines[e], self.engine_urls[e], self.restarts_seen[e] = new, url, 0
+            out.resync.append(url)
+            out.lines.append(f"engine {index}: its actor died; restarted {placement_line('engine', index, info)[11:]}")
+            keep.append(e)
+        if out.dropped:
+            self.engines = [self.engines[e] for e in keep]
+            self.engine_urls = [self.engine_urls[e] for e in keep]
+            self.indices = [self.indices[e] for e in keep]
+            self.restarts_seen = [self.restarts_seen[e] for e in keep]
+        return out
+
+    def _replace(self, index: int):
+        """A new actor for engine ``index`` in its bundle; (actor, where) once Ray has placed it."""
+        actor = engine_actor(self.pg, self.layout, index, self.trainer_infos)
+        try:
+            info = ray.get(actor.where.remote(), timeout=self.replace_timeout_s)
+        except BaseException:
+            ray.kill(actor, no_restart=True)
+            raise
+        return actor, info
+
+    def unroute(self, urls: list[str]) -> None:
+        """Take engines out of the router (its own health checks may have done it already)."""
+        if self.router is not None and urls:
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.get(self.router.remove.remote(urls), timeout=60)
+
+    def route(self, urls: list[str]) -> None:
+        """Give (re-synced) engines to the router."""
+        if self.router is not None and urls:
+            ray.get(self.router.add.remote(urls), timeout=60)
 
     def close(self) -> None:
         """Stop the servers (the driver ends the actors and the placement group)."""
@@ -215,25 +332,25 @@ class RayEngineGroup:
                 pass
 
 
+def engine_actor(pg, layout: Layout, e: int, trainer_infos: list[dict]):
+    """Engine ``e``'s actor, scheduled in its bundle (colocated: on the GPUs of the trainers it shares)."""
+    b = layout.engine_bundles[e]
+    if layout.colocated:
+        tp = max(1, layout.engine_gpus)
+        shared = trainer_infos[b : b + tp]
+        if len({t["node"] for t in shared}) > 1:
+            raise ValueError(f"colocated engine {e}: its {tp} trainer GPUs are on different nodes")
+        gpus = [g for t in shared for g in t["gpus"]]
+        opts = dict(num_cpus=0, num_gpus=COLOCATED_SHARE if layout.engine_gpus else 0)
+        return EngineActor.options(scheduling_strategy=in_bundle(pg, b), **opts).remote(e, gpus)
+    return EngineActor.options(num_cpus=1, num_gpus=layout.engine_gpus, scheduling_strategy=in_bundle(pg, b)).remote(e)
+
+
 def place_engines(pg, layout: Layout, trainer_infos: list[dict], *, with_router: bool) -> tuple[list, object, list]:
     """Engine actors in their bundles, the router on the driver's node; (engines, router, placement lines)."""
-    engines, lines = [], []
-    for e, b in enumerate(layout.engine_bundles):
-        if layout.colocated:
-            tp = max(1, layout.engine_gpus)
-            shared = trainer_infos[b : b + tp]
-            if len({t["node"] for t in shared}) > 1:
-                raise ValueError(f"colocated engine {e}: its {tp} trainer GPUs are on different nodes")
-            gpus = [g for t in shared for g in t["gpus"]]
-            opts = dict(num_cpus=0, num_gpus=COLOCATED_SHARE if layout.engine_gpus else 0)
-            actor = EngineActor.options(scheduling_strategy=in_bundle(pg, b), **opts).remote(e, gpus)
-        else:
-            actor = EngineActor.options(
-                num_cpus=1, num_gpus=layout.engine_gpus, scheduling_strategy=in_bundle(pg, b)
-            ).remote(e)
-        engines.append(actor)
+    engines = [engine_actor(pg, layout, e, trainer_infos) for e in range(len(layout.engine_bundles))]
     infos = ray.get([a.where.remote() for a in engines])
-    lines += [placement_line("engine", e, info) for e, info in enumerate(infos)]
+    lines = [placement_line("engine", e, info) for e, info in enumerate(infos)]
     router = None
     if with_router:
         head = ray.get_runtime_context().get_node_id()

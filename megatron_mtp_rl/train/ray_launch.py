@@ -53,14 +53,14 @@ class TrainerActor:
             platform.destroy()
 
 
-def _init_ray(world: int) -> None:
+def _init_ray(cpus: int) -> None:
+    """Join ``RAY_ADDRESS``'s cluster, or start a private one on loopback with ``cpus`` CPUs (CPU machines, tests)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto")
     else:
-        # A private local cluster bound to loopback (CPU machines, tests).
-        ray.init(num_cpus=max(2, world + 1), _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=max(2, cpus), _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
 
 
 def launch(cfg) -> list[dict]:
@@ -76,8 +76,10 @@ def launch(cfg) -> list[dict]:
     vocab = model_vocab_size(cfg, tok)  # the checkpoint's rows, as the trainers build (≥ the tokenizer's)
     margs = resolve_model_args(cfg, vocab)
     check(cfg, world, margs, cuda=bool(gpus))  # before Ray starts: one line, not a traceback per trainer actor
-    _init_ray(world)
-    if cfg.rollout.rollout_engine == "sglang" and cfg.rollout.rollout_engine_urls is None:
+    sglang = cfg.rollout.rollout_engine == "sglang" and cfg.rollout.rollout_engine_urls is None
+    own_bundles = cfg.ray.ray_rollout_placement == "disaggregated"  # engines (or the rollout actor) beside trainers
+    _init_ray(world + 1 + (cfg.rollout.rollout_num_engines if sglang and own_bundles else 0))
+    if sglang:
         return _launch_with_engines(cfg, world, gpus)
     return _launch_with_rollout_actor(cfg, world, gpus, margs, vocab)
 
@@ -129,7 +131,9 @@ def _launch_with_engines(cfg, world: int, gpus: int) -> list[dict]:
         infos = ray.get([t.where.remote() for t in trainers])
         engines, router, lines = place_engines(pg, layout, infos, with_router=ro.rollout_num_engines > 1)
         _print_placement([placement_line("trainer", i, info) for i, info in enumerate(infos)] + lines)
-        group = RayEngineGroup(engines, router, trainer_ip=infos[0]["ip"], colocated=layout.colocated)
+        group = RayEngineGroup(engines, router, trainer_ip=infos[0]["ip"], colocated=layout.colocated, pg=pg,
+                               layout=layout, trainer_infos=infos,
+                               replace_timeout_s=cfg.ray.ray_engine_replace_timeout)  # fmt: skip
         return _run_trainers(cfg, trainers, infos, world, gpus, engines=group)
     finally:
         if group is not None:

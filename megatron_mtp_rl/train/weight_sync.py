@@ -220,6 +220,36 @@ class WeightSync:
 
     def __call__(self) -> dict:
         self.version += 1
+        return self._push()
+
+    def resync(self) -> dict:
+        """Push the current version again (collective): a restarted engine came back with the initial weights.
+
+        Every engine gets it (the survivors' copies are unchanged); in ``distributed`` mode the
+        update group is built anew over the engines there are now. Nothing to do before the first push.
+        """
+        if self.version == 0:
+            return {}
+        if self.mode == "distributed":
+            self.reset_group()
+        return self._push()
+
+    def reset_group(self) -> None:
+        """Forget this sender's update group: the next push builds one over the engines the client lists now."""
+        if self._group is not None:
+            import contextlib
+
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group(self._group)
+        self._group = None
+        self._group_generation = getattr(self, "_group_generation", 0) + 1
+        base = "mtp_rl_weight_sync" if self.stage == 0 else f"mtp_rl_weight_sync_pp{self.stage}"
+        self.group_name = f"{base}_g{self._group_generation}"  # the engines keep the old name's group
+        if self.engine is not None:
+            self.num_engines = len(self.engine.engine_urls)
+
+    def _push(self) -> dict:
+        """Push ``self.version`` to every engine (all ranks call it)."""
         if self.mode == "disk":
             path = export_hf(
                 self.model, self.model_args, self.export_dir / f"v{self.version}", self.flavour, self.max_shard_size

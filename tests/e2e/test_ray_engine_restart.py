@@ -1,0 +1,75 @@
+"""A dead SGLang engine actor under ``--ray``: started again in its bundle, re-synced, then routed.
+
+One trainer, two fake engines in bundles of their own and the router, on a local Ray cluster.
+``MTP_RL_FAULTS=kill_engine_actor@2`` kills engine 1's actor (``ray.kill``: its server dies with
+it) as step 2's generation begins; the fake servers write what they were asked when they stop.
+"""
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import ray
+
+from megatron_mtp_rl.config import parse_config
+from megatron_mtp_rl.train.ray_launch import launch
+from tests.e2e.test_train import FAST
+
+FAKE = str(Path(__file__).resolve().parents[1] / "fake_sglang_server.py")
+UPDATES = ("/update_weights_from_tensor",)
+
+
+def test_killed_engine_actor_is_restarted_resynced_then_routed(tmp_path, capsys, monkeypatch):
+    state = tmp_path / "fake_state"
+    monkeypatch.setenv("MTP_RL_FAULTS", "kill_engine_actor@2")
+    monkeypatch.setenv("FAKE_SGLANG_STATE_DIR", str(state))  # the Ray workers inherit it (started below)
+    if ray.is_initialized():
+        ray.shutdown()
+    cfg = parse_config([*FAST, "--num-steps", "3", "--ray", "--ray-num-trainers", "1",
+                        "--rollout-engine", "sglang", "--rollout-num-engines", "2",
+                        "--ray-rollout-placement", "disaggregated",
+                        "--rollout-server-cmd", f"{sys.executable} {FAKE}",
+                        "--rollout-router-cmd", f"{sys.executable} {FAKE} --router",
+                        "--rollout-hf-dir", str(tmp_path / "hf")])  # fmt: skip
+    try:
+        hist = launch(cfg)
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr().out
+    print(out, file=sys.stderr)
+    assert [h["step"] for h in hist] == [0, 1, 2, 3]
+    restarted = re.search(r"engine 1: its actor died; restarted engine 1 node=\S+ gpus=-", out)
+    assert restarted, out
+    assert "engines: 2 serving (weights version 1 re-pushed to 1)" in out
+    assert hist[2]["rollout/engine_restarts"] == 1.0 and hist[2]["rollout/engines_serving"] == 2.0
+    assert "rollout/engine_restarts" not in hist[1] and "rollout/engine_restarts" not in hist[3]
+    # no sample lost: every step trained on a full batch, none asked twice
+    assert len({h["rollout/generated_samples"] for h in hist[1:]}) == 1
+    assert hist[2]["rollout/sglang_retries"] == 0.0
+    for h in hist[1:]:
+        assert math.isfinite(h["train/policy_loss"])
+    assert [h["rollout/weight_version"] for h in hist[1:]] == [1.0, 2.0, 3.0]
+
+    dumps = {p.name: json.loads(p.read_text()) for p in state.glob("*.json")}
+    router = next(d for n, d in dumps.items() if n.startswith("router-"))
+    engines = [d for n, d in dumps.items() if n.startswith("engine-")]
+    assert len(engines) == 2, sorted(dumps)  # the killed one wrote nothing; the survivor and the new one did
+    new = next(e for e in engines if e["url"] not in _initial_workers(router))
+    log = new["log"]
+    first_update = next(r for r in log if r["route"] in UPDATES)
+    first_generate = next(r for r in log if r["route"] == "/generate")
+    assert first_update["weight_version"] == "1"  # the version the others held, before it served anything
+    assert first_update["t"] < first_generate["t"]
+    added = [r for r in router["log"] if r["route"] == "/workers" and r["method"] == "POST" and r["url"] == new["url"]]
+    last_resync = max(r["t"] for r in log if r["route"] == "/end_weight_update" and r["t"] < first_generate["t"])
+    assert added and added[0]["t"] > last_resync  # routed only once re-synced
+    assert new["generate_count"] > 0 and new["weight_version"] == "3"
+    assert sorted(w["url"] for w in router["workers"]) == sorted(e["url"] for e in engines)
+
+
+def _initial_workers(router: dict) -> set[str]:
+    """The engines the router was started with (the ones added later came through POST /workers)."""
+    posted = [r["url"] for r in router["log"] if r["route"] == "/workers" and r["method"] == "POST"]
+    return set(posted[:2])

@@ -573,8 +573,17 @@ def _dump_state(server: FakeServer, path: Path) -> None:
         for r in snap["log"]
     ]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"url": server.url, "log": log, "workers": snap["workers"],
-                                "generate_count": snap["generate_count"], "weight_version": snap["weight_version"]}))
+    path.write_text(
+        json.dumps(
+            {
+                "url": server.url,
+                "log": log,
+                "workers": snap["workers"],
+                "generate_count": snap["generate_count"],
+                "weight_version": snap["weight_version"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

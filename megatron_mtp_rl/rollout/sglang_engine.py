@@ -15,15 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
+import aiohttp
+
 from megatron_mtp_rl.models.generation import SamplingParams
 from megatron_mtp_rl.rollout.engine import Completion
 from megatron_mtp_rl.rollout.sglang_client import SGLangClient
-from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig, SGLangSupervisor
+from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig, SGLangServerError, SGLangSupervisor
+
+log = logging.getLogger(__name__)
 
 UpdateFn = Callable[[list[SGLangClient]], Awaitable] | Awaitable
 
@@ -65,6 +70,7 @@ class SGLangEngine:
         self._thread.start()
         self._gen_client: SGLangClient | None = None
         self._engine_clients: list[SGLangClient] = []
+        self.unreachable: set[str] = set()  # engine URLs that could not be reached in the current frame
         self._closed = False
 
     @classmethod
@@ -116,6 +122,7 @@ class SGLangEngine:
 
         self._run(_close())
         self._gen_client, self._engine_clients = None, []
+        self.unreachable = set()
         self.generate_url = generate_url.rstrip("/") if generate_url else None
         self.engine_urls = [u.rstrip("/") for u in engine_urls]
 
@@ -203,63 +210,73 @@ class SGLangEngine:
             "SGLangClient.update_weights_from_tensor / _from_distributed / _from_disk."
         )
 
+    # -- control calls to every engine ------------------------------------------------------
+    async def _each(self, call) -> list:
+        """``call(client)`` on every engine still reachable in this frame, concurrently.
+
+        An engine that cannot be reached (its server or node went away) is left out of the rest of
+        the frame with a warning: with ``--ray`` it is restarted and re-synced before the next
+        generation (train/engine_recovery.py); locally its supervisor restarts it. Any other
+        failure is raised, and so is losing every engine.
+        """
+        _, engines = await self._clients()
+        live = [c for c in engines if c.url not in self.unreachable]
+        results = await asyncio.gather(*(call(c) for c in live), return_exceptions=True)
+        for c, r in zip(live, results):
+            if isinstance(r, aiohttp.ClientConnectionError):
+                self.unreachable.add(c.url)
+                log.warning("SGLang engine %s cannot be reached (%s): left out of this update", c.url, r)
+            elif isinstance(r, BaseException):
+                raise r
+        if len(self.unreachable) >= len(engines):
+            raise SGLangServerError(f"no SGLang engine can be reached: {sorted(self.unreachable)}")
+        return [r for r in results if not isinstance(r, BaseException)]
+
     # -- colocated memory hand-off (every engine) ------------------------------------------
     def release_memory(self, tags: list[str] | None = None) -> None:
-        async def run():
-            _, engines = await self._clients()
-            await asyncio.gather(*(c.release_memory_occupation(tags) for c in engines))
-
-        self._run(run())
+        self._run(self._each(lambda c: c.release_memory_occupation(tags)))
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
-        async def run():
-            _, engines = await self._clients()
-            await asyncio.gather(*(c.resume_memory_occupation(tags) for c in engines))
-
-        self._run(run())
+        self._run(self._each(lambda c: c.resume_memory_occupation(tags)))
 
     # -- weight-update frame ----------------------------------------------------------------
     def open_update_frame(self, pause_mode: str = "abort", flush_timeout_s: float = 60.0) -> None:
         """Pause every engine, flush, begin the weight-update session (the first half of the frame)."""
+        self.unreachable.clear()  # a frame asks every engine again
 
         async def go():
-            _, engines = await self._clients()
-            await asyncio.gather(*(c.pause_generation(pause_mode) for c in engines))
+            await self._each(lambda c: c.pause_generation(pause_mode))
             try:
-                await asyncio.gather(*(c.flush_cache(flush_timeout_s) for c in engines))
-                await asyncio.gather(*(c.begin_weight_update() for c in engines))
+                await self._each(lambda c: c.flush_cache(flush_timeout_s))
+                await self._each(lambda c: c.begin_weight_update())
             except BaseException:
-                await asyncio.gather(*(c.continue_generation() for c in engines), return_exceptions=True)
+                await self._each_quietly(lambda c: c.continue_generation())
                 raise
 
         self._run(go())
+
+    async def _each_quietly(self, call) -> None:
+        """``call`` on every reachable engine, whatever happens (the engines must not stay paused)."""
+        _, engines = await self._clients()
+        await asyncio.gather(*(call(c) for c in engines if c.url not in self.unreachable), return_exceptions=True)
 
     def close_update_frame(self, flush_timeout_s: float = 60.0) -> None:
         """End the session, flush the caches the new weights invalidate and continue every engine."""
 
         async def go():
-            _, engines = await self._clients()
             try:
-                await asyncio.gather(*(c.end_weight_update() for c in engines))
-                await asyncio.gather(*(c.flush_cache(flush_timeout_s) for c in engines))
+                await self._each(lambda c: c.end_weight_update())
+                await self._each(lambda c: c.flush_cache(flush_timeout_s))
             finally:
-                await asyncio.gather(*(c.continue_generation() for c in engines))
+                await self._each(lambda c: c.continue_generation())
 
         self._run(go())
 
     def push_bucket(self, bucket: list, weight_version: str) -> None:
         """Send one bucket of named tensors to every engine (``/update_weights_from_tensor``), inside an open frame."""
-
-        async def go():
-            _, engines = await self._clients()
-            await asyncio.gather(
-                *(
-                    c.update_weights_from_tensor(bucket, flush_cache=False, weight_version=weight_version)
-                    for c in engines
-                )
-            )
-
-        self._run(go())
+        self._run(
+            self._each(lambda c: c.update_weights_from_tensor(bucket, flush_cache=False, weight_version=weight_version))
+        )
 
     def pause_flush_update_continue(self, update: UpdateFn, **kw):
         """Synchronous ``apause_flush_update_continue``."""
@@ -282,20 +299,22 @@ class SGLangEngine:
         (pass False for ``update_weights_from_disk``). Engines are continued even when the
         update fails (the error is re-raised), so a failed sync never leaves them paused.
         """
-        _, engines = await self._clients()
-        await asyncio.gather(*(c.pause_generation(pause_mode) for c in engines))
+        self.unreachable.clear()
+        await self._each(lambda c: c.pause_generation(pause_mode))
         try:
-            await asyncio.gather(*(c.flush_cache(flush_timeout_s) for c in engines))
+            await self._each(lambda c: c.flush_cache(flush_timeout_s))
             if weight_update_session:
-                await asyncio.gather(*(c.begin_weight_update(session_selector) for c in engines))
+                await self._each(lambda c: c.begin_weight_update(session_selector))
             try:
-                aw = update(engines) if callable(update) else update
+                _, engines = await self._clients()
+                live = [c for c in engines if c.url not in self.unreachable]
+                aw = update(live) if callable(update) else update
                 result = await aw if inspect.isawaitable(aw) else aw
             finally:
                 if weight_update_session:
-                    await asyncio.gather(*(c.end_weight_update() for c in engines))
+                    await self._each(lambda c: c.end_weight_update())
         finally:
-            await asyncio.gather(*(c.continue_generation() for c in engines))
+            await self._each_quietly(lambda c: c.continue_generation())
         return result
 
 

@@ -11,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import ray
 
 from megatron_mtp_rl.config import parse_config
@@ -73,3 +74,58 @@ def _initial_workers(router: dict) -> set[str]:
     """The engines the router was started with (the ones added later came through POST /workers)."""
     posted = [r["url"] for r in router["log"] if r["route"] == "/workers" and r["method"] == "POST"]
     return set(posted[:2])
+
+
+@pytest.mark.slow
+def test_an_engine_whose_node_is_gone_is_left_out(tmp_path, capsys, monkeypatch):
+    """Three simulated nodes: the trainer on the head, one engine on each of two others. The second
+    engine's node is removed after step 1; nothing has room for its bundle, so after
+    ``--ray-engine-replace-timeout`` the run goes on with one engine and says so."""
+    import threading
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("MTP_RL_FORCE_CPU", "1")
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, resources={"engine_a": 1})
+    node_b = cluster.add_node(num_cpus=1, resources={"engine_b": 1})
+    ray.init(address=cluster.address, log_to_driver=True)
+    metrics = tmp_path / "m.jsonl"
+    removed = threading.Event()
+
+    def remove_after_step_1():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if metrics.exists() and '"step": 1' in metrics.read_text():
+                cluster.remove_node(node_b)
+                removed.set()
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=remove_after_step_1, daemon=True)
+    watcher.start()
+    try:
+        cfg = parse_config([*FAST, "--num-steps", "3", "--ray", "--ray-num-trainers", "1",
+                            "--rollout-engine", "sglang", "--rollout-num-engines", "2",
+                            "--ray-rollout-placement", "disaggregated", "--ray-engine-replace-timeout", "5",
+                            "--rollout-server-cmd", f"{sys.executable} {FAKE}",
+                            "--rollout-router-cmd", f"{sys.executable} {FAKE} --router",
+                            "--metrics-jsonl", str(metrics), "--rollout-hf-dir", str(tmp_path / "hf")])  # fmt: skip
+        hist = launch(cfg)
+    finally:
+        watcher.join(timeout=1)
+        ray.shutdown()
+        cluster.shutdown()
+    out = capsys.readouterr().out
+    print(out, file=sys.stderr)
+    assert removed.is_set()
+    assert [h["step"] for h in hist] == [0, 1, 2, 3]
+    gone = re.findall(r"engine (\d): its actor died and could not be re-placed in its bundle \((\w+)\)", out)
+    assert len(gone) == 1 and gone[0][1] == "GetTimeoutError", out
+    assert "engines: 1 serving" in out
+    assert hist[-1]["rollout/generated_samples"] == hist[1]["rollout/generated_samples"]
+    assert [h["rollout/weight_version"] for h in hist[1:]] == [1.0, 2.0, 3.0]

@@ -61,11 +61,19 @@ class ColocatedEngine:
     @contextlib.contextmanager
     def generation(self) -> Iterator[dict]:
         """The engines' turn (all ranks enter); yields the hand-off metrics, filled on exit."""
+        from megatron_mtp_rl.train.offload import gpu_memory_gb
+
+        trainer_side = gpu_memory_gb()  # the trainer's peak since the last generation (CUDA only)
         m = {"perf/trainer_offload_time": self.trainer.offload()}
+        if trainer_side:
+            m["perf/trainer_gpu_peak_gb"] = trainer_side["trainer_peak_gb"]
         m["perf/engine_resume_time"] = self._engines("resume", ALL_TAGS)
         try:
             yield m
         finally:
+            engine_side = gpu_memory_gb()  # while the engines still hold their memory
+            if engine_side:
+                m["perf/engine_gpu_gb"] = engine_side["others_gb"]
             m["perf/engine_release_time"] = self._engines("release", ALL_TAGS)
             m["perf/trainer_onload_time"] = self.trainer.onload()
 

@@ -91,3 +91,19 @@ class TrainerOffload:
                 seen.add(st.data_ptr())
                 total += st.nbytes() if st.device.type == "cuda" else 0
         return total
+
+
+def gpu_memory_gb() -> dict[str, float]:
+    """This process's peak GPU allocation since the last call, and what other processes hold on its GPU.
+
+    Colocated, the other processes on a trainer's GPU are the SGLang engine sharing it: read while
+    the engines hold their memory, ``engine_gb`` is the engine side's footprint (SGLang allocates
+    weights and its KV cache pool up front, so that is also its peak). Empty without CUDA.
+    """
+    if not torch.cuda.is_available():
+        return {}
+    peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    free, total = torch.cuda.mem_get_info()
+    others = max(0, total - free - torch.cuda.memory_reserved())
+    return {"trainer_peak_gb": peak / 2**30, "others_gb": others / 2**30}

@@ -178,7 +178,7 @@ def test_speculative_decoding_is_exact_on_cuda(cuda_group):
 def test_colocated_offload_frees_the_gpu_and_restores_bit_for_bit(cuda_group):
     """The colocated hand-off's trainer side on CUDA: offload frees every parameter, gradient and
     Adam-state storage (allocated bytes drop by at least their size), onload restores them exactly."""
-    from megatron_mtp_rl.train.offload import TrainerOffload, _tensors
+    from megatron_mtp_rl.train.offload import TrainerOffload, _tensors, gpu_memory_gb
     from tests.unit.test_offload import _model_and_optimizer, _step
 
     model, optimizer = _model_and_optimizer()
@@ -186,6 +186,8 @@ def test_colocated_offload_frees_the_gpu_and_restores_bit_for_bit(cuda_group):
     before = [t.detach().clone() for t in _tensors(model, optimizer)]
     hand = TrainerOffload(model, optimizer)
     held = hand.resident_bytes()
+    side = gpu_memory_gb()  # the hand-off's per-side metric: the trainer's peak covers what it holds
+    assert side["trainer_peak_gb"] * 2**30 >= held and side["others_gb"] >= 0.0
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
     hand.offload()

@@ -50,6 +50,8 @@ def test_one_step_order_and_no_generation_while_released(single_process):
             assert not trainer.offloaded and set(handoff) >= {
                 "perf/trainer_offload_time", "perf/engine_resume_time", "perf/engine_release_time",
                 "perf/trainer_onload_time"}  # fmt: skip
+            # the per-side GPU footprints are measured on CUDA only (tests/gpu), never reported as 0 here
+            assert not {"perf/trainer_gpu_peak_gb", "perf/engine_gpu_gb"} & set(handoff)
             with pytest.raises(SGLangHTTPError, match="memory released"):  # released: refused
                 client.generate([[1]], params, seed=0)
             metrics = engine.sync_weights()

@@ -31,22 +31,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_mtp_rl.models.forward import gpt_forward, mtp_depth_forward, output_logits, output_weight, unwrap
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    eos_id: int | None = None
-    stop_ids: tuple[int, ...] = ()  # more ids that end a response (an instruct model's extra EOS ids)
-
-    @property
-    def stops(self) -> tuple[int, ...]:
-        """Every id that ends a response (``eos_id`` first); empty = never stop early."""
-        if self.eos_id is None:
-            return ()
-        return tuple(dict.fromkeys((self.eos_id, *self.stop_ids)))
+from megatron_mtp_rl.models.sampling_params import SamplingParams  # noqa: F401  (re-exported)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.models.sampling_params import SamplingParams
 
 
 @dataclass

@@ -27,7 +27,7 @@ showed, and this module relies on:
 
 from __future__ import annotations
 
-from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.models.sampling_params import SamplingParams
 from megatron_mtp_rl.rollout.engine import Completion
 
 SGLANG_VERSION = "0.5.23"

@@ -1,0 +1,22 @@
+"""How to sample a response; torch-free, so processes that only talk to SGLang (engine and router
+actors, clients) can import it without megatron-core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    eos_id: int | None = None
+    stop_ids: tuple[int, ...] = ()  # more ids that end a response (an instruct model's extra EOS ids)
+
+    @property
+    def stops(self) -> tuple[int, ...]:
+        """Every id that ends a response (``eos_id`` first); empty = never stop early."""
+        if self.eos_id is None:
+            return ()
+        return tuple(dict.fromkeys((self.eos_id, *self.stop_ids)))

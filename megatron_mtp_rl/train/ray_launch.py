@@ -19,6 +19,7 @@ line naming its rank and node; the other ranks are killed, not left waiting in a
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import ray
@@ -128,7 +129,10 @@ def _failure(err: Exception, rank: int, info: dict) -> Exception:
     if isinstance(cause, (ConfigError, DataError, EngineStartError)):
         return type(cause)(str(cause))
     if isinstance(err, ray.exceptions.RayActorError):  # the process died (killed, OOM, node lost)
-        what = f"its actor process (pid {info.get('pid', '?')}) died: {_first_line(err)}"
+        # Ray says "... Worker exit type: T Worker exit detail: D Some common causes ..."
+        m = re.search(r"Worker exit type: (\S+) Worker exit detail: (.+?)(?: Some common causes|$)", str(err), re.S)
+        how = f"{m[1]}, {' '.join(m[2].split())}" if m else _first_line(err)
+        what = f"its actor process (pid {info.get('pid', '?')}) died ({how})"
     elif cause is not None:
         what = f"{type(cause).__name__}: {_first_line(cause)}"
     else:

@@ -90,7 +90,7 @@ def test_a_killed_trainer_ends_the_job_in_one_line_and_its_last_checkpoint_loads
     assert "Traceback" not in stderr and "Traceback" not in out.read_text(), stderr[-3000:]
     errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, stderr[-3000:]
-    assert errors[0].startswith(f"error: trainer rank 1 on node {node} failed: its actor process (pid {pid}) died")
+    assert errors[0].startswith(f"error: trainer rank 1 on node {node} failed: its actor process (pid {pid}) died (")
     assert took < 60, took  # the surviving rank (blocked in a collective) was killed, not waited for
     assert not left, left  # trainers, engine actor, fake server, Ray's own processes: all gone
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from megatron_mtp_rl.config import parse_config
 from megatron_mtp_rl.train.checkpoint import latest_checkpoint
@@ -103,3 +104,49 @@ def test_a_killed_trainer_ends_the_job_in_one_line_and_its_last_checkpoint_loads
     hist = run_training(cfg)
     assert [h["step"] for h in hist] == [done + 1]
     assert hist[0]["train/policy_loss"] == hist[0]["train/policy_loss"]  # finite, not NaN
+
+
+@pytest.mark.slow
+def test_the_driver_itself_ends_the_other_ranks_and_the_placement_group(tmp_path, monkeypatch):
+    """In-process (a cluster that outlives the job, as with RAY_ADDRESS): when rank 1 dies, launch() has
+    killed rank 0 — blocked in a collective — and removed the placement group before it raises."""
+    import threading
+
+    import ray
+    from ray.util import placement_group_table
+
+    from megatron_mtp_rl.errors import TrainerFailed
+    from megatron_mtp_rl.train import ray_launch
+
+    seen: list[dict] = []
+
+    def lines(infos):
+        seen.extend(infos)
+        return original(infos)
+
+    original = ray_launch._trainer_lines
+    monkeypatch.setattr(ray_launch, "_trainer_lines", lines)
+    jsonl = tmp_path / "m.jsonl"
+
+    def kill_rank1_after_step1():
+        deadline = time.monotonic() + 300
+        while 1 not in _steps(jsonl) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(seen[1]["pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank1_after_step1, daemon=True)
+    killer.start()
+    cfg = parse_config([*FAST, "--num-steps", "50", "--eval-interval", "100", "--ray", "--ray-num-trainers", "2",
+                        "--metrics-jsonl", str(jsonl)])  # fmt: skip
+    try:
+        with pytest.raises(TrainerFailed) as failed:
+            ray_launch.launch(cfg)
+        raised = time.monotonic()
+        assert str(failed.value).startswith(f"trainer rank 1 on node {seen[1]['node']} failed: its actor process")
+        rank0 = psutil.Process(seen[0]["pid"]) if psutil.pid_exists(seen[0]["pid"]) else None
+        while rank0 is not None and _alive([rank0]) and time.monotonic() - raised < 10:
+            time.sleep(0.1)
+        assert rank0 is None or not _alive([rank0]), "rank 0 still runs after launch() raised"
+        assert {g["state"] for g in placement_group_table().values()} == {"REMOVED"}
+    finally:
+        ray.shutdown()

@@ -12,12 +12,14 @@ the torchrun environment variables set, then waits for them.
   tensors to it after each step.
 
 Every actor's place is printed at start-up (``placement: <trainer|engine|router> <index>
-node=<id> gpus=<ids>``). A trainer that fails ends the job with one line naming its rank and node.
+node=<id> gpus=<ids>``, trainers with ``pid=``). A trainer that fails or dies ends the job with one
+line naming its rank and node; the other ranks are killed, not left waiting in a collective.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import ray
@@ -32,7 +34,7 @@ from megatron_mtp_rl.train.placement import where as actor_where
 @ray.remote
 class TrainerActor:
     def where(self) -> dict:
-        return actor_where()
+        return {**actor_where(), "pid": os.getpid()}
 
     def free_port(self) -> int:
         import socket
@@ -60,7 +62,10 @@ def _init_ray(cpus: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto")
     else:
-        ray.init(num_cpus=max(2, cpus), _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        # address="local": a new cluster even where another one runs on this machine (`ray start`, another
+        # job), which a bare ray.init() would join, and then refuse num_cpus.
+        ray.init(address="local", num_cpus=max(2, cpus), _node_ip_address="127.0.0.1", include_dashboard=False,
+                 log_to_driver=True)  # fmt: skip
 
 
 def launch(cfg) -> list[dict]:
@@ -90,25 +95,59 @@ def _trainer_env(i: int, world: int, gpus: int, master: str, port: int) -> dict:
 
 
 def _run_trainers(cfg, trainers, infos, world, gpus, **kw) -> list[dict]:
+    """Run every rank; the first failure ends the job: the other ranks are killed (they would wait on
+    the failed one in a collective forever) and it is raised as one line naming the rank and node."""
     master = infos[0]["ip"]
     port = ray.get(trainers[0].free_port.remote())
     runs = [t.run.remote(cfg, _trainer_env(i, world, gpus, master, port), **kw) for i, t in enumerate(trainers)]
     pending = list(runs)
-    while pending:  # the first failure ends the job (the others would wait on it in a collective)
+    while pending:
         done, pending = ray.wait(pending, num_returns=1)
         try:
             ray.get(done[0])
         except ray.exceptions.RayError as err:
             rank = runs.index(done[0])
-            cause = getattr(err, "cause", None)
-            from megatron_mtp_rl.errors import ConfigError, DataError, EngineStartError
-
-            if isinstance(cause, (ConfigError, DataError, EngineStartError)):
-                raise type(cause)(str(cause)) from None
-            what = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}" if cause else (
-                type(err).__name__)  # fmt: skip
-            raise TrainerFailed(f"trainer rank {rank} on node {infos[rank]['node']} failed: {what}") from None
+            _kill(trainers)
+            raise _failure(err, rank, infos[rank]) from None
     return ray.get(runs[0])
+
+
+def _kill(actors) -> None:
+    """End the actors now (a rank blocked in a collective never returns by itself)."""
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:  # already gone
+            pass
+
+
+def _failure(err: Exception, rank: int, info: dict) -> Exception:
+    """A trainer's failure as one line: a user mistake keeps its type, anything else is TrainerFailed."""
+    from megatron_mtp_rl.errors import ConfigError, DataError, EngineStartError
+
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, (ConfigError, DataError, EngineStartError)):
+        return type(cause)(str(cause))
+    if isinstance(err, ray.exceptions.RayActorError):  # the process died (killed, OOM, node lost)
+        # Ray says "... Worker exit type: T Worker exit detail: D Some common causes ..."
+        m = re.search(r"Worker exit type: (\S+) Worker exit detail: (.+?)(?: Some common causes|$)", str(err), re.S)
+        how = f"{m[1]}, {' '.join(m[2].split())}" if m else _first_line(err)
+        what = f"its actor process (pid {info.get('pid', '?')}) died ({how})"
+    elif cause is not None:
+        what = f"{type(cause).__name__}: {_first_line(cause)}"
+    else:
+        what = type(err).__name__
+    return TrainerFailed(f"trainer rank {rank} on node {info['node']} failed: {what}")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _trainer_lines(infos: list[dict]) -> list[str]:
+    """Placement lines of the trainers, with each actor's pid (to find, inspect or kill the process)."""
+    return [f"{placement_line('trainer', i, info)} pid={info['pid']}" for i, info in enumerate(infos)]
 
 
 def _print_placement(lines: list[str]) -> None:
@@ -130,7 +169,7 @@ def _launch_with_engines(cfg, world: int, gpus: int) -> list[dict]:
         ]
         infos = ray.get([t.where.remote() for t in trainers])
         engines, router, lines = place_engines(pg, layout, infos, with_router=ro.rollout_num_engines > 1)
-        _print_placement([placement_line("trainer", i, info) for i, info in enumerate(infos)] + lines)
+        _print_placement(_trainer_lines(infos) + lines)
         group = RayEngineGroup(engines, router, trainer_ip=infos[0]["ip"], colocated=layout.colocated, pg=pg,
                                layout=layout, trainer_infos=infos,
                                replace_timeout_s=cfg.ray.ray_engine_replace_timeout)  # fmt: skip
@@ -169,7 +208,7 @@ def _launch_with_rollout_actor(cfg, world: int, gpus: int, margs, vocab: int) ->
             for i in range(world)
         ]
         infos = ray.get([t.where.remote() for t in trainers])
-        _print_placement([placement_line("trainer", i, info) for i, info in enumerate(infos)])
+        _print_placement(_trainer_lines(infos))
         return _run_trainers(cfg, trainers, infos, world, gpus, rollout_actor=rollout)
     finally:
         remove_placement_group(pg)

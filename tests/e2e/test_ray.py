@@ -1,6 +1,8 @@
 """``mtp-rl train --ray``: the tiny job on a local Ray cluster (loopback) on CPU."""
 
+import json
 import math
+import os
 
 import pytest
 import ray  # installed by the test extra
@@ -63,3 +65,63 @@ def test_a_bad_ray_config_fails_in_one_line_before_ray_starts():
     pp2 = parse_config([*FAST, "--ray", "--pipeline-model-parallel-size", "2"])
     assert not any("PP=1 only" in p for p in validate(pp2, 2))
     assert any("PP=1 only" in p for p in validate(parse_config([*FAST, "--pipeline-model-parallel-size", "2"]), 2))
+
+
+def eval_record(prompt: str, response: str, label) -> float:
+    """A reward that depends on the weights (1 when the response's characters sum to an even number: about
+    half the answers of a random model), and each (prompt, response) appended to $MTP_RL_TEST_REWARD_LOG."""
+    with open(os.environ["MTP_RL_TEST_REWARD_LOG"], "a") as f:
+        f.write(json.dumps([prompt, response]) + "\n")
+    return float(sum(map(ord, response)) % 2 == 0)
+
+
+@pytest.mark.slow
+def test_step0_eval_with_two_ray_trainers_equals_one(tmp_path, monkeypatch):
+    """Rank 1 evaluates with the weights rank 0 pushed (version 1), never with the rollout actor's own
+    initial ones (another seed): the held-out answers, so the accuracy, are one trainer's, answer for answer.
+
+    From a 40-step warm start: a random tiny model answers "====" to every prompt, which would hide a
+    difference."""
+    from megatron_mtp_rl.config import resolve_model_args
+    from megatron_mtp_rl.models.generation import SamplingParams
+    from megatron_mtp_rl.rollout.ray_engine import RolloutActor
+    from megatron_mtp_rl.rollout.tokenizer import build_tokenizer
+    from megatron_mtp_rl.train.builders import model_vocab_size
+    from megatron_mtp_rl.train.pretrain import run_pretrain
+
+    warm = tmp_path / "warm"
+    run_pretrain(parse_config(["--preset", "tiny-dense", "--global-batch-size", "32", "--micro-batch-size", "32",
+                               "--seq-length", "16", "--num-steps", "40", "--lr", "3e-3", "--quiet", "--save",
+                               str(warm)], "pretrain"))  # fmt: skip
+    runs = {}
+    for n in (1, 2):
+        log = tmp_path / f"eval{n}.jsonl"
+        monkeypatch.setenv("MTP_RL_TEST_REWARD_LOG", str(log))  # before Ray starts: its workers inherit it
+        cfg = parse_config([*FAST, "--num-steps", "0", "--ray", "--ray-num-trainers", str(n),
+                            "--load", str(warm), "--finetune", "--reward-fn", f"{__name__}:eval_record",
+                            "--reward-workers", "0"])  # fmt: skip
+        try:
+            hist = launch(cfg)
+            if n == 2:  # what a rank would have answered from the actor's weights before rank 0's push
+                tok = build_tokenizer(cfg.data.tokenizer)
+                vocab = model_vocab_size(cfg, tok)
+                fresh = RolloutActor.options(num_cpus=0).remote(
+                    resolve_model_args(cfg, vocab).__dict__, seed=cfg.seed + 1, speculative=False, vocab_size=vocab
+                )
+                prompts = sorted({json.loads(x)[0] for x in log.read_text().splitlines()})
+                enc = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
+                greedy = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.rollout_max_response_len,
+                                        eos_id=tok.eos_id, stop_ids=tuple(getattr(tok, "stop_ids", ())))  # fmt: skip
+                done, _ = ray.get(fresh.generate.remote(enc, greedy, 0))
+                unpushed = {(p, tok.decode(c.response_ids[:-1] if c.finished and c.response_ids else c.response_ids))
+                            for p, c in zip(prompts, done)}  # fmt: skip
+        finally:
+            ray.shutdown()
+        runs[n] = (hist[0], sorted(tuple(json.loads(x)) for x in log.read_text().splitlines()))
+    (one, answers1), (two, answers2) = runs[1], runs[2]
+    assert len(answers1) == one["eval/num_prompts"] == two["eval/num_prompts"] == 8
+    assert answers2 == answers1  # rank 1's half included
+    assert two["eval/accuracy"] == one["eval/accuracy"]
+    assert 0.0 < one["eval/accuracy"] < 1.0, one  # the reward tells these answers apart
+    assert len({r for _, r in answers1}) >= 2, answers1  # not one answer to everything
+    assert len(unpushed - set(answers1)) >= 4, unpushed  # other weights give other answers: this can fail

@@ -47,6 +47,7 @@ def _alive(procs: list[psutil.Process]) -> list[str]:
     return left
 
 
+@pytest.mark.slow  # 60-145 s on 2 cores: the suite's Ray-engine layout is covered by test_ray_engine_restart
 def test_a_killed_trainer_ends_the_job_in_one_line_and_its_last_checkpoint_loads(tmp_path):
     save, jsonl, out, err = tmp_path / "ckpt", tmp_path / "m.jsonl", tmp_path / "out.log", tmp_path / "err.log"
     flags = [*FAST, "--num-steps", "50", "--eval-interval", "100", "--save", str(save), "--save-interval", "1",

@@ -56,7 +56,8 @@ def test_killed_engine_actor_is_restarted_resynced_then_routed(tmp_path, capsys,
     dumps = {p.name: json.loads(p.read_text()) for p in state.glob("*.json")}
     router = next(d for n, d in dumps.items() if n.startswith("router-"))
     engines = [d for n, d in dumps.items() if n.startswith("engine-")]
-    assert len(engines) == 2, sorted(dumps)  # the killed one wrote nothing; the survivor and the new one did
+    # the killed one wrote nothing; the survivor and the new one did
+    assert len(engines) == 2, (sorted(dumps), [(e["url"], e["generate_count"]) for e in engines], router["workers"])
     new = next(e for e in engines if e["url"] not in _initial_workers(router))
     log = new["log"]
     first_update = next(r for r in log if r["route"] in UPDATES)

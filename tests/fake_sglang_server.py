@@ -122,6 +122,7 @@ class State:
                 "released": sorted(self.released),
                 "weight_version": self.weight_version,
                 "received": list(self.received),
+                "update_groups": sorted(self.update_groups),
                 "first_healthy_at": self.first_healthy_at,
                 "workers": list(self.workers.values()),
                 "workers_healthy_at_start": self.workers_healthy_at_start,

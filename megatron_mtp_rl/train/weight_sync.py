@@ -10,7 +10,8 @@ travel to another stage). All inside pause → flush → update → continue, op
 * ``disk``: each stage writes its HF shards (``--max-shard-size``) into one directory, engines reload it.
 * ``tensor`` (colocated): each bucket goes to ``/update_weights_from_tensor``.
 * ``distributed``: each stage's sender and every engine rank join one process group per stage
-  (``/init_weights_update_group``: tcp rendezvous at the sender, ``PrefixStore(group_name)``,
+  (``/init_weights_update_group``: tcp rendezvous at the sender's own address — its node's IP under
+  Ray, :func:`rendezvous_host` under torchrun —, ``PrefixStore(group_name)``,
   engine rank = 1 + offset + its TP rank — SGLang 0.5.23's construction; SGLang keeps several
   named groups) and each bucket is announced with ``/update_weights_from_distributed`` while the
   sender broadcasts its tensors in the same order. NCCL on GPUs; the CPU tests run the same
@@ -257,7 +258,8 @@ class WeightSync:
             return
         with contextlib.suppress(ValueError, RuntimeError):  # already gone (the default group was torn down)
             dist.destroy_process_group(group)
-        self.engine.submit(self._drop_on_engines(old)).result(timeout=120)
+        with contextlib.suppress(TimeoutError):  # an engine that hangs keeps a stale group: harmless, new name
+            self.engine.submit(self._drop_on_engines(old)).result(timeout=120)
 
     async def _drop_on_engines(self, name: str) -> None:
         """Every listed engine drops its update group ``name``, if it has one (failures are not errors)."""

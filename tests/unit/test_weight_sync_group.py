@@ -1,10 +1,13 @@
-"""Where a stage's sender serves its weight-update rendezvous (``weight_sync.rendezvous_host``, torchrun).
+"""The ``distributed`` sync's update group, in one process.
 
-Engines all on loopback: loopback. An engine at one of this node's own addresses: that address.
-An engine elsewhere: this node's address on the route to it. Never the wildcard.
+Where a stage's sender serves its rendezvous (``weight_sync.rendezvous_host``, torchrun): engines all
+on loopback, loopback; an engine at one of this node's own addresses, that address; an engine
+elsewhere, this node's address on the route to it; never the wildcard. And an engine that refuses
+to join ends the push with its error at once instead of leaving the sender at the rendezvous.
 """
 
 import ipaddress
+import time
 
 import psutil
 import pytest
@@ -47,3 +50,25 @@ def test_an_engine_on_another_node_gets_the_address_that_routes_to_it():
     assert rendezvous_host([f"http://{peer}:30000"]) == ip  # its interface's address, reachable from the peer
     host = rendezvous_host(["http://127.0.0.1:30000", f"http://{peer}:30000"])  # the remote one decides
     assert host == ip
+
+
+def test_an_engine_that_refuses_to_join_fails_the_push_at_once(tmp_path, monkeypatch):
+    from megatron_mtp_rl.models import get_preset
+    from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
+    from megatron_mtp_rl.rollout.sglang_server import SGLangServerError
+    from megatron_mtp_rl.train.weight_sync import WeightSync
+    from tests.fake_sglang_server import FakeServer
+
+    async def keep(self, name):  # leave the engine's group of that name in place: it refuses a second one
+        return None
+
+    monkeypatch.setattr(WeightSync, "_drop_on_engines", keep)
+    with FakeServer() as srv, SGLangEngine(srv.url) as engine:
+        sync = WeightSync(engine, None, get_preset("tiny-moe"), mode="distributed", bucket_bytes=1,
+                          export_dir=str(tmp_path))  # fmt: skip
+        srv.state.update_groups[sync.group_name] = object()  # an earlier trainer's group
+        t0 = time.monotonic()
+        with pytest.raises(SGLangServerError, match="did not join weight-update group mtp_rl_weight_sync"):
+            sync._ensure_group()
+        assert time.monotonic() - t0 < 30  # the store would have waited 600 s for the engine's rank
+        assert sync._group is None

@@ -579,12 +579,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dump_state(server: FakeServer, path: Path) -> None:
-    """The request log without bodies (route, time, weight version asked or given) and the router's workers."""
+    """The request log without bodies (route, time, weight version asked or given, update group name and
+    rendezvous address) and the router's workers."""
     snap = server.state.snapshot()
     log = [
         {"t": r["t"], "route": r["route"], "method": r["method"],
          "weight_version": (r["body"] or {}).get("weight_version") if isinstance(r["body"], dict) else None,
-         "url": (r["body"] or {}).get("url") if isinstance(r["body"], dict) else None}
+         "url": (r["body"] or {}).get("url") if isinstance(r["body"], dict) else None,
+         **{k: r["body"][k] for k in ("group_name", "master_address") if k in (r["body"] or {})}}
         for r in snap["log"]
     ]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -122,6 +122,7 @@ class State:
                 "released": sorted(self.released),
                 "weight_version": self.weight_version,
                 "received": list(self.received),
+                "update_groups": sorted(self.update_groups),
                 "first_healthy_at": self.first_healthy_at,
                 "workers": list(self.workers.values()),
                 "workers_healthy_at_start": self.workers_healthy_at_start,
@@ -294,7 +295,18 @@ class Handler(BaseHTTPRequestHandler):
         if route == "/init_weights_update_group" and body.get("backend") == "gloo":
             # Join the trainer's group as SGLang's weight updater does (CPU/gloo in tests):
             # tcp rendezvous, PrefixStore(group_name), rank = rank_offset + tp_rank (0 here).
-            st.update_groups[body["group_name"]] = _join_group(body)
+            # SGLang answers a failed join (a name it holds already, a rendezvous timeout) with success=false
+            try:
+                st.update_groups[body["group_name"]] = _join_group(body, st.update_groups)
+            except Exception as e:
+                return self._send(200, {"success": False, "message": f"Failed to init custom process group: {e}."})
+        if route == "/destroy_weights_update_group":
+            pg = st.update_groups.pop(body.get("group_name"), None)
+            if pg is None:
+                return self._send(200, {"success": False, "message": "The group to be destroyed does not exist."})
+            import torch.distributed as dist
+
+            dist.destroy_process_group(pg)
         if route == "/update_weights_from_distributed" and body.get("group_name") in st.update_groups:
             import torch
 
@@ -440,12 +452,15 @@ def _router_health_loop(st: State, stop: threading.Event) -> None:
                     w["is_healthy"] = False
 
 
-def _join_group(body: dict):
+def _join_group(body: dict, held: dict):
+    """The engine's end of the trainer's update group (refused, as torch refuses, for a name it holds)."""
     import datetime
 
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
 
+    if body["group_name"] in held:
+        raise ValueError("The specified group name has already been created, please use a different group name")
     timeout = datetime.timedelta(seconds=60)
     url = f"tcp://{body['master_address']}:{body['master_port']}"
     store, rank, world = next(rendezvous(url, int(body["rank_offset"]), int(body["world_size"]), timeout=timeout))
@@ -564,12 +579,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dump_state(server: FakeServer, path: Path) -> None:
-    """The request log without bodies (route, time, weight version asked or given) and the router's workers."""
+    """The request log without bodies (route, time, weight version asked or given, update group name and
+    rendezvous address) and the router's workers."""
     snap = server.state.snapshot()
     log = [
         {"t": r["t"], "route": r["route"], "method": r["method"],
          "weight_version": (r["body"] or {}).get("weight_version") if isinstance(r["body"], dict) else None,
-         "url": (r["body"] or {}).get("url") if isinstance(r["body"], dict) else None}
+         "url": (r["body"] or {}).get("url") if isinstance(r["body"], dict) else None,
+         **{k: r["body"][k] for k in ("group_name", "master_address") if k in (r["body"] or {})}}
         for r in snap["log"]
     ]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)

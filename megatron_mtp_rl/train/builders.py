@@ -459,8 +459,7 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
     sync = WeightSync(
         client, run.model, run.model_args, mode=ro.weight_sync_mode, bucket_bytes=ro.update_weight_buffer_size,
         export_dir=str(root / "sync"), flavour=flavour, engine_tp=ro.rollout_engine_tp,
-        num_engines=len(urls[0][1]), max_shard_size=ro.max_shard_size,
-        master_address=ray_engines.trainer_ip if ray_engines is not None else ro.rollout_host,
+        max_shard_size=ro.max_shard_size, master_address=_sender_address(ray_engines),
     )  # fmt: skip
     if client is not None and client.supervisor is not None:
         client.supervisor.on_restart = lambda url: resync_engine(sync, url)
@@ -480,6 +479,19 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
     if external:
         engine.sync_weights()  # they loaded a model of their own: push this run's (weight version 1)
     return engine
+
+
+def _sender_address(ray_engines) -> str | None:
+    """Where this rank's update-group rendezvous listens, should it send a stage (``distributed`` sync).
+
+    Under Ray, the IP of this trainer's own node (a stage's sender may be on any node); under torchrun
+    None: ``weight_sync.rendezvous_host`` picks it from the engines' URLs at the first push.
+    """
+    if ray_engines is None:
+        return None
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 def _sglang_server_config(cfg: RunConfig, root):

@@ -203,7 +203,6 @@ class RayEngineGroup:
 
     engines: list
     router: object | None
-    trainer_ip: str  # rank 0's node: the weight-update group's rendezvous (distributed sync)
     colocated: bool = False  # engines on the trainers' GPUs: memory hand-off each step (rollout/colocated.py)
     engine_urls: list[str] = field(default_factory=list)
     router_url: str | None = None

@@ -170,7 +170,7 @@ def _launch_with_engines(cfg, world: int, gpus: int) -> list[dict]:
         infos = ray.get([t.where.remote() for t in trainers])
         engines, router, lines = place_engines(pg, layout, infos, with_router=ro.rollout_num_engines > 1)
         _print_placement(_trainer_lines(infos) + lines)
-        group = RayEngineGroup(engines, router, trainer_ip=infos[0]["ip"], colocated=layout.colocated, pg=pg,
+        group = RayEngineGroup(engines, router, colocated=layout.colocated, pg=pg,
                                layout=layout, trainer_infos=infos,
                                replace_timeout_s=cfg.ray.ray_engine_replace_timeout)  # fmt: skip
         return _run_trainers(cfg, trainers, infos, world, gpus, engines=group)

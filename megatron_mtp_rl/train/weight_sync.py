@@ -10,7 +10,8 @@ travel to another stage). All inside pause → flush → update → continue, op
 * ``disk``: each stage writes its HF shards (``--max-shard-size``) into one directory, engines reload it.
 * ``tensor`` (colocated): each bucket goes to ``/update_weights_from_tensor``.
 * ``distributed``: each stage's sender and every engine rank join one process group per stage
-  (``/init_weights_update_group``: tcp rendezvous at the sender, ``PrefixStore(group_name)``,
+  (``/init_weights_update_group``: tcp rendezvous at the sender's own address — its node's IP under
+  Ray, :func:`rendezvous_host` under torchrun —, ``PrefixStore(group_name)``,
   engine rank = 1 + offset + its TP rank — SGLang 0.5.23's construction; SGLang keeps several
   named groups) and each bucket is announced with ``/update_weights_from_distributed`` while the
   sender broadcasts its tensors in the same order. NCCL on GPUs; the CPU tests run the same
@@ -23,8 +24,10 @@ always part of the payload; :func:`check_payload` refuses a payload without them
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -192,8 +195,8 @@ class WeightSync:
     """
 
     def __init__(self, engine, model, model_args: ModelArgs, *, mode: str, bucket_bytes: int, export_dir: str,
-                 flavour: str | None = None, engine_tp: int = 1, num_engines: int = 1,
-                 master_address: str = "127.0.0.1", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):  # fmt: skip
+                 flavour: str | None = None, engine_tp: int = 1, master_address: str | None = None,
+                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):  # fmt: skip
         if mode not in SYNC_MODES:
             raise ValueError(f"--weight-sync-mode must be one of {SYNC_MODES}")
         self.engine, self.model, self.model_args = engine, model, model_args
@@ -203,10 +206,11 @@ class WeightSync:
         self.max_shard_size = max_shard_size
         self.version = 0
         self.engine_tp = engine_tp
-        self.num_engines = num_engines
+        # where this sender's update-group store listens (None: rendezvous_host's rule at the first push)
         self.master_address = master_address
         self.stage = parallel_state.get_pipeline_model_parallel_rank() if dist.is_initialized() else 0
-        self.group_name = "mtp_rl_weight_sync" if self.stage == 0 else f"mtp_rl_weight_sync_pp{self.stage}"
+        self._generation = 0  # update groups built so far; reset_group() moves to the next name
+        self.group_name = self._name()
         self._group = None
         self.last_buckets: list[list[str]] = []  # this sender's buckets (names) of the last push
         self.last_bucket_bytes: list[int] = []
@@ -234,19 +238,35 @@ class WeightSync:
             self.reset_group()
         return self._push()
 
-    def reset_group(self) -> None:
-        """Forget this sender's update group: the next push builds one over the engines the client lists now."""
-        if self._group is not None:
-            import contextlib
-
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group(self._group)
-        self._group = None
-        self._group_generation = getattr(self, "_group_generation", 0) + 1
+    def _name(self) -> str:
+        """This stage's group name; rebuilt groups get ``_g{n}`` (an engine keeps a group per name)."""
         base = "mtp_rl_weight_sync" if self.stage == 0 else f"mtp_rl_weight_sync_pp{self.stage}"
-        self.group_name = f"{base}_g{self._group_generation}"  # the engines keep the old name's group
-        if self.engine is not None:
-            self.num_engines = len(self.engine.engine_urls)
+        return base if self._generation == 0 else f"{base}_g{self._generation}"
+
+    def reset_group(self) -> None:
+        """Tear down this sender's update group: the next push builds one, under a new name, over the engines
+        the client lists then (call it on every rank after an engine restart; non-senders only move the name).
+
+        The engines still holding the old group are asked to drop it (SGLang 0.5.23's
+        ``/destroy_weights_update_group``; a restarted engine has none and its refusal is ignored).
+        """
+        old, group = self.group_name, self._group
+        self._group = None
+        self._generation += 1
+        self.group_name = self._name()
+        if group is None:
+            return
+        with contextlib.suppress(ValueError, RuntimeError):  # already gone (the default group was torn down)
+            dist.destroy_process_group(group)
+        with contextlib.suppress(TimeoutError):  # an engine that hangs keeps a stale group: harmless, new name
+            self.engine.submit(self._drop_on_engines(old)).result(timeout=120)
+
+    async def _drop_on_engines(self, name: str) -> None:
+        """Every listed engine drops its update group ``name``, if it has one (failures are not errors)."""
+        import asyncio
+
+        _, clients = await self.engine._clients()
+        await asyncio.gather(*(c.destroy_weights_update_group(name) for c in clients), return_exceptions=True)
 
     def _push(self) -> dict:
         """Push ``self.version`` to every engine (all ranks call it)."""
@@ -315,43 +335,59 @@ class WeightSync:
 
     # -- distributed mode ---------------------------------------------------------------
     def _ensure_group(self):
-        """This stage's sender ↔ engines group, created once: engines join via HTTP while the sender joins here."""
+        """This stage's sender ↔ engines group, created once: engines join via HTTP while the sender joins here.
+
+        The store listens on this sender's own address (:func:`rendezvous_host`). An engine that
+        refuses to join (its error comes back over HTTP) ends the push with that error at once,
+        where waiting for its rank at the rendezvous would hang until the store's timeout.
+        """
         if self._group is not None:
             return self._group
+        import asyncio
         import datetime
+        import threading
 
         from megatron_mtp_rl.platform.distributed import bound_tcp_store
+        from megatron_mtp_rl.rollout.sglang_server import SGLangServerError
 
-        world = 1 + self.num_engines * self.engine_tp
-        # The group's store listens on --rollout-host only (torch's own would bind *:port).
-        store = bound_tcp_store(self.master_address, 0, world, datetime.timedelta(seconds=600))
+        host = self.master_address or rendezvous_host(self.engine.engine_urls)
+        name, tp = self.group_name, self.engine_tp
+        world = 1 + len(self.engine.engine_urls) * tp
+        store = bound_tcp_store(host, 0, world, datetime.timedelta(seconds=600))
         port = store.port
         backend = "nccl" if cuda_available() else "gloo"
 
-        async def engines_join(clients):
-            import asyncio
-
-            return await asyncio.gather(
-                *(
-                    c.init_weights_update_group(
-                        self.master_address,
-                        port,
-                        1 + i * self.engine_tp,
-                        world,
-                        group_name=self.group_name,
-                        backend=backend,
-                    )  # fmt: skip
-                    for i, c in enumerate(clients)
-                )
-            )
-
-        async def with_clients():
+        async def engines_join():
             _, clients = await self.engine._clients()
-            return await engines_join(clients)
+            # An engine that outlived an earlier trainer (a restart, or the bench's next run) still holds a
+            # group of this name, and SGLang refuses to create a second one: drop it first.
+            await self._drop_on_engines(name)
+            return await asyncio.gather(
+                *(c.init_weights_update_group(host, port, 1 + i * tp, world, group_name=name, backend=backend)
+                  for i, c in enumerate(clients))
+            )  # fmt: skip
 
-        fut = self.engine.submit(with_clients())
-        self._group = join_update_group(self.master_address, port, world, self.group_name, backend, store=store)
+        fut = self.engine.submit(engines_join())
+        joined: dict = {}
+
+        def join():
+            try:
+                joined["pg"] = join_update_group(host, port, world, name, backend, store=store)
+            except BaseException as e:  # handed to the caller below
+                joined["error"] = e
+
+        thread = threading.Thread(target=join, name="weight-sync-join", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            if fut.done() and fut.exception() is not None:  # the join thread gives up at the store's timeout
+                raise SGLangServerError(
+                    f"an SGLang engine did not join weight-update group {name} at {host}:{port}: {fut.exception()}"
+                )
+        if "error" in joined:
+            raise joined["error"]
         fut.result(timeout=600)
+        self._group = joined["pg"]
         return self._group
 
     def _broadcast(self, bucket, version: str) -> None:
@@ -401,12 +437,49 @@ async def _gather(coros):
     return await asyncio.gather(*coros)
 
 
+def rendezvous_host(engine_urls: Sequence[str]) -> str:
+    """The address a stage's sender serves its update-group rendezvous on (torchrun; Ray passes the node's IP).
+
+    Loopback when every engine is reached at a loopback address (all on this node). Otherwise this
+    node's address on the route to the first remote engine (a UDP ``connect`` sends nothing): an engine
+    on this node is then reached at that very address, one on another node across the cluster network.
+    Never the wildcard: the store must not listen on every interface.
+    """
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    def loopback(host: str) -> bool:
+        try:
+            return host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    hosts = [urlsplit(u).hostname or "" for u in engine_urls]
+    remote = [h for h in hosts if not loopback(h)]
+    if not remote:
+        return "::1" if hosts and hosts[0] == "::1" else "127.0.0.1"
+    family, _, _, _, sockaddr = socket.getaddrinfo(remote[0], 9, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(sockaddr)
+            ip = s.getsockname()[0]
+        except OSError as e:
+            raise RuntimeError(f"no route from this node to SGLang engine host {remote[0]}: {e}") from None
+    if ipaddress.ip_address(ip).is_unspecified:
+        raise RuntimeError(f"no address of this node routes to SGLang engine host {remote[0]}")
+    return ip
+
+
 def join_update_group(master_address: str, port: int, world_size: int, group_name: str, backend: str, store=None):
     """Rank 0 of the weight-update group, built the way SGLang's engines build theirs.
 
     The engines construct the group with a tcp rendezvous, a ``PrefixStore(group_name)`` and
     torch's process-group helper; joining it needs the same construction on this side (a plain
-    ``new_group`` would need the engines inside our default group).
+    ``new_group`` would need the engines inside our default group). The helper's empty rank list
+    means "not a subgroup of the default group": nothing collective runs over the trainer ranks,
+    except that a default group bound to a device would make NCCL split the new communicator from
+    the trainers' one, so that binding is lifted meanwhile.
     """
     import datetime
 
@@ -419,9 +492,17 @@ def join_update_group(master_address: str, port: int, world_size: int, group_nam
         store = bound_tcp_store(master_address, port, world_size, timeout)
     store.set_timeout(timeout)
     rank, world = 0, world_size
-    pg, _ = _new_process_group_helper(
-        world, rank, [], backend, PrefixStore(group_name, store), group_name=group_name, timeout=timeout
-    )
+    default = dist.group.WORLD if dist.is_initialized() else None
+    bound = getattr(default, "bound_device_id", None)
+    if bound is not None:
+        default.bound_device_id = None
+    try:
+        pg, _ = _new_process_group_helper(
+            world, rank, [], backend, PrefixStore(group_name, store), group_name=group_name, timeout=timeout
+        )
+    finally:
+        if bound is not None:
+            default.bound_device_id = bound
     _world.pg_group_ranks[pg] = {i: i for i in range(world)}
     return pg
 

@@ -19,10 +19,13 @@ from megatron_mtp_rl.train.ray_launch import launch
 from tests.e2e.test_train import FAST
 
 FAKE = str(Path(__file__).resolve().parents[1] / "fake_sglang_server.py")
-UPDATES = ("/update_weights_from_tensor",)
+UPDATES = ("/update_weights_from_tensor", "/update_weights_from_distributed")
 
 
-def test_killed_engine_actor_is_restarted_resynced_then_routed(tmp_path, capsys, monkeypatch):
+# distributed: the re-push rebuilds the update group (WeightSync.reset_group) under a new name at the
+# trainer's node IP; the survivor drops the old group, the new engine joins only the new one
+@pytest.mark.parametrize("mode", ["tensor", pytest.param("distributed", marks=pytest.mark.slow)])
+def test_killed_engine_actor_is_restarted_resynced_then_routed(tmp_path, capsys, monkeypatch, mode):
     state = tmp_path / "fake_state"
     monkeypatch.setenv("MTP_RL_FAULTS", "kill_engine_actor@2")
     monkeypatch.setenv("FAKE_SGLANG_STATE_DIR", str(state))  # the Ray workers inherit it (started below)
@@ -33,7 +36,7 @@ def test_killed_engine_actor_is_restarted_resynced_then_routed(tmp_path, capsys,
                         "--ray-rollout-placement", "disaggregated",
                         "--rollout-server-cmd", f"{sys.executable} {FAKE}",
                         "--rollout-router-cmd", f"{sys.executable} {FAKE} --router",
-                        "--rollout-hf-dir", str(tmp_path / "hf")])  # fmt: skip
+                        "--rollout-hf-dir", str(tmp_path / "hf"), "--weight-sync-mode", mode])  # fmt: skip
     try:
         hist = launch(cfg)
     finally:
@@ -69,6 +72,17 @@ def test_killed_engine_actor_is_restarted_resynced_then_routed(tmp_path, capsys,
     assert added and added[0]["t"] > last_resync  # routed only once re-synced
     assert new["generate_count"] > 0 and new["weight_version"] == "3"
     assert sorted(w["url"] for w in router["workers"]) == sorted(e["url"] for e in engines)
+    if mode == "distributed":
+        survivor = next(e for e in engines if e is not new)
+
+        def groups(engine, route):
+            return [r["group_name"] for r in engine["log"] if r["route"] == route]
+
+        assert groups(survivor, "/init_weights_update_group") == ["mtp_rl_weight_sync", "mtp_rl_weight_sync_g1"]
+        assert "mtp_rl_weight_sync" in groups(survivor, "/destroy_weights_update_group")
+        assert groups(new, "/init_weights_update_group") == ["mtp_rl_weight_sync_g1"]
+        inits = [r for e in engines for r in e["log"] if r["route"] == "/init_weights_update_group"]
+        assert {r["master_address"] for r in inits} == {ray.util.get_node_ip_address()}  # the trainer's node IP
 
 
 def _initial_workers(router: dict) -> set[str]:

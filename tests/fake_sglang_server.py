@@ -565,7 +565,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fake {'router' if a.router else 'engine'} listening on {server.url}", flush=True)
     dump_dir = os.environ.get("FAKE_SGLANG_STATE_DIR")  # tests: what it was asked, written when it stops
     if dump_dir:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        dump = Path(dump_dir) / f"{'router' if a.router else 'engine'}-{a.port}.json"
+
+        def on_sigterm(*_):
+            _dump_state(server, dump)  # first: the supervisor SIGKILLs a server slow to stop
+            sys.exit(0)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while True:
             time.sleep(3600)
@@ -573,8 +579,6 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         server.stop()
-        if dump_dir:
-            _dump_state(server, Path(dump_dir) / f"{'router' if a.router else 'engine'}-{a.port}.json")
     return 0
 
 

@@ -217,6 +217,9 @@ class WeightSync:
         # what the engines hold now, for a restarted engine (disk mode only: the pushed buckets are
         # not kept, so a restarted engine in tensor/distributed mode catches up at the next sync)
         self._last_payload = None
+        # set on rank 0 by the local supervisor's restart hook (resync_engine): in ``distributed`` mode the
+        # restarted engine has no update group, so the next push builds a new one (every rank learns it)
+        self.engines_restarted = False
 
     @property
     def is_opener(self) -> bool:
@@ -283,6 +286,8 @@ class WeightSync:
                 )
                 self._last_payload = ("disk", path, self.version)
             return {"rollout/weight_version": float(self.version)}
+        if self.mode == "distributed" and self._any_engine_restarted():
+            self.reset_group()
         if self.is_opener:
             self.engine.open_update_frame()
         _barrier()
@@ -298,6 +303,14 @@ class WeightSync:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
         return {"rollout/weight_version": float(self.version), "rollout/weight_buckets": float(total.item())}
+
+    def _any_engine_restarted(self) -> bool:
+        """Rank 0's ``engines_restarted``, on every rank (a collective), cleared."""
+        flag = [self.engines_restarted]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(flag, src=0)
+        self.engines_restarted = False
+        return bool(flag[0])
 
     def _push_stage(self) -> int:
         """Stream this stage's tensors; the sender pushes each bucket as it fills. Returns buckets sent."""
@@ -517,6 +530,8 @@ def resync_engine(sync: WeightSync, url: str) -> None:
 
     from megatron_mtp_rl.rollout.sglang_client import SGLangClient
 
+    if getattr(sync, "mode", None) == "distributed":
+        sync.engines_restarted = True  # it has no update group: the next push builds one with it
     payload = sync._last_payload
     if payload is None:
         return

@@ -5,8 +5,9 @@ sender has a group of its own (``mtp_rl_weight_sync`` and ``mtp_rl_weight_sync_p
 (the weights changed in between) reach the engine bucket by bucket, equal to the whole-model
 reference. A new trainer against the same engine, which still holds groups of the names it joins,
 pushes as well (it used to wait at the rendezvous until the store's timeout: an engine refuses a
-second group of a name). Then ``reset_group`` (what follows an engine restart) drops the old group
-on the engine and the next push builds one under a new name.
+second group of a name). Then the local supervisor's restart hook runs on rank 0 (a restarted engine
+has no group): the next push, on every rank, drops the old group on the engine and builds one under a
+new name (``reset_group``).
 """
 
 import json
@@ -33,14 +34,14 @@ def _state(url: str) -> dict:
 def _worker(rank, world, url, layout, export_dir, plan):
     """Push once per letter of ``plan``: ``p`` as is, ``c`` after changing every weight, ``n`` from a new
     WeightSync (the old one's group dropped on this side only, as when a trainer exits), ``r`` after
-    reset_group."""
+    the supervisor's restart hook ran on rank 0 (every rank's sync then rebuilds its group)."""
     import torch
 
     from megatron_mtp_rl import platform
     from megatron_mtp_rl.models import build_model, get_preset
     from megatron_mtp_rl.models.weight_stream import is_stage_sender
     from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
-    from megatron_mtp_rl.train.weight_sync import WeightSync, hf_tensors
+    from megatron_mtp_rl.train.weight_sync import WeightSync, hf_tensors, resync_engine
 
     split = "pipeline_model_parallel_size" if layout == "pp" else "expert_model_parallel_size"
     platform.initialize(platform.ParallelSizes(**{split: world}), seed=7)
@@ -63,8 +64,8 @@ def _worker(rank, world, url, layout, export_dir, plan):
                 if sync._group is not None:
                     torch.distributed.destroy_process_group(sync._group)
                 sync = new_sync()
-            if step == "r":
-                sync.reset_group()
+            if step == "r" and rank == 0:  # the local supervisor restarted an engine: its hook, on rank 0 only
+                resync_engine(sync, url)
             out["refs"].append({n: float(t.double().sum()) for n, t in hf_tensors(model, margs, sync.flavour).items()})
             out["pushes"].append(sync())
             out["names"].append([n for b in sync.last_buckets for n in b])

@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+_EXIT_STATUS = pytest.StashKey[int]()
+
 # CPU by default: tests see no CUDA device even on a GPU machine, so CPU results (and the CPU
 # shims) are what they check. `make test-gpu` sets MTP_RL_TEST_GPU=1 to run tests/gpu on CUDA.
 if os.environ.get("MTP_RL_TEST_GPU") != "1":
@@ -15,6 +17,27 @@ def pytest_configure(config):
         "slow: a second variant of a covered layout, a minute-long timeout or a tool smoke run; "
         "`make test` deselects it, `make test-all` runs it",
     )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the test process once everything is reported, without tearing the interpreter down.
+
+    The in-process tests leave threads behind that nothing can join (gloo's per-group workers,
+    Ray's core-worker threads after ``ray.shutdown``, hundreds of them by the end); the
+    interpreter's teardown under them has segfaulted after a green summary, turning a passing
+    run into exit code 139. The trainer's own processes are not affected: each command exits normally.
+    """
+    import sys
+
+    if _EXIT_STATUS in config.stash:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(config.stash[_EXIT_STATUS])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -299,7 +299,18 @@ class RayEngineGroup:
             self.engine_urls = [self.engine_urls[e] for e in keep]
             self.indices = [self.indices[e] for e in keep]
             self.restarts_seen = [self.restarts_seen[e] for e in keep]
+        self._reroute(exclude=set(out.resync))
         return out
+
+    def _reroute(self, exclude: set[str]) -> None:
+        """Give back to the router the serving engines it dropped (a health check missed under load)."""
+        if self.router is None:
+            return
+        try:
+            listed = set(ray.get(self.router.workers.remote(), timeout=60))
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return
+        self.route([u for u in self.engine_urls if u not in listed and u not in exclude])
 
     def _replace(self, index: int):
         """A new actor for engine ``index`` in its bundle; (actor, where) once Ray has placed it."""

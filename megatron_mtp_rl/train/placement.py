@@ -141,16 +141,13 @@ class RouterActor:
     def start(self, server_cfg, engine_urls: list[str]) -> str:
         from dataclasses import replace
 
-        from megatron_mtp_rl.rollout.sglang_schema import ROUTER_WORKERS
-        from megatron_mtp_rl.rollout.sglang_server import SGLangSupervisor, _http_json
+        from megatron_mtp_rl.rollout.sglang_server import SGLangSupervisor
 
         ip = where()["ip"]
         cfg = replace(server_cfg, host=ip, router_port=free_port(ip), num_engines=0, use_router=True)
         self.supervisor = SGLangSupervisor(cfg).start()
-        url = self.supervisor.router_url
-        for u in engine_urls:
-            _http_json("POST", url + ROUTER_WORKERS, {"url": u})
-        return url
+        self.add(engine_urls)
+        return self.supervisor.router_url
 
     def add(self, urls: list[str]) -> None:
         from megatron_mtp_rl.rollout.sglang_schema import ROUTER_WORKERS

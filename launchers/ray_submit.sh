@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Submit `mtp-rl train --ray` to a running Ray cluster with `ray job submit`: the job's driver joins
 # the cluster (RAY_ADDRESS is set for it) and places one trainer actor per GPU plus the rollout
-# actor in a placement group (megatron_mtp_rl/train/ray_launch.py).
+# actor in a placement group (megatron_mtp_rl/cluster/ray_launch.py).
 #
 #   launchers/ray_submit.sh [--dry-run] [--address URL] [--nodes N] [--working-dir DIR] [--] [train flags ...]
 #

@@ -90,7 +90,7 @@ def _train(argv) -> int:
 
     cfg = parse_config(argv, "train")  # argparse only: --help never imports torch or megatron
     if cfg.ray.ray:
-        from megatron_mtp_rl.train.ray_launch import launch
+        from megatron_mtp_rl.cluster.ray_launch import launch
 
         return _run(launch, cfg)
     from megatron_mtp_rl.train.loop import run_training

@@ -26,8 +26,9 @@ from pathlib import Path
 
 from megatron_mtp_rl.errors import ConfigError
 from megatron_mtp_rl.flags import flag, flag_name, split_passthrough_args
-from megatron_mtp_rl.models.hf_dir import is_hf_dir
-from megatron_mtp_rl.models.presets import PRESETS, ModelArgs, from_checkpoint, saved_model_args
+from megatron_mtp_rl.hf.directory import is_hf_dir
+from megatron_mtp_rl.models.presets import PRESETS, ModelArgs, from_checkpoint
+from megatron_mtp_rl.train.saved_args import saved_model_args
 
 # Choices mirrored from rl/ (which imports torch); tests/unit/test_config.py checks they agree.
 REGIMES = ("none", "detach", "ce", "policy", "occ")
@@ -212,7 +213,7 @@ class RolloutConfig:
     rollout_hf_dir: str | None = flag(None, "where HF exports for SGLang go (default <save or runs>/hf)")
     hf_flavour: str | None = flag(
         None,
-        "HF family SGLang loads (models/families; default: the model's own, tiny-dense mimo, tiny-moe glm4_moe)",
+        "HF family SGLang loads (hf/families; default: the model's own, tiny-dense mimo, tiny-moe glm4_moe)",
         choices=["deepseek_v3", "glm4_moe", "mimo", "qwen3", "qwen3_moe"],
     )
     weight_sync_mode: str = flag("tensor", "Megatron → SGLang", choices=["tensor", "distributed", "disk"])
@@ -927,7 +928,7 @@ def validate(
 
 
 def _size_problems(value: str, flag_text: str) -> list[str]:
-    from megatron_mtp_rl.models.weight_stream import parse_size
+    from megatron_mtp_rl.hf.shards import parse_size
 
     try:
         parse_size(value)

@@ -14,6 +14,13 @@ class DataError(ValueError):
     """Input data that cannot be used (a malformed prompt row, a missing file); names the file and line."""
 
 
+class UnsupportedCheckpoint(ConfigError):
+    """An HF config (or our model) uses something the family mapping cannot represent exactly.
+
+    A ConfigError, so a run that cannot export its model for SGLang ends with one line, not a traceback.
+    """
+
+
 class EngineStartError(RuntimeError):
     """A rollout engine (or its router) could not start; one line: the command, its exit code, its log's last lines."""
 

@@ -144,7 +144,7 @@ def release_tensors(
     **extra: Any,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config.json dict, name → tensor) of a random release; see :func:`make_release`."""
-    from megatron_mtp_rl.models.fp8 import quantize_fp8_blocks
+    from megatron_mtp_rl.hf.fp8 import quantize_fp8_blocks
 
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     shape = dict(hidden=hidden, experts=experts, mtp_layers=mtp_layers, **extra)

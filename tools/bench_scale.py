@@ -7,11 +7,11 @@ rank) runs each phase and prints, per rank, the peak resident memory above the l
 the phase (after the imports; for the weight pushes, after building and loading the model), as a
 multiple of the model's bf16 bytes, and the phase's time:
 
-* ``load``        direct HF load in training: ``weight_stream.load_hf`` into the model built at EP=N
+* ``load``        direct HF load in training: ``hf.load.load_hf`` into the model built at EP=N
                   (``--layout pp``: PP=N);
 * ``hf-to-mcore`` ``tools/convert_checkpoint.py hf-to-mcore`` (``--expert-model-parallel-size N``);
 * ``mcore-to-hf`` ``tools/convert_checkpoint.py mcore-to-hf``;
-* ``push-disk`` / ``push-dist``  one weight push (``train/weight_sync.py``, disk and distributed modes)
+* ``push-disk`` / ``push-dist``  one weight push (``cluster/weight_sync.py``, disk and distributed modes)
   against tests/fake_sglang_server.py, from the model built at EP=N (``--layout pp``: PP=N).
 
 A phase whose API this checkout lacks prints ``n/a (not available)``. The peak is the kernel's
@@ -168,7 +168,7 @@ def _prepare(phase: str, a) -> tuple[object, str | None]:
 
     if phase == "load":
         try:
-            from megatron_mtp_rl.models.weight_stream import load_hf
+            from megatron_mtp_rl.hf.load import load_hf
         except ImportError:
             return None, NA
         from megatron_mtp_rl.models import build_model
@@ -184,11 +184,11 @@ def _prepare(phase: str, a) -> tuple[object, str | None]:
         return run, None
 
     # push-disk / push-dist: the model built and loaded first (not measured)
+    from megatron_mtp_rl.cluster.weight_sync import WeightSync
     from megatron_mtp_rl.models import build_model
     from megatron_mtp_rl.models.presets import ModelArgs
-    from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
+    from megatron_mtp_rl.rollout.sglang.engine import SGLangEngine
     from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
-    from megatron_mtp_rl.train.weight_sync import WeightSync
 
     if not (Path(a.mcore_dir) / "latest_checkpointed_iteration.txt").exists():
         return None, "n/a (no converted checkpoint: hf-to-mcore failed)"

@@ -192,7 +192,7 @@ def safe_unpickler_globals(source: str) -> list[list[str]]:
 
 def extract(wheel: str, router_wheel: str) -> dict:
     """The fixture's content, from the two wheels."""
-    from megatron_mtp_rl.rollout import sglang_schema as S
+    from megatron_mtp_rl.rollout.sglang import schema as S
 
     with zipfile.ZipFile(wheel) as zf:
         version = _version(zf)
@@ -229,7 +229,7 @@ def extract(wheel: str, router_wheel: str) -> dict:
 
 def problems_with_our_usage(data: dict) -> list[str]:
     """Fields, routes and classes the bridge uses that the extracted schema lacks."""
-    from megatron_mtp_rl.rollout import sglang_schema as S
+    from megatron_mtp_rl.rollout.sglang import schema as S
 
     out = []
     for route, cls in S.ROUTE_REQUEST_CLASS.items():

@@ -1,6 +1,6 @@
 """Convert between a Hugging Face safetensors directory and our megatron-core dist checkpoint, and verify.
 
-Both directions go through the HF model families (``megatron_mtp_rl/models/families``: MiMo, Qwen3,
+Both directions go through the HF model families (``megatron_mtp_rl/hf/families``: MiMo, Qwen3,
 Qwen3-MoE, GLM-4.5, DeepSeek-V3) and the one Megatron↔HF tensor mapping, the same code weight sync
 uses::
 
@@ -16,7 +16,7 @@ uses::
 The family comes from ``architectures`` / ``model_type``. A config key that changes the computation
 and has no megatron-core mapping (``rope_scaling``, sliding windows, ``scoring_func``, ``topk_method``,
 ``norm_topk_prob`` with sigmoid routing, ...) is refused with one line naming the key and its value,
-never converted into a different model. Both directions stream (``models/weight_stream.py``): in one
+never converted into a different model. Both directions stream (``hf/load.py + hf/export.py``): in one
 process the model is built once and filled tensor by tensor (no second copy of the weights); under
 ``torchrun`` with ``--tensor/--pipeline/--expert-model-parallel-size`` each rank holds, reads and writes
 only its shard::
@@ -67,9 +67,9 @@ class ConversionWarning(UserWarning):
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """config.json of an HF directory (``weight_stream.read_hf_config``), as a ConversionError when bad."""
+    """config.json of an HF directory (``hf.directory.read_hf_config``), as a ConversionError when bad."""
     from megatron_mtp_rl.errors import ConfigError
-    from megatron_mtp_rl.models.weight_stream import read_hf_config as read
+    from megatron_mtp_rl.hf.directory import read_hf_config as read
 
     try:
         return read(hf_dir)
@@ -80,10 +80,10 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
 def load_hf_tensors(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of the directory (sharded or not; fp8 blocks dequantised) — for ``verify`` on small models.
 
-    The conversions themselves never do this: they stream (``models/weight_stream.py``).
+    The conversions themselves never do this: they stream (``hf/load.py + hf/export.py``).
     """
     from megatron_mtp_rl.errors import ConfigError
-    from megatron_mtp_rl.models.weight_stream import HFCheckpoint
+    from megatron_mtp_rl.hf.reader import HFCheckpoint
 
     try:
         ckpt = HFCheckpoint(hf_dir)
@@ -101,12 +101,12 @@ def model_args_from_hf_config(
     mtp_num_layers: int | None = None,
     family: str | None = None,
 ):
-    """Our ModelArgs for an HF config, through its family (``models/families``).
+    """Our ModelArgs for an HF config, through its family (``hf/families``).
 
     Raises :class:`ConversionError` — one line naming every computation-changing key that is not
     mapped (``partial_rotary_factor``, ``routed_scaling_factor``, ``scoring_func``, ``rope_scaling`` ...).
     """
-    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, detect, get_family
+    from megatron_mtp_rl.hf.families import UnsupportedCheckpoint, detect, get_family
 
     try:
         fam = get_family(family) if family else detect(cfg)
@@ -219,16 +219,17 @@ def hf_to_mcore(
     """HF safetensors + config.json → ``SAVE/iter_0000000`` that ``mtp-rl train --load SAVE`` reads.
 
     Streams: each rank builds its (TP, PP, EP) = ``parallel`` shard of the model and reads only
-    the slices of the HF tensors that shard owns (``models/weight_stream.load_hf``); the dist
+    the slices of the HF tensors that shard owns (``hf/load.load_hf``); the dist
     checkpoint is written collectively. The family comes from the config (``flavour`` overrides
     it); ``dtype="auto"`` takes the dominant floating dtype (fp8 → bf16; the router's fp32 expert
     bias stays fp32 as megatron keeps it). Returns ``(checkpoint path, ModelArgs)``.
     ``allow_missing_mtp`` keeps megatron's initialisation for MTP layers the HF checkpoint lacks.
     """
     from megatron_mtp_rl.errors import ConfigError
-    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, detect, get_family
+    from megatron_mtp_rl.hf.families import UnsupportedCheckpoint, detect, get_family
+    from megatron_mtp_rl.hf.load import load_hf
+    from megatron_mtp_rl.hf.reader import HFCheckpoint, dominant_dtype
     from megatron_mtp_rl.models.provider import transformer_engine_available
-    from megatron_mtp_rl.models.weight_stream import HFCheckpoint, dominant_dtype, load_hf
     from megatron_mtp_rl.train.checkpoint import save_checkpoint
 
     try:
@@ -300,9 +301,9 @@ def mcore_to_hf(
     """
     import torch.distributed as dist
 
-    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, family_for
-    from megatron_mtp_rl.models.weight_stream import parse_size, write_hf_shards
-    from megatron_mtp_rl.train.weight_sync import export_note, write_hf_metadata
+    from megatron_mtp_rl.cluster.weight_sync import export_note, write_hf_metadata
+    from megatron_mtp_rl.hf.families import UnsupportedCheckpoint, family_for
+    from megatron_mtp_rl.hf.shards import parse_size, write_hf_shards
 
     try:
         shard_bytes = parse_size(max_shard_size)
@@ -388,7 +389,7 @@ def hf_reference_logprobs(hf_dir: str | Path, tokens: torch.Tensor, depths: int)
 
     from safetensors.torch import save_file
 
-    from megatron_mtp_rl.models.families import detect
+    from megatron_mtp_rl.hf.families import detect
 
     cfg = read_hf_config(hf_dir)
     fam = detect(cfg)
@@ -440,7 +441,7 @@ def _one_layer_model(model_cls, cfg: dict[str, Any], tensors: dict, layer_prefix
 
     from safetensors.torch import save_file
 
-    from megatron_mtp_rl.models.families import detect
+    from megatron_mtp_rl.hf.families import detect
 
     one_cfg = dict(cfg, num_hidden_layers=1, num_nextn_predict_layers=0)
     one_cfg.update(first_k_dense_replace=0, mlp_only_layers=[], layer_types=None)
@@ -504,7 +505,7 @@ def verify(hf_dir: str | Path, load_dir: str | Path, *, tol: float = 1e-4, seq_l
 
 def _draft_reference_note(hf_dir: str | Path) -> str:
     """What the MTP reference computes: SGLang's draft for the family (MiMo's zeroes position 0's embedding)."""
-    from megatron_mtp_rl.models.families import detect
+    from megatron_mtp_rl.hf.families import detect
 
     fam = detect(read_hf_config(hf_dir))
     zeroed = getattr(fam, "draft_zeroes_first_embedding", False)
@@ -513,7 +514,7 @@ def _draft_reference_note(hf_dir: str | Path) -> str:
 
 
 def _hf_mtp_depth(cfg: dict[str, Any], tensors: dict) -> int:
-    from megatron_mtp_rl.models.families import detect
+    from megatron_mtp_rl.hf.families import detect
 
     fam = detect(cfg)
     k = 0
@@ -529,7 +530,7 @@ def _hf_mtp_depth(cfg: dict[str, Any], tensors: dict) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_mtp_rl.models.families import FAMILIES
+    from megatron_mtp_rl.hf.families import FAMILIES
 
     families = sorted(FAMILIES)
     p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0])

@@ -151,27 +151,6 @@ def get_preset(name: str) -> ModelArgs:
 TRAINING_CHOICES = ("moe_aux_loss_coeff", "moe_token_dispatcher_type", "init_method_std")
 
 
-def saved_model_args(load_dir: str | None) -> dict | None:
-    """The ``model_args`` stored in the latest checkpoint under ``load_dir`` (None: no checkpoint there).
-
-    An HF checkpoint directory (config.json + safetensors) gives its family's reading of config.json.
-    """
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from megatron_mtp_rl.models.hf_dir import is_hf_dir
-
-    if is_hf_dir(load_dir):
-        from megatron_mtp_rl.models.families import model_args_for_hf_dir
-
-        return asdict(model_args_for_hf_dir(load_dir))
-    if not load_dir or not (Path(load_dir) / "latest_checkpointed_iteration.txt").exists():
-        return None
-    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, read_trainer_state
-
-    return read_trainer_state(latest_checkpoint(load_dir)).get("model_args")
-
-
 def from_checkpoint(saved: dict, given: dict, *, vocab_size: int, seq_length: int, bf16: bool, where: str) -> ModelArgs:
     """The checkpoint's ModelArgs (like Megatron's ``--use-checkpoint-args``): no shape flag needed.
 

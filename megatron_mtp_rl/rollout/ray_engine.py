@@ -87,4 +87,4 @@ class RayRolloutClient:
             raise
 
     def close(self) -> None:
-        """The actor belongs to the driver (``train/ray_launch.py``), which ends it."""
+        """The actor belongs to the driver (``cluster/ray_launch.py``), which ends it."""

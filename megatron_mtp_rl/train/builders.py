@@ -124,7 +124,7 @@ def model_vocab_size(cfg: RunConfig, tokenizer) -> int:
     """The model's vocabulary: the ``--load`` checkpoint's (a converted HF model's may exceed its
     tokenizer's, e.g. Qwen's 151936 rows for 151665 tokens), else the tokenizer's. A tokenizer with
     ids the checkpoint has no rows for is refused here, before anything is built."""
-    from megatron_mtp_rl.models.presets import saved_model_args
+    from megatron_mtp_rl.train.saved_args import saved_model_args
 
     saved = (saved_model_args(cfg.ckpt.load) or {}).get("vocab_size")
     if saved is None:
@@ -275,7 +275,7 @@ def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
     """
     if cfg.algo.kl_coef <= 0:
         return None
-    from megatron_mtp_rl.models.hf_dir import is_hf_dir
+    from megatron_mtp_rl.hf.directory import is_hf_dir
     from megatron_mtp_rl.train.checkpoint import latest_checkpoint
 
     path = cfg.ckpt.ref_load or cfg.ckpt.load
@@ -289,8 +289,8 @@ def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
 def _frozen_model(args: ModelArgs, path: str) -> torch.nn.Module:
     """A model of ``args`` with the weights of ``path`` (our checkpoint, or an HF directory: each rank
     reads its own slices), in eval mode with no gradients."""
-    from megatron_mtp_rl.models.hf_dir import is_hf_dir
-    from megatron_mtp_rl.models.weight_stream import load_hf
+    from megatron_mtp_rl.hf.directory import is_hf_dir
+    from megatron_mtp_rl.hf.load import load_hf
     from megatron_mtp_rl.train.checkpoint import load_checkpoint
 
     model = build_gpt(args)
@@ -311,9 +311,10 @@ def build_teacher(cfg: RunConfig, run: Run) -> Reference | None:
     path = cfg.ckpt.teacher_load
     if cfg.algo.advantage_estimator != "opd" or not path:
         return None
-    from megatron_mtp_rl.models.hf_dir import is_hf_dir
-    from megatron_mtp_rl.models.presets import from_checkpoint, saved_model_args
+    from megatron_mtp_rl.hf.directory import is_hf_dir
+    from megatron_mtp_rl.models.presets import from_checkpoint
     from megatron_mtp_rl.train.checkpoint import latest_checkpoint
+    from megatron_mtp_rl.train.saved_args import saved_model_args
 
     hf = is_hf_dir(path)
     if not hf and latest_checkpoint(path) is None:
@@ -340,7 +341,7 @@ def build_engine(cfg: RunConfig, run: Run, *, rollout_actor=None, engines=None) 
     local: the training model itself. ``rollout_actor`` (``--ray``): a Ray RolloutActor that
     gets full tensors pushed. ``--rollout-engine sglang``: HF export, servers (+ router)
     launched by global rank 0 — as subprocesses, or with ``engines`` (``--ray``: a
-    ``train/placement.py:RayEngineGroup``) as Ray actors on their nodes — ``WeightSync`` after each step.
+    ``cluster/placement.py:RayEngineGroup``) as Ray actors on their nodes — ``WeightSync`` after each step.
     """
     if rollout_actor is not None:
         return _ray_engine(cfg, run, rollout_actor)
@@ -360,7 +361,7 @@ def _process_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
 
     import torch.distributed as dist
 
-    from megatron_mtp_rl.models.hf_mapping import gather_full_state
+    from megatron_mtp_rl.hf.mapping import gather_full_state
     from megatron_mtp_rl.models.mtp_forward import unwrap
     from megatron_mtp_rl.rollout.process_engine import ProcessEngine
 
@@ -384,7 +385,7 @@ def _ray_engine(cfg: RunConfig, run: Run, actor) -> RolloutEngine:
     import ray
     import torch.distributed as dist
 
-    from megatron_mtp_rl.models.hf_mapping import gather_full_state
+    from megatron_mtp_rl.hf.mapping import gather_full_state
     from megatron_mtp_rl.models.mtp_forward import unwrap
     from megatron_mtp_rl.rollout.ray_engine import RayRolloutClient
 
@@ -410,12 +411,12 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
 
     import torch.distributed as dist
 
-    from megatron_mtp_rl.models.weight_stream import is_stage_sender
-    from megatron_mtp_rl.rollout.engine_preflight import preflight
-    from megatron_mtp_rl.rollout.external_engines import ExternalEngines, parse_urls
-    from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
-    from megatron_mtp_rl.rollout.sglang_server import SGLangSupervisor
-    from megatron_mtp_rl.train.weight_sync import WeightSync, default_flavour, export_hf, resync_engine
+    from megatron_mtp_rl.cluster.weight_sync import WeightSync, default_flavour, export_hf, resync_engine
+    from megatron_mtp_rl.hf.export import is_stage_sender
+    from megatron_mtp_rl.rollout.sglang.engine import SGLangEngine
+    from megatron_mtp_rl.rollout.sglang.external import ExternalEngines, parse_urls
+    from megatron_mtp_rl.rollout.sglang.preflight import preflight
+    from megatron_mtp_rl.rollout.sglang.server import SGLangSupervisor
 
     ro = cfg.rollout
     root = Path(ro.rollout_hf_dir or Path(cfg.ckpt.save or "runs") / "hf")
@@ -465,14 +466,14 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
         client.supervisor.on_restart = lambda url: resync_engine(sync, url)
     engine = RemoteEngine(client, sync, name="sglang")
     if ray_engines is not None and ray_engines.colocated:  # the engines share the trainers' GPUs: take turns
-        from megatron_mtp_rl.rollout.colocated import ColocatedEngine
-        from megatron_mtp_rl.train.offload import TrainerOffload
+        from megatron_mtp_rl.cluster.colocated import ColocatedEngine
+        from megatron_mtp_rl.cluster.offload import TrainerOffload
 
         barrier = dist.barrier if dist.is_initialized() else (lambda: None)
         engine = ColocatedEngine(engine, TrainerOffload(run.model, run.optimizer), client if launcher else None,
                                  barrier=barrier)  # fmt: skip
     if ray_engines is not None:  # a dead engine actor is put back in its bundle and re-synced (every rank)
-        from megatron_mtp_rl.train.engine_recovery import RecoveringEngine
+        from megatron_mtp_rl.cluster.engine_recovery import RecoveringEngine
         from megatron_mtp_rl.train.metrics import print_progress
 
         return RecoveringEngine(engine, ray_engines if launcher else None, sync, log=print_progress)
@@ -498,7 +499,7 @@ def _sglang_server_config(cfg: RunConfig, root):
     """What rank 0 launches for ``--rollout-engine sglang`` (the model directory is ``root/init``)."""
     import shlex
 
-    from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig
+    from megatron_mtp_rl.rollout.sglang.server import SGLangServerConfig
 
     ro = cfg.rollout
     kw = {}

@@ -20,10 +20,10 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.errors import ConfigError
+from megatron_mtp_rl.hf.directory import is_hf_dir
 from megatron_mtp_rl.models import megatron_compat as compat
 from megatron_mtp_rl.models.batch import TokenBatch
 from megatron_mtp_rl.models.forward import gpt_forward, unwrap
-from megatron_mtp_rl.models.hf_dir import is_hf_dir
 from megatron_mtp_rl.models.presets import ModelArgs
 from megatron_mtp_rl.models.provider import RuntimeOptions
 from megatron_mtp_rl.models.provider import build_model as build_gpt

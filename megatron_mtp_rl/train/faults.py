@@ -3,7 +3,7 @@
 Each entry is ``name@step``. Off unless the variable is set; checked at a handful of named
 points (``nan_loss`` in the train step, ``crash_in_save`` between writing a checkpoint's
 shards and publishing it, ``kill_engine_actor`` — ``--ray`` with SGLang engines — as the step's
-first generation begins: the last engine actor is killed, train/engine_recovery.py brings it back).
+first generation begins: the last engine actor is killed, cluster/engine_recovery.py brings it back).
 """
 
 from __future__ import annotations

@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_mtp_rl.cluster.colocated import generation_phase
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.errors import ConfigError
+from megatron_mtp_rl.hf.directory import is_hf_dir
+from megatron_mtp_rl.hf.load import load_hf
 from megatron_mtp_rl.models.generation import SamplingParams
-from megatron_mtp_rl.models.hf_dir import is_hf_dir
-from megatron_mtp_rl.models.weight_stream import load_hf
 from megatron_mtp_rl.platform.device import collective_device
 from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
-from megatron_mtp_rl.rollout.colocated import generation_phase
 from megatron_mtp_rl.rollout.dump import RolloutDumper
 from megatron_mtp_rl.rollout.tokenizer import CHECKPOINT_TOKENIZER_DIR, copy_tokenizer_files
 from megatron_mtp_rl.train.builders import (

@@ -23,6 +23,7 @@ from megatron_mtp_rl.errors import DataError
 from megatron_mtp_rl.models.batch import pack_sequences
 from megatron_mtp_rl.platform.device import collective_device
 from megatron_mtp_rl.rl.loss import RLBatch
+from megatron_mtp_rl.rollout.manager import Sample
 
 # A dynamic micro-batch's row is padded to a multiple of this (sequence-parallel TP and CP split it).
 ROW_MULTIPLE = 8
@@ -136,7 +137,6 @@ def token_micro_batches(
     ``count``: exactly that many micro-batches (see :func:`token_bins`); an empty one is a row of
     padding, which adds nothing to any loss or count. ``keys``/``spans``: as ``build_micro_batches``.
     """
-    from megatron_mtp_rl.train.step import build_micro_batches  # step.py builds on this module
 
     lengths = [sample_length(s) for s in samples]
     with_lp = bool(samples) and all(len(x.logprobs) == len(x.response_ids) for x in samples)
@@ -225,8 +225,6 @@ def plan_minibatches(cfg, samples: list, adv: torch.Tensor, shuffle_seed: int, s
     """
     import random
 
-    from megatron_mtp_rl.train.step import build_micro_batches
-
     op = cfg.optim
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     per_rank = op.global_batch_size // dp
@@ -246,3 +244,46 @@ def plan_minibatches(cfg, samples: list, adv: torch.Tensor, shuffle_seed: int, s
         return same_count_micro_batches(parts, op.max_tokens_per_gpu, equal_counts=pp, spans=spans)
     seq = cfg.data.seq_length
     return [build_micro_batches(s, a, op.micro_batch_size, seq, pp, keys=k, spans=spans) for s, a, k in parts]
+
+
+def build_micro_batches(
+    samples: list[Sample],
+    advantages: list[float],
+    mbs: int,
+    seq_length: int,
+    pad_rows: bool,
+    *,
+    keys: list[int] | None = None,
+    spans: dict | None = None,
+):
+    """Pack samples (``mbs`` per micro-batch) into RLBatches with per-token advantages."""
+    out = []
+    for s in range(0, len(samples), mbs):
+        chunk = samples[s : s + mbs]
+        seqs = [(x.prompt_ids, x.response_ids) for x in chunk]
+        batch, where = pack_sequences(seqs, seq_length, rows=mbs if pad_rows else None)
+        adv = torch.zeros(batch.tokens.shape, dtype=torch.float32)
+        # The engine's log-probs (rollout–trainer mismatch metrics, --tis-cap), when it returned them.
+        has_lp = all(len(x.logprobs) == len(x.response_ids) for x in chunk)
+        rollout_lp = torch.zeros(batch.tokens.shape, dtype=torch.float32) if has_lp else None
+        rl_batch = RLBatch(**batch.__dict__, advantages=adv, rollout_logprobs=rollout_lp)
+        for j, (x, a, (row, start, n)) in enumerate(zip(chunk, advantages[s : s + mbs], where)):
+            adv[row, start + len(x.prompt_ids) - 1 : start + n - 1] = a
+            if x.loss_mask is not None:  # tool / environment tokens: context only, out of every loss term
+                batch.loss_mask[row, start + len(x.prompt_ids) - 1 : start + n - 1] &= response_mask(x)
+            if has_lp:
+                rollout_lp[row, start + len(x.prompt_ids) - 1 : start + n - 1] = torch.tensor(x.logprobs)
+            if spans is not None and keys is not None:
+                spans[keys[s + j]] = (rl_batch, row, start + len(x.prompt_ids) - 1, start + n - 1)
+        out.append(rl_batch)
+    return out
+
+
+def response_mask(sample: Sample) -> torch.Tensor:
+    """The sample's per-response-token loss mask as a bool tensor (checked against its length)."""
+    if len(sample.loss_mask) != len(sample.response_ids):
+        raise ValueError(
+            f"a sample's loss_mask has {len(sample.loss_mask)} entries for {len(sample.response_ids)} response "
+            "tokens (the rollout function must give one per response token)"
+        )
+    return torch.tensor(sample.loss_mask, dtype=torch.bool)

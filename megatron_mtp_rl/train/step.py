@@ -22,15 +22,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_mtp_rl.cluster.colocated import generation_phase
 from megatron_mtp_rl.config import RunConfig
-from megatron_mtp_rl.models import pack_sequences
 from megatron_mtp_rl.platform.device import collective_device, peak_memory_gb
 from megatron_mtp_rl.rl.advantages import AdvantageInputs, Estimator, gae_returns, overlong_penalty, token_advantages
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
 from megatron_mtp_rl.rl.metric_values import read
 from megatron_mtp_rl.rl.occ import OCCEstimator
 from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
-from megatron_mtp_rl.rollout.colocated import generation_phase
 from megatron_mtp_rl.rollout.dump import RolloutDumper
 from megatron_mtp_rl.rollout.engine import RolloutEngine
 from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
@@ -38,7 +37,12 @@ from megatron_mtp_rl.rollout.reward_sandbox import check_step_rewards
 from megatron_mtp_rl.train import faults
 from megatron_mtp_rl.train.builders import Reference, Rollout, Run
 from megatron_mtp_rl.train.critic import Critic
-from megatron_mtp_rl.train.microbatches import balance_on, plan_minibatches
+from megatron_mtp_rl.train.microbatches import (  # noqa: F401 (build_micro_batches re-exported)
+    balance_on,
+    build_micro_batches,
+    plan_minibatches,
+    response_mask,
+)
 from megatron_mtp_rl.train.optim import clip_and_step, param_norm, split_parameters
 from megatron_mtp_rl.train.schedule import configure, forward_backward
 from megatron_mtp_rl.train.throughput import throughput_metrics
@@ -200,49 +204,6 @@ def pack_minibatches(
             )
         )
     return out
-
-
-def build_micro_batches(
-    samples: list[Sample],
-    advantages: list[float],
-    mbs: int,
-    seq_length: int,
-    pad_rows: bool,
-    *,
-    keys: list[int] | None = None,
-    spans: dict | None = None,
-):
-    """Pack samples (``mbs`` per micro-batch) into RLBatches with per-token advantages."""
-    out = []
-    for s in range(0, len(samples), mbs):
-        chunk = samples[s : s + mbs]
-        seqs = [(x.prompt_ids, x.response_ids) for x in chunk]
-        batch, where = pack_sequences(seqs, seq_length, rows=mbs if pad_rows else None)
-        adv = torch.zeros(batch.tokens.shape, dtype=torch.float32)
-        # The engine's log-probs (rollout–trainer mismatch metrics, --tis-cap), when it returned them.
-        has_lp = all(len(x.logprobs) == len(x.response_ids) for x in chunk)
-        rollout_lp = torch.zeros(batch.tokens.shape, dtype=torch.float32) if has_lp else None
-        rl_batch = RLBatch(**batch.__dict__, advantages=adv, rollout_logprobs=rollout_lp)
-        for j, (x, a, (row, start, n)) in enumerate(zip(chunk, advantages[s : s + mbs], where)):
-            adv[row, start + len(x.prompt_ids) - 1 : start + n - 1] = a
-            if x.loss_mask is not None:  # tool / environment tokens: context only, out of every loss term
-                batch.loss_mask[row, start + len(x.prompt_ids) - 1 : start + n - 1] &= response_mask(x)
-            if has_lp:
-                rollout_lp[row, start + len(x.prompt_ids) - 1 : start + n - 1] = torch.tensor(x.logprobs)
-            if spans is not None and keys is not None:
-                spans[keys[s + j]] = (rl_batch, row, start + len(x.prompt_ids) - 1, start + n - 1)
-        out.append(rl_batch)
-    return out
-
-
-def response_mask(sample: Sample) -> torch.Tensor:
-    """The sample's per-response-token loss mask as a bool tensor (checked against its length)."""
-    if len(sample.loss_mask) != len(sample.response_ids):
-        raise ValueError(
-            f"a sample's loss_mask has {len(sample.loss_mask)} entries for {len(sample.response_ids)} response "
-            "tokens (the rollout function must give one per response token)"
-        )
-    return torch.tensor(sample.loss_mask, dtype=torch.bool)
 
 
 # -- phase 4: old and reference log-probs -----------------------------------------------------

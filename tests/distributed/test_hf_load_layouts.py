@@ -47,10 +47,12 @@ def _local_state(model) -> dict[str, torch.Tensor]:
 
 def _worker(rank, world, releases, out_root):
     from megatron_mtp_rl import platform
+    from megatron_mtp_rl.hf.load import load_hf
+    from megatron_mtp_rl.hf.reader import HFCheckpoint
     from megatron_mtp_rl.models import build_model
-    from megatron_mtp_rl.models.presets import ModelArgs, saved_model_args
-    from megatron_mtp_rl.models.weight_stream import HFCheckpoint, load_hf
+    from megatron_mtp_rl.models.presets import ModelArgs
     from megatron_mtp_rl.train.checkpoint import load_checkpoint
+    from megatron_mtp_rl.train.saved_args import saved_model_args
 
     tool = load_tool("convert_checkpoint")
     results = {}
@@ -82,7 +84,7 @@ def _worker(rank, world, releases, out_root):
 
 
 def test_direct_hf_load_equals_convert_then_load_on_two_ranks(tmp_path, releases):
-    from megatron_mtp_rl.models.weight_stream import HFCheckpoint
+    from megatron_mtp_rl.hf.reader import HFCheckpoint
 
     ranks = run_ranks(_worker, 2, tmp_path / "ranks", releases, str(tmp_path), timeout=400)
     for family, (hf, _) in releases.items():

@@ -38,8 +38,8 @@ def _logprobs(model):
 
 def _worker(rank, world, layouts):
     from megatron_mtp_rl import platform
+    from megatron_mtp_rl.hf.mapping import gather_full_state
     from megatron_mtp_rl.models import build_model, get_preset
-    from megatron_mtp_rl.models.hf_mapping import gather_full_state
 
     results = {}
     for preset, tp, ep, seed in layouts:
@@ -57,8 +57,8 @@ def _worker(rank, world, layouts):
 
 def test_gather_tp2_ep2_equals_tp1(tmp_path, single_process):
     from megatron_mtp_rl import platform
+    from megatron_mtp_rl.hf.mapping import DEEPSEEK_V3, gather_full_state, hf_to_megatron, megatron_to_hf
     from megatron_mtp_rl.models import build_model, get_preset
-    from megatron_mtp_rl.models.hf_mapping import DEEPSEEK_V3, gather_full_state, hf_to_megatron, megatron_to_hf
     from megatron_mtp_rl.models.state import load_full_state_dict
 
     ranks = run_ranks(_worker, 2, tmp_path, LAYOUTS)

@@ -59,7 +59,7 @@ def init(tmp_path_factory) -> str:
 
 
 def test_pp2_rl_run_logs_what_pp1_logs(tmp_path, init):
-    from megatron_mtp_rl.train.weight_sync import shard_names
+    from megatron_mtp_rl.cluster.weight_sync import shard_names
 
     rows, names = {}, {}
     for pp in (1, 2):

@@ -38,10 +38,10 @@ def _worker(rank, world, url, layout, export_dir, plan):
     import torch
 
     from megatron_mtp_rl import platform
+    from megatron_mtp_rl.cluster.weight_sync import WeightSync, hf_tensors, resync_engine
+    from megatron_mtp_rl.hf.export import is_stage_sender
     from megatron_mtp_rl.models import build_model, get_preset
-    from megatron_mtp_rl.models.weight_stream import is_stage_sender
-    from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
-    from megatron_mtp_rl.train.weight_sync import WeightSync, hf_tensors, resync_engine
+    from megatron_mtp_rl.rollout.sglang.engine import SGLangEngine
 
     split = "pipeline_model_parallel_size" if layout == "pp" else "expert_model_parallel_size"
     platform.initialize(platform.ParallelSizes(**{split: world}), seed=7)

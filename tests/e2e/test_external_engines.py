@@ -9,7 +9,7 @@ import pytest
 
 from megatron_mtp_rl.config import parse_config, validate
 from megatron_mtp_rl.models.generation import SamplingParams
-from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
+from megatron_mtp_rl.rollout.sglang.engine import SGLangEngine
 from megatron_mtp_rl.train.loop import close, prepare
 from megatron_mtp_rl.train.step import rl_step
 from tests.e2e.test_train import FAST
@@ -74,7 +74,7 @@ def test_engine_urls_config_problems():
 
 def test_an_external_engine_that_does_not_answer_is_one_line():
     from megatron_mtp_rl.errors import EngineStartError
-    from megatron_mtp_rl.rollout.external_engines import ExternalEngines
+    from megatron_mtp_rl.rollout.sglang.external import ExternalEngines
     from tests.dist_utils import free_port
 
     url = f"http://127.0.0.1:{free_port()}"

@@ -26,8 +26,9 @@ def test_opd_two_steps_learn_from_the_teacher_alone(tmp_path):
     assert all(h["rollout/reward_mean"] == 0.0 for h in opd[1:])
     assert all(h["train/grad_norm"] > 0.0 and math.isfinite(h["train/policy_loss"]) for h in opd[1:])
     # A teacher of another vocabulary is refused before anything is built.
-    from megatron_mtp_rl.models.presets import ModelArgs, saved_model_args
+    from megatron_mtp_rl.models.presets import ModelArgs
     from megatron_mtp_rl.train.builders import build_teacher
+    from megatron_mtp_rl.train.saved_args import saved_model_args
 
     other = SimpleNamespace(model_args=replace(ModelArgs(**saved_model_args(str(tmp_path / "teacher"))), vocab_size=99))
     cfg = parse_config(["--advantage-estimator", "opd", "--teacher-load", str(tmp_path / "teacher")])

@@ -7,8 +7,8 @@ import os
 import pytest
 import ray  # installed by the test extra
 
+from megatron_mtp_rl.cluster.ray_launch import launch
 from megatron_mtp_rl.config import parse_config
-from megatron_mtp_rl.train.ray_launch import launch
 from tests.e2e.test_train import FAST
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import ray
 
+from megatron_mtp_rl.cluster.ray_launch import launch
 from megatron_mtp_rl.config import parse_config
-from megatron_mtp_rl.train.ray_launch import launch
 from tests.e2e.test_train import FAST
 
 FAKE = str(Path(__file__).resolve().parents[1] / "fake_sglang_server.py")

@@ -116,8 +116,8 @@ def test_the_driver_itself_ends_the_other_ranks_and_the_placement_group(tmp_path
     import ray
     from ray.util import placement_group_table
 
+    from megatron_mtp_rl.cluster import ray_launch
     from megatron_mtp_rl.errors import TrainerFailed
-    from megatron_mtp_rl.train import ray_launch
 
     seen: list[dict] = []
 

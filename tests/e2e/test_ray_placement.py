@@ -11,8 +11,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from megatron_mtp_rl.cluster.ray_launch import launch
 from megatron_mtp_rl.config import parse_config
-from megatron_mtp_rl.train.ray_launch import launch
 from tests.dist_utils import free_port, run_ranks
 from tests.e2e.test_train import FAST
 

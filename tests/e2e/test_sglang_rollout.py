@@ -73,7 +73,7 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
             hist.append(m)
         states = [_state(u) for u in engine_urls]
         # the whole-model payload the sync used to build in one dict: the streamed one must equal it
-        from megatron_mtp_rl.train.weight_sync import hf_tensors
+        from megatron_mtp_rl.cluster.weight_sync import hf_tensors
 
         sync = ctx.engine.push
         reference = {

@@ -178,7 +178,7 @@ def test_speculative_decoding_is_exact_on_cuda(cuda_group):
 def test_colocated_offload_frees_the_gpu_and_restores_bit_for_bit(cuda_group):
     """The colocated hand-off's trainer side on CUDA: offload frees every parameter, gradient and
     Adam-state storage (allocated bytes drop by at least their size), onload restores them exactly."""
-    from megatron_mtp_rl.train.offload import TrainerOffload, _tensors, gpu_memory_gb
+    from megatron_mtp_rl.cluster.offload import TrainerOffload, _tensors, gpu_memory_gb
     from tests.unit.test_offload import _model_and_optimizer, _step
 
     model, optimizer = _model_and_optimizer()

@@ -8,12 +8,12 @@ import urllib.request
 
 import pytest
 
+from megatron_mtp_rl.cluster.colocated import ColocatedEngine, generation_phase
+from megatron_mtp_rl.cluster.offload import TrainerOffload
 from megatron_mtp_rl.models.generation import SamplingParams
-from megatron_mtp_rl.rollout.colocated import ColocatedEngine, generation_phase
 from megatron_mtp_rl.rollout.engine import RemoteEngine
-from megatron_mtp_rl.rollout.sglang_client import SGLangHTTPError
-from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
-from megatron_mtp_rl.train.offload import TrainerOffload
+from megatron_mtp_rl.rollout.sglang.client import SGLangHTTPError
+from megatron_mtp_rl.rollout.sglang.engine import SGLangEngine
 from tests.fake_sglang_server import FakeServer
 from tests.unit.test_offload import _model_and_optimizer
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_mtp_rl.cluster.weight_sync import resync_engine
 from megatron_mtp_rl.models.generation import SamplingParams
-from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
-from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig
-from megatron_mtp_rl.train.weight_sync import resync_engine
+from megatron_mtp_rl.rollout.sglang.engine import SGLangEngine
+from megatron_mtp_rl.rollout.sglang.server import SGLangServerConfig
 from tests.dist_utils import free_port
 
 FAKE = str(Path(__file__).resolve().parents[1] / "fake_sglang_server.py")

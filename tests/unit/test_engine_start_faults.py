@@ -8,7 +8,7 @@ import pytest
 
 from megatron_mtp_rl.cli import main
 from megatron_mtp_rl.errors import EngineStartError
-from megatron_mtp_rl.rollout.engine_preflight import check_command, check_ports_free
+from megatron_mtp_rl.rollout.sglang.preflight import check_command, check_ports_free
 from tests.dist_utils import free_port
 from tests.e2e.test_train import FAST
 

@@ -79,7 +79,7 @@ def make_deepseek(path: Path, **overrides) -> dict[str, torch.Tensor]:
 
 
 def test_deepseek_config_maps_to_mla_and_sigmoid_moe():
-    from megatron_mtp_rl.models.families import detect
+    from megatron_mtp_rl.hf.families import detect
 
     raw = DeepseekV3Config(**CFG).to_dict() | {"architectures": ["DeepseekV3ForCausalLM"]}
     m = detect(raw).model_args(raw)
@@ -96,8 +96,8 @@ def test_deepseek_config_maps_to_mla_and_sigmoid_moe():
 
 @pytest.mark.parametrize("q_lora_rank", [32, None], ids=["v3", "moonlight-no-q-lora"])
 def test_mla_mapping_round_trip_by_names_and_shapes(tmp_path, q_lora_rank):
-    from megatron_mtp_rl.models.families import detect
-    from megatron_mtp_rl.models.hf_mapping import hf_to_megatron, megatron_to_hf
+    from megatron_mtp_rl.hf.families import detect
+    from megatron_mtp_rl.hf.mapping import hf_to_megatron, megatron_to_hf
 
     src = make_deepseek(tmp_path / "hf", q_lora_rank=q_lora_rank)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -72,7 +72,7 @@ NOT_SHAPE = {"seq_length", "moe_aux_loss_coeff", "moe_token_dispatcher_type", "i
 @pytest.mark.parametrize("recipe", sorted(PUBLISHED))
 def test_recipe_model_equals_the_converted_release(recipe):
     from megatron_mtp_rl.config import parse_config, resolve_model_args
-    from megatron_mtp_rl.models.families import detect
+    from megatron_mtp_rl.hf.families import detect
 
     published = PUBLISHED[recipe]
     vocab = published["vocab_size"]
@@ -90,7 +90,7 @@ def test_recipe_model_equals_the_converted_release(recipe):
 
 
 def test_block_fp8_release_is_read_and_other_quantisations_refused():
-    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, detect
+    from megatron_mtp_rl.hf.families import UnsupportedCheckpoint, detect
 
     q = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     fp8 = PUBLISHED["deepseek_v3_671b_layout"] | {"quantization_config": q}

@@ -46,9 +46,9 @@ MODELS = {
 
 def _export(tmp_path: Path, case: str) -> tuple[Path, object, str]:
     from megatron_mtp_rl import platform
+    from megatron_mtp_rl.cluster.weight_sync import export_hf
+    from megatron_mtp_rl.hf.families import family_for
     from megatron_mtp_rl.models import build_model, get_preset
-    from megatron_mtp_rl.models.families import family_for
-    from megatron_mtp_rl.train.weight_sync import export_hf
 
     preset, overrides = MODELS[case]
     margs = get_preset(preset).with_overrides(vocab_size=100, **overrides)
@@ -128,16 +128,16 @@ def test_export_loads_as_the_family_sglang_expects(single_process, tmp_path, cas
 
 
 def test_presets_export_as_mimo_and_glm45():
+    from megatron_mtp_rl.hf.families import family_for
     from megatron_mtp_rl.models import get_preset
-    from megatron_mtp_rl.models.families import family_for
 
     assert family_for(get_preset("tiny-dense")).architecture == "MiMoForCausalLM"
     assert family_for(get_preset("tiny-moe")).architecture == "Glm4MoeForCausalLM"  # a GQA MoE family, not DeepSeek
 
 
 def test_unexportable_model_is_refused_naming_why():
+    from megatron_mtp_rl.hf.families import UnsupportedCheckpoint, family_for
     from megatron_mtp_rl.models import get_preset
-    from megatron_mtp_rl.models.families import UnsupportedCheckpoint, family_for
 
     with pytest.raises(UnsupportedCheckpoint, match="Qwen3 always has q/k RMSNorm"):
         family_for(get_preset("tiny-moe").with_overrides(moe_router_score_function="softmax"))
@@ -149,8 +149,8 @@ def test_deepseek_export_names_match_the_nextn_draft(tmp_path):
     """MLA cannot be built on CPU: DeepSeek-V3's export names come from the mapping (as weight sync sends them)."""
     from dataclasses import replace
 
-    from megatron_mtp_rl.models.families import detect
-    from megatron_mtp_rl.models.hf_mapping import hf_to_megatron, megatron_to_hf
+    from megatron_mtp_rl.hf.families import detect
+    from megatron_mtp_rl.hf.mapping import hf_to_megatron, megatron_to_hf
     from tests.unit.test_families_mla import make_deepseek
 
     src = make_deepseek(tmp_path / "hf")

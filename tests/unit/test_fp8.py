@@ -1,12 +1,12 @@
-"""models/fp8.py: DeepSeek-V3's block fp8 (float8_e4m3fn + per-block ``weight_scale_inv``) on CPU."""
+"""hf/fp8.py: DeepSeek-V3's block fp8 (float8_e4m3fn + per-block ``weight_scale_inv``) on CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from megatron_mtp_rl.models.families.base import UnsupportedCheckpoint
-from megatron_mtp_rl.models.fp8 import (
+from megatron_mtp_rl.hf.families.base import UnsupportedCheckpoint
+from megatron_mtp_rl.hf.fp8 import (
     block_size_from_config,
     dequantize_fp8_blocks,
     quantize_fp8_blocks,

@@ -174,7 +174,7 @@ def _model(preset, **overrides):
 @pytest.mark.parametrize("flavour", ["deepseek_v3", "mimo"])
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
 def test_round_trip_is_bit_exact_and_names_match(single_process, preset, flavour):
-    from megatron_mtp_rl.models.hf_mapping import check_hf_names, gather_full_state, hf_to_megatron, megatron_to_hf
+    from megatron_mtp_rl.hf.mapping import check_hf_names, gather_full_state, hf_to_megatron, megatron_to_hf
 
     model = _model(preset)
     full = gather_full_state(model)
@@ -191,7 +191,7 @@ def test_round_trip_is_bit_exact_and_names_match(single_process, preset, flavour
 
 
 def test_deepseek_copies_and_untied_head(single_process):
-    from megatron_mtp_rl.models.hf_mapping import (
+    from megatron_mtp_rl.hf.mapping import (
         DEEPSEEK_V3,
         MIMO,
         HFFlavour,
@@ -229,8 +229,8 @@ def test_deepseek_copies_and_untied_head(single_process):
 
 
 def test_gqa_split_of_a_hand_built_fused_tensor(single_process):
+    from megatron_mtp_rl.hf.mapping import fuse_qkv, split_qkv
     from megatron_mtp_rl.models import build_config, get_preset
-    from megatron_mtp_rl.models.hf_mapping import fuse_qkv, split_qkv
 
     config = build_config(get_preset("tiny-dense").with_overrides(num_query_groups=2))
     heads, groups, d, h = 4, 2, 16, 64
@@ -262,7 +262,7 @@ def _rms(x, w, eps):
 @torch.no_grad()
 def test_hf_layouts_compute_what_megatron_computes(single_process):
     """Run megatron's own modules and the HF formulas on the converted weights (GQA model)."""
-    from megatron_mtp_rl.models.hf_mapping import gather_full_state, megatron_to_hf
+    from megatron_mtp_rl.hf.mapping import gather_full_state, megatron_to_hf
 
     model = _model("tiny-dense", num_query_groups=2)
     g = torch.Generator().manual_seed(0)
@@ -305,7 +305,7 @@ def test_hf_layouts_compute_what_megatron_computes(single_process):
 
 
 def test_vocab_trim_and_pad(single_process):
-    from megatron_mtp_rl.models.hf_mapping import gather_full_state, hf_to_megatron, megatron_to_hf
+    from megatron_mtp_rl.hf.mapping import gather_full_state, hf_to_megatron, megatron_to_hf
 
     model = _model("tiny-dense")
     full = gather_full_state(model)
@@ -325,7 +325,7 @@ def test_vocab_trim_and_pad(single_process):
 
 def test_transformer_engine_spellings_round_trip(single_process):
     """TE specs keep the norms inside linear_qkv / linear_fc1; both spellings map to the same HF names."""
-    from megatron_mtp_rl.models.hf_mapping import gather_full_state, hf_to_megatron, megatron_to_hf
+    from megatron_mtp_rl.hf.mapping import gather_full_state, hf_to_megatron, megatron_to_hf
 
     for preset in ("tiny-dense", "tiny-moe"):
         model = _model(preset)
@@ -344,7 +344,7 @@ def test_transformer_engine_spellings_round_trip(single_process):
 
 
 def test_router_expert_bias_maps_to_e_score_correction_bias(single_process):
-    from megatron_mtp_rl.models.hf_mapping import gather_full_state, hf_to_megatron, megatron_to_hf
+    from megatron_mtp_rl.hf.mapping import gather_full_state, hf_to_megatron, megatron_to_hf
 
     model = _model("tiny-moe")
     full = dict(gather_full_state(model))
@@ -357,7 +357,7 @@ def test_router_expert_bias_maps_to_e_score_correction_bias(single_process):
 
 
 def test_errors_name_the_offending_keys(single_process):
-    from megatron_mtp_rl.models.hf_mapping import (
+    from megatron_mtp_rl.hf.mapping import (
         HFNameMismatch,
         check_hf_names,
         gather_full_state,
@@ -389,8 +389,8 @@ def test_errors_name_the_offending_keys(single_process):
 
 
 def test_buckets_hold_every_tensor_once_in_order(single_process):
+    from megatron_mtp_rl.hf.mapping import gather_full_state, megatron_to_hf
     from megatron_mtp_rl.models.bucketing import DEFAULT_UPDATE_WEIGHT_BUFFER_SIZE, bucket_named_tensors, tensor_nbytes
-    from megatron_mtp_rl.models.hf_mapping import gather_full_state, megatron_to_hf
 
     assert DEFAULT_UPDATE_WEIGHT_BUFFER_SIZE == 512 * 1024**2
     model = _model("tiny-moe")
@@ -424,7 +424,7 @@ def test_bucket_oversized_tensor_goes_alone():
 
 def test_qwen3_mtp_naming_round_trip(single_process):
     """Qwen3-MoE's MTP names (SGLang 0.5.23 qwen3_moe_mtp.py): mtp.fc / mtp.pre_fc_norm_* / mtp.layers.0 / mtp.norm."""
-    from megatron_mtp_rl.models.hf_mapping import gather_full_state, hf_to_megatron, megatron_to_hf
+    from megatron_mtp_rl.hf.mapping import gather_full_state, hf_to_megatron, megatron_to_hf
 
     model = _model("tiny-moe", mtp_num_layers=1, qk_layernorm=True, moe_router_score_function="softmax")
     full = gather_full_state(model)
@@ -447,7 +447,7 @@ def test_qwen3_mtp_naming_round_trip(single_process):
 
 def test_dense_first_layers_get_their_own_te_spelling(single_process):
     """With --moe-layer-freq, TE fuses the MLP norm of dense layers only; the inverse emits that per layer."""
-    from megatron_mtp_rl.models.hf_mapping import gather_full_state, hf_to_megatron, megatron_to_hf
+    from megatron_mtp_rl.hf.mapping import gather_full_state, hf_to_megatron, megatron_to_hf
 
     model = _model("tiny-moe", num_layers=3, moe_layer_freq="([0]*1+[1]*2)", moe_shared_expert_intermediate_size=48)
     full = gather_full_state(model)

@@ -56,7 +56,7 @@ def test_release_is_sharded_bf16_with_mtp_and_transformers_loads_it(tmp_path, fa
 
 
 def test_fp8_release_dequantises_to_the_bf16_one_within_fp8_rounding(tmp_path):
-    from megatron_mtp_rl.models.fp8 import block_size_from_config, dequantize_fp8_blocks
+    from megatron_mtp_rl.hf.fp8 import block_size_from_config, dequantize_fp8_blocks
 
     ref = _read(make_release(tmp_path / "bf16", "glm4_moe", experts=4, seed=3, **SHAPE))[1]
     d = make_release(tmp_path / "fp8", "glm4_moe", experts=4, seed=3, fp8=True, **SHAPE)

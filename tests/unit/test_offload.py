@@ -3,7 +3,7 @@ storage, onload restores them bit for bit, and training continues exactly as wit
 
 import torch
 
-from megatron_mtp_rl.train.offload import TrainerOffload
+from megatron_mtp_rl.cluster.offload import TrainerOffload
 
 
 def _model_and_optimizer():
@@ -27,7 +27,7 @@ def _step(model, optimizer):
 
 
 def _snapshot(model, optimizer):
-    from megatron_mtp_rl.train.offload import _tensors
+    from megatron_mtp_rl.cluster.offload import _tensors
 
     return [t.detach().clone() for t in _tensors(model, optimizer)]
 
@@ -45,7 +45,7 @@ def test_offload_onload_is_bit_identical_and_training_continues_exactly(single_p
     assert len(before) > 3
     hand.offload()
     assert hand.offloaded and sum(h.numel() for _, h in hand._saved) > 0
-    from megatron_mtp_rl.train.offload import _tensors
+    from megatron_mtp_rl.cluster.offload import _tensors
 
     with torch.no_grad():  # the memory is the engines' meanwhile: what comes back must be the host copy
         for t in _tensors(model, optimizer):

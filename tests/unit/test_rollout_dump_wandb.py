@@ -89,7 +89,7 @@ def test_every_stop_id_ends_a_response_locally_and_in_the_sglang_request():
     import torch
 
     from megatron_mtp_rl.models.generation import SamplingParams, _Output
-    from megatron_mtp_rl.rollout.sglang_schema import build_generate_payload
+    from megatron_mtp_rl.rollout.sglang.schema import build_generate_payload
 
     params = SamplingParams(max_new_tokens=5, eos_id=2, stop_ids=(7, 2))
     assert params.stops == (2, 7)

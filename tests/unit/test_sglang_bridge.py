@@ -27,15 +27,15 @@ import pytest
 import torch
 
 from megatron_mtp_rl.models.generation import SamplingParams
-from megatron_mtp_rl.rollout import sglang_schema as S
-from megatron_mtp_rl.rollout.sglang_client import (
+from megatron_mtp_rl.rollout.sglang import schema as S
+from megatron_mtp_rl.rollout.sglang.client import (
     SGLangClient,
     SGLangHTTPError,
     SGLangRetriesExhausted,
     serialize_named_tensors,
 )
-from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
-from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig, SGLangSupervisor, split_passthrough_args
+from megatron_mtp_rl.rollout.sglang.engine import SGLangEngine
+from megatron_mtp_rl.rollout.sglang.server import SGLangServerConfig, SGLangSupervisor, split_passthrough_args
 from tests.fake_sglang_server import FakeServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -425,7 +425,7 @@ def test_supervisor_restarts_a_killed_engine_and_reregisters_it(tmp_path):
 
 
 def test_supervisor_gives_up_after_max_restarts(tmp_path):
-    from megatron_mtp_rl.rollout.sglang_server import SGLangServerError
+    from megatron_mtp_rl.rollout.sglang.server import SGLangServerError
 
     eng = SGLangEngine.launch(_fake_config(tmp_path, num_engines=1, use_router=False, max_restarts=0))
     try:

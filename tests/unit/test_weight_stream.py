@@ -1,4 +1,4 @@
-"""models/weight_stream.py in one process: HF shards out, mixed-dtype and block-fp8 releases in.
+"""hf/load.py + hf/export.py in one process: HF shards out, mixed-dtype and block-fp8 releases in.
 
 * ``mcore-to-hf`` streams into shards of ``--max-shard-size`` + ``model.safetensors.index.json``; the
   tensors equal the whole-model export (``weight_sync.hf_tensors``) tensor for tensor, and transformers
@@ -31,8 +31,8 @@ def glm(tmp_path_factory, single_process):
 
 
 def test_mixed_release_converts_under_auto_dtype_keeping_the_fp32_router_bias(glm):
-    from megatron_mtp_rl.models.presets import saved_model_args
-    from megatron_mtp_rl.models.weight_stream import HFCheckpoint, dominant_dtype
+    from megatron_mtp_rl.hf.reader import HFCheckpoint, dominant_dtype
+    from megatron_mtp_rl.train.saved_args import saved_model_args
 
     ckpt = HFCheckpoint(glm / "hf")
     assert {ckpt.dtype(n) for n in ckpt.names()} == {torch.bfloat16, torch.float32}  # as GLM-4.5 ships
@@ -46,7 +46,7 @@ def test_streamed_export_in_shards_equals_the_whole_model_export(glm, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from megatron_mtp_rl import platform
-    from megatron_mtp_rl.train.weight_sync import hf_tensors
+    from megatron_mtp_rl.cluster.weight_sync import hf_tensors
 
     tool = load_tool("convert_checkpoint")
     tool.mcore_to_hf(glm / "mcore", tmp_path / "out", max_shard_size="40KB")
@@ -73,7 +73,8 @@ def test_streamed_export_in_shards_equals_the_whole_model_export(glm, tmp_path):
 
 def test_block_fp8_release_dequantises_and_loads(tmp_path, single_process):
     from megatron_mtp_rl import platform
-    from megatron_mtp_rl.models.weight_stream import HFCheckpoint, dominant_dtype, load_hf
+    from megatron_mtp_rl.hf.load import load_hf
+    from megatron_mtp_rl.hf.reader import HFCheckpoint, dominant_dtype
 
     bf16 = HFCheckpoint(make_release(tmp_path / "bf16", "glm4_moe", **GLM))
     fp8 = HFCheckpoint(make_release(tmp_path / "fp8", "glm4_moe", fp8=True, **GLM))
@@ -105,7 +106,7 @@ def test_block_fp8_release_dequantises_and_loads(tmp_path, single_process):
 
 
 def test_sizes_read_as_hf_spells_them():
-    from megatron_mtp_rl.models.weight_stream import parse_size
+    from megatron_mtp_rl.hf.shards import parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
     with pytest.raises(ValueError, match="not a size"):

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from megatron_mtp_rl.train.weight_sync import rendezvous_host
+from megatron_mtp_rl.cluster.weight_sync import rendezvous_host
 
 
 def _own_ipv4() -> list[tuple[str, str]]:
@@ -53,10 +53,10 @@ def test_an_engine_on_another_node_gets_the_address_that_routes_to_it():
 
 
 def test_an_engine_that_refuses_to_join_fails_the_push_at_once(tmp_path, monkeypatch):
+    from megatron_mtp_rl.cluster.weight_sync import WeightSync
     from megatron_mtp_rl.models import get_preset
-    from megatron_mtp_rl.rollout.sglang_engine import SGLangEngine
-    from megatron_mtp_rl.rollout.sglang_server import SGLangServerError
-    from megatron_mtp_rl.train.weight_sync import WeightSync
+    from megatron_mtp_rl.rollout.sglang.engine import SGLangEngine
+    from megatron_mtp_rl.rollout.sglang.server import SGLangServerError
     from tests.fake_sglang_server import FakeServer
 
     async def keep(self, name):  # leave the engine's group of that name in place: it refuses a second one

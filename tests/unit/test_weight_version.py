@@ -29,8 +29,8 @@ def test_gate_waits_for_the_push_and_refuses_replaced_weights():
 def test_ray_replica_serves_a_request_sent_before_the_push_only_after_it(single_process):
     """A second trainer rank's request overtaking rank 0's push waits for it (the replica starts
     from other weights than the trainer's, so serving it early would sample the wrong policy)."""
+    from megatron_mtp_rl.hf.mapping import gather_full_state
     from megatron_mtp_rl.models import build_model, get_preset
-    from megatron_mtp_rl.models.hf_mapping import gather_full_state
     from megatron_mtp_rl.rollout.ray_engine import RolloutReplica
 
     args = get_preset("tiny-dense")
@@ -56,7 +56,7 @@ def test_ray_replica_serves_a_request_sent_before_the_push_only_after_it(single_
 
 
 def test_sglang_client_drops_answers_from_older_weights_and_refuses_newer():
-    from megatron_mtp_rl.rollout.sglang_client import SGLangClient
+    from megatron_mtp_rl.rollout.sglang.client import SGLangClient
 
     params = SamplingParams(temperature=1.0, max_new_tokens=3)
 

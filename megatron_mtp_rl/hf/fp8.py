@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from megatron_mtp_rl.models.families.base import UnsupportedCheckpoint
+from megatron_mtp_rl.errors import UnsupportedCheckpoint
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 DEFAULT_BLOCK = (128, 128)

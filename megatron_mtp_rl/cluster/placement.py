@@ -102,7 +102,7 @@ class EngineActor:
         """Start the server (``server_cfg``: a ``SGLangServerConfig`` for one engine, host/port set here); its URL."""
         from dataclasses import replace
 
-        from megatron_mtp_rl.rollout.sglang_server import SGLangSupervisor
+        from megatron_mtp_rl.rollout.sglang.server import SGLangSupervisor
 
         info = self.where()
         env = dict(server_cfg.env)
@@ -141,7 +141,7 @@ class RouterActor:
     def start(self, server_cfg, engine_urls: list[str]) -> str:
         from dataclasses import replace
 
-        from megatron_mtp_rl.rollout.sglang_server import SGLangSupervisor
+        from megatron_mtp_rl.rollout.sglang.server import SGLangSupervisor
 
         ip = where()["ip"]
         cfg = replace(server_cfg, host=ip, router_port=free_port(ip), num_engines=0, use_router=True)
@@ -150,16 +150,16 @@ class RouterActor:
         return self.supervisor.router_url
 
     def add(self, urls: list[str]) -> None:
-        from megatron_mtp_rl.rollout.sglang_schema import ROUTER_WORKERS
-        from megatron_mtp_rl.rollout.sglang_server import _http_json
+        from megatron_mtp_rl.rollout.sglang.schema import ROUTER_WORKERS
+        from megatron_mtp_rl.rollout.sglang.server import _http_json
 
         for u in urls:
             _http_json("POST", self.supervisor.router_url + ROUTER_WORKERS, {"url": u})
 
     def remove(self, urls: list[str]) -> None:
         """``DELETE /workers/{id}`` for each listed worker at one of ``urls``."""
-        from megatron_mtp_rl.rollout.sglang_schema import ROUTER_WORKERS
-        from megatron_mtp_rl.rollout.sglang_server import _http_json
+        from megatron_mtp_rl.rollout.sglang.schema import ROUTER_WORKERS
+        from megatron_mtp_rl.rollout.sglang.server import _http_json
 
         base = self.supervisor.router_url + ROUTER_WORKERS
         for w in _http_json("GET", base)["workers"]:
@@ -167,8 +167,8 @@ class RouterActor:
                 _http_json("DELETE", f"{base}/{w['id']}")
 
     def workers(self) -> list[str]:
-        from megatron_mtp_rl.rollout.sglang_schema import ROUTER_WORKERS
-        from megatron_mtp_rl.rollout.sglang_server import _http_json
+        from megatron_mtp_rl.rollout.sglang.schema import ROUTER_WORKERS
+        from megatron_mtp_rl.rollout.sglang.server import _http_json
 
         return [w["url"] for w in _http_json("GET", self.supervisor.router_url + ROUTER_WORKERS)["workers"]]
 
@@ -192,7 +192,7 @@ class RayEngineGroup:
     """The engine and router actors the driver placed; trainer rank 0 starts them (``start``).
 
     An engine actor that dies (or whose node does) is started again in its bundle by :meth:`recover`,
-    which trainer rank 0 calls before every generation (train/engine_recovery.py does the rest:
+    which trainer rank 0 calls before every generation (cluster/engine_recovery.py does the rest:
     every rank learns the new URLs, the weights are pushed again, then the router gets the engine).
     An engine its bundle cannot take back within ``replace_timeout_s`` (its node is gone and no
     other has room) is left out, and the run goes on with fewer.
@@ -200,7 +200,7 @@ class RayEngineGroup:
 
     engines: list
     router: object | None
-    colocated: bool = False  # engines on the trainers' GPUs: memory hand-off each step (rollout/colocated.py)
+    colocated: bool = False  # engines on the trainers' GPUs: memory hand-off each step (cluster/colocated.py)
     engine_urls: list[str] = field(default_factory=list)
     router_url: str | None = None
     on_restart: object = None  # SGLangSupervisor's hook (restarts happen inside each engine actor)
@@ -240,7 +240,7 @@ class RayEngineGroup:
 
     def check(self) -> None:
         """Before each generate call: at least one engine is there (recover() replaces dead ones)."""
-        from megatron_mtp_rl.rollout.sglang_server import SGLangServerError
+        from megatron_mtp_rl.rollout.sglang.server import SGLangServerError
 
         if not self.engine_urls:
             raise SGLangServerError("no SGLang engine is left: every engine actor died and none could be re-placed")

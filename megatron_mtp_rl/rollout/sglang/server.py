@@ -39,7 +39,7 @@ from pathlib import Path
 # The --sglang-* passthrough is split off the command line in flags.py (torch-free, before argparse).
 from megatron_mtp_rl.errors import EngineStartError
 from megatron_mtp_rl.flags import ENGINE_PREFIX, ROUTER_PREFIX, split_passthrough_args  # noqa: F401
-from megatron_mtp_rl.rollout import sglang_schema as S
+from megatron_mtp_rl.rollout.sglang import schema as S
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_mtp_rl.models.families.base import Family, Reader
-from megatron_mtp_rl.models.hf_mapping import GLM4_MOE
+from megatron_mtp_rl.hf.families.base import Family, Reader
+from megatron_mtp_rl.hf.mapping import GLM4_MOE
 from megatron_mtp_rl.models.presets import ModelArgs
 
 

@@ -42,8 +42,8 @@ from collections.abc import Sequence
 import aiohttp
 
 from megatron_mtp_rl.models.generation import SamplingParams
-from megatron_mtp_rl.rollout import sglang_schema as S
 from megatron_mtp_rl.rollout.engine import Completion
+from megatron_mtp_rl.rollout.sglang import schema as S
 from megatron_mtp_rl.rollout.weight_version import WeightVersionError, stale_answer
 
 log = logging.getLogger(__name__)

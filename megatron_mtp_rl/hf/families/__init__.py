@@ -1,6 +1,6 @@
 """HF model families: one module each (config.json ⇄ ModelArgs, tensor names, SGLang export).
 
-The converter (``tools/convert_checkpoint.py``) and weight sync (``train/weight_sync.py``) both
+The converter (``tools/convert_checkpoint.py``) and weight sync (``cluster/weight_sync.py``) both
 pick a family here, so a checkpoint converts, trains and exports under one set of rules.
 
 * :func:`detect` — the family of an HF ``config.json`` (``architectures`` / ``model_type``);
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_mtp_rl.models.families import deepseek_v3, glm4_moe, mimo, qwen3, qwen3_moe
-from megatron_mtp_rl.models.families.base import ExportInfo, Family, UnsupportedCheckpoint
+from megatron_mtp_rl.hf.families import deepseek_v3, glm4_moe, mimo, qwen3, qwen3_moe
+from megatron_mtp_rl.hf.families.base import ExportInfo, Family, UnsupportedCheckpoint
 from megatron_mtp_rl.models.presets import ModelArgs
 
 FAMILIES: dict[str, Family] = {
@@ -69,7 +69,7 @@ def detect(cfg: dict[str, Any]) -> Family:
 def model_args_for_hf_dir(hf_dir: str, **overrides: Any) -> ModelArgs:
     """ModelArgs of an HF checkpoint directory (``train --load HF_DIR``): its family's reading of
     config.json, in the dtype holding most of its bytes (fp8 releases: bf16)."""
-    from megatron_mtp_rl.models.weight_stream import HFCheckpoint, dominant_dtype
+    from megatron_mtp_rl.hf.reader import HFCheckpoint, dominant_dtype
 
     ckpt = HFCheckpoint(hf_dir)
     fam = detect(ckpt.config)

@@ -1,6 +1,6 @@
 """Dead SGLang engines come back before a generation, re-synced before the router sees them.
 
-With ``--ray`` the engines are Ray actors in the job's placement group (train/placement.py). Every
+With ``--ray`` the engines are Ray actors in the job's placement group (cluster/placement.py). Every
 trainer rank enters each generation (rollout or evaluation) together, so that is where a dead
 engine is dealt with, as one collective:
 
@@ -14,7 +14,7 @@ engine is dealt with, as one collective:
 4. only then does the router get it back.
 
 An engine that dies during a generation costs no sample: the router drops it and the client asks
-again (rollout/sglang_client.py), the other engines answer; the restart happens at the next one.
+again (rollout/sglang/client.py), the other engines answer; the restart happens at the next one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import torch.distributed as dist
 
-from megatron_mtp_rl.rollout.colocated import generation_phase
+from megatron_mtp_rl.cluster.colocated import generation_phase
 from megatron_mtp_rl.train import faults
 
 
@@ -69,7 +69,7 @@ class RecoveringEngine:
         if client is not None:
             client.set_engines(generate_url if client.generate_url is not None else None, urls)
         if not urls:
-            from megatron_mtp_rl.rollout.sglang_server import SGLangServerError
+            from megatron_mtp_rl.rollout.sglang.server import SGLangServerError
 
             raise SGLangServerError("no SGLang engine is left: every engine actor died and none could be re-placed")
         metrics = dict(self.sync.resync()) if resync else {}

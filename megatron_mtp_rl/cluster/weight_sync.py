@@ -1,7 +1,7 @@
 """Megatron → SGLang weight sync, MTP (draft) layers included, streamed one parameter at a time.
 
-Every sync reads the model through ``models/weight_stream.iter_hf_tensors``: each parameter is
-gathered over its own TP / EP group, named as the HF family SGLang loads (``models/families``;
+Every sync reads the model through ``hf/export.iter_hf_tensors``: each parameter is
+gathered over its own TP / EP group, named as the HF family SGLang loads (``hf/families``;
 ``--hf-flavour`` or the model's own: tiny-dense → MiMo ``model.mtp_layers.0``, tiny-moe → GLM-4.5
 ``model.layers.{L}``), and put in a bucket of at most ``--update-weight-buffer-size`` bytes that is
 pushed as soon as it fills. Each pipeline stage's first rank sends its own stage (no stage's tensors
@@ -35,12 +35,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_mtp_rl.hf.directory import INDEX_FILE
+from megatron_mtp_rl.hf.export import is_stage_sender, iter_hf_tensors
+from megatron_mtp_rl.hf.families import family_for, get_family
+from megatron_mtp_rl.hf.mapping import gather_full_state, megatron_to_hf
+from megatron_mtp_rl.hf.shards import write_hf_shards
 from megatron_mtp_rl.models.bucketing import iter_buckets, tensor_nbytes
-from megatron_mtp_rl.models.families import family_for, get_family
-from megatron_mtp_rl.models.hf_mapping import gather_full_state, megatron_to_hf
 from megatron_mtp_rl.models.mtp_forward import unwrap
 from megatron_mtp_rl.models.presets import ModelArgs
-from megatron_mtp_rl.models.weight_stream import INDEX_FILE, is_stage_sender, iter_hf_tensors, write_hf_shards
 from megatron_mtp_rl.platform.device import cuda_available
 from megatron_mtp_rl.platform.distributed import device as platform_device
 
@@ -52,7 +54,7 @@ _MTP_LAYER = re.compile(r"mtp\.layers\.(\d+)\.")
 
 
 def default_flavour(model_args: ModelArgs) -> str:
-    """The HF family this model exports as (tiny-dense → mimo, tiny-moe → glm4_moe; see models/families)."""
+    """The HF family this model exports as (tiny-dense → mimo, tiny-moe → glm4_moe; see hf/families)."""
     return family_for(model_args).name
 
 
@@ -76,7 +78,7 @@ def hf_tensors(
 ) -> dict[str, torch.Tensor]:
     """This model's weights as ONE HF state dict of ``flavour``'s family (collective; every rank gets it all).
 
-    The whole-model reference the streamed path (``weight_stream.iter_hf_tensors``) is tested against; training,
+    The whole-model reference the streamed path (``hf.export.iter_hf_tensors``) is tested against; training,
     exports and weight sync never call it.
 
     ``depth``: MTP layers to include (default: what the family's SGLang draft takes). The family
@@ -171,7 +173,7 @@ def export_hf(model, model_args: ModelArgs, out_dir: str | Path, flavour: str | 
     Shards of at most ``max_shard_size`` as they fill (``model-0000k-of-0000n.safetensors`` + index);
     rank 0 writes config.json. Returns the directory.
     """
-    from megatron_mtp_rl.models.weight_stream import parse_size
+    from megatron_mtp_rl.hf.shards import parse_size
 
     flavour = flavour or default_flavour(model_args)
     depth = family_for(model_args, flavour).export_depth(model_args)
@@ -190,7 +192,7 @@ class WeightSync:
     """Pushes the trainer's weights to the SGLang engines after each RL step (a collective on every rank).
 
     ``engine`` is this rank's SGLangEngine client: global rank 0 opens and closes the update frame,
-    and each stage's sender (:func:`~megatron_mtp_rl.models.weight_stream.is_stage_sender`) pushes its
+    and each stage's sender (:func:`~megatron_mtp_rl.hf.export.is_stage_sender`) pushes its
     own stage through it; other ranks pass ``None``.
     """
 
@@ -361,7 +363,7 @@ class WeightSync:
         import threading
 
         from megatron_mtp_rl.platform.distributed import bound_tcp_store
-        from megatron_mtp_rl.rollout.sglang_server import SGLangServerError
+        from megatron_mtp_rl.rollout.sglang.server import SGLangServerError
 
         host = self.master_address or rendezvous_host(self.engine.engine_urls)
         name, tp = self.group_name, self.engine_tp
@@ -528,7 +530,7 @@ def resync_engine(sync: WeightSync, url: str) -> None:
     """
     import asyncio
 
-    from megatron_mtp_rl.rollout.sglang_client import SGLangClient
+    from megatron_mtp_rl.rollout.sglang.client import SGLangClient
 
     if getattr(sync, "mode", None) == "distributed":
         sync.engines_restarted = True  # it has no update group: the next push builds one with it

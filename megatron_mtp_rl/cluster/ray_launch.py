@@ -5,7 +5,7 @@ The driver (the ``mtp-rl`` process) starts a local Ray cluster — or joins one 
 the torchrun environment variables set, then waits for them.
 
 * ``--rollout-engine sglang``: the group also holds the SGLang engines' bundles
-  (``train/placement.py``): engine actors start the servers on their own nodes, the router runs on
+  (``cluster/placement.py``): engine actors start the servers on their own nodes, the router runs on
   the head node; trainer rank 0 starts them and pushes weights after each step.
 * otherwise: one rollout actor (a TP=1 replica of the policy) in its own bundle
   (``--ray-rollout-placement disaggregated``) or in rank 0's (``colocated``); rank 0 pushes full
@@ -25,10 +25,10 @@ import sys
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
+from megatron_mtp_rl.cluster.placement import COLOCATED_SHARE, RayEngineGroup, in_bundle, place_engines, placement_line
+from megatron_mtp_rl.cluster.placement import plan as plan_layout
+from megatron_mtp_rl.cluster.placement import where as actor_where
 from megatron_mtp_rl.errors import TrainerFailed
-from megatron_mtp_rl.train.placement import COLOCATED_SHARE, RayEngineGroup, in_bundle, place_engines, placement_line
-from megatron_mtp_rl.train.placement import plan as plan_layout
-from megatron_mtp_rl.train.placement import where as actor_where
 
 
 @ray.remote

@@ -5,7 +5,7 @@ its aiohttp clients live there across calls (connections are reused between roll
 /generate goes to the router (or the only engine); abort, pause/flush/continue and weight
 updates go to every engine, because the router does not proxy them.
 
-Weight sync (``train/weight_sync.py``) runs inside ``pause_flush_update_continue`` or, when several
+Weight sync (``cluster/weight_sync.py``) runs inside ``pause_flush_update_continue`` or, when several
 pipeline stages push, between :meth:`SGLangEngine.open_update_frame` (rank 0) and
 :meth:`SGLangEngine.close_update_frame`, each stage's sender calling :meth:`SGLangEngine.push_bucket`.
 """
@@ -25,8 +25,8 @@ import aiohttp
 
 from megatron_mtp_rl.models.generation import SamplingParams
 from megatron_mtp_rl.rollout.engine import Completion
-from megatron_mtp_rl.rollout.sglang_client import SGLangClient
-from megatron_mtp_rl.rollout.sglang_server import SGLangServerConfig, SGLangServerError, SGLangSupervisor
+from megatron_mtp_rl.rollout.sglang.client import SGLangClient
+from megatron_mtp_rl.rollout.sglang.server import SGLangServerConfig, SGLangServerError, SGLangSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class SGLangEngine:
 
         An engine that cannot be reached (its server or node went away) is left out of the rest of
         the frame with a warning: with ``--ray`` it is restarted and re-synced before the next
-        generation (train/engine_recovery.py); locally its supervisor restarts it. Any other
+        generation (cluster/engine_recovery.py); locally its supervisor restarts it. Any other
         failure is raised, and so is losing every engine.
         """
         _, engines = await self._clients()

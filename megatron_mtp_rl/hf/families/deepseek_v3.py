@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_mtp_rl.models.families.base import Family, Reader
-from megatron_mtp_rl.models.families.glm4_moe import (
+from megatron_mtp_rl.hf.families.base import Family, Reader
+from megatron_mtp_rl.hf.families.glm4_moe import (
     sigmoid_moe_config,
     sigmoid_moe_fields,
     sigmoid_moe_unrepresentable,
     zero_expert_bias,
 )
-from megatron_mtp_rl.models.hf_mapping import DEEPSEEK_V3
+from megatron_mtp_rl.hf.mapping import DEEPSEEK_V3
 from megatron_mtp_rl.models.presets import ModelArgs
 
 

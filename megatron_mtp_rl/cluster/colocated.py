@@ -11,7 +11,7 @@ checkpoint save still read the parameters after the push.)
 
 The engines' memory goes through SGLang's ``/release_memory_occupation`` and
 ``/resume_memory_occupation`` (tags ``weights`` / ``kv_cache``, sent to every engine by the rank
-that started them); the trainer's through ``train/offload.py``. Every trainer rank enters the
+that started them); the trainer's through ``cluster/offload.py``. Every trainer rank enters the
 same phases (barriers around the engines' turns), so all of them have offloaded before an engine
 takes the memory back and all have finished generating before the engines let it go.
 """
@@ -61,7 +61,7 @@ class ColocatedEngine:
     @contextlib.contextmanager
     def generation(self) -> Iterator[dict]:
         """The engines' turn (all ranks enter); yields the hand-off metrics, filled on exit."""
-        from megatron_mtp_rl.train.offload import gpu_memory_gb
+        from megatron_mtp_rl.cluster.offload import gpu_memory_gb
 
         trainer_side = gpu_memory_gb()  # the trainer's peak since the last generation (CUDA only)
         m = {"perf/trainer_offload_time": self.trainer.offload()}

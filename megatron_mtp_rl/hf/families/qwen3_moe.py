@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_mtp_rl.models.families.base import Family, Reader
-from megatron_mtp_rl.models.families.qwen3 import _qwen3_attention
-from megatron_mtp_rl.models.hf_mapping import QWEN3_MOE
+from megatron_mtp_rl.hf.families.base import Family, Reader
+from megatron_mtp_rl.hf.families.qwen3 import _qwen3_attention
+from megatron_mtp_rl.hf.mapping import QWEN3_MOE
 from megatron_mtp_rl.models.presets import ModelArgs
 
 

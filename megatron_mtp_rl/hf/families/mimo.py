@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_mtp_rl.models.families.base import Family, Reader, zero_bias_names
-from megatron_mtp_rl.models.hf_mapping import MIMO
+from megatron_mtp_rl.hf.families.base import Family, Reader, zero_bias_names
+from megatron_mtp_rl.hf.mapping import MIMO
 from megatron_mtp_rl.models.presets import ModelArgs
 
 CONFIGURATION_MIMO = '''"""MiMo's configuration: Qwen2's plus the MTP depth (written by megatron-mtp-rl's export)."""

@@ -15,8 +15,8 @@ import urllib.error
 import urllib.request
 
 from megatron_mtp_rl.errors import EngineStartError
-from megatron_mtp_rl.rollout import sglang_schema as S
-from megatron_mtp_rl.rollout.sglang_server import SGLangServerError
+from megatron_mtp_rl.rollout.sglang import schema as S
+from megatron_mtp_rl.rollout.sglang.server import SGLangServerError
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

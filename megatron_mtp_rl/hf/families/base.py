@@ -2,7 +2,7 @@
 
 A family knows three things about one Hugging Face architecture: its ``config.json`` ⇄ our
 :class:`~megatron_mtp_rl.models.presets.ModelArgs`, its tensor names (an
-:class:`~megatron_mtp_rl.models.hf_mapping.HFFlavour`), and what SGLang's draft model for it
+:class:`~megatron_mtp_rl.hf.mapping.HFFlavour`), and what SGLang's draft model for it
 accepts. The converter and weight sync both go through it, so a model converts and exports
 the same way everywhere.
 
@@ -16,18 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from megatron_mtp_rl.errors import ConfigError
-from megatron_mtp_rl.models.hf_mapping import HFFlavour
+from megatron_mtp_rl.errors import ConfigError, UnsupportedCheckpoint  # noqa: F401 (re-exported)
+from megatron_mtp_rl.hf.mapping import HFFlavour
 from megatron_mtp_rl.models.presets import ModelArgs
 
 RMS_NORM_EPS_DEFAULT = 1e-6
-
-
-class UnsupportedCheckpoint(ConfigError):
-    """An HF config (or our model) uses something the family mapping cannot represent exactly.
-
-    A ConfigError, so a run that cannot export its model for SGLang ends with one line, not a traceback.
-    """
 
 
 class Reader:
@@ -151,7 +144,7 @@ class Family:
         r.refuse_unless("hidden_act", (None, "silu"), "our MLPs are SwiGLU")
         r.refuse_unless("mlp_bias", (None, False), "megatron's bias-free MLP")
         if r.get("quantization_config"):  # block fp8 (DeepSeek-V3's) is dequantised to bf16 on load
-            from megatron_mtp_rl.models.fp8 import block_size_from_config
+            from megatron_mtp_rl.hf.fp8 import block_size_from_config
 
             try:
                 block_size_from_config(r.cfg)

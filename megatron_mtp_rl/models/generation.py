@@ -223,8 +223,10 @@ def generate(
     placement = torch._C.DisableTorchFunction() if device.type == "cpu" else torch.device(device)
     t0 = time.perf_counter()
     try:
-        # inference_mode: no autograd bookkeeping per op.
-        with torch.inference_mode(), placement:
+        # no_grad, not inference_mode: megatron caches buffers it makes lazily (the global memory
+        # buffer its EP token dispatcher gathers into), and one made under inference_mode would be
+        # an inference tensor that the trainer's next in-place gather into it refuses.
+        with torch.no_grad(), placement:
             run = _Runner(model, prompts, params, vocab_size, slots_per_token=depths + 1 if speculative else 1)
             out = _speculative(run, depths, generator) if speculative else _plain(run, generator)
     finally:

@@ -1,4 +1,8 @@
-"""The main job on 2 gloo processes: DP=2 and TP=2; λ is identical on both ranks."""
+"""The main job on 2 gloo processes with the local engine: DP=2, TP=2 (dense), EP=2 (MoE); λ is identical on both ranks.
+
+EP=2 used to end in the θ_old pass: generation ran under ``torch.inference_mode``, so the buffer megatron's
+token dispatcher caches for its EP all-gather was an inference tensor, and the trainer's gather into it failed.
+"""
 
 import math
 
@@ -16,7 +20,15 @@ def _worker(rank, world, extra, out_dir):
     return run_training(cfg)
 
 
-@pytest.mark.parametrize("extra", [[], ["--tensor-model-parallel-size", "2"]], ids=["dp2", "tp2"])
+LAYOUTS = {
+    "dp2": [],
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    # micro-batches smaller than a generation batch (as at any real size): the trainer reuses what generation cached
+    "ep2-moe": ["--preset", "tiny-moe", "--expert-model-parallel-size", "2", "--micro-batch-size", "1"],
+}
+
+
+@pytest.mark.parametrize("extra", list(LAYOUTS.values()), ids=list(LAYOUTS))
 def test_two_process_job(tmp_path, extra):
     a, b = run_ranks(_worker, 2, tmp_path, extra, str(tmp_path))
     assert [h["step"] for h in a] == [0, 1, 2]

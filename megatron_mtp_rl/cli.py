@@ -26,7 +26,7 @@ def quiet_known_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_mtp_rl.errors import ConfigError, DataError
+    from megatron_mtp_rl.errors import ConfigError, DataError, print_user_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": _train, "pretrain": _pretrain, "heal": _heal}
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[argv[0]](argv[1:])
     except (ConfigError, DataError) as e:
-        # A user mistake (flag, config file, data): one message, no traceback.
-        print(f"error: {e}", file=sys.stderr)
+        # A user mistake (flag, config file, data): one message (rank 0's under torchrun), no traceback.
+        print_user_error(f"error: {e}")
         return 2
 
 

@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, fields, make_dataclass, replace
 from pathlib import Path
 
-from megatron_mtp_rl.errors import ConfigError
+from megatron_mtp_rl.errors import ConfigError, print_user_error
 from megatron_mtp_rl.flags import flag, flag_name, split_passthrough_args
 from megatron_mtp_rl.hf.directory import is_hf_dir
 from megatron_mtp_rl.models.presets import PRESETS, ModelArgs, from_checkpoint
@@ -574,7 +574,8 @@ class _OneLineErrors(argparse.ArgumentParser):
     """A user mistake on the command line is one line (argparse prints the whole 90-line usage first)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every flag)\n")
+        print_user_error(f"{self.prog}: error: {message} ({self.prog} --help lists every flag)")
+        self.exit(2)
 
 
 def build_parser(command: str = "train") -> argparse.ArgumentParser:

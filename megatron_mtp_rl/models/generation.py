@@ -31,6 +31,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_mtp_rl.models.forward import gpt_forward, mtp_depth_forward, output_logits, output_weight, unwrap
+from megatron_mtp_rl.models.lockstep import Lockstep
 from megatron_mtp_rl.models.sampling_params import SamplingParams  # noqa: F401  (re-exported)
 
 
@@ -73,12 +74,22 @@ def _sample(logits: torch.Tensor, params: SamplingParams, vocab_size: int, gener
 class _Runner:
     """The slot buffer, the KV caches and the per-row bookkeeping of one generate call."""
 
-    def __init__(self, model, prompts: list[list[int]], params: SamplingParams, vocab_size: int, slots_per_token: int):
+    def __init__(
+        self,
+        model,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        vocab_size: int,
+        slots_per_token: int,
+        lockstep: Lockstep | None = None,
+        width: int = 0,
+    ):
         self.gpt = unwrap(model)
         self.params = params
         self.vocab_size = vocab_size
+        self.lockstep = lockstep or Lockstep()
         self.B = B = len(prompts)
-        self.P = P = max(len(p) for p in prompts)
+        self.P = P = max(width, *(len(p) for p in prompts))  # width: the widest prompt of the lockstep group
         depths = self.gpt.config.mtp_num_layers or 0
         self.L = L = P + slots_per_token * params.max_new_tokens + 1  # cache slots
         self.Lpos = Lpos = L + depths + 2  # token positions per row (finished rows run on)
@@ -156,7 +167,8 @@ class _Runner:
             start = new
             if k > 1 and self.prev_lens is not None:
                 stale = (self.prev_lens - k + 1).clamp_min(0)
-                start = min(new, int(self.slot_of_pos[self.rows, stale].min()))
+                # the lockstep group's widest window: recomputing final entries rewrites the same values
+                start = self.lockstep.min(min(new, int(self.slot_of_pos[self.rows, stale].min())))
             src = self.hidden if k == 1 else self.mtp_hidden[k - 1]
             nxt_pos = (self.pos[:, start:end] + k).clamp_max(self.Lpos - 1)
             self.mtp_ctx.sequence_len_offset = start
@@ -221,17 +233,23 @@ def generate(
     # torch op through Python; generation makes no such call, and runs ~1.8x faster without it.
     # GPU: no such mode; every buffer the runner creates goes to the model's device instead.
     placement = torch._C.DisableTorchFunction() if device.type == "cpu" else torch.device(device)
+    # Expert parallelism: the ranks that exchange tokens agree on rows and width (copies of the
+    # first prompt fill the missing rows; their outputs are dropped) and step until all are done.
+    lockstep, n = Lockstep.for_model(gpt), len(prompts)
+    rows, width = lockstep.max(n, max(len(p) for p in prompts))
+    prompts = prompts + [prompts[0]] * (rows - n)
     t0 = time.perf_counter()
     try:
         # no_grad, not inference_mode: megatron caches buffers it makes lazily (the global memory
         # buffer its EP token dispatcher gathers into), and one made under inference_mode would be
         # an inference tensor that the trainer's next in-place gather into it refuses.
         with torch.no_grad(), placement:
-            run = _Runner(model, prompts, params, vocab_size, slots_per_token=depths + 1 if speculative else 1)
+            run = _Runner(model, prompts, params, vocab_size, depths + 1 if speculative else 1, lockstep, width)
             out = _speculative(run, depths, generator) if speculative else _plain(run, generator)
     finally:
         if was_training:
             model.train(True)
+    out.responses, out.logprobs, out.finished = out.responses[:n], out.logprobs[:n], out.finished[:n]
     elapsed = time.perf_counter() - t0
     n_tok = sum(len(r) for r in out.responses)
     out.stats.update(tokens=n_tok, seconds=elapsed, tokens_per_s=n_tok / max(elapsed, 1e-9))
@@ -285,7 +303,7 @@ def _plain(run: _Runner, generator) -> GenerationResult:
     for _ in range(params.max_new_tokens):
         tok = _sample(logits, params, vocab, generator)
         out.add(tok[:, None], _logp(logits, tok, params, vocab)[:, None], one)
-        if bool(out.done.all()):
+        if run.lockstep.all_done(bool(out.done.all())):
             break
         run.tokens[:, s] = tok
         run.pos[:, s] = run.lens
@@ -310,7 +328,7 @@ def _speculative(run: _Runner, D: int, generator) -> GenerationResult:
     c = P  # next free slot
     rounds = emitted_rows = row_rounds = 0
     j = torch.arange(D + 1)
-    while not bool(out.done.all()) and c + D + 1 <= run.L:
+    while not run.lockstep.all_done(bool(out.done.all())) and c + D + 1 <= run.L:
         active = ~out.done
         drafts, q_logits = run.draft(c, last, D, generator)  # [B, D], [B, D, V]
         # Verify u, d_1..d_D in slots c..c+D: main logits for d_1..d_D and the token after d_D.

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from megatron_mtp_rl.models.forward import unwrap
 from megatron_mtp_rl.models.generation import SamplingParams, generate
+from megatron_mtp_rl.models.lockstep import Lockstep
 from megatron_mtp_rl.rollout.engine import Completion
 
 
@@ -33,8 +35,11 @@ class LocalEngine:
         g = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed)
         out: list[Completion] = []
         stats = {"tokens": 0, "seconds": 0.0, "rounds": 0, "accept_len_sum": 0.0, "calls": 0}
-        for s in range(0, len(prompts), self.max_batch_size):
-            chunk = prompts[s : s + self.max_batch_size]
+        chunks = [prompts[s : s + self.max_batch_size] for s in range(0, len(prompts), self.max_batch_size)]
+        # Expert parallelism: every rank of the group runs as many generate calls (models/lockstep.py).
+        (calls,) = Lockstep.for_model(unwrap(self.model)).max(len(chunks))
+        for i in range(calls):
+            chunk = chunks[i] if i < len(chunks) else [[0]]  # a stand-in whose output is dropped
             res = generate(
                 self.model,
                 chunk,
@@ -43,6 +48,8 @@ class LocalEngine:
                 generator=g,
                 speculative=self.speculative,
             )
+            if i >= len(chunks):
+                continue
             for ids, lps, fin in zip(res.responses, res.logprobs, res.finished):
                 out.append(Completion(ids, lps, fin))
             stats["tokens"] += res.stats["tokens"]

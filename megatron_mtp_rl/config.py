@@ -895,6 +895,16 @@ def validate(
             "the local rollout engine generates with PP=1 only; use --rollout-engine sglang (or --ray, whose "
             "rollout actor holds a PP=1 replica) for PP > 1"
         )
+    if ep > 1 and m.num_experts and ro.rollout_engine == "local" and not cfg.ray.ray and al.dynamic_sampling:
+        problems.append(  # models/lockstep.py keeps one generate call in step, not a rank-local number of rounds
+            "--dynamic-sampling with the local rollout engine and --expert-model-parallel-size > 1: the ranks "
+            "would generate different numbers of rounds; use --rollout-engine sglang"
+        )
+    if ep > 1 and m.num_experts and op.use_dynamic_batch_size and cuda is False:
+        problems.append(
+            "--use-dynamic-batch-size with --expert-model-parallel-size > 1 needs a GPU: on CPU megatron's "
+            "all-gather token dispatcher needs the same number of tokens on every rank"
+        )
     if cp > 1:
         problems.append("--context-parallel-size > 1 is not supported by the RL forward yet")
     problems += _data_and_log_problems(cfg)

@@ -31,7 +31,7 @@ from megatron_mtp_rl.rl.loss import step_denominators
 from megatron_mtp_rl.train.checkpoint import load_checkpoint
 from megatron_mtp_rl.train.loop import LoopState, close, is_logging_rank, prepare, save
 from megatron_mtp_rl.train.metrics import MetricsWriter, WandbSettings, print_progress
-from megatron_mtp_rl.train.microbatches import same_count_micro_batches
+from megatron_mtp_rl.train.microbatches import same_count_micro_batches, same_shapes_on_every_rank
 from megatron_mtp_rl.train.optim import clip_and_step
 from megatron_mtp_rl.train.schedule import forward_backward
 from megatron_mtp_rl.train.signals import GracefulStop
@@ -71,7 +71,7 @@ def _rollout_batches(ctx, step: int, cursor: int):
     cfg = ctx.cfg
     batch, cursor = generate(ctx, step, cursor)
     samples = batch.samples
-    pad_rows = cfg.parallel.pipeline_model_parallel_size > 1
+    pad_rows = same_shapes_on_every_rank(cfg)
     if cfg.optim.use_dynamic_batch_size:
         parts = [(samples, [0.0] * len(samples), list(range(len(samples))))]
         return same_count_micro_batches(parts, cfg.optim.max_tokens_per_gpu, equal_counts=pad_rows)[0], cursor

@@ -211,6 +211,12 @@ def balanced_minibatches(samples: list, order: list[int], per_update: int, dp: i
     return out
 
 
+def same_shapes_on_every_rank(cfg) -> bool:
+    """Every DP rank runs the same micro-batch count and row count: megatron's pipeline schedule needs
+    it, and so does expert parallelism, whose MoE layers gather every rank's tokens in each forward."""
+    return cfg.parallel.pipeline_model_parallel_size > 1 or cfg.parallel.expert_model_parallel_size > 1
+
+
 def balance_on(optim) -> bool:
     """``--balance-data``, whose default follows ``--use-dynamic-batch-size``."""
     return optim.use_dynamic_batch_size if optim.balance_data is None else optim.balance_data
@@ -239,7 +245,7 @@ def plan_minibatches(cfg, samples: list, adv: torch.Tensor, shuffle_seed: int, s
         random.Random(shuffle_seed).shuffle(order)
         groups = [order[s : s + per_rank] for s in range(0, len(order), per_rank)]
     parts = [([samples[i] for i in g], [float(adv[i]) for i in g], [i - offset for i in g]) for g in groups]
-    pp = cfg.parallel.pipeline_model_parallel_size > 1
+    pp = same_shapes_on_every_rank(cfg)
     if op.use_dynamic_batch_size:
         return same_count_micro_batches(parts, op.max_tokens_per_gpu, equal_counts=pp, spans=spans)
     seq = cfg.data.seq_length

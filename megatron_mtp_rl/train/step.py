@@ -42,6 +42,7 @@ from megatron_mtp_rl.train.microbatches import (  # noqa: F401 (build_micro_batc
     build_micro_batches,
     plan_minibatches,
     response_mask,
+    same_shapes_on_every_rank,
 )
 from megatron_mtp_rl.train.optim import clip_and_step, param_norm, split_parameters
 from megatron_mtp_rl.train.schedule import configure, forward_backward
@@ -188,7 +189,7 @@ def pack_minibatches(
     order = list(range(len(samples)))
     random.Random(step_seed(cfg.seed, step, dp_rank) + 1).shuffle(order)
     per_step = cfg.optim.global_batch_size // dp
-    pad_rows = cfg.parallel.pipeline_model_parallel_size > 1
+    pad_rows = same_shapes_on_every_rank(cfg)
     out = []
     for s in range(0, len(order), per_step):
         ids = order[s : s + per_step]

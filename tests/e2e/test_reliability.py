@@ -38,6 +38,8 @@ def _problems(*flags, world=1):
          "does not divide the padded vocabulary 18"),
         (["--preset", "tiny-moe", "--expert-model-parallel-size", "3"], 3, "does not divide --num-experts 4"),
         (["--preset", "tiny-moe", "--tensor-model-parallel-size", "2"], 2, "MoE with --tensor-model-parallel-size 2"),
+        (["--preset", "tiny-moe", "--expert-model-parallel-size", "2", "--dynamic-sampling"], 2,
+         "--dynamic-sampling with the local rollout engine and --expert-model-parallel-size > 1"),
         (["--global-batch-size", "7"], 1, "--global-batch-size 7 does not divide the rollout batch"),
         (["--rollout-batch-size", "3"], 2, "--rollout-batch-size 3 is not divisible by the data-parallel size 2"),
         (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by TP×PP×CP"),
@@ -52,6 +54,14 @@ def test_each_validation_message(flags, world, message):
 
 def test_valid_configuration_has_no_problem():
     assert _problems() == []
+
+
+def test_token_budget_micro_batches_with_ep_need_the_gpu_dispatcher():
+    cfg = parse_config([*FAST, "--preset", "tiny-moe", "--expert-model-parallel-size", "2",
+                        "--use-dynamic-batch-size", "--max-tokens-per-gpu", "64"])  # fmt: skip
+    margs = resolve_model_args(cfg, 18)
+    assert any("needs a GPU: on CPU megatron's all-gather" in p for p in validate(cfg, 2, margs, cuda=False))
+    assert validate(cfg, 2, margs, cuda=True) == []
 
 
 def test_zero_alignment_warning_is_printed(tmp_path, capsys):

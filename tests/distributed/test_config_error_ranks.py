@@ -1,7 +1,8 @@
-"""Under torchrun a configuration error is printed once (by rank 0) and every rank exits with code 2.
+"""Under torchrun a configuration error is printed once (by rank 0), which exits with code 2.
 
 Every rank parses the same flags and checks the same configuration; the other ranks stay quiet and
-wait for the launcher, whose SIGTERM (it ends the job once rank 0 exited) they answer with code 2 too.
+wait for the launcher, whose SIGTERM (it ends the job once rank 0 exited) they answer with code 2 too
+(a rank still starting up when torchrun ends it shows the SIGTERM).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def _check(out: subprocess.CompletedProcess, message: str) -> None:
     assert out.stderr.count(message) == 1, out.stderr[-3000:]
     assert "megatron_mtp_rl/" not in out.stderr, out.stderr[-3000:]  # no trainer traceback (torchrun has its own)
     codes = dict(EXIT.findall(out.stderr))  # torchrun's summary: one entry per failed rank
-    assert codes == {"0": "2", "1": "2"}, out.stderr[-3000:]
+    # rank 1 exits 2 as well, or is ended by torchrun (SIGTERM, -15) before it even reached the check
+    assert codes["0"] == "2" and codes["1"] in ("2", "-15"), out.stderr[-3000:]
 
 
-def test_a_config_file_error_is_printed_once_and_every_rank_exits_2(tmp_path):
+def test_a_config_file_error_is_printed_once_by_rank_0(tmp_path):
     """The CLI's ConfigError path, before torch is imported (so the test takes torchrun's start-up only)."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("num-steps: 1.5\n")
@@ -42,12 +44,12 @@ def test_a_config_file_error_is_printed_once_and_every_rank_exits_2(tmp_path):
 
 
 @pytest.mark.slow  # the same path as the config-file error, after megatron is imported and the group made
-def test_a_world_size_check_is_printed_once_and_every_rank_exits_2():
+def test_a_world_size_check_is_printed_once_by_rank_0():
     out = _torchrun("--rollout-batch-size", "3", "--num-steps", "1")
     _check(out, "--rollout-batch-size 3 is not divisible by the data-parallel size 2")
 
 
 @pytest.mark.slow  # the flag parser's own path
-def test_a_command_line_error_is_printed_once_and_every_rank_exits_2():
+def test_a_command_line_error_is_printed_once_by_rank_0():
     out = _torchrun("--num-step", "1")
     _check(out, "unrecognized arguments: --num-step")

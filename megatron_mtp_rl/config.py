@@ -38,6 +38,7 @@ KL_TYPES = ("k1", "k3", "low-var-kl")
 # rl/advantages.py:ESTIMATORS
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae", "opd")
 OCC_BASELINES = ("main_old", "mtp_old")
+CORRECTION_LEVELS = ("none", "token", "sequence", "geometric")  # rl/rollout_correction.py:LEVELS
 OCC_REDUCE_MODES = ("global", "local")
 
 # Algorithm presets: values each algorithm sets for the flags the user did not give (CLI or YAML).
@@ -191,6 +192,11 @@ class RolloutConfig:
     rollout_batch_size: int = flag(16, "prompts per RL step", min=1)
     n_samples_per_prompt: int = flag(8, "samples per prompt (group size)", min=1)
     rollout_temperature: float = flag(1.0, "sampling temperature", min=0)
+    rollout_dtype: str | None = flag(
+        None,
+        "the engine's precision (local/process engines; SGLang: its --dtype); default: the trainer's",
+        choices=["float32", "bfloat16"],
+    )
     rollout_top_p: float = flag(1.0, "nucleus sampling", min=0, min_exclusive=True)
     rollout_max_response_len: int = flag(8, "max generated tokens per sample", min=1)
     local_spec_decode: bool = flag(False, "draft with the MTP layers (exact)")
@@ -278,6 +284,31 @@ class AlgoConfig:
         "with the engine's log-probs (slime/veRL TIS); off by default",
         min=0,
         min_exclusive=True,
+    )
+    rollout_is: str = flag(
+        "none",
+        "rollout importance weights min(r, --rollout-is-cap), r = π_old/π_rollout per token, per sequence (∏) "
+        "or its geometric mean (rl/rollout_correction.py)",
+        choices=CORRECTION_LEVELS,
+    )
+    rollout_is_cap: float | None = flag(None, "cap C of --rollout-is", min=0, min_exclusive=True)
+    rollout_rs: str = flag(
+        "none",
+        "rollout rejection: drop tokens / sequences whose r is outside --rollout-rs-bounds",
+        choices=CORRECTION_LEVELS,
+    )
+    rollout_rs_bounds: str | None = flag(None, "LOW,HIGH of --rollout-rs, e.g. 0.5,2")
+    rollout_veto_threshold: float | None = flag(
+        None,
+        "drop every sequence with a token ratio π_old/π_rollout below T (catastrophic tokens)",
+        min=0,
+        min_exclusive=True,
+    )
+    use_rollout_routing_replay: bool = flag(
+        False, "R3: the trainer's MoE layers use the experts the engine chose for each token (MTP layers route live)"
+    )
+    use_routing_replay: bool = flag(
+        False, "R2: the update passes use the experts the old-logprob pass chose (MTP layers route live)"
     )
     value_clip: float = flag(
         0.2, "gae: clip of the critic's value change per update, around the values the advantages used (0 = off)", min=0
@@ -797,6 +828,36 @@ def _field_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _correction_problems(al: AlgoConfig, ro: RolloutConfig) -> list[str]:
+    """The rollout-correction flags (rl/rollout_correction.py) and routing replay."""
+    out = []
+    if al.tis_cap is not None and (
+        al.rollout_is not in ("none", "token") or al.rollout_is_cap not in (None, al.tis_cap)
+    ):
+        out.append("--tis-cap C is --rollout-is token --rollout-is-cap C: give one or the other")
+    if al.rollout_is != "none" and al.rollout_is_cap is None:
+        out.append("--rollout-is needs --rollout-is-cap C (truncated importance sampling)")
+    if al.rollout_rs != "none":
+        if al.rollout_rs_bounds is None:
+            out.append("--rollout-rs needs --rollout-rs-bounds LOW,HIGH")
+        else:
+            try:
+                lo, hi = (float(x) for x in al.rollout_rs_bounds.split(","))
+                if not 0 <= lo < hi:
+                    out.append(f"--rollout-rs-bounds needs 0 <= LOW < HIGH, got {al.rollout_rs_bounds}")
+            except ValueError:
+                out.append(f"--rollout-rs-bounds must be LOW,HIGH (two numbers), got {al.rollout_rs_bounds!r}")
+    active = al.rollout_is != "none" or al.rollout_rs != "none" or al.rollout_veto_threshold is not None
+    if active and ro.rollout_temperature != 1.0:
+        out.append(
+            "--rollout-is/-rs/-veto-threshold need the engine's log-probs of the policy itself: "
+            f"--rollout-temperature must be 1, got {ro.rollout_temperature}"
+        )
+    if al.use_rollout_routing_replay and al.use_routing_replay:
+        out.append("--use-rollout-routing-replay (R3) and --use-routing-replay (R2): choose one")
+    return out
+
+
 def validate(
     cfg: RunConfig, world_size: int, model_args: ModelArgs | None = None, cuda: bool | None = None
 ) -> list[str]:
@@ -824,6 +885,7 @@ def validate(
             f"--tis-cap needs the engine's log-probs of the policy itself: --rollout-temperature must be 1, "
             f"got {ro.rollout_temperature}"
         )
+    problems += _correction_problems(al, ro)
     if m.num_attention_heads % tp:
         problems.append(
             f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads {m.num_attention_heads}"

@@ -27,6 +27,7 @@ from megatron_mtp_rl.models.provider import build_model as build_gpt
 from megatron_mtp_rl.rl import OCCConfig, OCCEstimator, RLLossConfig, zero_alignment_warning
 from megatron_mtp_rl.rl.advantages import ESTIMATORS, Estimator, sample_estimator
 from megatron_mtp_rl.rl.regimes import get_regime
+from megatron_mtp_rl.rl.rollout_correction import RolloutCorrection
 from megatron_mtp_rl.rollout.chat import prompt_format
 from megatron_mtp_rl.rollout.data import ArithTask, FilePromptSource
 from megatron_mtp_rl.rollout.engine import RemoteEngine, RolloutEngine
@@ -242,6 +243,9 @@ def build_loss(cfg: RunConfig) -> RLLossConfig:
         mtp_head_loss=mt.mtp_head_loss,
         mtp_head_coef=mt.mtp_head_coef,
         tis_cap=al.tis_cap,
+        correction=RolloutCorrection.from_flags(
+            al.rollout_is, al.rollout_is_cap, al.rollout_rs, al.rollout_rs_bounds, al.rollout_veto_threshold
+        ),
     )
 
 

@@ -27,7 +27,7 @@ from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.platform.device import collective_device, peak_memory_gb
 from megatron_mtp_rl.rl.advantages import AdvantageInputs, Estimator, gae_returns, overlong_penalty, token_advantages
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
-from megatron_mtp_rl.rl.metric_values import read
+from megatron_mtp_rl.rl.metric_values import MAX_KIND, read
 from megatron_mtp_rl.rl.occ import OCCEstimator
 from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
 from megatron_mtp_rl.rollout.dump import RolloutDumper
@@ -431,9 +431,14 @@ def reduce_metrics(per_microbatch: list[dict], group=None) -> dict[str, float]:
         return {}
     keys = sorted(per_microbatch[0])
     dev = collective_device(group)
-    t = torch.stack([torch.stack([m[k].to(dev) for m in per_microbatch]).sum(0) for k in keys]).double()
+    rows = [torch.stack([m[k].to(dev) for m in per_microbatch]).double() for k in keys]
+    t = torch.stack([r.sum(0) for r in rows])
+    is_max = torch.tensor([bool(r[0, 2] == MAX_KIND) for r in rows], device=dev)
+    t_max = torch.stack([r[:, 0].max() for r in rows])  # maxima (rl/metric_values.py:maximum)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
+        dist.all_reduce(t_max, op=dist.ReduceOp.MAX, group=group)
+    t[is_max, 0], t[is_max, 2] = t_max[is_max], MAX_KIND
     out = {}
     for k, (s, c, is_mean) in zip(keys, t.tolist()):
         value = read(s, c, is_mean)
@@ -452,6 +457,8 @@ def average_updates(per_update: list[dict]) -> dict:
             out[k] = vals[-1]
         elif k in ("train/skipped_steps", "critic/skipped_steps"):
             out[k] = float(sum(vals))
+        elif k.endswith("_max"):
+            out[k] = max(vals)
         else:
             finite = [v for v in vals if v == v]
             out[k] = sum(finite) / len(finite) if finite else float("nan")

@@ -107,7 +107,9 @@ def test_choices_mirror_the_rl_modules():
     from megatron_mtp_rl.rl.occ import BASELINES, REDUCE_MODES
     from megatron_mtp_rl.rl.policy_loss import AGG_MODES, KL_TYPES
     from megatron_mtp_rl.rl.regimes import REGIMES
+    from megatron_mtp_rl.rl.rollout_correction import LEVELS
 
+    assert C.CORRECTION_LEVELS == LEVELS
     assert (C.REGIMES, C.AGG_MODES, C.KL_TYPES) == (REGIMES, AGG_MODES, KL_TYPES)
     assert (C.OCC_BASELINES, C.OCC_REDUCE_MODES) == (BASELINES, REDUCE_MODES)
 

@@ -853,8 +853,30 @@ def _correction_problems(al: AlgoConfig, ro: RolloutConfig) -> list[str]:
             "--rollout-is/-rs/-veto-threshold need the engine's log-probs of the policy itself: "
             f"--rollout-temperature must be 1, got {ro.rollout_temperature}"
         )
+    if ro.rollout_dtype and any(f == "--dtype" or f.startswith("--dtype=") for f in ro.sglang_engine_flags):
+        out.append("--rollout-dtype is SGLang's --dtype: give one (not --sglang-dtype too)")
     if al.use_rollout_routing_replay and al.use_routing_replay:
         out.append("--use-rollout-routing-replay (R3) and --use-routing-replay (R2): choose one")
+    return out
+
+
+def _routing_problems(cfg: RunConfig, m: ModelArgs) -> list[str]:
+    """What R3 / R2 (models/routing_replay.py) cannot do yet."""
+    al, ro, par = cfg.algo, cfg.rollout, cfg.parallel
+    which = [f for f, on in (("--use-rollout-routing-replay", al.use_rollout_routing_replay),
+                             ("--use-routing-replay", al.use_routing_replay)) if on]  # fmt: skip
+    if not which:
+        return []
+    out = []
+    if not m.num_experts:
+        out.append(f"{which[0]} needs an MoE model (--num-experts)")
+    if par.recompute_granularity:
+        out.append(f"{which[0]} does not support --recompute-granularity yet (the recompute would route live)")
+    if al.use_rollout_routing_replay:
+        if ro.local_spec_decode:
+            out.append("--use-rollout-routing-replay records routes with plain sampling: drop --local-spec-decode")
+        if cfg.ray.ray:
+            out.append("--use-rollout-routing-replay: the Ray rollout actor does not return routes yet")
     return out
 
 
@@ -886,6 +908,7 @@ def validate(
             f"got {ro.rollout_temperature}"
         )
     problems += _correction_problems(al, ro)
+    problems += _routing_problems(cfg, m)
     if m.num_attention_heads % tp:
         problems.append(
             f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads {m.num_attention_heads}"

@@ -31,6 +31,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_mtp_rl.models.forward import gpt_forward, mtp_depth_forward, output_logits, output_weight, unwrap
+from megatron_mtp_rl.models.routing_replay import RouteRecorder, route_dtype
 from megatron_mtp_rl.models.sampling_params import SamplingParams  # noqa: F401  (re-exported)
 
 
@@ -40,6 +41,9 @@ class GenerationResult:
     logprobs: list[list[float]]  # log p(token) under the temperature-scaled main model
     finished: list[bool]  # True when the row ended with EOS
     stats: dict = field(default_factory=dict)
+    # per row, the trunk's MoE routes of its input tokens [prompt + response − 1, MoE layers, topk]
+    # (``record_routes``; models/routing_replay.py)
+    routes: list[torch.Tensor] | None = None
 
 
 def _probs(logits: torch.Tensor, params: SamplingParams, vocab_size: int) -> torch.Tensor:
@@ -110,6 +114,7 @@ class _Runner:
         self.rope_table = table[:, 0, 0]
         self.freqs = table.new_zeros(L, B, 1, table.shape[-1])  # per-row rotary table by slot
         self._set_freqs(0, P)
+        self.recorder = None  # a routing_replay.RouteRecorder while routes are recorded
         self.causal = torch.ones(L, L, dtype=torch.bool).tril()
         self.eye = torch.eye(L, dtype=torch.bool)
 
@@ -136,6 +141,8 @@ class _Runner:
             inference_context=self.ctx,
             rotary_pos_emb=self.freqs[:end],
         ).hidden
+        if self.recorder is not None:
+            self.recorder.capture(start, end)
         if self.hidden is None:
             self.hidden = h.new_zeros(self.L, self.B, h.shape[-1])
         self.hidden[start:end] = h
@@ -194,12 +201,16 @@ def generate(
     generator: torch.Generator | None = None,
     speculative: bool = False,
     draft_depths: int | None = None,
+    record_routes: bool = False,
 ) -> GenerationResult:
     """Sample continuations of ``prompts`` (token id lists) with the model in eval mode.
 
     ``speculative`` drafts with the MTP layers (``draft_depths`` of them, all by default) and
-    verifies exactly; the output distribution is that of plain sampling.
+    verifies exactly; the output distribution is that of plain sampling. ``record_routes`` (a
+    model built with routing replay, plain sampling): ``result.routes``, the trunk's MoE routes.
     """
+    if record_routes and speculative:
+        raise ValueError("recording MoE routes needs plain sampling (not self-speculative decoding)")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
     gpt = unwrap(model)
@@ -226,13 +237,30 @@ def generate(
         # inference_mode: no autograd bookkeeping per op.
         with torch.inference_mode(), placement:
             run = _Runner(model, prompts, params, vocab_size, slots_per_token=depths + 1 if speculative else 1)
-            out = _speculative(run, depths, generator) if speculative else _plain(run, generator)
+            if record_routes:
+                with RouteRecorder(model, run.B, run.L) as run.recorder:
+                    out = _plain(run, generator)
+            else:
+                out = _speculative(run, depths, generator) if speculative else _plain(run, generator)
     finally:
         if was_training:
             model.train(True)
     elapsed = time.perf_counter() - t0
+    if record_routes:
+        out.routes = _row_routes(run, prompts, out.responses)
     n_tok = sum(len(r) for r in out.responses)
     out.stats.update(tokens=n_tok, seconds=elapsed, tokens_per_s=n_tok / max(elapsed, 1e-9))
+    return out
+
+
+def _row_routes(run: _Runner, prompts: list[list[int]], responses: list[list[int]]) -> list[torch.Tensor]:
+    """Each row's routes by position (plain sampling: prompt slots, then one slot per fed token)."""
+    dtype = route_dtype(run.gpt.config.num_moe_experts)
+    routes = run.recorder.routes.clone()  # out of inference mode
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        rows = torch.cat([routes[i, run.P - len(p) : run.P], routes[i, run.P : run.P + len(r) - 1]])
+        out.append(rows.to(dtype))
     return out
 
 

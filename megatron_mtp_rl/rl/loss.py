@@ -48,6 +48,10 @@ class RLBatch(TokenBatch):
     values: torch.Tensor | None = None  # [B, S] V_old: the critic's values before its update (gae)
     returns: torch.Tensor | None = None  # [B, S] GAE returns, the critic's targets (gae)
     teacher_logprobs: torch.Tensor | None = None  # [B, S] a distillation teacher's (--advantage-estimator opd)
+    # MoE routes [B, S, MoE layers, topk] int16 by input token, −1 unknown (models/routing_replay.py):
+    # the engine's (R3, agreement) and the old pass's (R2)
+    routes: torch.Tensor | None = None
+    r2_routes: torch.Tensor | None = None
 
     def to(self, device) -> RLBatch:
         return RLBatch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})

@@ -202,7 +202,21 @@ def runtime_options(cfg: RunConfig) -> RuntimeOptions:
         recompute_granularity=par.recompute_granularity,
         recompute_method=par.recompute_method,
         recompute_num_layers=par.recompute_num_layers,
+        routing_replay=trainer_replays_routes(cfg),
     )
+
+
+def engine_records_routes(cfg: RunConfig, model_args: ModelArgs) -> bool:
+    """The engine returns each sample's MoE routes: R3, or an engine precision of its own
+    (``--rollout-dtype``: then ``rollout/routing_agreement`` is reported without R3)."""
+    al = cfg.algo
+    return bool(model_args.num_experts) and (al.use_rollout_routing_replay or cfg.rollout.rollout_dtype is not None)
+
+
+def trainer_replays_routes(cfg: RunConfig) -> bool:
+    """The trainer's MoE routers get megatron's RouterReplay (R3, R2, or agreement with the engine's routes)."""
+    al = cfg.algo
+    return al.use_rollout_routing_replay or al.use_routing_replay or cfg.rollout.rollout_dtype is not None
 
 
 def build_occ(cfg: RunConfig, model_args: ModelArgs) -> OCCEstimator | None:
@@ -287,17 +301,19 @@ def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
     hf = is_hf_dir(path)
     if not hf and latest_checkpoint(path) is None:
         raise ConfigError(f"{flag} {path}: no checkpoint there for the KL reference (--kl-coef {cfg.algo.kl_coef})")
-    return Reference(_frozen_model(run.model_args, path), path)
+    # R3: the reference replays the engine's routes too (models/routing_replay.py)
+    replay = RuntimeOptions(routing_replay=cfg.algo.use_rollout_routing_replay)
+    return Reference(_frozen_model(run.model_args, path, runtime=replay), path)
 
 
-def _frozen_model(args: ModelArgs, path: str) -> torch.nn.Module:
+def _frozen_model(args: ModelArgs, path: str, runtime: RuntimeOptions | None = None) -> torch.nn.Module:
     """A model of ``args`` with the weights of ``path`` (our checkpoint, or an HF directory: each rank
     reads its own slices), in eval mode with no gradients."""
     from megatron_mtp_rl.hf.directory import is_hf_dir
     from megatron_mtp_rl.hf.load import load_hf
     from megatron_mtp_rl.train.checkpoint import load_checkpoint
 
-    model = build_gpt(args)
+    model = build_gpt(args, runtime=runtime)
     if is_hf_dir(path):
         load_hf(model, path)
     else:
@@ -355,7 +371,13 @@ def build_engine(cfg: RunConfig, run: Run, *, rollout_actor=None, engines=None) 
         return _process_engine(cfg, run)
     # the model's vocabulary, as the trainer normalises over it (a converted checkpoint may have more rows than
     # its tokenizer has ids): sampler and trainer log-probs then agree
-    return LocalEngine(run.gpt, vocab_size=run.model_args.vocab_size, speculative=cfg.rollout.local_spec_decode)
+    return LocalEngine(
+        run.gpt,
+        vocab_size=run.model_args.vocab_size,
+        speculative=cfg.rollout.local_spec_decode,
+        dtype=cfg.rollout.rollout_dtype,
+        record_routes=engine_records_routes(cfg, run.model_args),
+    )
 
 
 def _process_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
@@ -380,6 +402,8 @@ def _process_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
         seed=cfg.seed,
         threads=torch.get_num_threads(),
         owner=leader,
+        dtype=cfg.rollout.rollout_dtype,
+        record_routes=engine_records_routes(cfg, run.model_args),
     )
     engine.sync_weights()
     return engine
@@ -518,7 +542,7 @@ def _sglang_server_config(cfg: RunConfig, root):
         port=ro.rollout_base_port,
         router_port=ro.rollout_router_port,
         host=ro.rollout_host,
-        engine_flags=list(ro.sglang_engine_flags),
+        engine_flags=list(ro.sglang_engine_flags) + (["--dtype", ro.rollout_dtype] if ro.rollout_dtype else []),
         router_flags=list(ro.sglang_router_flags),
         startup_timeout_s=ro.rollout_startup_timeout,
         log_dir=str(root / "logs"),

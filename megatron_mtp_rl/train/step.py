@@ -34,7 +34,7 @@ from megatron_mtp_rl.rollout.dump import RolloutDumper
 from megatron_mtp_rl.rollout.engine import RolloutEngine
 from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
 from megatron_mtp_rl.rollout.reward_sandbox import check_step_rewards
-from megatron_mtp_rl.train import faults
+from megatron_mtp_rl.train import faults, routing
 from megatron_mtp_rl.train.builders import Reference, Rollout, Run
 from megatron_mtp_rl.train.critic import Critic
 from megatron_mtp_rl.train.microbatches import (  # noqa: F401 (build_micro_batches re-exported)
@@ -85,6 +85,7 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
     early = sample_advantages(ctx, batch.samples, shaped) if balance_on(ctx.cfg.optim) else None
     minibatches = pack_minibatches(ctx, batch.samples, early, step, spans=spans)
     old_and_ref_logprobs(ctx, minibatches)
+    metrics.update(routing.agreement_metrics(ctx))
     adv = early if early is not None else advantages(ctx, shaped, spans)
     critic_targets(ctx, shaped, spans)
     dump_rollouts(ctx, step, batch.samples, adv, spans)
@@ -210,9 +211,10 @@ def pack_minibatches(
 def old_and_ref_logprobs(ctx: StepContext, minibatches: list[list[RLBatch]]) -> None:
     """θ_old scores every micro-batch (main and, when trained, MTP heads); the reference and the critic too."""
     all_mbs = [mb for m in minibatches for mb in m]
-    compute_old_logprobs(ctx.run.model, all_mbs, with_mtp=ctx.loss_cfg.regime.runs_mtp)
-    if ctx.reference is not None:
-        ctx.reference.score(all_mbs)
+    with routing.old_pass(ctx):  # R3 / R2: the routes this step's passes replay (train/routing.py)
+        compute_old_logprobs(ctx.run.model, all_mbs, with_mtp=ctx.loss_cfg.regime.runs_mtp)
+        if ctx.reference is not None:
+            ctx.reference.score(all_mbs)
     if ctx.critic is not None:
         for mb, values in zip(all_mbs, ctx.critic.values(all_mbs)):
             mb.values = values

@@ -34,6 +34,16 @@ def route_dtype(num_experts: int) -> torch.dtype:
     return torch.uint8 if num_experts <= 255 else torch.int16
 
 
+def extend_routes(prev: torch.Tensor | None, new: torch.Tensor, start: int) -> torch.Tensor:
+    """A multi-turn sample's routes: ``prev`` covers its input positions ``[0, start)``, ``new`` the
+    rest (SGLang asked with ``routed_experts_start_len=start``; a local engine's full routes are cut)."""
+    if prev is None or start == 0:
+        return new
+    if prev.shape[0] < start:
+        raise ValueError(f"the earlier turns' routes cover {prev.shape[0]} positions, the append starts at {start}")
+    return torch.cat([prev[:start], new.to(prev.dtype)])
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module

@@ -490,6 +490,10 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
         export_dir=str(root / "sync"), flavour=flavour, engine_tp=ro.rollout_engine_tp,
         max_shard_size=ro.max_shard_size, master_address=_sender_address(ray_engines),
     )  # fmt: skip
+    if client is not None and cfg.algo.use_rollout_routing_replay:  # R3: answers carry the routes
+        pattern = run.model_args.moe_layer_pattern()
+        moe = [i for i, on in enumerate(pattern) if on]
+        client.route_shape = (len(pattern), run.model_args.moe_router_topk, moe, run.model_args.num_experts)
     if client is not None and client.supervisor is not None:
         client.supervisor.on_restart = lambda url: resync_engine(sync, url)
     engine = RemoteEngine(client, sync, name="sglang")
@@ -542,7 +546,9 @@ def _sglang_server_config(cfg: RunConfig, root):
         port=ro.rollout_base_port,
         router_port=ro.rollout_router_port,
         host=ro.rollout_host,
-        engine_flags=list(ro.sglang_engine_flags) + (["--dtype", ro.rollout_dtype] if ro.rollout_dtype else []),
+        engine_flags=list(ro.sglang_engine_flags)
+        + (["--dtype", ro.rollout_dtype] if ro.rollout_dtype else [])
+        + (["--enable-return-routed-experts"] if cfg.algo.use_rollout_routing_replay else []),
         router_flags=list(ro.sglang_router_flags),
         startup_timeout_s=ro.rollout_startup_timeout,
         log_dir=str(root / "logs"),

@@ -133,6 +133,7 @@ class SGLangClient:
         rid: str | None = None,
         sampling_seed: int | None = None,
         weight_version: int | None = None,
+        routed_experts_start_len: int | None = None,
     ) -> Completion:
         """One prompt → one Completion, with deadline, abort-on-timeout and bounded retries.
 
@@ -149,7 +150,13 @@ class SGLangClient:
             # A fresh rid per attempt: the aborted one may still be known to the server.
             arid = base_rid if attempt == 0 else f"{base_rid}.r{attempt}"
             arid += f".v{asked_again}" if asked_again else ""
-            payload = S.build_generate_payload(input_ids, params, rid=arid, sampling_seed=sampling_seed)
+            payload = S.build_generate_payload(
+                input_ids,
+                params,
+                rid=arid,
+                sampling_seed=sampling_seed,
+                routed_experts_start_len=routed_experts_start_len,
+            )
             try:
                 async with self._sem:
                     self.stats["requests"] += 1
@@ -199,10 +206,12 @@ class SGLangClient:
         rid_prefix: str | None = None,
         weight_version: int | None = None,
         first_index: int = 0,
+        routes_start: Sequence[int] | None = None,
     ) -> list[Completion]:
         """All prompts concurrently (bounded by the semaphore), results in prompt order.
 
         ``first_index``: the index of ``prompts[0]`` in the whole call (rids and sampling seeds follow it).
+        ``routes_start`` (R3): per prompt, the ``routed_experts_start_len`` to ask for (None: no routes).
 
         The first request that fails for good cancels the others and its error is raised.
         """
@@ -210,7 +219,12 @@ class SGLangClient:
         tasks = [
             asyncio.ensure_future(
                 self.generate(
-                    p, params, rid=f"{prefix}-{i}", sampling_seed=seed * 1_000_003 + i, weight_version=weight_version
+                    p,
+                    params,
+                    rid=f"{prefix}-{i}",
+                    sampling_seed=seed * 1_000_003 + i,
+                    weight_version=weight_version,
+                    routed_experts_start_len=routes_start[i - first_index] if routes_start is not None else None,
                 )
             )
             for i, p in enumerate(prompts, start=first_index)

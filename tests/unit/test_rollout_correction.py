@@ -136,12 +136,17 @@ def test_config_checks_and_builds_the_correction():
     from megatron_mtp_rl.train.builders import build_loss
 
     def problems(*argv):
-        return [p for p in C.validate(C.parse_config(list(argv)), 1) if "rollout" in p or "tis" in p]
+        return [p for p in C.validate(C.parse_config(list(argv)), 1) if "rollout" in p or "tis" in p or "routing" in p]
 
     assert any("--rollout-is-cap" in p for p in problems("--rollout-is", "sequence"))
     assert any("LOW,HIGH" in p for p in problems("--rollout-rs", "token", "--rollout-rs-bounds", "x"))
     assert any("give one or the other" in p for p in problems("--tis-cap", "2", "--rollout-is", "geometric"))
     assert any("choose one" in p for p in problems("--use-rollout-routing-replay", "--use-routing-replay"))
+    assert any("needs an MoE model" in p for p in problems("--use-routing-replay", "--preset", "tiny-dense"))
+    assert any(
+        "--local-spec-decode" in p
+        for p in problems("--use-rollout-routing-replay", "--local-spec-decode", "--preset", "tiny-moe")
+    )
     cfg = C.parse_config(["--rollout-rs", "geometric", "--rollout-rs-bounds", "0.5,2", "--tis-cap", "3"])
     assert problems("--rollout-rs", "geometric", "--rollout-rs-bounds", "0.5,2", "--tis-cap", "3") == []
     corr = build_loss(cfg).correction

@@ -139,6 +139,12 @@ class DataConfig:
     seq_length: int = flag(64, "tokens per packed row", min=2)
     arith_digits: int = flag(2, "digits per operand of the arith task", min=1)
     arith_ops: str = flag("+", "operators drawn from '+-*'")
+    arith_max_digits: int | None = flag(
+        None,
+        "long-tailed arith: operands of --arith-digits..this many digits, each length half as likely as the "
+        "one below (with '*': answers of 1 to 2·this digits)",
+        min=1,
+    )
     num_eval_prompts: int = flag(200, "held-out arith problems for eval/accuracy", min=0)
     prompt_data: str | None = flag(None, "JSONL, JSON-array or Parquet prompts (replaces the arith task)")
     eval_data: str | None = flag(None, "JSONL, JSON-array or Parquet held-out prompts for eval/accuracy")
@@ -848,8 +854,12 @@ def validate(
         problems.append(f"--expert-model-parallel-size {ep} needs a MoE model (--num-experts)")
     if m.num_layers % pp:
         problems.append(f"--pipeline-model-parallel-size {pp} does not divide --num-layers {m.num_layers}")
+    if cfg.data.arith_max_digits is not None and cfg.data.arith_max_digits < cfg.data.arith_digits:
+        problems.append(
+            f"--arith-max-digits {cfg.data.arith_max_digits} is below --arith-digits {cfg.data.arith_digits}"
+        )
     if not cfg.data.prompt_data and not cfg.data.data_source:
-        longest = 1 + 2 * cfg.data.arith_digits + 2 + ro.rollout_max_response_len
+        longest = 1 + 2 * (cfg.data.arith_max_digits or cfg.data.arith_digits) + 2 + ro.rollout_max_response_len
         if longest > cfg.data.seq_length:
             problems.append(
                 f"--seq-length {cfg.data.seq_length} is shorter than the longest arith sample "

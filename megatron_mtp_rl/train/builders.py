@@ -162,7 +162,13 @@ def build_data_source(cfg: RunConfig, tokenizer):
         if source.skipped:
             warn(f"--on-bad-row skip dropped {source.skipped} bad prompt row(s); the first: {source.problems[0]}")
         return source
-    return ArithTask(seed=cfg.seed, digits=d.arith_digits, ops=d.arith_ops, num_eval=d.num_eval_prompts)
+    return ArithTask(
+        seed=cfg.seed,
+        digits=d.arith_digits,
+        ops=d.arith_ops,
+        num_eval=d.num_eval_prompts,
+        max_digits=d.arith_max_digits,
+    )
 
 
 def build_model(cfg: RunConfig, model_args: ModelArgs):

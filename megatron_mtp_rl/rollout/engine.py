@@ -38,7 +38,11 @@ class RolloutEngine(Protocol):
     remote: bool
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int) -> tuple[list[Completion], dict]:
-        """Completions in prompt order, plus engine statistics for the metrics."""
+        """Completions in prompt order, plus engine statistics for the metrics.
+
+        Engines that support partial rollouts also take ``stop=GroupStop(...)`` (models/sampling_params.py):
+        end once that many groups are done, the unfinished completions marked ``meta["aborted"]``.
+        """
         ...
 
     def sync_weights(self) -> dict:

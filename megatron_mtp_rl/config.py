@@ -1054,8 +1054,8 @@ def _long_generation_problems(cfg: RunConfig, dp: int) -> list[str]:
             out.append(f"--over-sampling-batch-size {over} is not divisible by the data-parallel size {dp}")
         if ro.rollout_function:
             out.append("--partial-rollout replaces the rollout function: not with --rollout-function")
-        if ro.rollout_engine != "local":
-            out.append("--partial-rollout runs with the local engine (in-process or --async-rollout's process)")
+        if cfg.ray.ray and ro.rollout_engine == "local":
+            out.append("--partial-rollout with --ray needs --rollout-engine sglang (the Ray rollout actor has no stop)")
     decoupled = (ro.max_off_policy_steps or 1) > 1
     if (al.rollout_is_cap is not None or decoupled) and ro.rollout_temperature != 1.0:
         what = "--rollout-is-cap" if al.rollout_is_cap is not None else "--max-off-policy-steps > 1"

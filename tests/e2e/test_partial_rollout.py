@@ -98,8 +98,10 @@ def test_k1_is_async_rollout(tmp_path):
     common = [x for x in FAST if x not in ("--partial-rollout", "--over-sampling-batch-size", "6")]
     runs = []
     for i, flags in enumerate((["--async-rollout"], ["--max-off-policy-steps", "1"])):
-        cfg = parse_config([*common, "--n-samples-per-prompt", "2", "--global-batch-size", "4", "--micro-batch-size",
-                            "4", "--num-steps", "3", "--metrics-jsonl", str(tmp_path / f"{i}.jsonl"), *flags])  # fmt: skip
+        sizes = ["--rollout-batch-size", "2", "--global-batch-size", "4", "--micro-batch-size", "4"]
+        cfg = parse_config(
+            [*common, *sizes, "--num-steps", "3", "--metrics-jsonl", str(tmp_path / f"{i}.jsonl"), *flags]
+        )
         runs.append(_strip(run_training(cfg)))
     assert runs[0] == runs[1]
     assert [r["rollout/policy_lag"] for r in runs[0][1:]] == [0.0, 1.0, 1.0]

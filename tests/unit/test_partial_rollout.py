@@ -198,3 +198,39 @@ def test_aborted_generation_continues_to_the_uninterrupted_tokens(single_process
         assert part.responses[i] + more.responses[k] == full.responses[i]
         assert part.responses[i] + more.responses[k] != []
     assert part.responses[:2] == [r[:2] for r in full.responses[:2]]
+
+
+def test_sglang_stop_aborts_the_rest_by_request_id():
+    """Against the fake SGLang server (the real one is not in this suite): one request is slow, the
+    other's group completes, the slow one is aborted by its rid and comes back unfinished."""
+    import asyncio
+    import time
+
+    from megatron_mtp_rl.rollout.sglang import schema as S
+    from megatron_mtp_rl.rollout.sglang.client import SGLangClient
+    from megatron_mtp_rl.rollout.sglang.partial import generate_until
+    from tests.fake_sglang_server import FakeServer
+
+    async def go(url):
+        async with SGLangClient(url, backoff_s=0.01) as c:
+            stop = GroupStop(groups=(0, 1), count=1, limits=(4, 3))
+            return await generate_until([c], [[1, 2], [3, 4]], SamplingParams(max_new_tokens=6), stop, seed=1,
+                                        rid_prefix="p")  # fmt: skip
+
+    with FakeServer(delay=20.0, delay_first_n=1) as srv:
+        t0 = time.monotonic()
+        outs = asyncio.run(go(srv.url))
+        assert time.monotonic() - t0 < 10.0
+        st = srv.state.snapshot()
+    aborted = [i for i, o in enumerate(outs) if o.meta.get("aborted")]
+    assert len(aborted) == 1 and st["aborted"] == [f"p-{aborted[0]}"]
+    assert outs[aborted[0]].response_ids == [] and not outs[aborted[0]].finished
+    done = 1 - aborted[0]
+    assert len(outs[done].response_ids) == (4, 3)[done]  # each request's own remaining budget
+    # SGLang's answer to an aborted request carries the tokens it had: they are kept
+    body = {"output_ids": [5, 6], "meta_info": {"id": "r", "finish_reason": {"type": "abort"},
+            "output_token_logprobs": [[-0.1, 5, None], [-0.2, 6, None]]}}  # fmt: skip
+    c = S.parse_generate_response(body, rid="r", partial_ok=True)
+    assert (c.response_ids, c.logprobs, c.finished, c.meta["aborted"]) == ([5, 6], [-0.1, -0.2], False, True)
+    with pytest.raises(S.SGLangAbortedError):
+        S.parse_generate_response(body, rid="r")

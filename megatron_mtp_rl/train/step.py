@@ -134,6 +134,7 @@ def generate(ctx: StepContext, step: int, cursor: int) -> tuple[RolloutBatch, in
         ah.submit(b, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, b, ah.gen_cursor, step - 1)))
     batch.metrics.setdefault("rollout/policy_lag", float(lag))
     batch.metrics.setdefault("rollout/policy_lag_max", float(lag))
+    batch.metrics.setdefault("rollout/stale_dropped", 0.0)
     return batch, cursor
 
 

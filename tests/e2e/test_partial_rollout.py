@@ -105,3 +105,40 @@ def test_k1_is_async_rollout(tmp_path):
         runs.append(_strip(run_training(cfg)))
     assert runs[0] == runs[1]
     assert [r["rollout/policy_lag"] for r in runs[0][1:]] == [0.0, 1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_partial_rollout_through_fake_sglang_aborts_by_rid(tmp_path):
+    """--rollout-engine sglang (the fake server; the real one is not in this suite): the first requests are
+    slow, the other groups complete, the slow ones are aborted by rid, kept and continued next step."""
+    import json
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from megatron_mtp_rl.train.loop import close, prepare
+    from megatron_mtp_rl.train.step import rl_step
+    from tests.dist_utils import free_port
+
+    fake = str(Path(__file__).resolve().parents[1] / "fake_sglang_server.py")
+    cfg = parse_config(
+        [*FAST, "--rollout-batch-size", "2", "--over-sampling-batch-size", "4", "--global-batch-size", "4",
+         "--micro-batch-size", "4", "--num-eval-prompts", "0", "--rollout-engine", "sglang",
+         "--rollout-server-cmd", f"{sys.executable} {fake} --fake-delay 30 --fake-delay-first-n 2",
+         "--rollout-router-cmd", f"{sys.executable} {fake} --router", "--rollout-base-port", str(free_port(span=11)),
+         "--rollout-router-port", str(free_port()), "--rollout-hf-dir", str(tmp_path / "hf")]
+    )  # fmt: skip
+    ctx, state = prepare(cfg)
+    try:
+        url = ctx.engine.client.engine_urls[0]
+        hist = []
+        for step in (1, 2, 3):
+            m, state.cursor = rl_step(ctx, step, state.cursor)
+            hist.append(m)
+        with urllib.request.urlopen(url + "/_fake/state", timeout=5) as r:
+            st = json.loads(r.read())
+    finally:
+        close(ctx)
+    assert len(st["aborted"]) >= 2  # the two slow requests (and any still running at the stop), by rid
+    assert hist[0]["rollout/buffer_size"] >= 2.0  # kept, continued later
+    assert all(m["rollout/generated_samples"] == 4.0 for m in hist)

@@ -168,7 +168,7 @@ def test_stale_groups_are_dropped_and_counted():
         assert all(step - 1 - min(s.versions) <= 1 for s in b.samples)
 
 
-@pytest.mark.parametrize("speculative", [False, True])
+@pytest.mark.parametrize("speculative", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_aborted_generation_continues_to_the_uninterrupted_tokens(single_process, speculative):
     """A real model (greedy): rows stopped by a GroupStop, continued from prompt + their tokens with
     the same weights, give the tokens of one uninterrupted generation."""

@@ -147,12 +147,13 @@ def _partial_run(argv: list[str], flags: list[str], steps: int) -> dict:
     }
 
 
-def partial_bench(argv: list[str], steps: int, reps: int) -> None:
+def partial_bench(argv: list[str], steps: int, reps: int, only: str | None = None) -> None:
     from megatron_mtp_rl import platform
 
-    runs: dict[str, list[dict]] = {name: [] for name, _ in PARTIAL_MODES}
+    modes = [m for m in PARTIAL_MODES if only is None or m[0] in only.split(",")]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in modes}
     for rep in range(reps):  # interleaved: every mode sees the machine's load alike
-        for name, flags in PARTIAL_MODES if rep % 2 == 0 else PARTIAL_MODES[::-1]:
+        for name, flags in modes if rep % 2 == 0 else modes[::-1]:
             runs[name].append(_partial_run(argv, flags, steps))
             platform.destroy()
     results = {}
@@ -171,10 +172,12 @@ def partial_bench(argv: list[str], steps: int, reps: int) -> None:
             f"{name:12s} | {r['step_time']:6.2f} | {r['step_time'] / base:6.2f}x | {r['generated']:12.1f} | "
             f"{r['wasted']:15.1f} | {100 * frac:7.1f}% | {r['response_len']:11.1f} | {hist}"
         )
-    p = results["partial"]
-    print(f"partial_vs_wait_step_time={p['step_time'] / base:.2f}")
-    print(f"partial_wasted_fraction={p['wasted'] / max(p['generated'], 1e-9):.3f}")
-    print(f"k2_vs_k1_step_time={results['K=2']['step_time'] / results['K=1']['step_time']:.2f}")
+    if "partial" in results:
+        p = results["partial"]
+        print(f"partial_vs_wait_step_time={p['step_time'] / base:.2f}")
+        print(f"partial_wasted_fraction={p['wasted'] / max(p['generated'], 1e-9):.3f}")
+    if "K=1" in results and "K=2" in results:
+        print(f"k2_vs_k1_step_time={results['K=2']['step_time'] / results['K=1']['step_time']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,10 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rl-steps", type=int, default=3, help="timed RL steps per run (after one warm-up step)")
     ap.add_argument("--rl-reps", type=int, default=2, help="(sync, async) run pairs (medians reported)")
     ap.add_argument("--partial-rollout", action="store_true", help="bench long generations (see above)")
+    ap.add_argument("--modes", default=None, help="--partial-rollout: comma-separated subset of the modes")
     own, rest = ap.parse_known_args(argv)
     torch.set_num_threads(own.threads)
     if own.partial_rollout:
-        partial_bench(rest, own.rl_steps, own.rl_reps)
+        partial_bench(rest, own.rl_steps, own.rl_reps, own.modes)
         return
 
     from megatron_mtp_rl import platform

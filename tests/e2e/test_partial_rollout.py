@@ -43,37 +43,37 @@ class _Crash(Exception):
 
 
 def test_partial_rollout_trains_each_sample_once_and_resumes_mid_buffer_exactly(tmp_path, monkeypatch):
-    straight, trained = _recorded(tmp_path / "a", "--num-steps", "4")
+    straight, trained = _recorded(tmp_path / "a", "--num-steps", "3")
     rows = straight[1:]
     assert sum(r["rollout/partial_samples"] for r in rows) > 0
     assert sum(r["rollout/resumed_samples"] for r in rows) > 0
     ids = [id(s) for _, b in trained for s in b]
-    assert len(ids) == len(set(ids)) == 4 * 2
+    assert len(ids) == len(set(ids)) == 3 * 2
     for step, batch in trained:
         for s in batch:
             assert not s.aborted and len(s.versions) == len(s.response_ids) == len(s.logprobs)
             assert max(s.versions) <= step - 1
     assert any(len(set(s.versions)) > 1 for _, b in trained for s in b)  # continued with newer weights
-    # a crash after the step-2 save, whose buffer holds unfinished samples: the resumed run is the same run
+    # a crash after the step-1 save, whose buffer holds unfinished samples: the resumed run is the same run
     from megatron_mtp_rl.train import loop
 
     ckpt = str(tmp_path / "ckpt")
     real, done = loop.rl_step, []
 
-    def crash_at_3(ctx, step, cursor):
-        if step == 3:
+    def crash_at_2(ctx, step, cursor):
+        if step == 2:
             assert ctx.partial.groups  # mid-buffer
             raise _Crash
         out = real(ctx, step, cursor)
         done.append(out[0])
         return out
 
-    monkeypatch.setattr(loop, "rl_step", crash_at_3)
+    monkeypatch.setattr(loop, "rl_step", crash_at_2)
     with pytest.raises(_Crash):
-        _run(tmp_path / "b", "--num-steps", "4", "--save", ckpt, "--save-interval", "2")
+        _run(tmp_path / "b", "--num-steps", "3", "--save", ckpt, "--save-interval", "1")
     monkeypatch.setattr(loop, "rl_step", real)
-    resumed = _run(tmp_path / "b", "--num-steps", "4", "--load", ckpt, "--save", ckpt)
-    assert [r["step"] for r in resumed] == [3, 4]
+    resumed = _run(tmp_path / "b", "--num-steps", "3", "--load", ckpt, "--save", ckpt)
+    assert [r["step"] for r in resumed] == [2, 3]
     assert _strip(done + resumed) == _strip(rows)
 
 

@@ -38,7 +38,11 @@ class RolloutEngine(Protocol):
     remote: bool
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int) -> tuple[list[Completion], dict]:
-        """Completions in prompt order, plus engine statistics for the metrics."""
+        """Completions in prompt order, plus engine statistics for the metrics.
+
+        Engines that support partial rollouts also take ``stop=GroupStop(...)`` (models/sampling_params.py):
+        end once that many groups are done, the unfinished completions marked ``meta["aborted"]``.
+        """
         ...
 
     def sync_weights(self) -> dict:
@@ -68,11 +72,13 @@ class RemoteEngine:
         self.name = name
         self.version = 0  # the weights this rank pushed last (0: the engine's initial ones)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
-        """Generated with the weights of this rank's last push, never older ones (rollout/weight_version.py)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int, stop=None):
+        """Generated with the weights of this rank's last push, never older ones (rollout/weight_version.py).
+        ``stop``: partial rollouts (SGLang: the rest aborted by request id)."""
         if self.client is None:
             raise RuntimeError(f"{self.name} engine: this rank does not generate (not a model-parallel leader)")
-        return self.client.generate(prompts, params, seed=seed, weight_version=self.version or None)
+        extra = {} if stop is None else {"stop": stop}
+        return self.client.generate(prompts, params, seed=seed, weight_version=self.version or None, **extra)
 
     def sync_weights(self) -> dict:
         metrics = self.push()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_mtp_rl.models.generation import SamplingParams, generate
+from megatron_mtp_rl.models.generation import GroupStop, SamplingParams, generate
 from megatron_mtp_rl.rollout.engine import Completion
 
 
@@ -28,13 +28,16 @@ class LocalEngine:
     def close(self) -> None:
         """Nothing to stop."""
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int, stop: GroupStop | None = None):
+        """``stop`` (partial rollouts): one batch of every request, ended between two decoding steps
+        once ``stop.count`` groups are done; the rest come back with ``meta["aborted"]``."""
         # Samplers draw where the model's probabilities are (a CUDA generator on GPU).
         g = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed)
         out: list[Completion] = []
         stats = {"tokens": 0, "seconds": 0.0, "rounds": 0, "accept_len_sum": 0.0, "calls": 0}
-        for s in range(0, len(prompts), self.max_batch_size):
-            chunk = prompts[s : s + self.max_batch_size]
+        size = len(prompts) if stop is not None else self.max_batch_size  # a stop rule spans every group
+        for s in range(0, len(prompts), size):
+            chunk = prompts[s : s + size]
             res = generate(
                 self.model,
                 chunk,
@@ -42,9 +45,11 @@ class LocalEngine:
                 vocab_size=self.vocab_size,
                 generator=g,
                 speculative=self.speculative,
+                stop=stop,
             )
-            for ids, lps, fin in zip(res.responses, res.logprobs, res.finished):
-                out.append(Completion(ids, lps, fin))
+            aborted = res.aborted or [False] * len(chunk)
+            for ids, lps, fin, ab in zip(res.responses, res.logprobs, res.finished, aborted):
+                out.append(Completion(ids, lps, fin, meta={"aborted": True} if ab else {}))
             stats["tokens"] += res.stats["tokens"]
             stats["seconds"] += res.stats["seconds"]
             stats["rounds"] += res.stats["rounds"]

@@ -32,6 +32,10 @@ class Sample:
     # Per response token: 1 = the policy's (trained), 0 = tool / environment output (context only,
     # its engine log-prob is a placeholder). None = every response token is the policy's.
     loss_mask: list[int] | None = None
+    # Partial rollouts (rollout/partial.py): the weight version that generated each response token,
+    # and whether generation was stopped before the sample's end (it continues at a later step).
+    versions: list[int] | None = None
+    aborted: bool = False
 
 
 @dataclass

@@ -23,9 +23,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 
-from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.models.generation import GroupStop, SamplingParams
 from megatron_mtp_rl.rollout.engine import Completion
 from megatron_mtp_rl.rollout.sglang.client import SGLangClient
+from megatron_mtp_rl.rollout.sglang.partial import generate_until
 from megatron_mtp_rl.rollout.sglang.server import SGLangServerConfig, SGLangServerError, SGLangSupervisor
 
 log = logging.getLogger(__name__)
@@ -152,18 +153,31 @@ class SGLangEngine:
 
     # -- RolloutEngine ----------------------------------------------------------------------
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, *, seed: int, weight_version: int | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        seed: int,
+        weight_version: int | None = None,
+        stop: GroupStop | None = None,
     ) -> tuple[list[Completion], dict]:
         """Completions in prompt order, plus throughput and speculative-decoding statistics.
 
         ``weight_version``: only answers from those weights count (rollout/weight_version.py).
+        ``stop``: partial rollouts, the rest aborted by rid once enough groups are done (sglang/partial.py).
         """
         if self.supervisor is not None:
             self.supervisor.check()
-        return self._run(self.agenerate(prompts, params, seed=seed, weight_version=weight_version))
+        return self._run(self.agenerate(prompts, params, seed=seed, weight_version=weight_version, stop=stop))
 
     async def agenerate(
-        self, prompts: list[list[int]], params: SamplingParams, *, seed: int, weight_version: int | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        seed: int,
+        weight_version: int | None = None,
+        stop: GroupStop | None = None,
     ):
         gen, engines = await self._clients()
         gens = [gen] if gen is not None else engines
@@ -173,7 +187,19 @@ class SGLangEngine:
         t0 = time.perf_counter()
         # contiguous shares (a sample's seed follows its index in the call, whichever engine serves it)
         bounds = [len(prompts) * k // len(gens) for k in range(len(gens) + 1)]
-        shares = await asyncio.gather(
+        if stop is not None:
+            prefix = f"{self._rid_prefix}-{self._calls}"
+            outs = await generate_until(gens, prompts, params, stop, seed=seed, rid_prefix=prefix,
+                                        weight_version=weight_version)  # fmt: skip
+            shares = [outs]
+        else:
+            shares = await self._shares(gens, bounds, prompts, params, seed, weight_version)
+        outs = [o for share in shares for o in share]
+        seconds = time.perf_counter() - t0
+        return outs, self._stats(gens, outs, seconds, retries0, timeouts0)
+
+    async def _shares(self, gens, bounds, prompts, params, seed, weight_version):
+        return await asyncio.gather(
             *(
                 g.generate_many(
                     prompts[a:b],
@@ -186,8 +212,8 @@ class SGLangEngine:
                 for g, a, b in zip(gens, bounds, bounds[1:])
             )
         )
-        outs = [o for share in shares for o in share]
-        seconds = time.perf_counter() - t0
+
+    def _stats(self, gens, outs, seconds, retries0, timeouts0) -> dict:
         tokens = sum(len(o.response_ids) for o in outs)
         stats = {
             "rollout/gen_tokens_per_s": tokens / max(seconds, 1e-9),
@@ -200,7 +226,7 @@ class SGLangEngine:
         if spec:
             toks = sum(o.meta.get("completion_tokens", len(o.response_ids)) for o in spec)
             stats["rollout/spec_accept_len"] = toks / sum(o.meta["spec_verify_ct"] for o in spec)
-        return outs, stats
+        return stats
 
     def sync_weights(self) -> None:
         raise NotImplementedError(

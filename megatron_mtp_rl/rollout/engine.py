@@ -41,7 +41,11 @@ class RolloutEngine(Protocol):
     remote: bool
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int) -> tuple[list[Completion], dict]:
-        """Completions in prompt order, plus engine statistics for the metrics."""
+        """Completions in prompt order, plus engine statistics for the metrics.
+
+        Engines that support partial rollouts also take ``stop=GroupStop(...)`` (models/sampling_params.py):
+        end once that many groups are done, the unfinished completions marked ``meta["aborted"]``.
+        """
         ...
 
     def sync_weights(self) -> dict:
@@ -71,13 +75,14 @@ class RemoteEngine:
         self.name = name
         self.version = 0  # the weights this rank pushed last (0: the engine's initial ones)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int, **kw):
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int, stop=None, **kw):
         """Generated with the weights of this rank's last push, never older ones (rollout/weight_version.py).
-
-        ``kw``: the client's extras (SGLang: ``routes_start`` for multi-turn route appends)."""
+        ``stop``: partial rollouts (SGLang: the rest aborted by request id). ``kw``: the client's extras
+        (SGLang: ``routes_start`` for multi-turn route appends)."""
         if self.client is None:
             raise RuntimeError(f"{self.name} engine: this rank does not generate (not a model-parallel leader)")
-        return self.client.generate(prompts, params, seed=seed, weight_version=self.version or None, **kw)
+        extra = dict(kw) if stop is None else {"stop": stop, **kw}
+        return self.client.generate(prompts, params, seed=seed, weight_version=self.version or None, **extra)
 
     def sync_weights(self) -> dict:
         metrics = self.push()

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from megatron_mtp_rl.models.generation import SamplingParams, generate
+from megatron_mtp_rl.models.generation import GroupStop, SamplingParams, generate
 from megatron_mtp_rl.rollout.engine import Completion
 
 
@@ -51,13 +51,16 @@ class LocalEngine:
     def close(self) -> None:
         """Nothing to stop."""
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int, stop: GroupStop | None = None):
+        """``stop`` (partial rollouts): one batch of every request, ended between two decoding steps
+        once ``stop.count`` groups are done; the rest come back with ``meta["aborted"]``."""
         # Samplers draw where the model's probabilities are (a CUDA generator on GPU).
         g = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed)
         out: list[Completion] = []
         stats = {"tokens": 0, "seconds": 0.0, "rounds": 0, "accept_len_sum": 0.0, "calls": 0}
-        for s in range(0, len(prompts), self.max_batch_size):
-            chunk = prompts[s : s + self.max_batch_size]
+        size = len(prompts) if stop is not None else self.max_batch_size  # a stop rule spans every group
+        for s in range(0, len(prompts), size):
+            chunk = prompts[s : s + size]
             with self._precision():
                 res = generate(
                     self.model,
@@ -66,11 +69,13 @@ class LocalEngine:
                     vocab_size=self.vocab_size,
                     generator=g,
                     speculative=self.speculative,
+                    stop=stop,
                     record_routes=self.record_routes,
                 )
-            routes = res.routes or [None] * len(res.responses)
-            for ids, lps, fin, r in zip(res.responses, res.logprobs, res.finished, routes):
-                out.append(Completion(ids, lps, fin, routes=r))
+            aborted = res.aborted or [False] * len(chunk)
+            routes = res.routes or [None] * len(chunk)
+            for ids, lps, fin, ab, r in zip(res.responses, res.logprobs, res.finished, aborted, routes):
+                out.append(Completion(ids, lps, fin, meta={"aborted": True} if ab else {}, routes=r))
             stats["tokens"] += res.stats["tokens"]
             stats["seconds"] += res.stats["seconds"]
             stats["rounds"] += res.stats["rounds"]

@@ -34,6 +34,10 @@ class Sample:
     loss_mask: list[int] | None = None
     # The engine's MoE routes of the input tokens [prompt + response − 1, MoE layers, topk] (R3), or None.
     routes: torch.Tensor | None = None
+    # Partial rollouts (rollout/partial.py): the weight version that generated each response token,
+    # and whether generation was stopped before the sample's end (it continues at a later step).
+    versions: list[int] | None = None
+    aborted: bool = False
 
 
 @dataclass

@@ -60,8 +60,8 @@ def _serve(
                 load_full_state_dict(model, msg[1])  # every tensor of the replica, or KeyError naming the missing
                 conn.send(("ok", msg[2]))
             elif kind == "generate":
-                _, prompts, params, gen_seed = msg
-                conn.send(("ok", engine.generate(prompts, params, seed=gen_seed)))
+                _, prompts, params, gen_seed, stop = msg
+                conn.send(("ok", engine.generate(prompts, params, seed=gen_seed, stop=stop)))
             elif kind == "close":
                 conn.send(("ok", None))
                 break
@@ -122,10 +122,10 @@ class ProcessEngine:
             self._conn.send(msg)
             return self._reply()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int, stop=None):
         if self._conn is None:
             raise RuntimeError("rollout process engine: this rank does not own the rollout process")
-        return self._ask("generate", prompts, params, seed)
+        return self._ask("generate", prompts, params, seed, stop)
 
     def sync_weights(self) -> dict:
         """Send the current weights (every rank calls: the gather may be collective)."""

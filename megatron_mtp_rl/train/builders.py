@@ -163,7 +163,13 @@ def build_data_source(cfg: RunConfig, tokenizer):
         if source.skipped:
             warn(f"--on-bad-row skip dropped {source.skipped} bad prompt row(s); the first: {source.problems[0]}")
         return source
-    return ArithTask(seed=cfg.seed, digits=d.arith_digits, ops=d.arith_ops, num_eval=d.num_eval_prompts)
+    return ArithTask(
+        seed=cfg.seed,
+        digits=d.arith_digits,
+        ops=d.arith_ops,
+        num_eval=d.num_eval_prompts,
+        max_digits=d.arith_max_digits,
+    )
 
 
 def build_model(cfg: RunConfig, model_args: ModelArgs):
@@ -256,11 +262,25 @@ def build_loss(cfg: RunConfig) -> RLLossConfig:
         mtp_loss_coef=mt.mtp_loss_coef,
         mtp_head_loss=mt.mtp_head_loss,
         mtp_head_coef=mt.mtp_head_coef,
-        tis_cap=al.tis_cap,
+        tis_cap=importance_cap(cfg) if al.rollout_is in ("none", "token") else None,
         correction=RolloutCorrection.from_flags(
-            al.rollout_is, al.rollout_is_cap, al.rollout_rs, al.rollout_rs_bounds, al.rollout_veto_threshold
+            al.rollout_is if al.rollout_is not in ("none", "token") else "none",
+            importance_cap(cfg) if al.rollout_is not in ("none", "token") else None,
+            al.rollout_rs,
+            al.rollout_rs_bounds,
+            al.rollout_veto_threshold,
         ),
     )
+
+
+def importance_cap(cfg: RunConfig) -> float | None:
+    """The truncation of π_old/π_rollout on the policy loss: --tis-cap, else --rollout-is-cap; with
+    --max-off-policy-steps K > 1 always on (AReaL's decoupled PPO; untruncated without a cap)."""
+    al = cfg.algo
+    cap = al.tis_cap if al.tis_cap is not None else al.rollout_is_cap
+    if cap is None and (cfg.rollout.max_off_policy_steps or 1) > 1:
+        return float("inf")
+    return cap
 
 
 # -- the reference model (KL) -----------------------------------------------------------------
@@ -367,7 +387,7 @@ def build_engine(cfg: RunConfig, run: Run, *, rollout_actor=None, engines=None) 
         return _ray_engine(cfg, run, rollout_actor)
     if cfg.rollout.rollout_engine == "sglang":
         return _sglang_engine(cfg, run, engines)
-    if cfg.rollout.async_rollout:
+    if cfg.rollout.async_rollout or cfg.rollout.max_off_policy_steps:
         return _process_engine(cfg, run)
     # the model's vocabulary, as the trainer normalises over it (a converted checkpoint may have more rows than
     # its tokenizer has ids): sampler and trainer log-probs then agree

@@ -33,6 +33,7 @@ from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
 from megatron_mtp_rl.rollout.dump import RolloutDumper
 from megatron_mtp_rl.rollout.engine import RolloutEngine
 from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
+from megatron_mtp_rl.rollout.partial import PartialRollout
 from megatron_mtp_rl.rollout.reward_sandbox import check_step_rewards
 from megatron_mtp_rl.train import faults, routing
 from megatron_mtp_rl.train.builders import Reference, Rollout, Run
@@ -63,6 +64,7 @@ class StepContext:
     ahead: OneStepAhead | None = None  # --async-rollout: the next step's batch, generated during this one
     critic: Critic | None = None  # --advantage-estimator gae
     teacher: Reference | None = None  # --advantage-estimator opd: the distillation teacher
+    partial: PartialRollout | None = None  # --partial-rollout: the buffer of unfinished samples
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -106,28 +108,50 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
 def generate(ctx: StepContext, step: int, cursor: int) -> tuple[RolloutBatch, int]:
     """This DP rank's groups of samples, with rewards; advances the shared data cursor.
 
-    ``--async-rollout``: the batch was generated during the previous step (rollout/async_rollout.py);
-    the next step's starts here, in a thread, with the weights the engine holds now.
+    ``--async-rollout`` / ``--max-off-policy-steps K``: the batch was generated during step ``step - K``
+    (rollout/async_rollout.py); step ``step + K``'s starts here, in a thread, with the weights the engine
+    holds now.
     """
     dp = parallel_state.get_data_parallel_world_size()
     if ctx.ahead is None:
         with generation_phase(ctx.engine) as handoff:  # colocated: the engines' turn on the GPUs
-            batch = on_mp_leader(ctx.engine, _rollout_fn(ctx, step, cursor))
+            batch = on_mp_leader(ctx.engine, _rollout_fn(ctx, step, cursor, step - 1))
         batch.metrics.update(handoff)
         return batch, cursor + max_over_dp(batch.prompts_consumed) * dp
-    if ctx.ahead.step != step:  # the run's first step (or a resume without a pending batch)
-        ctx.ahead.submit(step, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, step, cursor)))
-    batch, lag = ctx.ahead.take(step)
-    batch = _broadcast_from_mp_leader(ctx.engine, batch)
-    cursor += max_over_dp(batch.prompts_consumed) * dp
-    if step < ctx.cfg.num_steps:  # engine holds θ_{step-1}: batch step+1 is one step off-policy
-        ctx.ahead.submit(step + 1, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, step + 1, cursor)))
-    batch.metrics["rollout/policy_lag"] = float(lag)
+    ah, last = ctx.ahead, ctx.cfg.num_steps
+    if ah.gen_cursor is None:
+        ah.gen_cursor = cursor
+    _settle(ctx, ah)
+    while ah.next_step <= min(step + ah.depth - 1, last):  # the run's first step, or a resume without them
+        b = ah.next_step
+        ah.submit(b, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, b, ah.gen_cursor, step - 1)))
+        ah.wait()
+        _settle(ctx, ah)
+    consumed = ah.consumed(step)
+    batch, lag = ah.take(step)
+    cursor += consumed
+    if step + ah.depth <= last:  # engine holds θ_{step-1}: batch step+K is K steps off-policy
+        b = step + ah.depth
+        ah.submit(b, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, b, ah.gen_cursor, step - 1)))
+    batch.metrics.setdefault("rollout/policy_lag", float(lag))
+    batch.metrics.setdefault("rollout/policy_lag_max", float(lag))
+    batch.metrics.setdefault("rollout/stale_dropped", 0.0)
     return batch, cursor
 
 
-def _rollout_fn(ctx: StepContext, step: int, cursor: int) -> Callable[[], RolloutBatch]:
-    """The ``--rollout-function`` call that generates step ``step``'s batch from ``cursor``."""
+def _settle(ctx: StepContext, ah: OneStepAhead) -> None:
+    """Generated batches: every rank of the model-parallel group gets them, the data cursor counts them."""
+    dp = parallel_state.get_data_parallel_world_size()
+    for b in ah.unsettled():
+        batch = _broadcast_from_mp_leader(ctx.engine, ah.batches[b][1])
+        ah.settle(b, batch, max_over_dp(batch.prompts_consumed) * dp)
+
+
+def _rollout_fn(ctx: StepContext, step: int, cursor: int, weights_step: int) -> Callable[[], RolloutBatch]:
+    """The ``--rollout-function`` call that generates step ``step``'s batch from ``cursor``.
+
+    ``weights_step``: trainer steps done when the engine got the weights it generates with (partial
+    rollouts number every token's weights with it)."""
     cfg = ctx.cfg
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     consumed = [0]
@@ -137,13 +161,16 @@ def _rollout_fn(ctx: StepContext, step: int, cursor: int) -> Callable[[], Rollou
         consumed[0] += count
         return [p for i in idx for p in ctx.run.source.take(i, 1)]
 
-    return lambda: ctx.rollout.rollout_fn(
+    extra = {} if ctx.partial is None else {"version": weights_step, "train_version": step - 1}
+    fn = ctx.rollout.rollout_fn if ctx.partial is None else ctx.partial
+    return lambda: fn(
         ctx.rollout.manager,
         fetch,
         num_prompts=cfg.rollout.rollout_batch_size // dp,
         seed=step_seed(cfg.seed, step, dp_rank),
         group_filter=ctx.rollout.group_filter,
         max_rounds=cfg.algo.max_sampling_rounds,
+        **extra,
     )
 
 

@@ -96,6 +96,7 @@ class SGLangClient:
         self.stats["stale_answers"] = 0
         self._session: aiohttp.ClientSession | None = None
         self._sem: asyncio.Semaphore | None = None
+        self.cancelled: set[str] = set()  # partial rollouts: rids aborted before they were sent
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> SGLangClient:
@@ -134,8 +135,13 @@ class SGLangClient:
         sampling_seed: int | None = None,
         weight_version: int | None = None,
         routed_experts_start_len: int | None = None,
+        abortable: bool = False,
     ) -> Completion:
         """One prompt → one Completion, with deadline, abort-on-timeout and bounded retries.
+
+        ``abortable`` (partial rollouts): an abort (``/abort_request`` by rid, a pause in abort mode)
+        is an answer, the tokens generated so far (rollout/sglang/partial.py); a rid in
+        ``self.cancelled`` before it was sent is answered without asking the server.
 
         ``weight_version``: the weights the answer must come from (rollout/weight_version.py). SGLang's
         request has no such field, so the answer's ``meta_info.weight_version`` is checked: one from
@@ -159,10 +165,12 @@ class SGLangClient:
             )
             try:
                 async with self._sem:
+                    if abortable and base_rid in self.cancelled:
+                        return Completion([], [], False, meta={"rid": arid, "aborted": True})
                     self.stats["requests"] += 1
                     async with asyncio.timeout(self.request_timeout_s):
                         body = await self._post_json(S.GENERATE, payload)
-                out = S.parse_generate_response(body, rid=arid)
+                out = S.parse_generate_response(body, rid=arid, partial_ok=abortable)
                 served = out.meta.get("weight_version")
                 if stale_answer(weight_version, served) is None:
                     out.meta["attempts"] = attempt + 1

@@ -23,11 +23,12 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 
-from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.models.generation import GroupStop, SamplingParams
 from megatron_mtp_rl.models.routing_replay import route_dtype
 from megatron_mtp_rl.rollout.engine import Completion
 from megatron_mtp_rl.rollout.sglang import schema as S
 from megatron_mtp_rl.rollout.sglang.client import SGLangClient
+from megatron_mtp_rl.rollout.sglang.partial import generate_until
 from megatron_mtp_rl.rollout.sglang.server import SGLangServerConfig, SGLangServerError, SGLangSupervisor
 
 log = logging.getLogger(__name__)
@@ -163,18 +164,22 @@ class SGLangEngine:
         *,
         seed: int,
         weight_version: int | None = None,
+        stop: GroupStop | None = None,
         routes_start: list[int] | None = None,
     ) -> tuple[list[Completion], dict]:
         """Completions in prompt order, plus throughput and speculative-decoding statistics.
 
         ``weight_version``: only answers from those weights count (rollout/weight_version.py).
+        ``stop``: partial rollouts, the rest aborted by rid once enough groups are done (sglang/partial.py).
         ``routes_start`` (R3, multi-turn appends): per prompt, the first position whose route is
         wanted (the earlier ones are known); default 0.
         """
         if self.supervisor is not None:
             self.supervisor.check()
         return self._run(
-            self.agenerate(prompts, params, seed=seed, weight_version=weight_version, routes_start=routes_start)
+            self.agenerate(
+                prompts, params, seed=seed, weight_version=weight_version, stop=stop, routes_start=routes_start
+            )
         )
 
     async def agenerate(
@@ -184,6 +189,7 @@ class SGLangEngine:
         *,
         seed: int,
         weight_version: int | None = None,
+        stop: GroupStop | None = None,
         routes_start: list[int] | None = None,
     ):
         if self.route_shape is not None and routes_start is None:
@@ -196,7 +202,22 @@ class SGLangEngine:
         t0 = time.perf_counter()
         # contiguous shares (a sample's seed follows its index in the call, whichever engine serves it)
         bounds = [len(prompts) * k // len(gens) for k in range(len(gens) + 1)]
-        shares = await asyncio.gather(
+        if stop is not None:
+            prefix = f"{self._rid_prefix}-{self._calls}"
+            outs = await generate_until(gens, prompts, params, stop, seed=seed, rid_prefix=prefix,
+                                        weight_version=weight_version)  # fmt: skip
+            shares = [outs]
+        else:
+            shares = await self._shares(gens, bounds, prompts, params, seed, weight_version, routes_start)
+        outs = [o for share in shares for o in share]
+        if self.route_shape is not None:
+            for o, p, start in zip(outs, prompts, routes_start):
+                o.routes = self._routes(o, len(p) + len(o.response_ids) - 1 - start)
+        seconds = time.perf_counter() - t0
+        return outs, self._stats(gens, outs, seconds, retries0, timeouts0)
+
+    async def _shares(self, gens, bounds, prompts, params, seed, weight_version, routes_start=None):
+        return await asyncio.gather(
             *(
                 g.generate_many(
                     prompts[a:b],
@@ -210,11 +231,8 @@ class SGLangEngine:
                 for g, a, b in zip(gens, bounds, bounds[1:])
             )
         )
-        outs = [o for share in shares for o in share]
-        if self.route_shape is not None:
-            for o, p, start in zip(outs, prompts, routes_start):
-                o.routes = self._routes(o, len(p) + len(o.response_ids) - 1 - start)
-        seconds = time.perf_counter() - t0
+
+    def _stats(self, gens, outs, seconds, retries0, timeouts0) -> dict:
         tokens = sum(len(o.response_ids) for o in outs)
         stats = {
             "rollout/gen_tokens_per_s": tokens / max(seconds, 1e-9),
@@ -227,7 +245,7 @@ class SGLangEngine:
         if spec:
             toks = sum(o.meta.get("completion_tokens", len(o.response_ids)) for o in spec)
             stats["rollout/spec_accept_len"] = toks / sum(o.meta["spec_verify_ct"] for o in spec)
-        return outs, stats
+        return stats
 
     def _routes(self, out: Completion, rows: int):
         """The answer's routes of the trunk's MoE layers, compact (uint8/int16)."""

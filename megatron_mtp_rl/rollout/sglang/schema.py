@@ -225,14 +225,24 @@ def finish_type(meta_info: dict) -> str | None:
     return str(fr)
 
 
-def parse_generate_response(resp: dict, *, rid: str | None = None) -> Completion:
-    """A single-prompt /generate answer as a Completion; raises on abort or a malformed answer."""
+def parse_generate_response(resp: dict, *, rid: str | None = None, partial_ok: bool = False) -> Completion:
+    """A single-prompt /generate answer as a Completion; raises on abort or a malformed answer.
+
+    ``partial_ok`` (partial rollouts): an aborted answer is the tokens generated before the abort,
+    unfinished, with ``meta["aborted"]``."""
     if not isinstance(resp, dict) or not isinstance(resp.get("meta_info"), dict):
         raise SGLangResponseError(f"/generate answer has no meta_info: {str(resp)[:200]}")
     meta = resp["meta_info"]
     if rid is not None and meta.get("id") not in (None, rid):
         raise SGLangResponseError(f"/generate answered request {meta.get('id')!r}, expected {rid!r}")
     kind = finish_type(meta)
+    if kind == "abort" and partial_ok:
+        entries = meta.get("output_token_logprobs") or []
+        ids = [int(t) for t in (resp.get("output_ids") or [e[1] for e in entries])]
+        lps = [float(e[0]) for e in entries][: len(ids)]
+        if len(lps) != len(ids):  # no log-probs for some of them: keep the prefix that has both
+            ids = ids[: len(lps)]
+        return Completion(ids, lps, False, meta={"rid": meta.get("id", rid), "aborted": True})
     if kind == "abort":
         fr = meta.get("finish_reason") or {}
         raise SGLangAbortedError(f"request {rid or meta.get('id')} aborted by the server: {fr.get('message', '')}")

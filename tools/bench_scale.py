@@ -5,7 +5,8 @@ Builds a random GLM-4.5-shaped HF release of about ``--size-gb`` (tests/hf_relea
 ``--fp8`` for DeepSeek-V3's block fp8), then for each of ``--ranks`` (gloo, one spawned process per
 rank) runs each phase and prints, per rank, the peak resident memory above the level right before
 the phase (after the imports; for the weight pushes, after building and loading the model), as a
-multiple of the model's bf16 bytes, and the phase's time:
+multiple of the model's bf16 bytes, the phase's time and, for the streamed phases (mcore-to-hf, the
+pushes), the bound they are held to: two shards (buckets, ``--bucket-mb``) plus the largest tensor:
 
 * ``load``        direct HF load in training: ``hf.load.load_hf`` into the model built at EP=N
                   (``--layout pp``: PP=N);
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("load", "hf-to-mcore", "mcore-to-hf", "push-disk", "push-dist")
 HIDDEN, LAYERS, MTP_LAYERS = 1024, 4, 1
 NA = "n/a (not available)"
+BOUNDED = {"mcore-to-hf": True, "push-disk": True, "push-dist": True}  # phases held to the bound below
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,14 +290,15 @@ def run_phase(phase: str, world: int, a, paths: dict, mcore: Path, engine_url: s
     return results
 
 
-def describe(results: list[dict], model_bytes: int) -> str:
+def describe(results: list[dict], model_bytes: int, bound: float | None = None) -> str:
     bad = [r["status"] for r in results if r.get("status") != "ok"]
     if bad:
         return bad[0]
     peaks = [r["peak_above"] / model_bytes for r in results]
     secs = max(r["seconds"] for r in results)
     per = " ".join(f"{p:.2f}" for p in peaks)
-    return f"peak/rank {max(peaks):.2f}x model (ranks: {per})  time {secs:.1f} s"
+    within = "" if bound is None else f"  bound {bound:.2f}x ({'within' if max(peaks) <= bound else 'ABOVE'})"
+    return f"peak/rank {max(peaks):.2f}x model (ranks: {per}){within}  time {secs:.1f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=5, help="safetensors files of the release")
     p.add_argument("--bucket-mb", type=int, default=64, help="weight push bucket (--update-weight-buffer-size)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_scale"), help="scratch directory")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per phase run")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per phase run")
     # worker-only
     for flag in ("--worker", "--hf-dir", "--mcore-dir", "--out-dir", "--engine-url"):
         p.add_argument(flag, help=argparse.SUPPRESS)
@@ -335,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
           f"layers, {facts['experts']} experts, {mb / 1e9:.3f} GB bf16, largest tensor "
           f"{facts['largest_tensor_bytes'] / 1e6:.1f} MB, {a.shards} shards{', fp8' if a.fp8 else ''} "
           f"(built in {time.perf_counter() - t0:.0f} s); push bucket {a.bucket_mb} MB", flush=True)  # fmt: skip
+    # what the streamed paths may hold above their start: two shards (buckets) plus the largest tensor
+    bound = (2 * (a.bucket_mb << 20) + facts["largest_tensor_bytes"]) / mb
+    print(f"bound of mcore-to-hf and the pushes: 2 x {a.bucket_mb} MiB + the largest tensor = {bound:.2f}x model")
     engine_port = _free_port()
     engine = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "fake_sglang_server.py"), "--port", str(engine_port),
@@ -352,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 if phase != "hf-to-mcore" and not mcore.exists():
                     mcore = paths["out"] / "mcore-1"
                 res = run_phase(phase, n, a, paths, mcore, f"http://127.0.0.1:{engine_port}")
-                print(f"{phase:12s} N={n} ({a.layout}): {describe(res, mb)}", flush=True)
+                print(f"{phase:12s} N={n} ({a.layout}): {describe(res, mb, BOUNDED.get(phase) and bound)}", flush=True)
     finally:
         engine.terminate()
         engine.wait(timeout=10)

@@ -20,6 +20,7 @@ from megatron_mtp_rl.hf.mapping import (
     megatron_tensor_to_hf,
 )
 from megatron_mtp_rl.models.mtp_forward import unwrap
+from megatron_mtp_rl.platform.memory import freed_tensors_return_to_os
 
 # --------------------------------------------------------------------------------------------
 # out: this stage → HF tensors, one parameter at a time
@@ -68,19 +69,20 @@ def iter_hf_tensors(
     tied = not model_args.untie_embeddings_and_output_weights
     first_stage = not dist.is_initialized() or parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     seen: dict[str, torch.Tensor] = {}
-    for name, t in iter_full_tensors(gpt, tensors):
-        if name.startswith("embedding.") and not first_stage:
-            continue
-        m = _MTP_LAYER.match(name)
-        if m is not None and int(m.group(1)) >= depth:
-            continue
-        if name == "output_layer.weight" and tied:
-            continue
-        for hf_name, x in megatron_tensor_to_hf(
-            name, t, gpt.config, flavour, tied=tied, hf_vocab_size=model_args.vocab_size
-        ):
-            seen[hf_name] = torch.empty(x.shape, dtype=x.dtype, device="meta")
-            yield hf_name, x
+    with freed_tensors_return_to_os():  # else the gathered tensors it frees stay in the heap
+        for name, t in iter_full_tensors(gpt, tensors):
+            if name.startswith("embedding.") and not first_stage:
+                continue
+            m = _MTP_LAYER.match(name)
+            if m is not None and int(m.group(1)) >= depth:
+                continue
+            if name == "output_layer.weight" and tied:
+                continue
+            for hf_name, x in megatron_tensor_to_hf(
+                name, t, gpt.config, flavour, tied=tied, hf_vocab_size=model_args.vocab_size
+            ):
+                seen[hf_name] = torch.empty(x.shape, dtype=x.dtype, device="meta")
+                yield hf_name, x
     if complete:
         for hf_name, meta in fam.complete(dict(seen), model_args, depth).items():
             if hf_name not in seen:

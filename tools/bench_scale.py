@@ -17,7 +17,7 @@ pushes), the bound they are held to: two shards (buckets, ``--bucket-mb``) plus 
 
 A phase whose API this checkout lacks prints ``n/a (not available)``. The peak is the kernel's
 high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` right before the phase; where that
-is not allowed, ``ru_maxrss``).
+is not allowed, ``ru_maxrss``); the heap is trimmed (glibc ``malloc_trim``) before the level is read.
 
     .venv/bin/python tools/bench_scale.py --size-gb 0.25
     .venv/bin/python tools/bench_scale.py --size-gb 0.75 --ranks 1 2 --fp8
@@ -51,6 +51,17 @@ BOUNDED = {"mcore-to-hf": True, "push-disk": True, "push-dist": True}  # phases 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def trim_heap() -> None:
+    """Return the heap's free memory to the OS (glibc), so the level before a phase is what is live."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak() -> bool:
@@ -124,6 +135,19 @@ def _convert_tool():
     return load_tool("convert_checkpoint")
 
 
+def _import_converter_modules() -> None:
+    """What the converter imports lazily, imported before the measure (the peak is above the imports)."""
+    import importlib
+
+    for name in ("megatron_mtp_rl.models", "megatron_mtp_rl.hf.load", "megatron_mtp_rl.hf.shards",
+                 "megatron_mtp_rl.cluster.weight_sync", "megatron_mtp_rl.train.checkpoint",
+                 "megatron_mtp_rl.train.checkpoint_stream"):  # fmt: skip
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an older checkout
+            pass
+
+
 def _cli_accepts(tool, argv: list[str]) -> bool:
     """Whether the converter's parser takes ``argv`` (an older checkout lacks the parallel flags)."""
     import contextlib
@@ -156,6 +180,7 @@ def _prepare(phase: str, a) -> tuple[object, str | None]:
     world = a.world
     if phase in ("hf-to-mcore", "mcore-to-hf"):
         tool = _convert_tool()
+        _import_converter_modules()
         if phase == "hf-to-mcore":
             argv = ["hf-to-mcore", "--hf-dir", a.hf_dir, "--save", a.mcore_dir, "--dtype", "bf16"]
         else:
@@ -220,6 +245,7 @@ def worker(a) -> None:
         if run is None:
             result["status"] = why
         else:
+            trim_heap()  # what the set-up freed but the heap kept must not hide the phase's growth
             base = rss_bytes()
             ok = reset_peak()
             t0 = time.perf_counter()

@@ -316,7 +316,7 @@ def mcore_to_hf(
     """Our dist checkpoint (latest iteration in ``load_dir``) → an HF directory SGLang loads.
 
     Streams: each rank builds its (TP, PP, EP) = ``parallel`` shard of the model on the meta device
-    and reads its tensors from the checkpoint half a shard at a time; every parameter is gathered
+    and reads its tensors from the checkpoint a quarter shard at a time; every parameter is gathered
     over its own TP / EP group one at a time, named as the family names it and written into HF
     shards of at most ``max_shard_size`` (``model-0000k-of-0000n.safetensors`` + the index; one
     shard is ``model.safetensors``) by each pipeline stage's first rank. SGLang's drafts take one
@@ -344,9 +344,9 @@ def mcore_to_hf(
     depth = fam.export_depth(margs, all_mtp_layers)
     target = {"model": _TORCH_DTYPES[margs.params_dtype], "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     out = Path(out_dir)
-    # the checkpoint is read half a shard at a time as the shards fill: the peak is about two shards
-    # plus the largest tensor (the shard being filled, the group being read), whatever the model's size
-    tensors = stream_checkpoint(gpt, path, named_tensors(gpt), group_bytes=max(shard_bytes // 2, 1))
+    # the checkpoint is read a quarter shard at a time as the shards fill: the peak stays under two
+    # shards plus the largest tensor (the shard being filled, the group being read), whatever the model's size
+    tensors = stream_checkpoint(gpt, path, named_tensors(gpt), group_bytes=max(shard_bytes // 4, 1))
     shards = write_hf_shards(
         gpt, margs, fam.name, out, max_shard_bytes=shard_bytes, depth=depth,
         with_copies=mtp_embed_head_copies, dtype=target, tensors=tensors,

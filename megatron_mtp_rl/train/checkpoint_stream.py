@@ -65,6 +65,17 @@ class _RegionPlanner(LoadPlanner):
         pass  # read in place
 
 
+class _CachedReader(FileSystemReader):
+    """DCP's file reader that unpickles the checkpoint's metadata once, not once per group."""
+
+    _metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
 class _RegionLoad:
     """A megatron-core load strategy that reads exactly the ShardedTensors it is given (no collective).
 
@@ -73,7 +84,7 @@ class _RegionLoad:
     """
 
     def __init__(self, path: Path) -> None:
-        self.reader = FileSystemReader(str(path))
+        self.reader = _CachedReader(str(path))
 
     def load(self, sharded_state_dict: dict, checkpoint_dir, async_strategy: str = "mcore") -> dict:
         regions: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}

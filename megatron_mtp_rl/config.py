@@ -360,7 +360,14 @@ class MTPConfig:
     )
     mtp_head_coef: float = flag(0.1, "coefficient of --mtp-head-loss", min=0)
     heal_patience: int = flag(
-        3, "mtp-rl heal: stop after this many steps without a better expected acceptance", min=1, name="--patience"
+        20,
+        "mtp-rl heal: the window, in steps, of the acceptance trend that decides when to stop (a least-squares "
+        "line through the last P per-step acceptances: robust to their rollout noise); never stops before P steps",
+        min=2,
+        name="--patience",
+    )
+    heal_min_gain: float = flag(
+        0.005, "mtp-rl heal: stop when the trend's rise across the --patience window is below this", name="--min-gain"
     )
     occ_ratio: float = flag(0.1, "ρ", min=0)
     occ_eps: float = flag(1e-8, "ε in λ = (ρ/D)·A/(V+ε)", min=0, min_exclusive=True)

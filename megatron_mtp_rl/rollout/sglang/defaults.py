@@ -35,7 +35,9 @@ CPU_ENGINE_FLAGS: dict[str, str | None] = {
     "--max-total-tokens": "8192",
     "--skip-server-warmup": None,
 }
-CPU_ENGINE_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
+# TORCHDYNAMO_DISABLE: SGLang torch.compile's a few helpers (rotary, sampling, top-k); on CPU inductor
+# then compiles C++ during the first requests (minutes on 2 cores). Eager is also what the trainer computes.
+CPU_ENGINE_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "TORCHDYNAMO_DISABLE": "1"}
 CPU_SITE = Path(__file__).resolve().parent / "cpu_site"
 
 

@@ -478,7 +478,10 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
         client = SGLangEngine(ext.generate_url, engine_urls=ext.engine_urls, supervisor=ext,
                               version_timeout_s=ro.rollout_version_timeout)  # fmt: skip
     elif launcher:
-        server_cfg = _sglang_server_config(cfg, root)
+        from megatron_mtp_rl.rollout.sglang.defaults import exports_remote_code
+
+        dtype = "bfloat16" if run.model_args.params_dtype == "bf16" else "float32"  # SGLang serves what we train
+        server_cfg = _sglang_server_config(cfg, root, exports_remote_code(run.model_args, flavour), dtype)
         sup = SGLangSupervisor(server_cfg)
         ports = [] if ray_engines is not None else sup.ports()  # Ray: each engine actor picks a free one
         preflight(server_cfg.server_cmd, server_cfg.router_cmd if sup.use_router else None, ro.rollout_host, ports)
@@ -547,18 +550,21 @@ def _sender_address(ray_engines) -> str | None:
     return ray.util.get_node_ip_address()
 
 
-def _sglang_server_config(cfg: RunConfig, root):
-    """What rank 0 launches for ``--rollout-engine sglang`` (the model directory is ``root/init``)."""
+def _sglang_server_config(cfg: RunConfig, root, remote_code: bool = False, dtype: str | None = None):
+    """What rank 0 launches for ``--rollout-engine sglang`` (the model directory is ``root/init``):
+    SGLang's venv and, on CPU, its CPU flags unless given (rollout/sglang/defaults.py)."""
     import shlex
 
+    from megatron_mtp_rl.rollout.sglang import defaults
     from megatron_mtp_rl.rollout.sglang.server import SGLangServerConfig
 
     ro = cfg.rollout
-    kw = {}
-    if ro.rollout_server_cmd:
-        kw["server_cmd"] = shlex.split(ro.rollout_server_cmd)
-    if ro.rollout_router_cmd:
-        kw["router_cmd"] = shlex.split(ro.rollout_router_cmd)
+    cpu = defaults.engine_on_cpu(ro.sglang_engine_flags)  # CPU: SGLang's CPU flags and environment
+    kw = {
+        "server_cmd": shlex.split(ro.rollout_server_cmd) if ro.rollout_server_cmd else defaults.default_server_cmd(),
+        "router_cmd": shlex.split(ro.rollout_router_cmd) if ro.rollout_router_cmd else defaults.default_router_cmd(),
+        "env": defaults.engine_env(cpu=cpu),
+    }
     return SGLangServerConfig(
         model_path=str(root / "init"),
         num_engines=ro.rollout_num_engines,
@@ -566,9 +572,14 @@ def _sglang_server_config(cfg: RunConfig, root):
         port=ro.rollout_base_port,
         router_port=ro.rollout_router_port,
         host=ro.rollout_host,
-        engine_flags=list(ro.sglang_engine_flags)
-        + (["--dtype", ro.rollout_dtype] if ro.rollout_dtype else [])
-        + (["--enable-return-routed-experts"] if cfg.algo.use_rollout_routing_replay else []),
+        engine_flags=defaults.engine_flags(
+            list(ro.sglang_engine_flags)
+            + (["--dtype", ro.rollout_dtype] if ro.rollout_dtype else [])
+            + (["--enable-return-routed-experts"] if cfg.algo.use_rollout_routing_replay else []),
+            cpu=cpu,
+            remote_code=remote_code,
+            dtype=dtype,
+        ),
         router_flags=list(ro.sglang_router_flags),
         startup_timeout_s=ro.rollout_startup_timeout,
         log_dir=str(root / "logs"),

@@ -25,6 +25,7 @@ changes knobs at run time. Always binds 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -509,6 +510,14 @@ class FakeServer:
         self._stop.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+        # the update groups it joined in this process (an in-process fake): destroyed, as a stopped engine's are
+        import torch.distributed as dist
+
+        for pg in list(self.state.update_groups.values()):
+            if isinstance(pg, dist.ProcessGroup):
+                with contextlib.suppress(ValueError, RuntimeError):
+                    dist.destroy_process_group(pg)
+        self.state.update_groups.clear()
 
     def __enter__(self) -> FakeServer:
         return self.start()

@@ -126,31 +126,56 @@ def _gloo_threads() -> int:
     return n
 
 
+_LAST_FILE = pytest.StashKey[str]()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
+    """A file's first test: the file before it must have left no gloo threads (see ``_check_gloo_threads``)."""
     item.stash[_GROUPS_BEFORE] = _own_groups()
-    if _module_starts(item):
+    file = item.nodeid.split("::")[0]
+    if item.session.stash.get(_LAST_FILE, None) != file:
+        before = item.session.stash.get(_LAST_FILE, None)
+        item.session.stash[_LAST_FILE] = file
+        if before is not None:
+            _check_gloo_threads(item.session, before)
         item.session.stash[_GLOO_BEFORE] = _gloo_threads()
     return (yield)
 
 
-def _module_starts(item) -> bool:
-    prev = item.session.stash.get(_LAST_MODULE, None)
-    item.session.stash[_LAST_MODULE] = item.nodeid.split("::")[0]
-    return prev != item.session.stash[_LAST_MODULE]
+def _check_gloo_threads(session, file: str) -> None:
+    """``file`` ended with its groups destroyed (``_in_process_state``): the gloo worker threads must be
+    back where they were. A destroyed group still referenced keeps its threads (hundreds of them made the
+    interpreter's exit crash). Checked once pytest has let go of the file's last test's fixtures."""
+    import gc
+
+    gc.collect()
+    was, now = session.stash.get(_GLOO_BEFORE, 0), _gloo_threads()
+    session.stash[_GLOO_BEFORE] = now
+    if now > max(was, _GLOO_FLOOR):
+        raise AssertionError(
+            f"{file} left {now - was} gloo worker threads behind ({was} → {now}): a destroyed process group "
+            "is still referenced (a model kept alive?), or a group was never destroyed"
+        )
 
 
-_LAST_MODULE = pytest.StashKey[str]()
+def pytest_sessionfinish(session, exitstatus):
+    file = session.stash.get(_LAST_FILE, None)
+    if file is None:
+        return
+    try:
+        _check_gloo_threads(session, file)
+    except AssertionError as e:
+        sys.stderr.write(f"\nerror: {e}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """Fail loudly where a test leaves a process group behind, or a file leaves gloo threads.
+    """Fail loudly where a test leaves a process group of its own behind.
 
-    A test's own groups (not the default group, not megatron-core's) must be gone after its
-    teardown. At a file's end, its module-scoped state is destroyed too (``_in_process_state``),
-    and the gloo worker threads must be back to where they were: a group still referenced after
-    its destruction keeps its threads, and hundreds of them made the interpreter's exit crash.
+    A test's own groups (not the default group, not megatron-core's, which each file's end destroys)
+    must be gone after its teardown.
     """
     result = yield
     before = item.stash.get(_GROUPS_BEFORE, {})
@@ -162,16 +187,6 @@ def pytest_runtest_teardown(item, nextitem):
         for pg, _ in left.values():
             _destroy_group(pg)  # the next test must not inherit them
         raise AssertionError(f"{item.nodeid} left process groups behind: {names}; a test destroys the groups it makes")
-    if nextitem is None or nextitem.nodeid.split("::")[0] != item.nodeid.split("::")[0]:
-        import gc
-
-        gc.collect()
-        was, now = item.session.stash.get(_GLOO_BEFORE, 0), _gloo_threads()
-        if now > max(was, _GLOO_FLOOR):
-            raise AssertionError(
-                f"{item.nodeid.split('::')[0]} left {now - was} gloo worker threads behind ({was} → {now}): "
-                "a destroyed process group is still referenced somewhere, or a group was never destroyed"
-            )
     return result
 
 
@@ -184,6 +199,15 @@ def _in_process_state():
         from megatron_mtp_rl.platform.distributed import destroy_all_groups
 
         destroy_all_groups()
+        if _gloo_threads() > _GLOO_FLOOR:  # models the file's tests left to the collector, kept by their graphs
+            import gc
+
+            import torch
+
+            from megatron_mtp_rl.train.release import release_graphs
+
+            release_graphs(*[o for o in gc.get_objects() if isinstance(o, torch.nn.Module)])
+            gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,9 @@ def _clear_megatron_caches() -> None:
                 clear = getattr(fn, "cache_clear", None)
                 if callable(clear) and getattr(fn, "__module__", None) == name:
                     clear()
+    replay = sys.modules.get("megatron.core.transformer.moe.router_replay")
+    if replay is not None:  # every router built with --moe-enable-routing-replay registers itself for good
+        replay.RouterReplay.clear_global_router_replay_instances()
 
 
 def destroy() -> None:

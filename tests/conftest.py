@@ -147,10 +147,20 @@ def _check_gloo_threads(session, file: str) -> None:
     """``file`` ended with its groups destroyed (``_in_process_state``): the gloo worker threads must be
     back where they were. A destroyed group still referenced keeps its threads (hundreds of them made the
     interpreter's exit crash). Checked once pytest has let go of the file's last test's fixtures."""
-    import gc
-
-    gc.collect()
     was, now = session.stash.get(_GLOO_BEFORE, 0), _gloo_threads()
+    if now > max(was, _GLOO_FLOOR):  # a collection (seconds with torch loaded) only when it may matter
+        import gc
+
+        gc.collect()
+        now = _gloo_threads()
+        if now > max(was, _GLOO_FLOOR) and "torch" in sys.modules:  # models kept only by their autograd graphs
+            import torch
+
+            from megatron_mtp_rl.train.release import release_graphs
+
+            release_graphs(*[o for o in gc.get_objects() if isinstance(o, torch.nn.Module)])
+            gc.collect()
+            now = _gloo_threads()
     session.stash[_GLOO_BEFORE] = now
     if now > max(was, _GLOO_FLOOR):
         raise AssertionError(
@@ -199,15 +209,6 @@ def _in_process_state():
         from megatron_mtp_rl.platform.distributed import destroy_all_groups
 
         destroy_all_groups()
-        if _gloo_threads() > _GLOO_FLOOR:  # models the file's tests left to the collector, kept by their graphs
-            import gc
-
-            import torch
-
-            from megatron_mtp_rl.train.release import release_graphs
-
-            release_graphs(*[o for o in gc.get_objects() if isinstance(o, torch.nn.Module)])
-            gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -123,10 +123,10 @@ def destroy_all_groups() -> None:
     fixtures): nothing stays registered (a group name can be made again) and no gloo worker
     threads are left idle. Safe to call twice and without torch.distributed initialised.
     """
-    import gc
-
     from torch.distributed.distributed_c10d import _world
 
+    if not (_world.pg_map or dist.is_initialized() or parallel_state.model_parallel_is_initialized()):
+        return
     destroy_model_parallel_groups()
     # groups made outside the default group (join_update_group) or beside megatron's
     world = dist.group.WORLD if dist.is_initialized() else None
@@ -135,8 +135,7 @@ def destroy_all_groups() -> None:
             _destroy_group(group)
     if dist.is_initialized():
         dist.destroy_process_group()
-    _clear_megatron_caches()
-    gc.collect()  # a group's threads end with its last reference; cycles (modules ↔ hooks) hold some
+    _clear_megatron_caches()  # a group's threads end with its last reference (the collector frees cycles)
 
 
 def _clear_megatron_caches() -> None:

@@ -27,11 +27,14 @@ sglang:
 
 # The suite CI runs (about 9 minutes on 2 cores); `make test-all` adds the `slow` tests (second variants
 # of a multi-process layout, minute-long timeouts, tool smoke runs: about 15 minutes).
+# Both run the files, and each file's tests, in a shuffled order from a seed they print
+# ("shuffled order: --shuffle-seed N"): rerun that order with `make test SHUFFLE_SEED=N`.
+SHUFFLE_SEED ?= random
 test: install sglang
-	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" --shuffle-seed $(SHUFFLE_SEED) tests $(PYTEST_ARGS)
 
 test-all: install sglang
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q --shuffle-seed $(SHUFFLE_SEED) tests $(PYTEST_ARGS)
 
 # On a machine with CUDA: the gpu-marked tests (TE + bf16 step, CPU-fp32 vs GPU-bf16 log-probs,
 # THD packing, distributed optimizer + resume, speculative decoding). Elsewhere they skip, saying why.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import itertools
 import json
 import math
@@ -534,6 +535,14 @@ class FakeServer:
         self._stop.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+        # the update groups it joined in this process (an in-process fake): destroyed, as a stopped engine's are
+        import torch.distributed as dist
+
+        for pg in list(self.state.update_groups.values()):
+            if isinstance(pg, dist.ProcessGroup):
+                with contextlib.suppress(ValueError, RuntimeError):
+                    dist.destroy_process_group(pg)
+        self.state.update_groups.clear()
 
     def __enter__(self) -> FakeServer:
         return self.start()

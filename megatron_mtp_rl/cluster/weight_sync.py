@@ -190,6 +190,10 @@ def export_hf(model, model_args: ModelArgs, out_dir: str | Path, flavour: str | 
     return out
 
 
+# how long a stage's sender waits at its update group's rendezvous for the engines' ranks
+RENDEZVOUS_TIMEOUT_S = 600.0
+
+
 class WeightSync:
     """Pushes the trainer's weights to the SGLang engines after each RL step (a collective on every rank).
 
@@ -267,6 +271,22 @@ class WeightSync:
             dist.destroy_process_group(group)
         with contextlib.suppress(TimeoutError):  # an engine that hangs keeps a stale group: harmless, new name
             self.engine.submit(self._drop_on_engines(old)).result(timeout=120)
+
+    def close(self) -> None:
+        """Destroy this sender's update group (at the run's end, before the engine client closes).
+
+        Left registered, its name could not be made again in this process (an in-process run after
+        this one) and its gloo threads would idle until exit. Engines that outlive the run (external
+        ones) are asked to drop their end; a later trainer's first push drops it anyway.
+        """
+        group, self._group = self._group, None
+        if group is None:
+            return
+        with contextlib.suppress(ValueError, RuntimeError):  # already gone with the default group
+            dist.destroy_process_group(group)
+        if self.engine is not None and not getattr(self.engine, "_closed", False):
+            with contextlib.suppress(Exception):  # best effort: the engines may be stopping already
+                self.engine.submit(self._drop_on_engines(self.group_name)).result(timeout=10)
 
     async def _drop_on_engines(self, name: str) -> None:
         """Every listed engine drops its update group ``name``, if it has one (failures are not errors)."""
@@ -370,7 +390,7 @@ class WeightSync:
         host = self.master_address or rendezvous_host(self.engine.engine_urls)
         name, tp = self.group_name, self.engine_tp
         world = 1 + len(self.engine.engine_urls) * tp
-        store = bound_tcp_store(host, 0, world, datetime.timedelta(seconds=600))
+        store = bound_tcp_store(host, 0, world, datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
         port = store.port
         backend = "nccl" if cuda_available() else "gloo"
 
@@ -504,7 +524,7 @@ def join_update_group(master_address: str, port: int, world_size: int, group_nam
 
     from megatron_mtp_rl.platform.distributed import bound_tcp_store
 
-    timeout = datetime.timedelta(seconds=600)
+    timeout = datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
     if store is None:  # rank 0 serves the rendezvous on master_address only
         store = bound_tcp_store(master_address, port, world_size, timeout)
     store.set_timeout(timeout)

@@ -4,6 +4,7 @@ from megatron_mtp_rl.platform.device import collective_device, cuda_available, g
 from megatron_mtp_rl.platform.distributed import (
     ParallelSizes,
     destroy,
+    destroy_all_groups,
     device,
     initialize,
     seed_everything,
@@ -15,6 +16,7 @@ __all__ = [
     "collective_device",
     "cuda_available",
     "destroy",
+    "destroy_all_groups",
     "device",
     "generator_for",
     "initialize",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -77,7 +78,7 @@ def initialize(
             f"--context-parallel-size {sizes.context_parallel_size})"
         )
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=sizes.tensor_model_parallel_size,
         pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
@@ -101,12 +102,71 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def destroy() -> None:
-    """Tear down parallel_state and the process group (safe to call twice)."""
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+def destroy_model_parallel_groups() -> None:
+    """megatron-core's ``destroy_model_parallel``, and its groups destroyed too (safe to call twice).
+
+    megatron-core 0.19 forgets its groups without destroying them (all but the DP gloo ones):
+    they stay registered in torch.distributed, each gloo group keeps its worker threads, and a
+    re-initialisation in the same process (in-process runs, the tests) adds a full new set.
+    ``_global_process_group_list`` lists every group it made (private API: checked on 0.19.2).
+    """
+    made = [g for g in (getattr(parallel_state, "_global_process_group_list", None) or []) if g is not None]
+    parallel_state.destroy_model_parallel()
+    for group in reversed(made):  # newest first, the order torch shuts groups down in; the same on every rank
+        _destroy_group(group)
+
+
+def destroy_all_groups() -> None:
+    """Destroy every process group of this process: megatron-core's, ours (weight-sync update groups), the default one.
+
+    The teardown after an in-process run (the CLI, the tools, Ray's trainer actors, the test
+    fixtures): nothing stays registered (a group name can be made again) and no gloo worker
+    threads are left idle. Safe to call twice and without torch.distributed initialised.
+    """
+    from torch.distributed.distributed_c10d import _world
+
+    if not (_world.pg_map or dist.is_initialized() or parallel_state.model_parallel_is_initialized()):
+        return
+    destroy_model_parallel_groups()
+    # groups made outside the default group (join_update_group) or beside megatron's
+    world = dist.group.WORLD if dist.is_initialized() else None
+    for group in reversed(list(_world.pg_map)):
+        if group is not world:
+            _destroy_group(group)
     if dist.is_initialized():
         dist.destroy_process_group()
+    _clear_megatron_caches()  # a group's threads end with its last reference (the collector frees cycles)
+
+
+def _clear_megatron_caches() -> None:
+    """Empty megatron-core's ``lru_cache``s: some key on a module and its group (``RotaryEmbedding.forward``
+    keeps ``self`` and ``cp_group``), keeping both, and the group's threads, alive after the run."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("megatron.core") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            for fn in [value, *vars(value).values()] if isinstance(value, type) else [value]:
+                clear = getattr(fn, "cache_clear", None)
+                if callable(clear) and getattr(fn, "__module__", None) == name:
+                    clear()
+    replay = sys.modules.get("megatron.core.transformer.moe.router_replay")
+    if replay is not None:  # every router built with --moe-enable-routing-replay registers itself for good
+        replay.RouterReplay.clear_global_router_replay_instances()
+
+
+def destroy() -> None:
+    """Tear down parallel_state and every process group (safe to call twice): :func:`destroy_all_groups`."""
+    destroy_all_groups()
+
+
+def _destroy_group(group) -> None:
+    from torch.distributed.distributed_c10d import _world
+
+    if group in _world.pg_map:
+        with contextlib.suppress(ValueError, RuntimeError):  # already shut down with its default group
+            dist.destroy_process_group(group)
 
 
 def _rendezvous_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:

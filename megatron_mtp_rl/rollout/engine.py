@@ -90,6 +90,9 @@ class RemoteEngine:
         return metrics
 
     def close(self) -> None:
+        close_push = getattr(self.push, "close", None)  # the weight sync's update group, while the client is up
+        if close_push is not None:
+            close_push()
         if self.client is not None and hasattr(self.client, "close"):
             self.client.close()
         self.client = None

@@ -39,6 +39,7 @@ from megatron_mtp_rl.train.builders import (
 from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from megatron_mtp_rl.train.critic import CRITIC_DIR, build_critic, init_critic
 from megatron_mtp_rl.train.metrics import MetricsWriter, WandbSettings, print_progress, progress_line
+from megatron_mtp_rl.train.release import release_graphs
 from megatron_mtp_rl.train.run_lock import release_run
 from megatron_mtp_rl.train.signals import GracefulStop, StopRequested
 from megatron_mtp_rl.train.step import StepContext, on_mp_leader, rl_step
@@ -111,6 +112,7 @@ def close(ctx: StepContext) -> None:
             pass
     ctx.rollout.close()
     ctx.engine.close()
+    release_graphs(ctx.run.model, ctx.reference, ctx.critic, ctx.teacher)  # the model can be freed, groups and all
     release_run()
 
 

@@ -160,6 +160,13 @@ EXPECTED = {
 _MODELS = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _models_go_with_the_file():
+    """The cached models hold this file's process groups (and their gloo threads): freed at its end."""
+    yield
+    _MODELS.clear()
+
+
 def _model(preset, **overrides):
     from megatron_mtp_rl import platform
     from megatron_mtp_rl.models import build_model, get_preset

@@ -7,6 +7,7 @@ to join ends the push with its error at once instead of leaving the sender at th
 """
 
 import ipaddress
+import threading
 import time
 
 import psutil
@@ -63,6 +64,8 @@ def test_an_engine_that_refuses_to_join_fails_the_push_at_once(tmp_path, monkeyp
         return None
 
     monkeypatch.setattr(WeightSync, "_drop_on_engines", keep)
+    # the sender's own join gives up soon after the refusal (not after 600 s), so the test ends its thread
+    monkeypatch.setattr("megatron_mtp_rl.cluster.weight_sync.RENDEZVOUS_TIMEOUT_S", 3.0)
     with FakeServer() as srv, SGLangEngine(srv.url) as engine:
         sync = WeightSync(engine, None, get_preset("tiny-moe"), mode="distributed", bucket_bytes=1,
                           export_dir=str(tmp_path))  # fmt: skip
@@ -72,3 +75,7 @@ def test_an_engine_that_refuses_to_join_fails_the_push_at_once(tmp_path, monkeyp
             sync._ensure_group()
         assert time.monotonic() - t0 < 30  # the store would have waited 600 s for the engine's rank
         assert sync._group is None
+    for t in threading.enumerate():  # the sender's join, still waiting at the rendezvous, gives up
+        if t.name == "weight-sync-join":
+            t.join(timeout=30)
+            assert not t.is_alive()

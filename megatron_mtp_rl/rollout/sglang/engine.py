@@ -273,9 +273,16 @@ class SGLangEngine:
         self._run(go())
 
     def push_bucket(self, bucket: list, weight_version: str) -> None:
-        """Send one bucket of named tensors to every engine (``/update_weights_from_tensor``), inside an open frame."""
+        """Send one bucket of named tensors to every engine (``/update_weights_from_tensor``), inside an open frame.
+
+        CPU tensors are copied into shared memory once for all engines (``shm.py``); the copy is freed
+        when every engine has answered.
+        """
+        from megatron_mtp_rl.rollout.sglang.shm import shared_bucket
+
+        shared = shared_bucket(bucket)
         self._run(
-            self._each(lambda c: c.update_weights_from_tensor(bucket, flush_cache=False, weight_version=weight_version))
+            self._each(lambda c: c.update_weights_from_tensor(shared, flush_cache=False, weight_version=weight_version))
         )
 
     def pause_flush_update_continue(self, update: UpdateFn, **kw):

@@ -64,6 +64,9 @@ class Config:
         self.vocab = 32
         self.spec_accept_length = 0.0  # > 0: report speculative meta_info with this accept length
         self.startup_delay = 0.0  # /health answers 503 for this long after start
+        self.device = (
+            "cuda"  # what /server_info says (--device); "cpu": GPU-only requests kill the fake, as the real one
+        )
         self.health_interval = 0.2  # router: worker health-check period
         self.evict_unhealthy = True  # router: drop workers that fail a health check
         for k, v in kw.items():
@@ -95,6 +98,9 @@ class State:
         self.workers: dict[str, dict] = {}  # router: id -> {"url", "is_healthy"}
         self.rr = itertools.count()
         self.workers_healthy_at_start: dict[str, bool] = {}
+        self.standalone = False  # run as a process (main()): a request that kills SGLang exits it
+        self.model_path = ""
+        self.model_type, self.architectures = None, None
         for url in worker_urls:
             self.add_worker(url)
 
@@ -162,8 +168,12 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _send(self, status: int, payload=None, text: str | None = None) -> None:
-        data = (text if text is not None else json.dumps(payload if payload is not None else {})).encode()
+    def _send(self, status: int, payload=None, text: str | None = None, raw: bytes | None = None) -> None:
+        data = (
+            raw
+            if raw is not None
+            else (text if text is not None else json.dumps(payload if payload is not None else {})).encode()
+        )
         try:
             self.send_response(status)
             self.send_header("Content-Type", "text/plain" if text is not None else "application/json")
@@ -233,6 +243,10 @@ class Handler(BaseHTTPRequestHandler):
         info = SCHEMA["http_routes"].get(route)
         if info is None:
             return self._send(404, {"detail": "Not Found"})
+        if route in ("/model_info", "/server_info"):
+            if method != "GET":
+                return self._send(405, {"detail": "Method Not Allowed"})
+            return self._send(200, self._model_info() if route == "/model_info" else self._server_info())
         if method not in info["methods"]:
             return self._send(405, {"detail": "Method Not Allowed"})
         cls = info["body"]
@@ -275,10 +289,16 @@ class Handler(BaseHTTPRequestHandler):
             st.paused.clear()
             return self._send(200, {"message": "Generation continued successfully.", "status": "ok"})
         if route in ("/release_memory_occupation", "/resume_memory_occupation"):
+            if st.config.device == "cpu":  # SGLang 0.5.23 on CPU: "Found no NVIDIA driver" tears the server down
+                return self._die(f"{route}: RuntimeError: Found no NVIDIA driver on your system")
             tags = set(body.get("tags") or ("weights", "kv_cache"))
             with st.lock:
                 st.released = st.released | tags if route.startswith("/release") else st.released - tags
-            return self._send(200, {"success": True, "message": "Success"})
+            return self._send(200, None, raw=b"null")  # the handler returns nothing: JSON null
+        if route == "/update_weight_version":
+            st.weight_version = str(body["new_version"])
+            msg = f"Weight version updated to {st.weight_version}"
+            return self._send(200, {"success": True, "message": msg, "new_version": st.weight_version})
         if route == "/begin_weight_update":
             if st.session_open:
                 return self._send(400, {"success": False, "message": "a weight-update session is already open"})
@@ -299,11 +319,11 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 st.update_groups[body["group_name"]] = _join_group(body, st.update_groups)
             except Exception as e:
-                return self._send(200, {"success": False, "message": f"Failed to init custom process group: {e}."})
+                return self._send(400, {"success": False, "message": f"Failed to init custom process group: {e}."})
         if route == "/destroy_weights_update_group":
             pg = st.update_groups.pop(body.get("group_name"), None)
             if pg is None:
-                return self._send(200, {"success": False, "message": "The group to be destroyed does not exist."})
+                return self._send(400, {"success": False, "message": "The group to be destroyed does not exist."})
             import torch.distributed as dist
 
             dist.destroy_process_group(pg)
@@ -323,7 +343,35 @@ class Handler(BaseHTTPRequestHandler):
         content = {"success": True, "message": "Success"}
         if route == "/update_weights_from_disk":
             content["num_paused_requests"] = 0
+            if not Path(body["model_path"]).is_dir():  # SGLang cannot load it: success=false, HTTP 400
+                content.update(success=False, message=f"Failed to get weights iterator: {body['model_path']}")
+                return self._send(400, content)
         return self._send(200, content)
+
+    def _model_info(self) -> dict:
+        """``/model_info`` as SGLang 0.5.23 answers it (values of a generation model without a tokenizer)."""
+        st = self.state
+        return {
+            "model_path": st.model_path, "served_model_name": st.model_path, "tokenizer_path": st.model_path,
+            "is_generation": True, "preferred_sampling_params": None, "weight_version": st.weight_version,
+            "load_format": "auto", "reasoning_parser": None, "tool_call_parser": None, "disaggregation_mode": "null",
+            "has_image_understanding": False, "has_audio_understanding": False,
+            "model_type": st.model_type, "architectures": st.architectures,
+        }  # fmt: skip
+
+    def _server_info(self) -> dict:
+        """A few of ``/server_info``'s resolved server arguments (the real one lists them all)."""
+        st = self.state
+        return {"device": st.config.device, "model_path": st.model_path, "tp_size": 1, "version": "0.5.23",
+                "launch_command": " ".join(st.argv)}  # fmt: skip
+
+    def _die(self, why: str) -> None:
+        """What SGLang does when a request handler raises: the whole server goes down (the process exits)."""
+        print(f"fake_sglang_server: {why}; the server exits", file=sys.stderr, flush=True)
+        if self.state.standalone:
+            os._exit(1)
+        threading.Thread(target=self.server.shutdown, daemon=True).start()  # in-process: stop serving
+        self.close_connection = True
 
     def _generate(self, body) -> None:
         st, cfg = self.state, self.state.config
@@ -542,10 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     if not a.router and not a.model_path:
         print("fake_sglang_server: --model-path is required", file=sys.stderr)
         return 2
-    vocab = 32
+    vocab, hf = 32, {}
     cfg_path = Path(a.model_path or "", "config.json")
     if a.model_path and cfg_path.exists():  # generate ids the model's tokenizer knows
-        vocab = int(json.loads(cfg_path.read_text()).get("vocab_size", vocab))
+        hf = json.loads(cfg_path.read_text())
+        vocab = int(hf.get("vocab_size", vocab))
+    device = next((rest[i + 1] for i, t in enumerate(rest[:-1]) if t == "--device"), None)
+    device = next((t.split("=", 1)[1] for t in rest if t.startswith("--device=")), device)
     server = FakeServer(
         a.port,
         a.host,
@@ -561,7 +612,12 @@ def main(argv: list[str] | None = None) -> int:
         health_interval=a.fake_health_interval,
         evict_unhealthy=not a.fake_keep_unhealthy,
         vocab=vocab,
-    ).start()
+        device=device or "cuda",
+    )
+    st = server.state
+    st.standalone, st.model_path = True, a.model_path or ""
+    st.model_type, st.architectures = hf.get("model_type"), hf.get("architectures")
+    server.start()
     print(f"fake {'router' if a.router else 'engine'} listening on {server.url}", flush=True)
     dump_dir = os.environ.get("FAKE_SGLANG_STATE_DIR")  # tests: what it was asked, written when it stops
     if dump_dir:

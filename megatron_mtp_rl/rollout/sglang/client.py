@@ -274,6 +274,27 @@ class SGLangClient:
         except (TimeoutError, aiohttp.ClientError):
             return False
 
+    async def model_info(self) -> dict:
+        return await self._control(S.MODEL_INFO, method="GET")
+
+    async def server_info(self) -> dict:
+        return await self._control(S.SERVER_INFO, method="GET")
+
+    async def device(self) -> str | None:
+        """The device the engine serves on (its ``/server_info``), asked once; None when it does not say."""
+        if not hasattr(self, "_device"):
+            try:
+                info = await self.server_info()
+            except (SGLangHTTPError, aiohttp.ClientError, TimeoutError):
+                return None  # not known (yet): asked again next time
+            self._device = info.get("device") if isinstance(info, dict) else None
+        return self._device
+
+    async def update_weight_version(self, new_version: str, *, abort_all_requests: bool = False) -> dict:
+        """Relabel the served weights (``meta_info.weight_version``) without loading any."""
+        body = {"new_version": str(new_version), "abort_all_requests": abort_all_requests}
+        return await self._control(S.UPDATE_WEIGHT_VERSION, body)
+
     async def flush_cache(self, timeout_s: float = 0.0) -> None:
         """Drop the radix (prefix) cache; SGLang waits up to ``timeout_s`` for running requests."""
         await self._control(S.FLUSH_CACHE, params={"timeout": str(float(timeout_s))})

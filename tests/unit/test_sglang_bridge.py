@@ -256,7 +256,7 @@ def test_pause_flush_update_continue_order():
             assert not srv.state.paused.is_set() and not srv.state.session_open
 
         async def failing(clients):
-            await clients[0].update_weights_from_disk("/nonexistent", weight_version="v2")
+            await clients[0].update_weights_from_disk(str(ROOT), weight_version="v2")  # a directory: the fake loads it
             raise RuntimeError("sync broke")
 
         with pytest.raises(RuntimeError, match="sync broke"):

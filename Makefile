@@ -1,4 +1,4 @@
-# megatron-mtp-rl: `make install`, `make test`, `make lint`, `make demo`.
+# megatron-mtp-rl: `make install`, `make sglang`, `make test`, `make lint`, `make demo`.
 # PYTHON may point at any Python 3.12 interpreter; by default we look for one.
 PYTHON ?= $(shell for c in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do \
             command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { command -v $$c; break; }; done)
@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all test-gpu lint demo docker clean
+.PHONY: install sglang test test-all test-gpu lint demo docker clean
 
 $(VENV)/.installed: setup.py
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.12 found; run 'make install PYTHON=/path/to/python3.12'"; exit 1; }
@@ -17,12 +17,20 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+# SGLang 0.5.23 + sglang-router in their own venv, outside the clone (fresh clones reuse it), plus
+# SGLang's CPU kernels built from ../shared/sglang-cpu/src where there is no CUDA. A second run: seconds.
+SGLANG_VENV ?= $(or $(MTP_RL_SGLANG_VENV),$(HOME)/.cache/megatron-mtp-rl/sglang-0.5.23)
+export MTP_RL_SGLANG_VENV := $(SGLANG_VENV)
+sglang:
+	@test -n "$(PYTHON)" || { echo "error: no Python 3.12 found; run 'make sglang PYTHON=/path/to/python3.12'"; exit 1; }
+	@$(PYTHON) tools/install_sglang.py --venv "$(SGLANG_VENV)"
+
 # The suite CI runs (about 9 minutes on 2 cores); `make test-all` adds the `slow` tests (second variants
 # of a multi-process layout, minute-long timeouts, tool smoke runs: about 15 minutes).
-test: install
+test: install sglang
 	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
-test-all: install
+test-all: install sglang
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # On a machine with CUDA: the gpu-marked tests (TE + bf16 step, CPU-fp32 vs GPU-bf16 log-probs,

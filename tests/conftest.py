@@ -17,6 +17,9 @@ def pytest_configure(config):
         "slow: a second variant of a covered layout, a minute-long timeout or a tool smoke run; "
         "`make test` deselects it, `make test-all` runs it",
     )
+    config.addinivalue_line(
+        "markers", "sglang: talks to the real SGLang engine (`make sglang`; fixture real_sglang, tests/real_sglang.py)"
+    )
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -54,6 +57,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture(scope="session")
+def real_sglang_server(tmp_path_factory):
+    """The session's one real SGLang engine (tests/real_sglang.py), started by the first ``serve``."""
+    from tests.real_sglang import session_fixture
+
+    yield from session_fixture(tmp_path_factory)
+
+
+@pytest.fixture
+def real_sglang(real_sglang_server):
+    """The session's real SGLang engine, alive (restarted on its model if a previous test killed it)."""
+    real_sglang_server.ensure_alive()
+    return real_sglang_server
 
 
 @pytest.fixture(scope="module")

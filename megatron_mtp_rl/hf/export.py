@@ -79,6 +79,9 @@ def iter_hf_tensors(
         ):
             seen[hf_name] = torch.empty(x.shape, dtype=x.dtype, device="meta")
             yield hf_name, x
+            if hf_name == "model.embed_tokens.weight" and tied and not fam.served_class_ties:
+                seen["lm_head.weight"] = seen[hf_name]  # SGLang's class reads its head: the tied one, explicitly
+                yield "lm_head.weight", x
     if complete:
         for hf_name, meta in fam.complete(dict(seen), model_args, depth).items():
             if hf_name not in seen:

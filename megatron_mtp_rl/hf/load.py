@@ -180,7 +180,7 @@ def load_hf(
         param.copy_(value)
         count += 1
         del value
-    _check_coverage(ckpt, hf_dir, used, missing, config)
+    _check_coverage(ckpt, hf_dir, used, missing, config, tied)
     return LoadReport(count, ckpt.stats.bytes, kept)
 
 
@@ -192,10 +192,11 @@ def _pad_to(t: torch.Tensor, rows: int, name: str) -> torch.Tensor:
     return torch.cat((t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))), dim=0)
 
 
-def _ignorable(name: str, ckpt: HFCheckpoint, num_layers: int) -> bool:
+def _ignorable(name: str, ckpt: HFCheckpoint, num_layers: int, tied: bool = False) -> bool:
     """HF tensors that carry no parameter of ours: DeepSeek's per-MTP-layer embedding/head copies,
-    rotary caches, empty modules (transformers' ``n_shared_experts=0``)."""
-    if name.endswith("rotary_emb.inv_freq"):
+    rotary caches, empty modules (transformers' ``n_shared_experts=0``), and a tied model's explicit
+    ``lm_head.weight`` (written for SGLang classes that do not tie)."""
+    if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
         return True
     m = re.fullmatch(r"model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight", name)
     if m and int(m.group(1)) >= num_layers:
@@ -203,7 +204,7 @@ def _ignorable(name: str, ckpt: HFCheckpoint, num_layers: int) -> bool:
     return 0 in ckpt.shape(name)
 
 
-def _check_coverage(ckpt: HFCheckpoint, hf_dir, used: set[str], missing: list[str], config) -> None:
+def _check_coverage(ckpt: HFCheckpoint, hf_dir, used: set[str], missing: list[str], config, tied: bool = False) -> None:
     """Every rank's read names joined: a tensor no rank used means a model that differs from the release."""
     everyone_used, everyone_missing = [used], [missing]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -213,7 +214,7 @@ def _check_coverage(ckpt: HFCheckpoint, hf_dir, used: set[str], missing: list[st
         dist.all_gather_object(everyone_missing, missing)
     all_used = set().union(*map(set, everyone_used))
     all_missing = sorted(set().union(*map(set, everyone_missing)))
-    unused = sorted(n for n in ckpt.names() if n not in all_used and not _ignorable(n, ckpt, config.num_layers))
+    unused = sorted(n for n in ckpt.names() if n not in all_used and not _ignorable(n, ckpt, config.num_layers, tied))
     problems = []
     if all_missing:
         problems.append(f"model tensors with no HF source ({len(all_missing)}): " + ", ".join(all_missing[:8]))

@@ -430,7 +430,9 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
         client = SGLangEngine(ext.generate_url, engine_urls=ext.engine_urls, supervisor=ext,
                               version_timeout_s=ro.rollout_version_timeout)  # fmt: skip
     elif launcher:
-        server_cfg = _sglang_server_config(cfg, root)
+        from megatron_mtp_rl.rollout.sglang.defaults import exports_remote_code
+
+        server_cfg = _sglang_server_config(cfg, root, remote_code=exports_remote_code(run.model_args, flavour))
         sup = SGLangSupervisor(server_cfg)
         ports = [] if ray_engines is not None else sup.ports()  # Ray: each engine actor picks a free one
         preflight(server_cfg.server_cmd, server_cfg.router_cmd if sup.use_router else None, ro.rollout_host, ports)
@@ -495,18 +497,21 @@ def _sender_address(ray_engines) -> str | None:
     return ray.util.get_node_ip_address()
 
 
-def _sglang_server_config(cfg: RunConfig, root):
-    """What rank 0 launches for ``--rollout-engine sglang`` (the model directory is ``root/init``)."""
+def _sglang_server_config(cfg: RunConfig, root, remote_code: bool = False):
+    """What rank 0 launches for ``--rollout-engine sglang`` (the model directory is ``root/init``):
+    SGLang's venv and, on CPU, its CPU flags unless given (rollout/sglang/defaults.py)."""
     import shlex
 
+    from megatron_mtp_rl.rollout.sglang import defaults
     from megatron_mtp_rl.rollout.sglang.server import SGLangServerConfig
 
     ro = cfg.rollout
-    kw = {}
-    if ro.rollout_server_cmd:
-        kw["server_cmd"] = shlex.split(ro.rollout_server_cmd)
-    if ro.rollout_router_cmd:
-        kw["router_cmd"] = shlex.split(ro.rollout_router_cmd)
+    cpu = defaults.engine_on_cpu(ro.sglang_engine_flags)  # CPU: SGLang's CPU flags and environment
+    kw = {
+        "server_cmd": shlex.split(ro.rollout_server_cmd) if ro.rollout_server_cmd else defaults.default_server_cmd(),
+        "router_cmd": shlex.split(ro.rollout_router_cmd) if ro.rollout_router_cmd else defaults.default_router_cmd(),
+        "env": defaults.engine_env(cpu=cpu),
+    }
     return SGLangServerConfig(
         model_path=str(root / "init"),
         num_engines=ro.rollout_num_engines,
@@ -514,7 +519,7 @@ def _sglang_server_config(cfg: RunConfig, root):
         port=ro.rollout_base_port,
         router_port=ro.rollout_router_port,
         host=ro.rollout_host,
-        engine_flags=list(ro.sglang_engine_flags),
+        engine_flags=defaults.engine_flags(ro.sglang_engine_flags, cpu=cpu, remote_code=remote_code),
         router_flags=list(ro.sglang_router_flags),
         startup_timeout_s=ro.rollout_startup_timeout,
         log_dir=str(root / "logs"),

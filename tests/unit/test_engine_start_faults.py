@@ -41,3 +41,22 @@ def test_a_port_in_use_is_refused_before_start():
         port = s.getsockname()[1]
         with pytest.raises(EngineStartError, match=f"port {port} on 127.0.0.1 \\(engine1\\) is in use"):
             check_ports_free("127.0.0.1", [(free_port(), "engine0"), (port, "engine1")])
+
+
+def test_a_port_left_in_time_wait_is_free():
+    """A stopped server (uvicorn and the router set SO_REUSEADDR) leaves its closed connections in
+    TIME_WAIT: a re-run must not be refused."""
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        cli = socket.create_connection(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        conn.close()  # the server side closes first: its end goes to TIME_WAIT
+        cli.recv(1)
+        cli.close()
+    with socket.socket() as probe:  # a plain bind (no SO_REUSEADDR) is refused: the TIME_WAIT is there
+        with pytest.raises(OSError):
+            probe.bind(("127.0.0.1", port))
+    check_ports_free("127.0.0.1", [(port, "engine0")])

@@ -89,6 +89,9 @@ class Family:
     flavour: ClassVar[HFFlavour]
     draft_class: ClassVar[str | None] = None  # SGLang 0.5.23's draft (speculative) class for it
     draft_depth: ClassVar[int] = 1  # MTP layers that draft takes (SGLang: one; 0 where it has no draft)
+    # SGLang's class ties lm_head to embed_tokens under tie_word_embeddings. Where it does not (it always
+    # reads lm_head.weight, else the head stays zero), a tied model's export writes the head explicitly.
+    served_class_ties: ClassVar[bool] = True
     # The draft reads a zero token embedding at each sequence's position 0 (MiMo); our MTP layers then do too.
     draft_zeroes_first_embedding: ClassVar[bool] = False
 

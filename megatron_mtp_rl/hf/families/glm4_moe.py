@@ -128,6 +128,7 @@ class Glm4Moe(Family):
     accepts = ("Glm4MoeForCausalLM", "glm4_moe")
     flavour = GLM4_MOE
     draft_class = "Glm4MoeForCausalLMNextN"
+    served_class_ties = False  # SGLang's Glm4MoeForCausalLM ignores tie_word_embeddings
 
     def specific(self, r: Reader, fields: dict[str, Any]) -> dict[str, Any]:
         factor = self.partial_rotary(r, mapped=True)

@@ -25,6 +25,7 @@ class Qwen3Moe(Family):
     accepts = ("Qwen3MoeForCausalLM", "qwen3_moe")
     flavour = QWEN3_MOE
     draft_class = "Qwen3MoeForCausalLMMTP"
+    served_class_ties = False  # SGLang's Qwen3MoeForCausalLM ignores tie_word_embeddings
 
     def specific(self, r: Reader, fields: dict[str, Any]) -> dict[str, Any]:
         self.partial_rotary(r, mapped=False)

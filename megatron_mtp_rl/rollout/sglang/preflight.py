@@ -40,9 +40,14 @@ def check_command(cmd: Sequence[str], flag: str) -> None:
 
 
 def check_ports_free(host: str, ports: Sequence[tuple[int, str]]) -> None:
-    """Every ``(port, what)`` can be bound on ``host`` now (nothing else listens there)."""
+    """Every ``(port, what)`` can be bound on ``host`` now (nothing else listens there).
+
+    The probe binds with ``SO_REUSEADDR``, as SGLang's server and the router do: connections a
+    stopped server left in TIME_WAIT do not keep a re-run from starting; a listening socket does.
+    """
     for port, what in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError as e:

@@ -60,6 +60,8 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
             "EAGLE",
             "--sglang-speculative-num-steps",
             "2",
+            "--sglang-device",  # the fake stands in for a GPU engine (speculative decoding is GPU-only)
+            "cuda",
             "--metrics-jsonl",
             str(tmp_path / "m.jsonl"),
         ]  # fmt: skip

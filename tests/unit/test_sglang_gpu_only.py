@@ -45,8 +45,19 @@ def test_gpu_only_requests_are_refused_on_a_cpu_engine_and_sent_to_a_gpu_one():
             "/release_memory_occupation",
             "/resume_memory_occupation",
         ]
-    assert engine_flag_problems(["--speculative-algorithm", "EAGLE"], cpu=True)
-    assert engine_flag_problems(["--speculative-algorithm=NGRAM"], cpu=False) == []
+
+
+def test_speculative_decoding_on_cpu_engines_is_a_config_error():
+    from megatron_mtp_rl.config import check, parse_config
+    from megatron_mtp_rl.errors import ConfigError
+
+    spec = ["--sglang-speculative-algorithm", "EAGLE"]
+    cfg = parse_config(["--rollout-engine", "sglang", *spec])
+    with pytest.raises(ConfigError, match="speculative-algorithm EAGLE: SGLang's speculative decoding is GPU-only"):
+        check(cfg, 1, cuda=False)
+    check(cfg, 1, cuda=True)  # a GPU machine: allowed
+    assert engine_flag_problems(["--speculative-algorithm=NGRAM", "--device", "cpu"], cuda=True)
+    assert engine_flag_problems(["--speculative-algorithm", "NGRAM"], cuda=None) == []  # device not known yet
 
 
 def test_a_request_that_kills_the_engine_ends_in_one_line_naming_it_and_its_log(tmp_path):

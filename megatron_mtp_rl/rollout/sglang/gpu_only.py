@@ -39,9 +39,14 @@ def flag_value(flags: Sequence[str], name: str) -> str | None:
     return None
 
 
-def engine_flag_problems(flags: Sequence[str], *, cpu: bool) -> list[str]:
-    """GPU-only SGLang flags asked of engines that will run on CPU (config-time check, one line each)."""
-    if not cpu:
+def engine_flag_problems(flags: Sequence[str], *, cuda: bool | None) -> list[str]:
+    """GPU-only SGLang flags asked of engines this machine will start on CPU (config time, one line each).
+
+    The engines run on CPU when ``--sglang-device cpu`` is given, or without it when this machine has no
+    CUDA (``cuda`` False; None: not known yet, nothing is refused).
+    """
+    device = flag_value(flags, "--device")
+    if not (device == "cpu" or (device is None and cuda is False)):
         return []
     algo = flag_value(flags, SPECULATIVE_FLAG)
     if algo:

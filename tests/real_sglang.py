@@ -81,7 +81,7 @@ class RealSGLang:
         flags = defaults.engine_flags([*TEST_FLAGS, *extra_flags], cpu=cpu, remote_code=remote)
         cmd = [*defaults.default_server_cmd(), "--model-path", str(model_path), "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), *flags]
-        env = {**DEFAULT_ENGINE_ENV, **os.environ, **defaults.engine_env(cpu=cpu)}
+        env = {**DEFAULT_ENGINE_ENV, **os.environ, **defaults.engine_env(cpu=cpu)}  # as the supervisor merges
         return cmd, env
 
     def start(self, model_path: str | os.PathLike, extra_flags: Sequence[str] = ()) -> None:

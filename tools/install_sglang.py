@@ -135,7 +135,11 @@ def ensure_toolchain(log: Path) -> str:
         raise StepFailed(f"toolchain failed: {', '.join(missing)} missing and no apt-get to install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    run_logged([*sudo, "apt-get", "install", "-y", "-q", *missing], log, "toolchain (apt-get install)", env)
+    try:
+        run_logged([*sudo, "apt-get", "install", "-y", "-q", *missing], log, "toolchain (apt-get install)", env)
+    except StepFailed:  # a fresh machine's package lists may be empty or stale
+        run_logged([*sudo, "apt-get", "update", "-q"], log, "toolchain (apt-get update)", env)
+        run_logged([*sudo, "apt-get", "install", "-y", "-q", *missing], log, "toolchain (apt-get install)", env)
     return f"installed {', '.join(missing)} with apt-get"
 
 

@@ -432,7 +432,8 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
     elif launcher:
         from megatron_mtp_rl.rollout.sglang.defaults import exports_remote_code
 
-        server_cfg = _sglang_server_config(cfg, root, remote_code=exports_remote_code(run.model_args, flavour))
+        dtype = "bfloat16" if run.model_args.params_dtype == "bf16" else "float32"  # SGLang serves what we train
+        server_cfg = _sglang_server_config(cfg, root, exports_remote_code(run.model_args, flavour), dtype)
         sup = SGLangSupervisor(server_cfg)
         ports = [] if ray_engines is not None else sup.ports()  # Ray: each engine actor picks a free one
         preflight(server_cfg.server_cmd, server_cfg.router_cmd if sup.use_router else None, ro.rollout_host, ports)
@@ -497,7 +498,7 @@ def _sender_address(ray_engines) -> str | None:
     return ray.util.get_node_ip_address()
 
 
-def _sglang_server_config(cfg: RunConfig, root, remote_code: bool = False):
+def _sglang_server_config(cfg: RunConfig, root, remote_code: bool = False, dtype: str | None = None):
     """What rank 0 launches for ``--rollout-engine sglang`` (the model directory is ``root/init``):
     SGLang's venv and, on CPU, its CPU flags unless given (rollout/sglang/defaults.py)."""
     import shlex
@@ -519,7 +520,7 @@ def _sglang_server_config(cfg: RunConfig, root, remote_code: bool = False):
         port=ro.rollout_base_port,
         router_port=ro.rollout_router_port,
         host=ro.rollout_host,
-        engine_flags=defaults.engine_flags(ro.sglang_engine_flags, cpu=cpu, remote_code=remote_code),
+        engine_flags=defaults.engine_flags(ro.sglang_engine_flags, cpu=cpu, remote_code=remote_code, dtype=dtype),
         router_flags=list(ro.sglang_router_flags),
         startup_timeout_s=ro.rollout_startup_timeout,
         log_dir=str(root / "logs"),

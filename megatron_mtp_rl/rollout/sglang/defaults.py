@@ -7,7 +7,8 @@ for an image where both live in one environment).
 
 On a machine without CUDA SGLang needs ``SGLANG_USE_CPU_ENGINE=1`` (else it imports vllm), ``--device
 cpu``, the torch-native attention backend and a small KV pool (its default sizes the pool from GPU
-memory); the server warm-up is skipped (it only times a request). Every engine gets
+memory); the server warm-up is skipped (it only times a request); SGLang's AMX kernel paths are
+kept off (``cpu_site/sitecustomize.py``). Every engine gets
 ``--skip-tokenizer-init``: the bridge sends and reads token ids, so SGLang never needs to build our
 tokenizer (the arith / byte tokenizers are not HF ones). An export that ships its config class
 (``auto_map``: MiMo's, as its release does; SGLang 0.5.23 has no ``mimo`` config) gets
@@ -28,11 +29,16 @@ DEFAULT_VENV = Path.home() / ".cache" / "megatron-mtp-rl" / "sglang-0.5.23"
 CPU_ENGINE_FLAGS: dict[str, str | None] = {
     "--device": "cpu",
     "--attention-backend": "torch_native",
-    "--mem-fraction-static": "0.05",
+    # Only a start-up check on CPU (the pool is --max-total-tokens): "memory the load may use" is
+    # (1 - this) x the free RAM; lower, other processes' allocations during the load fail the start.
+    "--mem-fraction-static": "0.5",
     "--max-total-tokens": "8192",
     "--skip-server-warmup": None,
 }
-CPU_ENGINE_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
+# TORCHDYNAMO_DISABLE: SGLang torch.compile's a few helpers (rotary, sampling, top-k); on CPU inductor
+# then compiles C++ during the first requests (minutes on 2 cores). Eager is also what the trainer computes.
+CPU_ENGINE_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "TORCHDYNAMO_DISABLE": "1"}
+CPU_SITE = Path(__file__).resolve().parent / "cpu_site"
 
 
 def sglang_venv() -> Path:
@@ -57,10 +63,13 @@ def _given(flags: Sequence[str], name: str) -> bool:
     return any(f == name or f.startswith(name + "=") for f in flags)
 
 
-def engine_flags(flags: Sequence[str], *, cpu: bool, remote_code: bool = False) -> list[str]:
+def engine_flags(flags: Sequence[str], *, cpu: bool, remote_code: bool = False, dtype: str | None = None) -> list[str]:
     """The user's engine flags plus the defaults they did not pass (CPU ones only when ``cpu``;
-    ``--trust-remote-code`` when the export ships its config class, as MiMo's does)."""
+    ``--trust-remote-code`` when the export ships its config class, as MiMo's does; ``--dtype``:
+    the trainer's precision, since SGLang's ``auto`` serves a float32 checkpoint in float16)."""
     out = list(flags)
+    if dtype and not _given(out, "--dtype"):
+        out += ["--dtype", dtype]
     if remote_code and not _given(out, "--trust-remote-code"):
         out.append("--trust-remote-code")
     if not _given(out, "--skip-tokenizer-init") and not _given(out, "--tokenizer-path"):
@@ -73,8 +82,16 @@ def engine_flags(flags: Sequence[str], *, cpu: bool, remote_code: bool = False) 
 
 
 def engine_env(*, cpu: bool) -> dict[str, str]:
-    """Environment for the engines (the user's environment wins: ``os.environ`` is applied over it)."""
-    return {k: v for k, v in CPU_ENGINE_ENV.items() if k not in os.environ} if cpu else {}
+    """Environment for the engines, applied over the user's (whose own values of these keys win).
+
+    On CPU, ``cpu_site/`` leads ``PYTHONPATH``: its ``sitecustomize`` keeps SGLang off its Intel AMX
+    kernel paths (bf16-only, and partly missing from the CPU kernels we build; see that file).
+    """
+    if not cpu:
+        return {}
+    env = {k: v for k, v in CPU_ENGINE_ENV.items() if k not in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_SITE), os.environ.get("PYTHONPATH")) if p)
+    return env
 
 
 def exports_remote_code(model_args, flavour: str | None) -> bool:

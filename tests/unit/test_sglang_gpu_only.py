@@ -84,3 +84,14 @@ def test_a_request_that_kills_the_engine_ends_in_one_line_naming_it_and_its_log(
     msg = str(e.value)
     assert "\n" not in msg and f"engine0 at {url}" in msg and str(tmp_path / "engine0.log") in msg
     assert "Found no NVIDIA driver" in msg  # the log's last line says why
+
+
+def test_the_cli_ends_a_run_whose_engines_went_away_in_one_line(capsys):
+    from megatron_mtp_rl import cli
+
+    def job(cfg):
+        raise SGLangEngineLost("SGLang engine(s) went away during a control request: engine0 at http://h:1, log /l")
+
+    assert cli._run(job, None) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: SGLang engine(s) went away during a control request: engine0 at http://h:1, log /l"

@@ -98,6 +98,7 @@ class State:
         self.workers: dict[str, dict] = {}  # router: id -> {"url", "is_healthy"}
         self.rr = itertools.count()
         self.workers_healthy_at_start: dict[str, bool] = {}
+        self.ignored_fields: list[str] = []  # unknown top-level /generate fields SGLang would drop
         self.standalone = False  # run as a process (main()): a request that kills SGLang exits it
         self.model_path = ""
         self.model_type, self.architectures = None, None
@@ -128,6 +129,7 @@ class State:
                 "released": sorted(self.released),
                 "weight_version": self.weight_version,
                 "received": list(self.received),
+                "ignored_fields": list(self.ignored_fields),
                 "update_groups": sorted(self.update_groups),
                 "first_healthy_at": self.first_healthy_at,
                 "workers": list(self.workers.values()),
@@ -221,8 +223,10 @@ class Handler(BaseHTTPRequestHandler):
         route, query = parsed.path, urllib.parse.parse_qs(parsed.query)
         try:
             body = self._body()
-        except json.JSONDecodeError:
-            return self._send(400, {"error": "body is not JSON"})
+        except json.JSONDecodeError as e:  # SGLang answers an OpenAI-style error object
+            msg = f"JSON decode error: {e}"
+            return self._send(400, {"object": "error", "message": msg, "type": "BadRequestError", "param": None,
+                                    "code": 400})  # fmt: skip
         if route == "/_fake/state":
             return self._send(200, st.snapshot())
         if route == "/_fake/config":
@@ -356,7 +360,7 @@ class Handler(BaseHTTPRequestHandler):
             "is_generation": True, "preferred_sampling_params": None, "weight_version": st.weight_version,
             "load_format": "auto", "reasoning_parser": None, "tool_call_parser": None, "disaggregation_mode": "null",
             "has_image_understanding": False, "has_audio_understanding": False,
-            "model_type": st.model_type, "architectures": st.architectures,
+            "model_type": st.model_type, "architectures": st.architectures, "embedding": {},
         }  # fmt: skip
 
     def _server_info(self) -> dict:
@@ -375,8 +379,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _generate(self, body) -> None:
         st, cfg = self.state, self.state.config
-        err = self._check(body, "GenerateReqInput")
-        if not err:
+        err = None if isinstance(body, dict) else "GenerateReqInput: body must be a JSON object"
+        if not err:  # SGLang 0.5.23 drops unknown top-level fields (HTTP 200): noted, so drift still shows
+            with st.lock:
+                st.ignored_fields += sorted(set(body) - set(SCHEMA["request_classes"]["GenerateReqInput"]))
             sp = body.get("sampling_params") or {}
             err = self._check(sp, "SamplingParams", SCHEMA["api_contract"]["SamplingParams"])
         if not err and not (
@@ -387,7 +393,7 @@ class Handler(BaseHTTPRequestHandler):
             err = "this fake needs a string rid"
         if err:
             return self._send(400, {"error": err})
-        rid = body["rid"]
+        rid, t0 = body["rid"], time.monotonic()
         if st.released:  # colocated hand-off: no generation while the memory is the trainer's
             return self._send(
                 400, {"error": f"memory released ({sorted(st.released)}): resume_memory_occupation first"}
@@ -408,18 +414,28 @@ class Handler(BaseHTTPRequestHandler):
             toks, lps, reason = fake_tokens(body["input_ids"], sp, cfg.vocab)
             if aborted:
                 toks, lps, reason = [], [], {"type": "abort", "message": "Abort request"}
+            ids = body["input_ids"]
+            start = int(body.get("logprob_start_len", -1) if body.get("logprob_start_len") is not None else -1)
+            prompt_lps = []  # with logprob_start_len ≥ 0 the prompt's own log-probs (none for token 0)
+            if body.get("return_logprob") and start >= 0:
+                prompt_lps = [[None if i == 0 else -0.01 * (t + 1), t, None] for i, t in enumerate(ids) if i >= start]
             meta = {
                 "id": rid,
                 "finish_reason": reason,
-                "prompt_tokens": len(body["input_ids"]),
+                "prompt_tokens": len(ids),
                 "weight_version": st.weight_version,
+                "weight_versions": [{"version": st.weight_version, "start": 0, "end": len(toks)}],
                 "num_retractions": 0,
                 "reasoning_tokens": 0,
                 "completion_tokens": len(toks),
                 "cached_tokens": 0,
-                "input_token_logprobs": [],
+                "cached_tokens_details": None,
+                "dp_rank": None,
+                "input_token_logprobs": prompt_lps,
                 "output_token_logprobs": [[lp, t, None] for lp, t in zip(lps, toks)],
                 "output_token_logprobs_length": len(toks),
+                "e2e_latency": time.monotonic() - t0,
+                "response_sent_to_client_ts": time.time(),
             }
             if cfg.spec_accept_length > 0 and toks:
                 vct = max(1, math.ceil(len(toks) / cfg.spec_accept_length))
@@ -430,7 +446,10 @@ class Handler(BaseHTTPRequestHandler):
                     spec_num_correct_drafts=len(toks) - vct,
                     spec_num_proposed_drafts=vct * 3,
                 )
-            return self._send(200, {"text": "", "output_ids": toks, "meta_info": meta})
+            answer = {"output_ids": toks, "meta_info": meta}
+            if "--skip-tokenizer-init" not in st.argv:  # SGLang detokenizes only when it has a tokenizer
+                answer = {"text": "", **answer}
+            return self._send(200, answer)
         finally:
             with st.lock:
                 st.inflight -= 1

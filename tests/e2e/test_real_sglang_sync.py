@@ -121,34 +121,38 @@ def _rank_push(rank, world, url, layout, mode, out_dir, version):
         metrics = sync()
         if mode == "distributed":
             sync.reset_group()
-        export_hf(model, margs, f"{out_dir}/ref", FAMILY)  # the same weights, for the trainer-side reference
+        export_hf(model, margs, f"{out_dir}/ref", FAMILY)  # the same weights, through the disk path
+        # EP: the trainer's own forward on both ranks (a collective); PP would need the pipeline schedule
+        ours = trainer_prompt_logprobs(model, PROMPT, margs.vocab_size) if layout == "ep" else None
     finally:
         if engine is not None:
             engine.close()
-    return {"sender": is_stage_sender(), "metrics": metrics, "names": [n for b in sync.last_buckets for n in b]}
+    names = [n for b in sync.last_buckets for n in b]
+    return {"sender": is_stage_sender(), "metrics": metrics, "names": names, "ours": ours}
 
 
 def check_two_rank_push(real_sglang, tmp_path, layout: str, mode: str, version: int) -> None:
-    from megatron_mtp_rl.hf.load import load_hf
-    from megatron_mtp_rl.models import build_model
-
-    model_dir, model, margs = export_family(tmp_path, FAMILY, seed=5)
+    model_dir = export_family(tmp_path, FAMILY, seed=5)[0]
     real_sglang.serve(model_dir, weight_version=str(version - 1))
     before = real_sglang.prompt_logprobs(PROMPT)
     ranks = run_ranks(_rank_push, 2, tmp_path / "ranks", real_sglang.url, layout, mode, str(tmp_path), version,
                       timeout=400)  # fmt: skip
     served = real_sglang.prompt_logprobs(PROMPT)
     assert served_version(real_sglang.url) == str(version)
-    ref = build_model(margs, device="cpu")  # the two ranks' weights, on one rank, through the HF load path
-    load_hf(ref, tmp_path / "ref")
-    ours = trainer_prompt_logprobs(ref, PROMPT, margs.vocab_size)
-    assert max_diff(ours, before) > 100 * TOL
-    assert max_diff(served, ours) <= TOL, f"{layout}/{mode}: the push did not land ({max_diff(served, ours):.3g})"
+    check_version_rule(real_sglang.url, version)
+    if layout == "ep":  # the trainer's new weights, by its own forward
+        ours = ranks[0]["ours"]
+        assert max_diff(ours, before) > 100 * TOL
+        assert max_diff(served, ours) <= TOL, f"{layout}/{mode}: the push did not land ({max_diff(served, ours):.3g})"
+    # the same weights written by the two ranks' export and loaded from disk: what the push must have given
+    real_sglang.serve(tmp_path / "ref")
+    ref = real_sglang.prompt_logprobs(PROMPT)
+    assert max_diff(ref, before) > 100 * TOL
+    assert max_diff(served, ref) <= 1e-6, f"{layout}/{mode}: pushed ≠ exported weights ({max_diff(served, ref):.3g})"
     senders = [r for r in ranks if r["sender"]]
     assert len(senders) == (2 if layout == "pp" else 1)  # PP: each stage's sender pushed its own stage
     if layout == "pp":
         assert not set(senders[0]["names"]) & set(senders[1]["names"])
-    check_version_rule(real_sglang.url, version)
 
 
 @pytest.mark.sglang

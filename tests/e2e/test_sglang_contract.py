@@ -31,7 +31,17 @@ def run_on_fake(model_dir: Path, device: str) -> list:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, FAKE, "--port", str(port), "--model-path", str(model_dir), "--device", device],
+        [
+            sys.executable,
+            FAKE,
+            "--port",
+            str(port),
+            "--model-path",
+            str(model_dir),
+            "--device",
+            device,
+            "--skip-tokenizer-init",
+        ],  # as the real engine is started (tests/real_sglang.py)
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -99,8 +99,10 @@ def test_generate_payload_fields_are_sglang_fields_and_accepted():
     with FakeServer() as srv:
         assert post(srv.url + "/generate", p) == 200
         assert post(srv.url + "/generate", q) == 200
-        # the fake is strict, so drift would show: unknown top-level and sampling fields are 400
-        assert post(srv.url + "/generate", {**p, "rid": "r3", "bogus": 1}) == 400
+        # drift shows: SGLang 0.5.23 drops an unknown top-level field (200; the fake notes it) and
+        # refuses an unknown sampling field (400)
+        assert post(srv.url + "/generate", {**p, "rid": "r3", "bogus": 1}) == 200
+        assert srv.state.ignored_fields == ["bogus"]
         bad_sp = {**p, "rid": "r4", "sampling_params": {**p["sampling_params"], "eos_id": 2}}
         assert post(srv.url + "/generate", bad_sp) == 400
         assert post(srv.url + "/abort_request", {"rid": "x", "nope": True}) == 400

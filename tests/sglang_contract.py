@@ -90,13 +90,6 @@ class Script:
 
     def record(self, label: str, status: int, parsed) -> None:
         self.out.append((label, status, shape(parsed)))
-        print(
-            "CONTRACT",
-            label,
-            status,
-            parsed if not isinstance(parsed, dict) or "meta_info" not in parsed else "...",
-            flush=True,
-        )
 
 
 def run_script(url: str, model_dir: str | Path) -> list[tuple[str, int, object]]:

@@ -175,7 +175,7 @@ def test_abort_pause_and_gpu_only_refusals_on_the_real_engine(single_process, re
 
     model_dir = export_family(tmp_path, FAMILY, seed=5)[0]
     real_sglang.serve(model_dir)
-    long = 100  # within the model's 128 positions: a few seconds of decoding on 2 cores
+    long = 64  # within the model's 128 positions: about a second of decoding on 2 cores
     params = SamplingParams(max_new_tokens=long, temperature=0.0, eos_id=None)
     with SGLangEngine(real_sglang.url, backoff_s=0.05, control_timeout_s=120) as eng:
         # /abort_request by rid, as the client sends it for a request past its deadline

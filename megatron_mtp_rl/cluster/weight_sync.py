@@ -93,6 +93,8 @@ def hf_tensors(
     if fl.mtp_embed_head_copies and not with_copies:
         fl = replace(fl, mtp_embed_head_copies=False)
     hf = megatron_to_hf(full, gpt.config, fl, hf_vocab_size=model_args.vocab_size)
+    if fam.writes_explicit_head(model_args):
+        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
     return fam.complete(hf, model_args, depth)
 
 

@@ -79,7 +79,7 @@ def iter_hf_tensors(
         ):
             seen[hf_name] = torch.empty(x.shape, dtype=x.dtype, device="meta")
             yield hf_name, x
-            if hf_name == "model.embed_tokens.weight" and tied and not fam.served_class_ties:
+            if hf_name == "model.embed_tokens.weight" and fam.writes_explicit_head(model_args):
                 seen["lm_head.weight"] = seen[hf_name]  # SGLang's class reads its head: the tied one, explicitly
                 yield "lm_head.weight", x
     if complete:

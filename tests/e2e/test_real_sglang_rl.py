@@ -48,6 +48,9 @@ def rl_run(tmp_path, warm: str, *extra: str) -> list[dict]:
 
 def check(rows: list[dict], tmp_path, *, lag_free_only: bool = False) -> None:
     assert len(rows) == 3, rows
+    keys = ("rollout/accuracy", "rollout/logprob_abs_diff", "rollout/gen_tokens_per_s")
+    for r in rows:
+        print("\nstep", r["step"], " ".join(f"{k} {r[k]:.3g}" for k in keys))
     assert max(r["rollout/accuracy"] for r in rows) > 0, [r["rollout/accuracy"] for r in rows]
     for r in rows:
         if lag_free_only and r.get("rollout/policy_lag", 0.0) > 0:

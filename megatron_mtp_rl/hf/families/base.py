@@ -92,6 +92,11 @@ class Family:
     # SGLang's class ties lm_head to embed_tokens under tie_word_embeddings. Where it does not (it always
     # reads lm_head.weight, else the head stays zero), a tied model's export writes the head explicitly.
     served_class_ties: ClassVar[bool] = True
+
+    def writes_explicit_head(self, m: ModelArgs) -> bool:
+        """A tied model's export carries ``lm_head.weight`` (= the embedding): SGLang's class reads it."""
+        return not m.untie_embeddings_and_output_weights and not self.served_class_ties
+
     # The draft reads a zero token embedding at each sequence's position 0 (MiMo); our MTP layers then do too.
     draft_zeroes_first_embedding: ClassVar[bool] = False
 

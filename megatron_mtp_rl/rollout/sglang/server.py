@@ -228,7 +228,7 @@ class SGLangSupervisor:
         """Raise if an engine could not be brought back (called before each rollout)."""
         failed = [e.name for e in self.engines if e.failed]
         if failed:
-            raise SGLangServerError(
+            raise SGLangEngineLost(  # one line at the CLI (errors.EngineFailed), not a traceback
                 f"SGLang engine(s) {failed} died and could not be restarted; logs in {self.log_dir}"
             )
 

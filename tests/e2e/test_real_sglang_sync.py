@@ -257,7 +257,8 @@ def test_killed_engine_restarts_resyncs_and_a_killing_request_ends_in_one_line(s
         assert max_diff(_prompt_logprobs(url), ours) <= TOL  # the pushed weights, not the initial export's
         assert served_version(url) == "1"
         # a request that kills the engine (sent behind the bridge's back: the bridge refuses it on CPU)
-        req = urllib.request.Request(url + "/release_memory_occupation", data=b"{}", method="POST")
+        req = urllib.request.Request(url + "/release_memory_occupation", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
         with pytest.raises(OSError):
             urllib.request.urlopen(req, timeout=300)
         with pytest.raises(SGLangEngineLost) as e:

@@ -76,7 +76,9 @@ def test_a_request_that_kills_the_engine_ends_in_one_line_naming_it_and_its_log(
     )
     with SGLangEngine.launch(cfg, control_timeout_s=10) as eng:
         url = eng.engine_urls[0]
-        req = urllib.request.Request(url + "/release_memory_occupation", data=b"{}", method="POST")
+        req = urllib.request.Request(
+            url + "/release_memory_occupation", data=b"{}", method="POST", headers={"Content-Type": "application/json"}
+        )
         with pytest.raises(OSError):  # sent behind our back: the CPU engine goes down with it
             urllib.request.urlopen(req, timeout=10)
         with pytest.raises(SGLangEngineLost) as e:

@@ -25,11 +25,13 @@ changes knobs at run time. Always binds 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import argparse
+import base64
 import itertools
 import json
 import math
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -64,11 +66,12 @@ class Config:
         self.vocab = 32
         self.spec_accept_length = 0.0  # > 0: report speculative meta_info with this accept length
         self.startup_delay = 0.0  # /health answers 503 for this long after start
-        self.device = (
-            "cuda"  # what /server_info says (--device); "cpu": GPU-only requests kill the fake, as the real one
-        )
+        self.device = "cuda"  # /server_info's device (--device); "cpu": GPU-only requests kill it, as SGLang
         self.health_interval = 0.2  # router: worker health-check period
         self.evict_unhealthy = True  # router: drop workers that fail a health check
+        # --enable-return-routed-experts: (num_hidden_layers, num_experts_per_tok, experts) of the model
+        # (its config.json), None: the server answers no routes (SGLang without the flag)
+        self.routes_shape: tuple[int, int, int] | None = None
         for k, v in kw.items():
             if not hasattr(self, k):
                 raise ValueError(f"unknown fake knob {k}")
@@ -160,6 +163,21 @@ def fake_tokens(input_ids: list[int], sp: dict, vocab: int) -> tuple[list[int], 
             reason = {"type": "stop", "matched": t}
             break
     return toks, [-0.01 * (t + 1) for t in toks], reason
+
+
+def fake_route(token: int, pos: int, layer: int, topk: int, experts: int) -> list[int]:
+    """The fake's experts of one (token, position, layer): distinct, a function of the three."""
+    first = (3 * token + pos + 5 * layer) % experts
+    return [(first + j) % experts for j in range(topk)]
+
+
+def fake_routed_experts(ids: list[int], start: int, shape: tuple[int, int, int]) -> str:
+    """``meta_info.routed_experts`` as SGLang 0.5.23 answers it: base64 of int32
+    ``[len(ids) - 1 - start, num_hidden_layers, topk]`` for the input tokens ``ids[start:-1]``."""
+    layers, topk, experts = shape
+    rows = [[fake_route(ids[p], p, l, topk, experts) for l in range(layers)] for p in range(start, len(ids) - 1)]  # noqa: E741
+    flat = [e for row in rows for layer in row for e in layer]
+    return base64.b64encode(struct.pack(f"<{len(flat)}i", *flat)).decode("utf-8")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -412,13 +430,19 @@ class Handler(BaseHTTPRequestHandler):
             delay = cfg.delay if (cfg.delay_first_n < 0 or n < cfg.delay_first_n) else 0.0
             aborted = ev.wait(delay) if delay > 0 else ev.is_set()
             toks, lps, reason = fake_tokens(body["input_ids"], sp, cfg.vocab)
+            start = int(body.get("routed_experts_start_len") or 0)
+            if body.get("return_routed_experts") and not 0 <= start <= len(body["input_ids"]):
+                aborted = True  # as the scheduler does: finished with an abort
             if aborted:
                 toks, lps, reason = [], [], {"type": "abort", "message": "Abort request"}
             ids = body["input_ids"]
-            start = int(body.get("logprob_start_len", -1) if body.get("logprob_start_len") is not None else -1)
+            lp_start = body.get("logprob_start_len")
+            lp_start = -1 if lp_start is None else int(lp_start)
             prompt_lps = []  # with logprob_start_len ≥ 0 the prompt's own log-probs (none for token 0)
-            if body.get("return_logprob") and start >= 0:
-                prompt_lps = [[None if i == 0 else -0.01 * (t + 1), t, None] for i, t in enumerate(ids) if i >= start]
+            if body.get("return_logprob") and lp_start >= 0:
+                prompt_lps = [
+                    [None if i == 0 else -0.01 * (t + 1), t, None] for i, t in enumerate(ids) if i >= lp_start
+                ]
             meta = {
                 "id": rid,
                 "finish_reason": reason,
@@ -437,6 +461,8 @@ class Handler(BaseHTTPRequestHandler):
                 "e2e_latency": time.monotonic() - t0,
                 "response_sent_to_client_ts": time.time(),
             }
+            if body.get("return_routed_experts") and cfg.routes_shape and toks:
+                meta["routed_experts"] = fake_routed_experts(body["input_ids"] + toks, start, cfg.routes_shape)
             if cfg.spec_accept_length > 0 and toks:
                 vct = max(1, math.ceil(len(toks) / cfg.spec_accept_length))
                 meta.update(
@@ -611,9 +637,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     vocab, hf = 32, {}
     cfg_path = Path(a.model_path or "", "config.json")
+    routes_shape = None
     if a.model_path and cfg_path.exists():  # generate ids the model's tokenizer knows
         hf = json.loads(cfg_path.read_text())
         vocab = int(hf.get("vocab_size", vocab))
+        experts = hf.get("n_routed_experts") or hf.get("num_experts")
+        if "--enable-return-routed-experts" in argv and experts:
+            routes_shape = (int(hf["num_hidden_layers"]), int(hf["num_experts_per_tok"]), int(experts))
     device = next((rest[i + 1] for i, t in enumerate(rest[:-1]) if t == "--device"), None)
     device = next((t.split("=", 1)[1] for t in rest if t.startswith("--device=")), device)
     server = FakeServer(
@@ -632,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         evict_unhealthy=not a.fake_keep_unhealthy,
         vocab=vocab,
         device=device or "cuda",
+        routes_shape=routes_shape,
     )
     st = server.state
     st.standalone, st.model_path = True, a.model_path or ""

@@ -9,6 +9,13 @@ Prints a table and ends with ``speedup_spec_b1=``, ``speedup_spec_b64=`` (greedy
 
     .venv/bin/python tools/bench_rollout.py --load runs/demo/warmstart
 
+``--partial-rollout`` benches long generations instead: on the long-tailed arith task it times RL
+steps waiting for every sample, with partial rollouts (over-sampling 2×), and with
+``--max-off-policy-steps`` K = 1, 2, 4 (with and without partial rollouts), in one run, and prints
+step time, generated and wasted tokens per step and the policy-lag histogram of the trained samples:
+
+    .venv/bin/python tools/bench_rollout.py --partial-rollout
+
 Flags after the bench's own are the run's (``--config``, ``--preset`` ...); torch runs with
 ``--threads`` intra-op threads (1 by default: on a shared 2-core machine more threads make
 small ops slower, not faster).
@@ -87,6 +94,92 @@ def _rl_steps_per_s(argv: list[str], steps: int, async_rollout: bool) -> tuple[f
     return 1.0 / mean("perf/step_time"), mean("perf/rollout_time"), mean("perf/train_time")
 
 
+# The long-tailed task of the --partial-rollout bench (flags after the bench's own override these).
+SKEWED = [
+    "--preset", "tiny-dense", "--arith-digits", "1", "--arith-max-digits", "3", "--arith-ops", "+*",
+    "--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--rollout-max-response-len", "32",
+    "--seq-length", "48", "--global-batch-size", "32", "--micro-batch-size", "16", "--num-eval-prompts", "8",
+    "--reward-workers", "0", "--lr", "1e-3", "--stop-token-ids", "17",
+]  # fmt: skip
+# Without --load the model is untrained: its response lengths are those of sampling until EOS or the
+# extra stop id 17 (the space; 2 of 18 ids): geometric, mean ≈ 9 tokens, ~3% run to the 32-token limit. With
+# --load of a warm start on this task they follow the answers' lengths (1 to 6 digits) instead.
+
+PARTIAL_MODES = [  # (name, flags)
+    ("wait for all", []),
+    ("partial", ["--partial-rollout"]),
+    ("K=1", ["--max-off-policy-steps", "1"]),
+    ("K=2", ["--max-off-policy-steps", "2"]),
+    ("K=4", ["--max-off-policy-steps", "4"]),
+    ("partial K=1", ["--partial-rollout", "--max-off-policy-steps", "1"]),
+    ("partial K=2", ["--partial-rollout", "--max-off-policy-steps", "2"]),
+    ("partial K=4", ["--partial-rollout", "--max-off-policy-steps", "4"]),
+]
+
+
+def _partial_run(argv: list[str], flags: list[str], steps: int) -> dict:
+    """One run: mean step time over steps 2.., tokens generated / wasted per step, lag histogram."""
+    from megatron_mtp_rl.config import parse_config
+    from megatron_mtp_rl.train.loop import run_training
+
+    cfg = parse_config(["--quiet", *SKEWED, *argv, "--num-steps", str(steps + 1), "--eval-interval", "1000000", *flags])
+    hist = [h for h in run_training(cfg) if h["step"] >= 1]
+    rows = hist[1:]
+    per_batch = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
+    lags: dict[int, float] = {}
+    for h in hist:
+        keys = [k for k in h if k.startswith("rollout/lag_samples_")]
+        for k in keys:
+            lag = int(k.rsplit("_", 1)[1])
+            lags[lag] = lags.get(lag, 0.0) + h[k]
+        if not keys:
+            lag = int(h.get("rollout/policy_lag", 0.0))
+            lags[lag] = lags.get(lag, 0.0) + per_batch
+    gen = [h.get("rollout/generated_tokens", h["rollout/response_len"] * per_batch) for h in hist]
+    waste = [h.get("rollout/wasted_tokens", 0.0) for h in hist]
+    return {
+        "step_time": statistics.mean(h["perf/step_time"] for h in rows),
+        "generated": sum(gen) / len(gen),
+        "wasted": sum(waste) / len(waste),
+        "buffered": hist[-1].get("rollout/buffer_size", 0.0),
+        "lags": lags,
+        "response_len": statistics.mean(h["rollout/response_len"] for h in hist),
+    }
+
+
+def partial_bench(argv: list[str], steps: int, reps: int, only: str | None = None) -> None:
+    from megatron_mtp_rl import platform
+
+    modes = [m for m in PARTIAL_MODES if only is None or m[0] in only.split(",")]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in modes}
+    for rep in range(reps):  # interleaved: every mode sees the machine's load alike
+        for name, flags in modes if rep % 2 == 0 else modes[::-1]:
+            runs[name].append(_partial_run(argv, flags, steps))
+            platform.destroy()
+    results = {}
+    for name, rs in runs.items():  # the median step time; the rest is the same in every repetition
+        results[name] = dict(rs[0], step_time=statistics.median(r["step_time"] for r in rs))
+    base = results["wait for all"]["step_time"]
+    print(
+        f"long-tailed arith ({' '.join(SKEWED + argv)}), {steps} steady steps timed per mode (wall clock), "
+        f"median of {reps} interleaved runs"
+    )
+    print("mode         | step s | vs wait | gen tok/step | wasted tok/step | wasted % | trained len | lag histogram")
+    for name, r in results.items():
+        hist = " ".join(f"{k}:{int(v)}" for k, v in sorted(r["lags"].items()))
+        frac = r["wasted"] / max(r["generated"], 1e-9)
+        print(
+            f"{name:12s} | {r['step_time']:6.2f} | {r['step_time'] / base:6.2f}x | {r['generated']:12.1f} | "
+            f"{r['wasted']:15.1f} | {100 * frac:7.1f}% | {r['response_len']:11.1f} | {hist}"
+        )
+    if "partial" in results:
+        p = results["partial"]
+        print(f"partial_vs_wait_step_time={p['step_time'] / base:.2f}")
+        print(f"partial_wasted_fraction={p['wasted'] / max(p['generated'], 1e-9):.3f}")
+    if "K=1" in results and "K=2" in results:
+        print(f"k2_vs_k1_step_time={results['K=2']['step_time'] / results['K=1']['step_time']:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     from megatron_mtp_rl.cli import quiet_known_noise
 
@@ -101,8 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-async", action="store_true", help="only the decoding part")
     ap.add_argument("--rl-steps", type=int, default=3, help="timed RL steps per run (after one warm-up step)")
     ap.add_argument("--rl-reps", type=int, default=2, help="(sync, async) run pairs (medians reported)")
+    ap.add_argument("--partial-rollout", action="store_true", help="bench long generations (see above)")
+    ap.add_argument("--modes", default=None, help="--partial-rollout: comma-separated subset of the modes")
     own, rest = ap.parse_known_args(argv)
     torch.set_num_threads(own.threads)
+    if own.partial_rollout:
+        partial_bench(rest, own.rl_steps, own.rl_reps, own.modes)
+        return
 
     from megatron_mtp_rl import platform
     from megatron_mtp_rl.config import parse_config

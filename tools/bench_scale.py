@@ -5,7 +5,8 @@ Builds a random GLM-4.5-shaped HF release of about ``--size-gb`` (tests/hf_relea
 ``--fp8`` for DeepSeek-V3's block fp8), then for each of ``--ranks`` (gloo, one spawned process per
 rank) runs each phase and prints, per rank, the peak resident memory above the level right before
 the phase (after the imports; for the weight pushes, after building and loading the model), as a
-multiple of the model's bf16 bytes, and the phase's time:
+multiple of the model's bf16 bytes, the phase's time and, for the streamed phases (mcore-to-hf, the
+pushes), the bound they are held to: two shards (buckets, ``--bucket-mb``) plus the largest tensor:
 
 * ``load``        direct HF load in training: ``hf.load.load_hf`` into the model built at EP=N
                   (``--layout pp``: PP=N);
@@ -16,7 +17,7 @@ multiple of the model's bf16 bytes, and the phase's time:
 
 A phase whose API this checkout lacks prints ``n/a (not available)``. The peak is the kernel's
 high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` right before the phase; where that
-is not allowed, ``ru_maxrss``).
+is not allowed, ``ru_maxrss``); the heap is trimmed (glibc ``malloc_trim``) before the level is read.
 
     .venv/bin/python tools/bench_scale.py --size-gb 0.25
     .venv/bin/python tools/bench_scale.py --size-gb 0.75 --ranks 1 2 --fp8
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("load", "hf-to-mcore", "mcore-to-hf", "push-disk", "push-dist")
 HIDDEN, LAYERS, MTP_LAYERS = 1024, 4, 1
 NA = "n/a (not available)"
+BOUNDED = {"mcore-to-hf": True, "push-disk": True, "push-dist": True}  # phases held to the bound below
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,6 +51,17 @@ NA = "n/a (not available)"
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def trim_heap() -> None:
+    """Return the heap's free memory to the OS (glibc), so the level before a phase is what is live."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak() -> bool:
@@ -122,6 +135,19 @@ def _convert_tool():
     return load_tool("convert_checkpoint")
 
 
+def _import_converter_modules() -> None:
+    """What the converter imports lazily, imported before the measure (the peak is above the imports)."""
+    import importlib
+
+    for name in ("megatron_mtp_rl.models", "megatron_mtp_rl.hf.load", "megatron_mtp_rl.hf.shards",
+                 "megatron_mtp_rl.cluster.weight_sync", "megatron_mtp_rl.train.checkpoint",
+                 "megatron_mtp_rl.train.checkpoint_stream"):  # fmt: skip
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an older checkout
+            pass
+
+
 def _cli_accepts(tool, argv: list[str]) -> bool:
     """Whether the converter's parser takes ``argv`` (an older checkout lacks the parallel flags)."""
     import contextlib
@@ -154,6 +180,7 @@ def _prepare(phase: str, a) -> tuple[object, str | None]:
     world = a.world
     if phase in ("hf-to-mcore", "mcore-to-hf"):
         tool = _convert_tool()
+        _import_converter_modules()
         if phase == "hf-to-mcore":
             argv = ["hf-to-mcore", "--hf-dir", a.hf_dir, "--save", a.mcore_dir, "--dtype", "bf16"]
         else:
@@ -218,6 +245,7 @@ def worker(a) -> None:
         if run is None:
             result["status"] = why
         else:
+            trim_heap()  # what the set-up freed but the heap kept must not hide the phase's growth
             base = rss_bytes()
             ok = reset_peak()
             t0 = time.perf_counter()
@@ -288,14 +316,15 @@ def run_phase(phase: str, world: int, a, paths: dict, mcore: Path, engine_url: s
     return results
 
 
-def describe(results: list[dict], model_bytes: int) -> str:
+def describe(results: list[dict], model_bytes: int, bound: float | None = None) -> str:
     bad = [r["status"] for r in results if r.get("status") != "ok"]
     if bad:
         return bad[0]
     peaks = [r["peak_above"] / model_bytes for r in results]
     secs = max(r["seconds"] for r in results)
     per = " ".join(f"{p:.2f}" for p in peaks)
-    return f"peak/rank {max(peaks):.2f}x model (ranks: {per})  time {secs:.1f} s"
+    within = "" if bound is None else f"  bound {bound:.2f}x ({'within' if max(peaks) <= bound else 'ABOVE'})"
+    return f"peak/rank {max(peaks):.2f}x model (ranks: {per}){within}  time {secs:.1f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=5, help="safetensors files of the release")
     p.add_argument("--bucket-mb", type=int, default=64, help="weight push bucket (--update-weight-buffer-size)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_scale"), help="scratch directory")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per phase run")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per phase run")
     # worker-only
     for flag in ("--worker", "--hf-dir", "--mcore-dir", "--out-dir", "--engine-url"):
         p.add_argument(flag, help=argparse.SUPPRESS)
@@ -335,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
           f"layers, {facts['experts']} experts, {mb / 1e9:.3f} GB bf16, largest tensor "
           f"{facts['largest_tensor_bytes'] / 1e6:.1f} MB, {a.shards} shards{', fp8' if a.fp8 else ''} "
           f"(built in {time.perf_counter() - t0:.0f} s); push bucket {a.bucket_mb} MB", flush=True)  # fmt: skip
+    # what the streamed paths may hold above their start: two shards (buckets) plus the largest tensor
+    bound = (2 * (a.bucket_mb << 20) + facts["largest_tensor_bytes"]) / mb
+    print(f"bound of mcore-to-hf and the pushes: 2 x {a.bucket_mb} MiB + the largest tensor = {bound:.2f}x model")
     engine_port = _free_port()
     engine = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "fake_sglang_server.py"), "--port", str(engine_port),
@@ -352,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                 if phase != "hf-to-mcore" and not mcore.exists():
                     mcore = paths["out"] / "mcore-1"
                 res = run_phase(phase, n, a, paths, mcore, f"http://127.0.0.1:{engine_port}")
-                print(f"{phase:12s} N={n} ({a.layout}): {describe(res, mb)}", flush=True)
+                print(f"{phase:12s} N={n} ({a.layout}): {describe(res, mb, BOUNDED.get(phase) and bound)}", flush=True)
     finally:
         engine.terminate()
         engine.wait(timeout=10)

@@ -167,11 +167,12 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _build(model_args, use_te: bool | None, initialise: bool = True):
+def _build(model_args, use_te: bool | None, initialise: bool = True, device: str | None = None):
     from megatron_mtp_rl.models import build_model
     from megatron_mtp_rl.models.provider import RuntimeOptions
 
-    device = None if torch.cuda.is_available() else "cpu"
+    if device is None:
+        device = None if torch.cuda.is_available() else "cpu"
     runtime = RuntimeOptions(perform_initialization=initialise)
     try:
         return build_model(model_args, use_te=use_te, device=device, runtime=runtime)
@@ -179,24 +180,47 @@ def _build(model_args, use_te: bool | None, initialise: bool = True):
         raise ConversionError(str(e)) from None
 
 
-def _load_model(load_dir: str | Path, use_te: bool | None = None, parallel: tuple[int, int, int] = (1, 1, 1)):
-    """(gpt, ModelArgs, trainer state) from our checkpoint root: this rank's shard at (TP, PP, EP) = ``parallel``."""
+def _saved_model(load_dir: str | Path):
+    """(checkpoint path, ModelArgs, trainer state) of the latest iteration in our checkpoint root."""
     from megatron_mtp_rl.models.presets import ModelArgs
-    from megatron_mtp_rl.models.provider import transformer_engine_available
-    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
+    from megatron_mtp_rl.train.checkpoint import latest_checkpoint, read_trainer_state
 
     path = latest_checkpoint(str(load_dir))
     if path is None:
         raise ConversionError(f"no checkpoint in {load_dir} (missing latest_checkpointed_iteration.txt)")
     saved = read_trainer_state(path)
     known = {f.name for f in fields(ModelArgs)}
-    margs = ModelArgs(**{k: v for k, v in saved["model_args"].items() if k in known})
+    return path, ModelArgs(**{k: v for k, v in saved["model_args"].items() if k in known}), saved
+
+
+def _load_model(load_dir: str | Path, use_te: bool | None = None, parallel: tuple[int, int, int] = (1, 1, 1)):
+    """(gpt, ModelArgs, trainer state) from our checkpoint root: this rank's shard at (TP, PP, EP) = ``parallel``."""
+    from megatron_mtp_rl.models.provider import transformer_engine_available
+    from megatron_mtp_rl.train.checkpoint import load_checkpoint
+
+    _, margs, saved = _saved_model(load_dir)
     if use_te is None:
         use_te = transformer_engine_available()
     _init_processes(parallel)
     gpt = _build(margs, use_te, initialise=False)  # every tensor comes from the checkpoint
     load_checkpoint(str(load_dir), gpt, None)
     return gpt, margs, saved
+
+
+def _meta_model(load_dir: str | Path, use_te: bool | None, parallel: tuple[int, int, int]):
+    """(gpt on the meta device, ModelArgs, trainer state, verified checkpoint path): the model's shape
+    only, its tensors read later a group at a time (``train/checkpoint_stream.py``)."""
+    from megatron_mtp_rl.models.provider import transformer_engine_available
+    from megatron_mtp_rl.train.checkpoint import verify_checkpoint
+
+    path, margs, saved = _saved_model(load_dir)
+    verify_checkpoint(path)
+    if use_te is None:
+        use_te = transformer_engine_available()
+    _init_processes(parallel)
+    with torch.device("meta"):
+        gpt = _build(margs, use_te, initialise=False, device="meta")
+    return gpt, margs, saved, path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +315,8 @@ def mcore_to_hf(
 ) -> Path:
     """Our dist checkpoint (latest iteration in ``load_dir``) → an HF directory SGLang loads.
 
-    Streams: each rank loads its (TP, PP, EP) = ``parallel`` shard; every parameter is gathered
+    Streams: each rank builds its (TP, PP, EP) = ``parallel`` shard of the model on the meta device
+    and reads its tensors from the checkpoint a quarter shard at a time; every parameter is gathered
     over its own TP / EP group one at a time, named as the family names it and written into HF
     shards of at most ``max_shard_size`` (``model-0000k-of-0000n.safetensors`` + the index; one
     shard is ``model.safetensors``) by each pipeline stage's first rank. SGLang's drafts take one
@@ -303,13 +328,15 @@ def mcore_to_hf(
 
     from megatron_mtp_rl.cluster.weight_sync import export_note, write_hf_metadata
     from megatron_mtp_rl.hf.families import UnsupportedCheckpoint, family_for
+    from megatron_mtp_rl.hf.mapping import named_tensors
     from megatron_mtp_rl.hf.shards import parse_size, write_hf_shards
+    from megatron_mtp_rl.train.checkpoint_stream import stream_checkpoint
 
     try:
         shard_bytes = parse_size(max_shard_size)
     except ValueError as e:
         raise ConversionError(f"--max-shard-size: {e}") from None
-    gpt, margs, saved = _load_model(load_dir, use_te, parallel)
+    gpt, margs, saved, path = _meta_model(load_dir, use_te, parallel)
     try:
         fam = family_for(margs, flavour or saved.get("hf_flavour"))
     except UnsupportedCheckpoint as e:
@@ -317,9 +344,12 @@ def mcore_to_hf(
     depth = fam.export_depth(margs, all_mtp_layers)
     target = {"model": _TORCH_DTYPES[margs.params_dtype], "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     out = Path(out_dir)
+    # the checkpoint is read a quarter shard at a time as the shards fill: the peak stays under two
+    # shards plus the largest tensor (the shard being filled, the group being read), whatever the model's size
+    tensors = stream_checkpoint(gpt, path, named_tensors(gpt), group_bytes=max(shard_bytes // 4, 1))
     shards = write_hf_shards(
         gpt, margs, fam.name, out, max_shard_bytes=shard_bytes, depth=depth,
-        with_copies=mtp_embed_head_copies, dtype=target,
+        with_copies=mtp_embed_head_copies, dtype=target, tensors=tensors,
     )  # fmt: skip
     if _is_rank0():
         write_hf_metadata(

@@ -8,7 +8,7 @@ whole model and no stage's tensors travel to another stage.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from megatron_mtp_rl.hf.mapping import (
     megatron_tensor_to_hf,
 )
 from megatron_mtp_rl.models.mtp_forward import unwrap
+from megatron_mtp_rl.platform.memory import freed_tensors_return_to_os
 
 # --------------------------------------------------------------------------------------------
 # out: this stage → HF tensors, one parameter at a time
@@ -43,6 +44,7 @@ def iter_hf_tensors(
     depth: int | None = None,
     with_copies: bool = False,
     complete: bool = True,
+    tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """This pipeline stage's weights as HF ``(name, tensor)`` pairs, gathered one parameter at a time.
 
@@ -51,7 +53,8 @@ def iter_hf_tensors(
     parameters: copy what must outlive the next optimizer step. The first stage owns the word
     embedding; a later stage's tied copy is skipped. ``depth``: MTP layers to include (default: what
     the family's SGLang draft takes). ``complete``: add the zero tensors the HF architecture always
-    has and our model may leave out (the family's rule), at the end of the stage.
+    has and our model may leave out (the family's rule), at the end of the stage. ``tensors``: the
+    stage's tensors from elsewhere than the model (``mapping.iter_full_tensors``).
     """
     from dataclasses import replace
 
@@ -66,22 +69,23 @@ def iter_hf_tensors(
     tied = not model_args.untie_embeddings_and_output_weights
     first_stage = not dist.is_initialized() or parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     seen: dict[str, torch.Tensor] = {}
-    for name, t in iter_full_tensors(gpt):
-        if name.startswith("embedding.") and not first_stage:
-            continue
-        m = _MTP_LAYER.match(name)
-        if m is not None and int(m.group(1)) >= depth:
-            continue
-        if name == "output_layer.weight" and tied:
-            continue
-        for hf_name, x in megatron_tensor_to_hf(
-            name, t, gpt.config, flavour, tied=tied, hf_vocab_size=model_args.vocab_size
-        ):
-            seen[hf_name] = torch.empty(x.shape, dtype=x.dtype, device="meta")
-            yield hf_name, x
-            if hf_name == "model.embed_tokens.weight" and fam.writes_explicit_head(model_args):
-                seen["lm_head.weight"] = seen[hf_name]  # SGLang's class reads its head: the tied one, explicitly
-                yield "lm_head.weight", x
+    with freed_tensors_return_to_os():  # else the gathered tensors it frees stay in the heap
+        for name, t in iter_full_tensors(gpt, tensors):
+            if name.startswith("embedding.") and not first_stage:
+                continue
+            m = _MTP_LAYER.match(name)
+            if m is not None and int(m.group(1)) >= depth:
+                continue
+            if name == "output_layer.weight" and tied:
+                continue
+            for hf_name, x in megatron_tensor_to_hf(
+                name, t, gpt.config, flavour, tied=tied, hf_vocab_size=model_args.vocab_size
+            ):
+                seen[hf_name] = torch.empty(x.shape, dtype=x.dtype, device="meta")
+                yield hf_name, x
+                if hf_name == "model.embed_tokens.weight" and fam.writes_explicit_head(model_args):
+                    seen["lm_head.weight"] = seen[hf_name]  # SGLang's class reads its head: the tied one, explicitly
+                    yield "lm_head.weight", x
     if complete:
         for hf_name, meta in fam.complete(dict(seen), model_args, depth).items():
             if hf_name not in seen:

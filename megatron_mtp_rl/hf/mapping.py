@@ -757,14 +757,17 @@ def _gather_partitioned(t: torch.Tensor, group: Any, dim: int, stride: int) -> t
     return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
 
 
-def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors a weight export reads, in order: the parameters and the routers' expert bias."""
     yield from model.named_parameters()
     for name, buf in model.named_buffers():
         if name.endswith("router.expert_bias"):  # the aux-loss-free routing bias is inference state
             yield name, buf
 
 
-def iter_full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_tensors(
+    model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield this stage's tensors one at a time as full TP=1/EP=1 tensors (a collective).
 
     Every rank of the TP, expert-TP and EP groups must run the iteration to the end in step.
@@ -773,7 +776,8 @@ def iter_full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
     weights are gathered over the expert-TP group, then over the EP group, and renamed to the
     global expert index. Within one parameter, experts come out ordered by EP rank. Names are
     PP=1 names (decoder layers offset by the stage). Tensors that need no gathering alias the
-    parameters: clone what must survive an optimizer step.
+    parameters: clone what must survive an optimizer step. ``tensors``: :func:`named_tensors`'s
+    pairs from elsewhere (a model on the meta device read from its checkpoint as it goes).
     """
     model = unwrap(model)
     config = model.config
@@ -783,7 +787,7 @@ def iter_full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
     ep_group = parallel_state.get_expert_model_parallel_group() if ep_size > 1 else None
     etp_group = parallel_state.get_expert_tensor_parallel_group() if config.num_moe_experts else None
     num_local = (config.num_moe_experts or 0) // ep_size
-    for local_name, param in _named_tensors(model):
+    for local_name, param in named_tensors(model) if tensors is None else tensors:
         name = full_name(model, local_name)
         expert = _LOCAL_EXPERT.search(name)
         t = param.detach()

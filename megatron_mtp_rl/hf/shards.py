@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -115,16 +116,18 @@ def write_hf_shards(
     depth: int | None = None,
     with_copies: bool = False,
     dtype: torch.dtype | None = None,
+    tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
 ) -> list[str]:
     """Stream this model into HF shards (a collective): each stage's sender writes its own stage.
 
     The part lists are joined over the world (names only) and global rank 0 names the shards and
-    writes the index. Returns the shard file names (on every rank).
+    writes the index. Returns the shard file names (on every rank). ``tensors``: the stage's tensors
+    from elsewhere than the model (``hf.export.iter_hf_tensors``).
     """
     sender = is_stage_sender()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank() if dist.is_initialized() else 0
     writer = HFShardWriter(out_dir, max_shard_bytes, tag=f"s{pp_rank}") if sender else None
-    for name, t in iter_hf_tensors(model, model_args, family, depth=depth, with_copies=with_copies):
+    for name, t in iter_hf_tensors(model, model_args, family, depth=depth, with_copies=with_copies, tensors=tensors):
         if writer is not None:
             writer.add(name, t, dtype)
     parts = writer.close() if writer is not None else []

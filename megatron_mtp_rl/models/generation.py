@@ -31,7 +31,8 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_mtp_rl.models.forward import gpt_forward, mtp_depth_forward, output_logits, output_weight, unwrap
-from megatron_mtp_rl.models.sampling_params import SamplingParams  # noqa: F401  (re-exported)
+from megatron_mtp_rl.models.routing_replay import RouteRecorder, route_dtype
+from megatron_mtp_rl.models.sampling_params import GroupStop, SamplingParams  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -40,6 +41,10 @@ class GenerationResult:
     logprobs: list[list[float]]  # log p(token) under the temperature-scaled main model
     finished: list[bool]  # True when the row ended with EOS
     stats: dict = field(default_factory=dict)
+    aborted: list[bool] = field(default_factory=list)  # stopped by a GroupStop before its end (partial rollouts)
+    # per row, the trunk's MoE routes of its input tokens [prompt + response − 1, MoE layers, topk]
+    # (``record_routes``; models/routing_replay.py)
+    routes: list[torch.Tensor] | None = None
 
 
 def _probs(logits: torch.Tensor, params: SamplingParams, vocab_size: int) -> torch.Tensor:
@@ -110,6 +115,7 @@ class _Runner:
         self.rope_table = table[:, 0, 0]
         self.freqs = table.new_zeros(L, B, 1, table.shape[-1])  # per-row rotary table by slot
         self._set_freqs(0, P)
+        self.recorder = None  # a routing_replay.RouteRecorder while routes are recorded
         self.causal = torch.ones(L, L, dtype=torch.bool).tril()
         self.eye = torch.eye(L, dtype=torch.bool)
 
@@ -136,6 +142,8 @@ class _Runner:
             inference_context=self.ctx,
             rotary_pos_emb=self.freqs[:end],
         ).hidden
+        if self.recorder is not None:
+            self.recorder.capture(start, end)
         if self.hidden is None:
             self.hidden = h.new_zeros(self.L, self.B, h.shape[-1])
         self.hidden[start:end] = h
@@ -194,14 +202,23 @@ def generate(
     generator: torch.Generator | None = None,
     speculative: bool = False,
     draft_depths: int | None = None,
+    stop: GroupStop | None = None,
+    record_routes: bool = False,
 ) -> GenerationResult:
     """Sample continuations of ``prompts`` (token id lists) with the model in eval mode.
 
     ``speculative`` drafts with the MTP layers (``draft_depths`` of them, all by default) and
-    verifies exactly; the output distribution is that of plain sampling.
+    verifies exactly; the output distribution is that of plain sampling. ``stop``: end between
+    two decoding steps once enough groups are done (partial rollouts; see :class:`GroupStop`).
+    ``record_routes`` (a model built with routing replay, plain sampling): ``result.routes``, the
+    trunk's MoE routes.
     """
+    if record_routes and speculative:
+        raise ValueError("recording MoE routes needs plain sampling (not self-speculative decoding)")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
+    if stop is not None and len(stop.groups) != len(prompts):
+        raise ValueError(f"GroupStop numbers {len(stop.groups)} requests, generate got {len(prompts)}")
     gpt = unwrap(model)
     D = gpt.config.mtp_num_layers or 0
     if speculative and not (D and getattr(gpt, "mtp_process", False)):
@@ -226,21 +243,46 @@ def generate(
         # inference_mode: no autograd bookkeeping per op.
         with torch.inference_mode(), placement:
             run = _Runner(model, prompts, params, vocab_size, slots_per_token=depths + 1 if speculative else 1)
-            out = _speculative(run, depths, generator) if speculative else _plain(run, generator)
+            run.stop = stop
+            if record_routes:
+                with RouteRecorder(model, run.B, run.L) as run.recorder:
+                    out = _plain(run, generator)
+            else:
+                out = _speculative(run, depths, generator) if speculative else _plain(run, generator)
     finally:
         if was_training:
             model.train(True)
     elapsed = time.perf_counter() - t0
+    if record_routes:
+        out.routes = _row_routes(run, prompts, out.responses)
     n_tok = sum(len(r) for r in out.responses)
     out.stats.update(tokens=n_tok, seconds=elapsed, tokens_per_s=n_tok / max(elapsed, 1e-9))
+    return out
+
+
+def _row_routes(run: _Runner, prompts: list[list[int]], responses: list[list[int]]) -> list[torch.Tensor]:
+    """Each row's routes by position (plain sampling: prompt slots, then one slot per fed token)."""
+    dtype = route_dtype(run.gpt.config.num_moe_experts)
+    routes = run.recorder.routes.clone()  # out of inference mode
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        rows = torch.cat([routes[i, run.P - len(p) : run.P], routes[i, run.P : run.P + len(r) - 1]])
+        out.append(rows.to(dtype))
     return out
 
 
 class _Output:
     """Emitted tokens and log-probs per row, written with tensor ops (no per-row Python)."""
 
-    def __init__(self, B: int, params: SamplingParams, width: int):
+    def __init__(self, B: int, params: SamplingParams, width: int, stop: GroupStop | None = None):
         self.params = params
+        self.stop = stop
+        cap = params.max_new_tokens
+        limits = stop.limits if stop is not None and stop.limits is not None else [cap] * B
+        self.limit = torch.tensor(limits, dtype=torch.long).clamp_max(cap)
+        if stop is not None:
+            self.group = torch.tensor(stop.groups, dtype=torch.long)
+            self.n_groups = int(self.group.max()) + 1
         self.tokens = torch.zeros(B, width, dtype=torch.long)
         self.logprobs = torch.zeros(B, width, dtype=torch.float32)
         self.count = torch.zeros(B, dtype=torch.long)
@@ -258,11 +300,18 @@ class _Output:
         if self.params.eos_id is not None:
             self.done |= (keep & torch.isin(tokens, torch.tensor(self.params.stops))).any(1)
         self.count += n
-        self.done |= self.count >= self.params.max_new_tokens
+        self.done |= self.count >= self.limit
+
+    def stopped(self) -> bool:
+        """A :class:`GroupStop` is met: enough groups have every row done."""
+        if self.stop is None:
+            return False
+        pending = torch.zeros(self.n_groups, dtype=torch.long).index_add_(0, self.group, (~self.done).long())
+        return int((pending == 0).sum()) >= self.stop.count
 
     def result(self, stats: dict) -> GenerationResult:
-        stops, cap = self.params.stops, self.params.max_new_tokens
-        n = self.count.clamp_max(cap)
+        stops = self.params.stops
+        n = torch.minimum(self.count, self.limit)
         if stops:
             hit = torch.isin(self.tokens, torch.tensor(stops)) & (self.cols[None] < n[:, None])
             first = torch.where(hit.any(1), hit.float().argmax(1) + 1, n)
@@ -271,19 +320,20 @@ class _Output:
         responses = [t[:m] for t, m in zip(toks, lens)]
         logprobs = [lp[:m] for lp, m in zip(lps, lens)]
         finished = [bool(r) and r[-1] in stops for r in responses]
-        return GenerationResult(responses, logprobs, finished, stats)
+        aborted = [not f and m < lim for f, m, lim in zip(finished, lens, self.limit.tolist())]
+        return GenerationResult(responses, logprobs, finished, stats, aborted)
 
 
 def _plain(run: _Runner, generator) -> GenerationResult:
     params, P, vocab = run.params, run.P, run.vocab_size
-    out = _Output(run.B, params, params.max_new_tokens)
+    out = _Output(run.B, params, params.max_new_tokens, run.stop)
     logits = run.logits(run.trunk(0, P)[-1:])[0]
     one = torch.ones(run.B, dtype=torch.long)
     s = P
     for _ in range(params.max_new_tokens):
         tok = _sample(logits, params, vocab, generator)
         out.add(tok[:, None], _logp(logits, tok, params, vocab)[:, None], one)
-        if bool(out.done.all()):
+        if bool(out.done.all()) or out.stopped():
             break
         run.tokens[:, s] = tok
         run.pos[:, s] = run.lens
@@ -298,7 +348,7 @@ def _plain(run: _Runner, generator) -> GenerationResult:
 def _speculative(run: _Runner, D: int, generator) -> GenerationResult:
     params, P, B, vocab = run.params, run.P, run.B, run.vocab_size
     greedy = params.temperature <= 0
-    out = _Output(B, params, params.max_new_tokens + D + 1)
+    out = _Output(B, params, params.max_new_tokens + D + 1, run.stop)
     logits = run.logits(run.trunk(0, P)[-1:])[0]
     # The pending token u (position lens[b]) is sampled from the main model: exact.
     u = _sample(logits, params, vocab, generator)
@@ -308,7 +358,7 @@ def _speculative(run: _Runner, D: int, generator) -> GenerationResult:
     c = P  # next free slot
     rounds = emitted_rows = row_rounds = 0
     j = torch.arange(D + 1)
-    while not bool(out.done.all()) and c + D + 1 <= run.L:
+    while not bool(out.done.all()) and not out.stopped() and c + D + 1 <= run.L:
         active = ~out.done
         drafts, q_logits = run.draft(c, last, D, generator)  # [B, D], [B, D, V]
         # Verify u, d_1..d_D in slots c..c+D: main logits for d_1..d_D and the token after d_D.

@@ -66,6 +66,8 @@ class RuntimeOptions:
     recompute_granularity: str | None = None  # "full" | "selective"
     recompute_method: str | None = None  # "uniform" | "block"
     recompute_num_layers: int | None = None
+    # megatron's RouterReplay on every MoE router (models/routing_replay.py: R3 / R2, the engine's routes)
+    routing_replay: bool = False
     # False: parameters are allocated, not initialised (every one is about to be loaded: no fp32
     # master copy per tensor, no RNG work) — the converter and direct HF loading
     perform_initialization: bool = True
@@ -159,6 +161,7 @@ def build_config(
             moe_router_num_groups=args.moe_router_num_groups,
             moe_router_group_topk=args.moe_router_group_topk,
             moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+            moe_enable_routing_replay=runtime.routing_replay,
         )
     if args.multi_latent_attention:
         if not use_te:
@@ -252,6 +255,10 @@ def build_model(
     model.thd_packing = use_te
     # MiMo's MTP layers read a zero token embedding at each sequence's position 0 (models/forward.py).
     model.mtp_zero_first_embedding = args.mtp_zero_first_embedding
+    if runtime.routing_replay:
+        from megatron_mtp_rl.models.routing_replay import install
+
+        install(model)
     model = model.to(device if device is not None else platform_device())
     return model
 

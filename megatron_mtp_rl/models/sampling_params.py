@@ -20,3 +20,17 @@ class SamplingParams:
         if self.eos_id is None:
             return ()
         return tuple(dict.fromkeys((self.eos_id, *self.stop_ids)))
+
+
+@dataclass(frozen=True)
+class GroupStop:
+    """Partial rollouts: stop decoding once ``count`` groups have every row done.
+
+    ``groups[i]`` numbers request ``i``'s group; ``limits[i]`` (optional) is request ``i``'s own
+    token budget (a continued sample has used part of ``max_new_tokens`` already). Rows still
+    decoding at the stop come back unfinished with the tokens they have (``aborted``).
+    """
+
+    groups: tuple[int, ...]
+    count: int
+    limits: tuple[int, ...] | None = None

@@ -19,7 +19,7 @@ from megatron_mtp_rl.models.mtp_forward import HeadLogProbs
 from megatron_mtp_rl.platform.device import collective_device
 from megatron_mtp_rl.rl.head_loss import check_head_loss, head_loss_terms
 from megatron_mtp_rl.rl.metric_values import averaged, masked_mean, summed
-from megatron_mtp_rl.rl.mismatch import MISMATCH_METRICS, mismatch_per_token, tis_weights
+from megatron_mtp_rl.rl.mismatch import MISMATCH_METRICS, mismatch_per_token
 from megatron_mtp_rl.rl.occ import OCCEstimator, occ_statistics
 from megatron_mtp_rl.rl.policy_loss import (
     AGG_MODES,
@@ -33,6 +33,7 @@ from megatron_mtp_rl.rl.policy_loss import (
     sequence_index,
 )
 from megatron_mtp_rl.rl.regimes import Regime, get_regime
+from megatron_mtp_rl.rl.rollout_correction import RolloutCorrection, rollout_correction
 
 
 @dataclass
@@ -47,6 +48,10 @@ class RLBatch(TokenBatch):
     values: torch.Tensor | None = None  # [B, S] V_old: the critic's values before its update (gae)
     returns: torch.Tensor | None = None  # [B, S] GAE returns, the critic's targets (gae)
     teacher_logprobs: torch.Tensor | None = None  # [B, S] a distillation teacher's (--advantage-estimator opd)
+    # MoE routes [B, S, MoE layers, topk] int16 by input token, −1 unknown (models/routing_replay.py):
+    # the engine's (R3, agreement) and the old pass's (R2)
+    routes: torch.Tensor | None = None
+    r2_routes: torch.Tensor | None = None
 
     def to(self, device) -> RLBatch:
         return RLBatch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
@@ -68,16 +73,23 @@ class RLLossConfig:
     mtp_regime: str = MTPConfig.mtp_regime
     mtp_loss_coef: float = MTPConfig.mtp_loss_coef
 
-    # MTP-head objective beside the regime (rl/head_loss.py) and rollout TIS (rl/mismatch.py).
+    # MTP-head objective beside the regime (rl/head_loss.py) and rollout corrections
+    # (rl/rollout_correction.py; ``tis_cap=C`` is token-level IS capped at C).
     mtp_head_loss: str = "none"
     mtp_head_coef: float = 0.1
     tis_cap: float | None = None
+    correction: RolloutCorrection = field(default_factory=RolloutCorrection)
 
     def __post_init__(self):
         get_regime(self.mtp_regime)
         check_head_loss(self.mtp_head_loss)
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"--tis-cap must be > 0, got {self.tis_cap}")
+        if self.tis_cap is not None:
+            c = self.correction
+            if c.is_level not in ("none", "token") or c.is_cap not in (None, self.tis_cap):
+                raise ValueError("--tis-cap C is --rollout-is token --rollout-is-cap C: give one or the other")
+            object.__setattr__(
+                self, "correction", RolloutCorrection(**{**c.__dict__, "is_level": "token", "is_cap": self.tis_cap})
+            )
         if self.loss_agg_mode not in AGG_MODES:
             raise ValueError(f"--loss-agg-mode must be one of {AGG_MODES}")
         if self.kl_type not in KL_TYPES:
@@ -173,12 +185,17 @@ class RLLoss:
         if batch.rollout_logprobs is not None:
             for name, v in mismatch_per_token(batch.old_logprobs, batch.rollout_logprobs).items():
                 metrics[name] = masked_mean(v, mask)
-        if cfg.tis_cap is not None:
+        if cfg.correction.active:
             if batch.rollout_logprobs is None:
-                raise ValueError("--tis-cap needs the rollout engine's log-probs in the batch")
-            w = tis_weights(batch.old_logprobs, batch.rollout_logprobs, cfg.tis_cap)
-            pg_tokens = pg_tokens * w
-            metrics["train/tis_weight"] = masked_mean(w, mask)
+                raise ValueError(
+                    "the rollout corrections (--rollout-is/-rs/-veto-threshold, --tis-cap) need the "
+                    "rollout engine's log-probs in the batch"
+                )
+            corr = rollout_correction(cfg.correction, batch.old_logprobs, batch.rollout_logprobs, mask, seq_index)
+            pg_tokens = pg_tokens * corr.weights * corr.keep
+            metrics.update(corr.metrics)
+            if cfg.tis_cap is not None:
+                metrics["train/tis_weight"] = masked_mean(corr.weights, mask)
         pg = aggregate(pg_tokens, mask, seq_index, agg, self.den.main)
         loss = pg
         metrics["train/policy_loss"] = summed(pg.detach())

@@ -4,12 +4,15 @@ The engine samples with its own kernels (and possibly another precision); the tr
 recomputed θ_old log-probs differ. We measure the gap (mean |Δ log p| and the k3 estimate of
 KL(π_rollout ‖ π_old) on the sampled tokens) and can correct the policy gradient with
 truncated importance sampling (TIS, as slime and veRL do): each token's policy loss is
-weighted by min(π_old/π_rollout, C), a constant (no gradient).
+weighted by min(π_old/π_rollout, C), a constant (no gradient) — the token level of
+``rl/rollout_correction.py``, which also has sequence / geometric levels, rejection and a veto.
 """
 
 from __future__ import annotations
 
 import torch
+
+from megatron_mtp_rl.rl.rollout_correction import truncated_weights
 
 MISMATCH_METRICS = ("rollout/logprob_abs_diff", "rollout/mismatch_kl")
 
@@ -18,8 +21,7 @@ def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap:
     """``min(exp(ℓ_old − ℓ_rollout), cap)``, detached, fp32."""
     if cap <= 0:
         raise ValueError(f"--tis-cap must be > 0, got {cap}")
-    log_w = (old_logprobs.detach().float() - rollout_logprobs.detach().float()).clamp(max=20.0)
-    return log_w.exp().clamp(max=cap)
+    return truncated_weights(old_logprobs.detach().float() - rollout_logprobs.detach().float(), cap)
 
 
 @torch.no_grad()

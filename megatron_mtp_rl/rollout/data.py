@@ -39,11 +39,21 @@ class ArithTask:
     training (training draws are re-drawn when they hit the held-out set).
     """
 
-    def __init__(self, seed: int = 0, digits: int = 2, ops: str = "+", num_eval: int = 200):
+    def __init__(
+        self, seed: int = 0, digits: int = 2, ops: str = "+", num_eval: int = 200, max_digits: int | None = None
+    ):
         if digits < 1 or not ops or any(o not in "+-*" for o in ops):
             raise ValueError("arith task needs --arith-digits ≥ 1 and --arith-ops drawn from '+-*'")
+        if max_digits is not None and max_digits < digits:
+            raise ValueError(f"--arith-max-digits {max_digits} is below --arith-digits {digits}")
         self.seed, self.digits, self.ops = seed, digits, ops
-        space = (10**digits) ** 2 * len(ops)
+        # Long-tailed lengths: operand i has d_i digits, d = digits.. max_digits, each one half as
+        # likely as the one below (with '*', answers of 1 to 2·max_digits digits, most of them short).
+        self.max_digits = max_digits or digits
+        top = self.max_digits
+        self._lengths = list(range(digits, top + 1))
+        self._weights = [2.0 ** -(d - digits) for d in self._lengths]
+        space = (10**top) ** 2 * len(ops)
         if num_eval >= space // 2:
             raise ValueError(f"--num-eval-prompts {num_eval} leaves too few training problems")
         self._eval = []
@@ -57,8 +67,11 @@ class ArithTask:
         self._eval_set = seen
 
     def _draw(self, rng: random.Random) -> tuple[int, str, int]:
-        hi = 10**self.digits - 1
-        return rng.randint(0, hi), rng.choice(self.ops), rng.randint(0, hi)
+        if self.max_digits == self.digits:
+            hi = 10**self.digits - 1
+            return rng.randint(0, hi), rng.choice(self.ops), rng.randint(0, hi)
+        da, db = rng.choices(self._lengths, self._weights, k=2)
+        return rng.randint(0, 10**da - 1), rng.choice(self.ops), rng.randint(0, 10**db - 1)
 
     @staticmethod
     def _prompt(p: tuple[int, str, int], index: int) -> Prompt:

@@ -32,6 +32,12 @@ class Sample:
     # Per response token: 1 = the policy's (trained), 0 = tool / environment output (context only,
     # its engine log-prob is a placeholder). None = every response token is the policy's.
     loss_mask: list[int] | None = None
+    # The engine's MoE routes of the input tokens [prompt + response − 1, MoE layers, topk] (R3), or None.
+    routes: torch.Tensor | None = None
+    # Partial rollouts (rollout/partial.py): the weight version that generated each response token,
+    # and whether generation was stopped before the sample's end (it continues at a later step).
+    versions: list[int] | None = None
+    aborted: bool = False
 
 
 @dataclass
@@ -98,7 +104,17 @@ class RolloutManager:
             text_ids = ids[:-1] if c.finished and ids else ids
             text = self.tokenizer.decode(text_ids)
             samples.append(
-                Sample(prompts[g], enc[g], ids, c.logprobs, text, c.finished, group=g, loss_mask=c.loss_mask)
+                Sample(
+                    prompts[g],
+                    enc[g],
+                    ids,
+                    c.logprobs,
+                    text,
+                    c.finished,
+                    group=g,
+                    loss_mask=c.loss_mask,
+                    routes=c.routes,
+                )
             )
         rewards = self.scorer.score([(s.prompt.text, s.response_text, s.prompt.label) for s in samples])
         for s, r in zip(samples, rewards):

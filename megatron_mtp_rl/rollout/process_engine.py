@@ -21,7 +21,16 @@ import torch.multiprocessing as mp
 from megatron_mtp_rl.models.generation import SamplingParams
 
 
-def _serve(conn, model_args: dict, vocab_size: int, speculative: bool, seed: int, threads: int) -> None:
+def _serve(
+    conn,
+    model_args: dict,
+    vocab_size: int,
+    speculative: bool,
+    seed: int,
+    threads: int,
+    dtype: str | None = None,
+    record_routes: bool = False,
+) -> None:
     """Child process: build the replica, then answer requests until ``close`` or EOF."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         os.environ.pop(k, None)  # a single-rank group of its own, never the trainer's rendezvous
@@ -29,14 +38,16 @@ def _serve(conn, model_args: dict, vocab_size: int, speculative: bool, seed: int
         torch.set_num_threads(threads)
     from megatron_mtp_rl import platform
     from megatron_mtp_rl.models.presets import ModelArgs
-    from megatron_mtp_rl.models.provider import build_model
+    from megatron_mtp_rl.models.provider import RuntimeOptions, build_model
     from megatron_mtp_rl.models.state import load_full_state_dict
     from megatron_mtp_rl.rollout.local_engine import LocalEngine
 
     platform.initialize(seed=seed)
-    model = build_model(ModelArgs(**model_args))
+    model = build_model(ModelArgs(**model_args), runtime=RuntimeOptions(routing_replay=record_routes))
     model.eval()
-    engine = LocalEngine(model, vocab_size=vocab_size, speculative=speculative)
+    engine = LocalEngine(
+        model, vocab_size=vocab_size, speculative=speculative, dtype=dtype, record_routes=record_routes
+    )
     conn.send(("ready", None))
     while True:
         try:
@@ -49,8 +60,8 @@ def _serve(conn, model_args: dict, vocab_size: int, speculative: bool, seed: int
                 load_full_state_dict(model, msg[1])  # every tensor of the replica, or KeyError naming the missing
                 conn.send(("ok", msg[2]))
             elif kind == "generate":
-                _, prompts, params, gen_seed = msg
-                conn.send(("ok", engine.generate(prompts, params, seed=gen_seed)))
+                _, prompts, params, gen_seed, stop = msg
+                conn.send(("ok", engine.generate(prompts, params, seed=gen_seed, stop=stop)))
             elif kind == "close":
                 conn.send(("ok", None))
                 break
@@ -79,6 +90,8 @@ class ProcessEngine:
         seed: int = 1234,
         threads: int = 1,
         owner: bool = True,
+        dtype: str | None = None,
+        record_routes: bool = False,
     ):
         self.state_fn = state_fn
         self.version = 0
@@ -90,7 +103,7 @@ class ProcessEngine:
             self._conn, child = ctx.Pipe()
             self._proc = ctx.Process(
                 target=_serve,
-                args=(child, model_args, vocab_size, speculative, seed, threads),
+                args=(child, model_args, vocab_size, speculative, seed, threads, dtype, record_routes),
                 daemon=True,
                 name="mtp-rl-rollout",
             )
@@ -109,10 +122,10 @@ class ProcessEngine:
             self._conn.send(msg)
             return self._reply()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int):
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, seed: int, stop=None):
         if self._conn is None:
             raise RuntimeError("rollout process engine: this rank does not own the rollout process")
-        return self._ask("generate", prompts, params, seed)
+        return self._ask("generate", prompts, params, seed, stop)
 
     def sync_weights(self) -> dict:
         """Send the current weights (every rank calls: the gather may be collective)."""

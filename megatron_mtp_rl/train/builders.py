@@ -27,6 +27,7 @@ from megatron_mtp_rl.models.provider import build_model as build_gpt
 from megatron_mtp_rl.rl import OCCConfig, OCCEstimator, RLLossConfig, zero_alignment_warning
 from megatron_mtp_rl.rl.advantages import ESTIMATORS, Estimator, sample_estimator
 from megatron_mtp_rl.rl.regimes import get_regime
+from megatron_mtp_rl.rl.rollout_correction import RolloutCorrection
 from megatron_mtp_rl.rollout.chat import prompt_format
 from megatron_mtp_rl.rollout.data import ArithTask, FilePromptSource
 from megatron_mtp_rl.rollout.engine import RemoteEngine, RolloutEngine
@@ -162,7 +163,13 @@ def build_data_source(cfg: RunConfig, tokenizer):
         if source.skipped:
             warn(f"--on-bad-row skip dropped {source.skipped} bad prompt row(s); the first: {source.problems[0]}")
         return source
-    return ArithTask(seed=cfg.seed, digits=d.arith_digits, ops=d.arith_ops, num_eval=d.num_eval_prompts)
+    return ArithTask(
+        seed=cfg.seed,
+        digits=d.arith_digits,
+        ops=d.arith_ops,
+        num_eval=d.num_eval_prompts,
+        max_digits=d.arith_max_digits,
+    )
 
 
 def build_model(cfg: RunConfig, model_args: ModelArgs):
@@ -201,7 +208,21 @@ def runtime_options(cfg: RunConfig) -> RuntimeOptions:
         recompute_granularity=par.recompute_granularity,
         recompute_method=par.recompute_method,
         recompute_num_layers=par.recompute_num_layers,
+        routing_replay=trainer_replays_routes(cfg),
     )
+
+
+def engine_records_routes(cfg: RunConfig, model_args: ModelArgs) -> bool:
+    """The engine returns each sample's MoE routes: R3, or an engine precision of its own
+    (``--rollout-dtype``: then ``rollout/routing_agreement`` is reported without R3)."""
+    al = cfg.algo
+    return bool(model_args.num_experts) and (al.use_rollout_routing_replay or cfg.rollout.rollout_dtype is not None)
+
+
+def trainer_replays_routes(cfg: RunConfig) -> bool:
+    """The trainer's MoE routers get megatron's RouterReplay (R3, R2, or agreement with the engine's routes)."""
+    al = cfg.algo
+    return al.use_rollout_routing_replay or al.use_routing_replay or cfg.rollout.rollout_dtype is not None
 
 
 def build_occ(cfg: RunConfig, model_args: ModelArgs) -> OCCEstimator | None:
@@ -241,8 +262,25 @@ def build_loss(cfg: RunConfig) -> RLLossConfig:
         mtp_loss_coef=mt.mtp_loss_coef,
         mtp_head_loss=mt.mtp_head_loss,
         mtp_head_coef=mt.mtp_head_coef,
-        tis_cap=al.tis_cap,
+        tis_cap=importance_cap(cfg) if al.rollout_is in ("none", "token") else None,
+        correction=RolloutCorrection.from_flags(
+            al.rollout_is if al.rollout_is not in ("none", "token") else "none",
+            importance_cap(cfg) if al.rollout_is not in ("none", "token") else None,
+            al.rollout_rs,
+            al.rollout_rs_bounds,
+            al.rollout_veto_threshold,
+        ),
     )
+
+
+def importance_cap(cfg: RunConfig) -> float | None:
+    """The truncation of π_old/π_rollout on the policy loss: --tis-cap, else --rollout-is-cap; with
+    --max-off-policy-steps K > 1 always on (AReaL's decoupled PPO; untruncated without a cap)."""
+    al = cfg.algo
+    cap = al.tis_cap if al.tis_cap is not None else al.rollout_is_cap
+    if cap is None and (cfg.rollout.max_off_policy_steps or 1) > 1:
+        return float("inf")
+    return cap
 
 
 # -- the reference model (KL) -----------------------------------------------------------------
@@ -283,17 +321,19 @@ def build_reference(cfg: RunConfig, run: Run) -> Reference | None:
     hf = is_hf_dir(path)
     if not hf and latest_checkpoint(path) is None:
         raise ConfigError(f"{flag} {path}: no checkpoint there for the KL reference (--kl-coef {cfg.algo.kl_coef})")
-    return Reference(_frozen_model(run.model_args, path), path)
+    # R3: the reference replays the engine's routes too (models/routing_replay.py)
+    replay = RuntimeOptions(routing_replay=cfg.algo.use_rollout_routing_replay)
+    return Reference(_frozen_model(run.model_args, path, runtime=replay), path)
 
 
-def _frozen_model(args: ModelArgs, path: str) -> torch.nn.Module:
+def _frozen_model(args: ModelArgs, path: str, runtime: RuntimeOptions | None = None) -> torch.nn.Module:
     """A model of ``args`` with the weights of ``path`` (our checkpoint, or an HF directory: each rank
     reads its own slices), in eval mode with no gradients."""
     from megatron_mtp_rl.hf.directory import is_hf_dir
     from megatron_mtp_rl.hf.load import load_hf
     from megatron_mtp_rl.train.checkpoint import load_checkpoint
 
-    model = build_gpt(args)
+    model = build_gpt(args, runtime=runtime)
     if is_hf_dir(path):
         load_hf(model, path)
     else:
@@ -347,11 +387,17 @@ def build_engine(cfg: RunConfig, run: Run, *, rollout_actor=None, engines=None) 
         return _ray_engine(cfg, run, rollout_actor)
     if cfg.rollout.rollout_engine == "sglang":
         return _sglang_engine(cfg, run, engines)
-    if cfg.rollout.async_rollout:
+    if cfg.rollout.async_rollout or cfg.rollout.max_off_policy_steps:
         return _process_engine(cfg, run)
     # the model's vocabulary, as the trainer normalises over it (a converted checkpoint may have more rows than
     # its tokenizer has ids): sampler and trainer log-probs then agree
-    return LocalEngine(run.gpt, vocab_size=run.model_args.vocab_size, speculative=cfg.rollout.local_spec_decode)
+    return LocalEngine(
+        run.gpt,
+        vocab_size=run.model_args.vocab_size,
+        speculative=cfg.rollout.local_spec_decode,
+        dtype=cfg.rollout.rollout_dtype,
+        record_routes=engine_records_routes(cfg, run.model_args),
+    )
 
 
 def _process_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
@@ -376,6 +422,8 @@ def _process_engine(cfg: RunConfig, run: Run) -> RolloutEngine:
         seed=cfg.seed,
         threads=torch.get_num_threads(),
         owner=leader,
+        dtype=cfg.rollout.rollout_dtype,
+        record_routes=engine_records_routes(cfg, run.model_args),
     )
     engine.sync_weights()
     return engine
@@ -465,6 +513,10 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
         export_dir=str(root / "sync"), flavour=flavour, engine_tp=ro.rollout_engine_tp,
         max_shard_size=ro.max_shard_size, master_address=_sender_address(ray_engines),
     )  # fmt: skip
+    if client is not None and cfg.algo.use_rollout_routing_replay:  # R3: answers carry the routes
+        pattern = run.model_args.moe_layer_pattern()
+        moe = [i for i, on in enumerate(pattern) if on]
+        client.route_shape = (len(pattern), run.model_args.moe_router_topk, moe, run.model_args.num_experts)
     if client is not None and client.supervisor is not None:
         client.supervisor.on_restart = lambda url: resync_engine(sync, url)
     engine = RemoteEngine(client, sync, name="sglang")
@@ -520,7 +572,14 @@ def _sglang_server_config(cfg: RunConfig, root, remote_code: bool = False, dtype
         port=ro.rollout_base_port,
         router_port=ro.rollout_router_port,
         host=ro.rollout_host,
-        engine_flags=defaults.engine_flags(ro.sglang_engine_flags, cpu=cpu, remote_code=remote_code, dtype=dtype),
+        engine_flags=defaults.engine_flags(
+            list(ro.sglang_engine_flags)
+            + (["--dtype", ro.rollout_dtype] if ro.rollout_dtype else [])
+            + (["--enable-return-routed-experts"] if cfg.algo.use_rollout_routing_replay else []),
+            cpu=cpu,
+            remote_code=remote_code,
+            dtype=dtype,
+        ),
         router_flags=list(ro.sglang_router_flags),
         startup_timeout_s=ro.rollout_startup_timeout,
         log_dir=str(root / "logs"),

@@ -7,8 +7,9 @@ ever receives a gradient, the optimizer starts fresh (weights-only load, no weig
 Adam's update of a parameter with zero gradient and zero moments is exactly 0. Each step
 generates rollouts with the loaded policy (which heal cannot change), measures the draft's
 expected acceptance on them *before* training on them, then updates the MTP layers.
-Healing stops after ``--num-steps`` or when that acceptance has not improved for
-``--patience`` steps. Acceptance on a fixed held-out rollout batch is printed before and
+Healing stops after ``--num-steps`` or when that acceptance's trend over the last
+``--patience`` steps rises by less than ``--min-gain`` (``train/heal_stop.py``: robust to the
+per-step rollout noise). Acceptance on a fixed held-out rollout batch is printed before and
 after, per depth. The saved checkpoint is read back and its main parameters compared,
 bit for bit, with the input's.
 """
@@ -29,6 +30,7 @@ from megatron_mtp_rl.platform.device import collective_device
 from megatron_mtp_rl.rl.head_loss import HeadOnlyLoss
 from megatron_mtp_rl.rl.loss import step_denominators
 from megatron_mtp_rl.train.checkpoint import load_checkpoint
+from megatron_mtp_rl.train.heal_stop import TrendStop
 from megatron_mtp_rl.train.loop import LoopState, close, is_logging_rank, prepare, save
 from megatron_mtp_rl.train.metrics import MetricsWriter, WandbSettings, print_progress
 from megatron_mtp_rl.train.microbatches import same_count_micro_batches
@@ -145,7 +147,8 @@ def _heal(ctx) -> dict:
         wandb=WandbSettings(log.wandb_project, log.wandb_run_name, log.wandb_mode, log.wandb_save_dir),
         run_config=asdict(cfg),
     )
-    history, best, since_best, step = [], float("-inf"), 0, 0
+    history, step = [], 0
+    plateau = TrendStop(cfg.mtp.heal_patience, cfg.mtp.heal_min_gain)
     # SIGTERM/SIGINT/--exit-duration-in-mins: stop healing after this step, save what is healed, exit.
     stop, stopped = GracefulStop(cfg.ckpt.exit_duration_in_mins).install(), False
     try:
@@ -160,12 +163,8 @@ def _heal(ctx) -> dict:
             if not log.quiet and is_logging_rank():
                 accs = " ".join(f"{m.get(f'mtp/accept_{k + 1}', float('nan')):.4f}" for k in range(num_depths))
                 print_progress(f"heal {step}/{cfg.num_steps} | accept {accs} | head loss {m['train/loss']:.4f}")
-            if mean_acc > best:
-                best, since_best = mean_acc, 0
-            else:
-                since_best += 1
-                if since_best >= cfg.mtp.heal_patience:
-                    break
+            if plateau.update(mean_acc):
+                break
             if step < cfg.num_steps and stop.should_stop():  # collective: every rank stops here
                 stopped = True
                 break

@@ -24,6 +24,7 @@ from megatron_mtp_rl.models.generation import SamplingParams
 from megatron_mtp_rl.platform.device import collective_device
 from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
 from megatron_mtp_rl.rollout.dump import RolloutDumper
+from megatron_mtp_rl.rollout.partial import PartialRollout
 from megatron_mtp_rl.rollout.tokenizer import CHECKPOINT_TOKENIZER_DIR, copy_tokenizer_files
 from megatron_mtp_rl.train.builders import (
     Run,
@@ -50,6 +51,7 @@ class LoopState:
     step: int = 0
     cursor: int = 0
     pending: dict | None = None  # --async-rollout: the generated, not yet trained next batch
+    partial: dict | None = None  # --partial-rollout: the buffer of unfinished samples
 
 
 def is_logging_rank() -> bool:
@@ -88,9 +90,16 @@ def prepare(cfg: RunConfig, *, rollout_actor=None, engines=None) -> tuple[StepCo
     ctx = StepContext(cfg, run, engine, rollout, build_advantage_estimator(cfg), build_loss(cfg), reference, dumper)
     ctx.critic = critic
     ctx.teacher = build_teacher(cfg, run)
-    if cfg.rollout.async_rollout:
-        ctx.ahead = OneStepAhead()
+    ro = cfg.rollout
+    if ro.async_rollout or ro.max_off_policy_steps:
+        ctx.ahead = OneStepAhead(depth=ro.max_off_policy_steps or 1)
         ctx.ahead.load_state_dict(state.pending)
+    if ro.partial_rollout:
+        over = (
+            ro.over_sampling_batch_size or 2 * ro.rollout_batch_size
+        ) // parallel_state.get_data_parallel_world_size()
+        ctx.partial = PartialRollout(over, ro.max_off_policy_steps, ro.mask_offpolicy_in_partial_rollout)
+        ctx.partial.load_state_dict(state.partial)
     return ctx, state
 
 
@@ -210,6 +219,7 @@ def trainer_state(run: Run, state: LoopState) -> dict:
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         "mtp_regime": run.cfg.mtp.mtp_regime if run.cfg.command == "train" else "pretrain",
         "async_rollout": _per_rank(state.pending),
+        "partial_rollout": _per_rank(state.partial),
     }
 
 
@@ -255,6 +265,8 @@ def save(ctx: StepContext, state: LoopState) -> None:
     if ctx.ahead is not None:
         ctx.ahead.wait()
         state.pending = ctx.ahead.state_dict()
+    if ctx.partial is not None:
+        state.partial = ctx.partial.state_dict()
     parts = {CRITIC_DIR: (ctx.critic.model, ctx.critic.optimizer)} if ctx.critic is not None else None
     save_checkpoint(c.save, state.step, r.model, r.optimizer, trainer_state(r, state), c.keep_last, parts=parts)
     # the checkpoint carries its HF tokenizer, so --load of it needs no --tokenizer
@@ -317,7 +329,8 @@ def resume(cfg: RunConfig, run: Run) -> LoopState:
         np.random.set_state(saved_state["rng"]["numpy"])
         torch.set_rng_state(saved_state["rng"]["torch"])
     pending = _my_pending(saved_state.get("async_rollout"))
-    return LoopState(step=saved_state["step"], cursor=saved_state["cursor"], pending=pending)
+    partial = _my_pending(saved_state.get("partial_rollout"))
+    return LoopState(step=saved_state["step"], cursor=saved_state["cursor"], pending=pending, partial=partial)
 
 
 def _is_pretrain(trainer_state: dict) -> bool:

@@ -266,7 +266,12 @@ def build_micro_batches(
         # The engine's log-probs (rollout–trainer mismatch metrics, --tis-cap), when it returned them.
         has_lp = all(len(x.logprobs) == len(x.response_ids) for x in chunk)
         rollout_lp = torch.zeros(batch.tokens.shape, dtype=torch.float32) if has_lp else None
-        rl_batch = RLBatch(**batch.__dict__, advantages=adv, rollout_logprobs=rollout_lp)
+        rl_batch = RLBatch(
+            **batch.__dict__,
+            advantages=adv,
+            rollout_logprobs=rollout_lp,
+            routes=pack_routes(chunk, where, batch.tokens.shape),
+        )
         for j, (x, a, (row, start, n)) in enumerate(zip(chunk, advantages[s : s + mbs], where)):
             adv[row, start + len(x.prompt_ids) - 1 : start + n - 1] = a
             if x.loss_mask is not None:  # tool / environment tokens: context only, out of every loss term
@@ -276,6 +281,22 @@ def build_micro_batches(
             if spans is not None and keys is not None:
                 spans[keys[s + j]] = (rl_batch, row, start + len(x.prompt_ids) - 1, start + n - 1)
         out.append(rl_batch)
+    return out
+
+
+def pack_routes(chunk: list[Sample], where: list[tuple], shape) -> torch.Tensor | None:
+    """The samples' engine MoE routes in the packed frame ``[B, S, L, K]`` int16 (−1: none), when every
+    sample has them (R3; models/routing_replay.py)."""
+    if not chunk or any(getattr(x, "routes", None) is None for x in chunk):
+        return None
+    r0 = chunk[0].routes
+    out = torch.full((*shape, *r0.shape[1:]), -1, dtype=torch.int16)
+    for x, (row, start, n) in zip(chunk, where):
+        if x.routes.shape[0] != n - 1:
+            raise ValueError(
+                f"a sample's routes cover {x.routes.shape[0]} tokens, expected {n - 1} (prompt + response - 1)"
+            )
+        out[row, start : start + n - 1] = x.routes.to(torch.int16)
     return out
 
 

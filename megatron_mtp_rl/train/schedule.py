@@ -80,8 +80,14 @@ def forward_backward(
 
     def step(data_iterator, m):
         # The one place batches (built on the CPU) move to the model's device.
-        batch = next(data_iterator).to(device)
+        raw = next(data_iterator)
+        batch = raw.to(device)
+        replay = getattr(unwrap(m), "route_replay", None)  # MoE routing replay (models/routing_replay.py)
+        if replay is not None:
+            replay.before_forward(raw)
         out = forward_fn(m, batch, **forward_kwargs)
+        if replay is not None:
+            replay.after_forward(raw)
         if loss_fn is None:
             return out, _collect
         return out, partial(_loss, batch, compat.stage_input(unwrap(m)))

@@ -27,14 +27,15 @@ from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.platform.device import collective_device, peak_memory_gb
 from megatron_mtp_rl.rl.advantages import AdvantageInputs, Estimator, gae_returns, overlong_penalty, token_advantages
 from megatron_mtp_rl.rl.loss import RLBatch, RLLoss, RLLossConfig, step_denominators
-from megatron_mtp_rl.rl.metric_values import read
+from megatron_mtp_rl.rl.metric_values import MAX_KIND, read
 from megatron_mtp_rl.rl.occ import OCCEstimator
 from megatron_mtp_rl.rollout.async_rollout import OneStepAhead
 from megatron_mtp_rl.rollout.dump import RolloutDumper
 from megatron_mtp_rl.rollout.engine import RolloutEngine
 from megatron_mtp_rl.rollout.manager import RolloutBatch, Sample
+from megatron_mtp_rl.rollout.partial import PartialRollout
 from megatron_mtp_rl.rollout.reward_sandbox import check_step_rewards
-from megatron_mtp_rl.train import faults
+from megatron_mtp_rl.train import faults, routing
 from megatron_mtp_rl.train.builders import Reference, Rollout, Run
 from megatron_mtp_rl.train.critic import Critic
 from megatron_mtp_rl.train.microbatches import (  # noqa: F401 (build_micro_batches re-exported)
@@ -63,6 +64,7 @@ class StepContext:
     ahead: OneStepAhead | None = None  # --async-rollout: the next step's batch, generated during this one
     critic: Critic | None = None  # --advantage-estimator gae
     teacher: Reference | None = None  # --advantage-estimator opd: the distillation teacher
+    partial: PartialRollout | None = None  # --partial-rollout: the buffer of unfinished samples
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -85,6 +87,7 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
     early = sample_advantages(ctx, batch.samples, shaped) if balance_on(ctx.cfg.optim) else None
     minibatches = pack_minibatches(ctx, batch.samples, early, step, spans=spans)
     old_and_ref_logprobs(ctx, minibatches)
+    metrics.update(routing.agreement_metrics(ctx))
     adv = early if early is not None else advantages(ctx, shaped, spans)
     critic_targets(ctx, shaped, spans)
     dump_rollouts(ctx, step, batch.samples, adv, spans)
@@ -105,28 +108,50 @@ def rl_step(ctx: StepContext, step: int, cursor: int) -> tuple[dict, int]:
 def generate(ctx: StepContext, step: int, cursor: int) -> tuple[RolloutBatch, int]:
     """This DP rank's groups of samples, with rewards; advances the shared data cursor.
 
-    ``--async-rollout``: the batch was generated during the previous step (rollout/async_rollout.py);
-    the next step's starts here, in a thread, with the weights the engine holds now.
+    ``--async-rollout`` / ``--max-off-policy-steps K``: the batch was generated during step ``step - K``
+    (rollout/async_rollout.py); step ``step + K``'s starts here, in a thread, with the weights the engine
+    holds now.
     """
     dp = parallel_state.get_data_parallel_world_size()
     if ctx.ahead is None:
         with generation_phase(ctx.engine) as handoff:  # colocated: the engines' turn on the GPUs
-            batch = on_mp_leader(ctx.engine, _rollout_fn(ctx, step, cursor))
+            batch = on_mp_leader(ctx.engine, _rollout_fn(ctx, step, cursor, step - 1))
         batch.metrics.update(handoff)
         return batch, cursor + max_over_dp(batch.prompts_consumed) * dp
-    if ctx.ahead.step != step:  # the run's first step (or a resume without a pending batch)
-        ctx.ahead.submit(step, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, step, cursor)))
-    batch, lag = ctx.ahead.take(step)
-    batch = _broadcast_from_mp_leader(ctx.engine, batch)
-    cursor += max_over_dp(batch.prompts_consumed) * dp
-    if step < ctx.cfg.num_steps:  # engine holds θ_{step-1}: batch step+1 is one step off-policy
-        ctx.ahead.submit(step + 1, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, step + 1, cursor)))
-    batch.metrics["rollout/policy_lag"] = float(lag)
+    ah, last = ctx.ahead, ctx.cfg.num_steps
+    if ah.gen_cursor is None:
+        ah.gen_cursor = cursor
+    _settle(ctx, ah)
+    while ah.next_step <= min(step + ah.depth - 1, last):  # the run's first step, or a resume without them
+        b = ah.next_step
+        ah.submit(b, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, b, ah.gen_cursor, step - 1)))
+        ah.wait()
+        _settle(ctx, ah)
+    consumed = ah.consumed(step)
+    batch, lag = ah.take(step)
+    cursor += consumed
+    if step + ah.depth <= last:  # engine holds θ_{step-1}: batch step+K is K steps off-policy
+        b = step + ah.depth
+        ah.submit(b, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, b, ah.gen_cursor, step - 1)))
+    batch.metrics.setdefault("rollout/policy_lag", float(lag))
+    batch.metrics.setdefault("rollout/policy_lag_max", float(lag))
+    batch.metrics.setdefault("rollout/stale_dropped", 0.0)
     return batch, cursor
 
 
-def _rollout_fn(ctx: StepContext, step: int, cursor: int) -> Callable[[], RolloutBatch]:
-    """The ``--rollout-function`` call that generates step ``step``'s batch from ``cursor``."""
+def _settle(ctx: StepContext, ah: OneStepAhead) -> None:
+    """Generated batches: every rank of the model-parallel group gets them, the data cursor counts them."""
+    dp = parallel_state.get_data_parallel_world_size()
+    for b in ah.unsettled():
+        batch = _broadcast_from_mp_leader(ctx.engine, ah.batches[b][1])
+        ah.settle(b, batch, max_over_dp(batch.prompts_consumed) * dp)
+
+
+def _rollout_fn(ctx: StepContext, step: int, cursor: int, weights_step: int) -> Callable[[], RolloutBatch]:
+    """The ``--rollout-function`` call that generates step ``step``'s batch from ``cursor``.
+
+    ``weights_step``: trainer steps done when the engine got the weights it generates with (partial
+    rollouts number every token's weights with it)."""
     cfg = ctx.cfg
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     consumed = [0]
@@ -136,13 +161,16 @@ def _rollout_fn(ctx: StepContext, step: int, cursor: int) -> Callable[[], Rollou
         consumed[0] += count
         return [p for i in idx for p in ctx.run.source.take(i, 1)]
 
-    return lambda: ctx.rollout.rollout_fn(
+    extra = {} if ctx.partial is None else {"version": weights_step, "train_version": step - 1}
+    fn = ctx.rollout.rollout_fn if ctx.partial is None else ctx.partial
+    return lambda: fn(
         ctx.rollout.manager,
         fetch,
         num_prompts=cfg.rollout.rollout_batch_size // dp,
         seed=step_seed(cfg.seed, step, dp_rank),
         group_filter=ctx.rollout.group_filter,
         max_rounds=cfg.algo.max_sampling_rounds,
+        **extra,
     )
 
 
@@ -210,9 +238,10 @@ def pack_minibatches(
 def old_and_ref_logprobs(ctx: StepContext, minibatches: list[list[RLBatch]]) -> None:
     """θ_old scores every micro-batch (main and, when trained, MTP heads); the reference and the critic too."""
     all_mbs = [mb for m in minibatches for mb in m]
-    compute_old_logprobs(ctx.run.model, all_mbs, with_mtp=ctx.loss_cfg.regime.runs_mtp)
-    if ctx.reference is not None:
-        ctx.reference.score(all_mbs)
+    with routing.old_pass(ctx):  # R3 / R2: the routes this step's passes replay (train/routing.py)
+        compute_old_logprobs(ctx.run.model, all_mbs, with_mtp=ctx.loss_cfg.regime.runs_mtp)
+        if ctx.reference is not None:
+            ctx.reference.score(all_mbs)
     if ctx.critic is not None:
         for mb, values in zip(all_mbs, ctx.critic.values(all_mbs)):
             mb.values = values
@@ -431,9 +460,14 @@ def reduce_metrics(per_microbatch: list[dict], group=None) -> dict[str, float]:
         return {}
     keys = sorted(per_microbatch[0])
     dev = collective_device(group)
-    t = torch.stack([torch.stack([m[k].to(dev) for m in per_microbatch]).sum(0) for k in keys]).double()
+    rows = [torch.stack([m[k].to(dev) for m in per_microbatch]).double() for k in keys]
+    t = torch.stack([r.sum(0) for r in rows])
+    is_max = torch.tensor([bool(r[0, 2] == MAX_KIND) for r in rows], device=dev)
+    t_max = torch.stack([r[:, 0].max() for r in rows])  # maxima (rl/metric_values.py:maximum)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
+        dist.all_reduce(t_max, op=dist.ReduceOp.MAX, group=group)
+    t[is_max, 0], t[is_max, 2] = t_max[is_max], MAX_KIND
     out = {}
     for k, (s, c, is_mean) in zip(keys, t.tolist()):
         value = read(s, c, is_mean)
@@ -452,6 +486,8 @@ def average_updates(per_update: list[dict]) -> dict:
             out[k] = vals[-1]
         elif k in ("train/skipped_steps", "critic/skipped_steps"):
             out[k] = float(sum(vals))
+        elif k.endswith("_max"):
+            out[k] = max(vals)
         else:
             finite = [v for v in vals if v == v]
             out[k] = sum(finite) / len(finite) if finite else float("nan")

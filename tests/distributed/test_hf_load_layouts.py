@@ -5,7 +5,8 @@ index, bf16 with GLM's fp32 router bias, MTP layers). For each family and layout
 both ranks build their shard of the model twice: once filled by ``load_hf`` straight from the HF
 directory, once from the checkpoint ``hf-to-mcore`` wrote in one process — every tensor must be equal,
 bit for bit, and no rank may read any HF tensor twice. Then ``hf-to-mcore`` itself runs on the two
-ranks (EP=2 for GLM-4.5, PP=2 for Qwen3-MoE) and its checkpoint must equal the one-process one.
+ranks (EP=2 for GLM-4.5, PP=2 for Qwen3-MoE) and its checkpoint must equal the one-process one, and
+``mcore-to-hf`` on the two ranks must write the one-process export's tensors.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def releases(tmp_path_factory, single_process):
         tool.hf_to_mcore(hf, root / "mcore")  # --dtype auto: bf16 weights, GLM's fp32 bias kept
         out[family] = (str(hf), str(root / "mcore"))
     return out
+
+
+def _hf_tensors(hf_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(hf_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
 def _local_state(model) -> dict[str, torch.Tensor]:
@@ -80,6 +87,8 @@ def _worker(rank, world, releases, out_root):
             platform.initialize(platform.ParallelSizes(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                                        expert_model_parallel_size=ep), seed=7)  # fmt: skip
             tool.hf_to_mcore(hf, f"{out_root}/{family}-2ranks", parallel=layout)
+            # and back, streamed from the checkpoint (meta-device model, a group of tensors at a time)
+            tool.mcore_to_hf(mcore, f"{out_root}/{family}-hf-2ranks", parallel=layout, max_shard_size="40KB")
     return results
 
 
@@ -109,5 +118,12 @@ def test_direct_hf_load_equals_convert_then_load_on_two_ranks(tmp_path, releases
         two, _, _ = tool._load_model(tmp_path / f"{family}-2ranks")
         b = _local_state(two)
         assert sorted(a) == sorted(b)
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], family
+        platform.destroy()
+        # mcore-to-hf on 2 ranks writes the one-process export's tensors (the shards differ: under EP
+        # a parameter's experts come out by rank, under PP each stage fills its own shards)
+        one_hf = tool.mcore_to_hf(mcore, tmp_path / f"{family}-hf-1rank", max_shard_size="40KB")
+        a, b = _hf_tensors(one_hf), _hf_tensors(tmp_path / f"{family}-hf-2ranks")
+        assert len(list(one_hf.glob("*.safetensors"))) > 2 and sorted(a) == sorted(b), family
         assert [k for k in a if not torch.equal(a[k], b[k])] == [], family
     platform.destroy()

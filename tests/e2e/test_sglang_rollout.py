@@ -129,3 +129,41 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
                 assert size <= limit or len(body["names"]) == 1
     # 2 steps × 4 prompts × 4 samples, eval off: every sample generated exactly once, via the router
     assert sum(st["generate_count"] for st in states) == 2 * 4 * 4
+
+
+@pytest.mark.slow
+def test_r3_through_fake_sglang_replays_the_engine_routes(tmp_path):
+    """--use-rollout-routing-replay with SGLang: the engine is started with --enable-return-routed-experts,
+    every request asks for the routes, the samples carry them and the trainer replays them."""
+    port = free_port()
+    cfg = parse_config(
+        [
+            *FAST,
+            "--preset",
+            "tiny-moe",
+            "--num-steps",
+            "1",
+            "--rollout-engine",
+            "sglang",
+            "--rollout-server-cmd",
+            f"{sys.executable} {FAKE}",
+            "--rollout-base-port",
+            str(port),
+            "--rollout-hf-dir",
+            str(tmp_path / "hf"),
+            "--use-rollout-routing-replay",
+        ]  # fmt: skip
+    )
+    ctx, state = prepare(cfg)
+    try:
+        url = ctx.engine.client.engine_urls[0]
+        m, state.cursor = rl_step(ctx, 1, state.cursor)
+        st = _state(url)
+    finally:
+        close(ctx)
+    assert "--enable-return-routed-experts" in st["argv"]
+    gens = [e["body"] for e in st["log"] if e["route"] == "/generate"]
+    assert gens and all(b["return_routed_experts"] and b["routed_experts_start_len"] == 0 for b in gens)
+    # the fake's experts are not the model's: the trainer agrees with them on few (token, layer) pairs
+    assert 0.0 <= m["rollout/routing_agreement"] < 0.9
+    assert m["rollout/mismatch_kl"] >= 0.0

@@ -200,3 +200,20 @@ def test_colocated_offload_frees_the_gpu_and_restores_bit_for_bit(cuda_group):
         torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)) for a, b in zip(before, after)
     ]
     assert len(after) == len(before) and all(same)
+
+
+def test_r3_with_the_real_sglang_server(tmp_path):
+    """--use-rollout-routing-replay against a real SGLang 0.5.23 (--enable-return-routed-experts
+    pins host memory through CUDA: it dies at start-up on CPU, so this is the only check of the real
+    answer's layout end to end). The engine and the trainer hold the same weights: most routes agree."""
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is None:
+        pytest.skip("sglang is not installed in this environment")
+    out = tmp_path / "m.jsonl"
+    _cli("train", "--preset", "tiny-moe", "--rollout-engine", "sglang", "--rollout-num-engines", "1",
+         "--use-rollout-routing-replay", "--num-steps", "1", "--rollout-hf-dir", str(tmp_path / "hf"),
+         "--metrics-jsonl", str(out), *TINY, timeout=900)  # fmt: skip
+    rows = [r for r in _rows(out) if r["step"] > 0]
+    assert rows and 0.5 < rows[-1]["rollout/routing_agreement"] <= 1.0
+    assert rows[-1]["rollout/mismatch_kl"] >= 0.0

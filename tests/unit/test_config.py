@@ -107,7 +107,9 @@ def test_choices_mirror_the_rl_modules():
     from megatron_mtp_rl.rl.occ import BASELINES, REDUCE_MODES
     from megatron_mtp_rl.rl.policy_loss import AGG_MODES, KL_TYPES
     from megatron_mtp_rl.rl.regimes import REGIMES
+    from megatron_mtp_rl.rl.rollout_correction import LEVELS
 
+    assert C.CORRECTION_LEVELS == LEVELS
     assert (C.REGIMES, C.AGG_MODES, C.KL_TYPES) == (REGIMES, AGG_MODES, KL_TYPES)
     assert (C.OCC_BASELINES, C.OCC_REDUCE_MODES) == (BASELINES, REDUCE_MODES)
 
@@ -125,3 +127,18 @@ def test_cli_prints_one_line_errors_and_help_needs_no_torch(tmp_path):
     assert out.returncode == 2 and out.stderr == f"error: {bad}:1: num-steps: expected an integer, got 1.5\n"
     out = subprocess.run([sys.executable, "-c", code, "train", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "--dynamic-sampling-filter" in out.stdout, out.stderr[-500:]
+
+
+def test_long_generation_flags_are_checked():
+    from megatron_mtp_rl.config import parse_config, validate
+
+    def problems(*flags):
+        return validate(parse_config(list(flags)), 1)
+
+    assert problems("--partial-rollout", "--max-off-policy-steps", "2", "--rollout-is-cap", "2") == []
+    assert problems("--over-sampling-batch-size", "32") == ["--over-sampling-batch-size needs --partial-rollout"]
+    assert "below --rollout-batch-size" in problems("--partial-rollout", "--over-sampling-batch-size", "4")[0]
+    assert (
+        "--rollout-temperature must be 1" in problems("--max-off-policy-steps", "2", "--rollout-temperature", "0.5")[0]
+    )
+    assert "--rollout-function" in problems("--partial-rollout", "--rollout-function", "a:b")[0]

@@ -284,3 +284,16 @@ def test_tokenizer_files_travel_with_the_checkpoint(tmp_path, hf_dir, hf_tok):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match=r"empty holds no tokenizer files \(expected one of tokenizer.json"):
         build_tokenizer(str(tmp_path / "empty"))
+
+
+def test_long_tailed_arith_has_mostly_short_and_some_long_answers():
+    task = ArithTask(seed=0, digits=1, ops="+*", num_eval=20, max_digits=3)
+    prompts = task.take(0, 2000)
+    lengths = [len(p.label) for p in prompts]
+    assert min(lengths) == 1 and max(lengths) == 6  # answers of 1 to 6 digits
+    short = sum(n <= 2 for n in lengths)
+    assert short > len(lengths) // 2 > sum(n >= 4 for n in lengths) > 20  # a long tail: rare, present
+    for p in prompts[:200]:
+        a, op, b = p.text[:-1].partition("*") if "*" in p.text else p.text[:-1].partition("+")
+        assert p.label == str(int(a) * int(b) if op == "*" else int(a) + int(b))
+    assert task.take(5, 3) == ArithTask(seed=0, digits=1, ops="+*", num_eval=20, max_digits=3).take(5, 3)

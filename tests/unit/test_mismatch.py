@@ -80,3 +80,25 @@ def test_a_mismatch_that_measured_nothing_is_absent_not_zero():
     assert without["train/policy_loss"] == pytest.approx(2 * -(1.0 - 1.0 + 2.0) / 3)  # sums stay sums
     mixed = reduce_metrics([metrics(_batch(False)), metrics(_batch(True))])
     assert mixed["rollout/logprob_abs_diff"] == pytest.approx((math.log(2) + 0 + math.log(2)) / 3)
+
+
+@pytest.mark.parametrize("cap", [None, 1.5])
+def test_decoupled_loss_of_off_policy_steps_equals_a_hand_computation(cap):
+    """--max-off-policy-steps 2: each token's clipped surrogate (clip around π_old) weighted by
+    π_old/π_behaviour, truncated by --rollout-is-cap."""
+    from megatron_mtp_rl.config import parse_config
+    from megatron_mtp_rl.models.mtp_forward import HeadLogProbs
+    from megatron_mtp_rl.train.builders import build_loss
+
+    flags = ["--max-off-policy-steps", "2", "--mtp-regime", "none"] + (["--rollout-is-cap", str(cap)] if cap else [])
+    cfg = build_loss(parse_config(flags))
+    assert cfg.tis_cap == (cap or math.inf)
+    assert build_loss(parse_config(["--max-off-policy-steps", "1", "--mtp-regime", "none"])).tis_cap is None
+    den = StepDenominators(main=Denominators(tokens=3.0, sequences=1.0))
+    batch = _batch(True)
+    out = HeadLogProbs(logprobs=torch.log(torch.tensor([[0.6, 0.3, 0.3, 0.5]])), loss_mask=batch.loss_mask)
+    loss, _ = RLLoss(cfg, den)(batch, out)
+    # r = π/π_old = 1.2, 0.6, 1.5; A = 1, −1, 2; ε = 0.2: min(rA, clip(r)A) = 1.2, −0.8, 2.4
+    # w = π_old/π_behaviour = 2, 1, 0.5 (2 → 1.5 with the cap)
+    w0 = cap or 2.0
+    assert float(loss) == pytest.approx(-(w0 * 1.2 + 1.0 * -0.8 + 0.5 * 2.4) / 3, rel=1e-5)

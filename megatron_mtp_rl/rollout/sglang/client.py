@@ -97,6 +97,7 @@ class SGLangClient:
         self.stats["stale_answers"] = 0
         self._session: aiohttp.ClientSession | None = None
         self._sem: asyncio.Semaphore | None = None
+        self.cancelled: set[str] = set()  # partial rollouts: rids aborted before they were sent
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> SGLangClient:
@@ -134,8 +135,14 @@ class SGLangClient:
         rid: str | None = None,
         sampling_seed: int | None = None,
         weight_version: int | None = None,
+        routed_experts_start_len: int | None = None,
+        abortable: bool = False,
     ) -> Completion:
         """One prompt → one Completion, with deadline, abort-on-timeout and bounded retries.
+
+        ``abortable`` (partial rollouts): an abort (``/abort_request`` by rid, a pause in abort mode)
+        is an answer, the tokens generated so far (rollout/sglang/partial.py); a rid in
+        ``self.cancelled`` before it was sent is answered without asking the server.
 
         ``weight_version``: the weights the answer must come from (rollout/weight_version.py). SGLang's
         request has no such field, so the answer's ``meta_info.weight_version`` is checked: one from
@@ -150,13 +157,21 @@ class SGLangClient:
             # A fresh rid per attempt: the aborted one may still be known to the server.
             arid = base_rid if attempt == 0 else f"{base_rid}.r{attempt}"
             arid += f".v{asked_again}" if asked_again else ""
-            payload = S.build_generate_payload(input_ids, params, rid=arid, sampling_seed=sampling_seed)
+            payload = S.build_generate_payload(
+                input_ids,
+                params,
+                rid=arid,
+                sampling_seed=sampling_seed,
+                routed_experts_start_len=routed_experts_start_len,
+            )
             try:
                 async with self._sem:
+                    if abortable and base_rid in self.cancelled:
+                        return Completion([], [], False, meta={"rid": arid, "aborted": True})
                     self.stats["requests"] += 1
                     async with asyncio.timeout(self.request_timeout_s):
                         body = await self._post_json(S.GENERATE, payload)
-                out = S.parse_generate_response(body, rid=arid)
+                out = S.parse_generate_response(body, rid=arid, partial_ok=abortable)
                 served = out.meta.get("weight_version")
                 if stale_answer(weight_version, served) is None:
                     out.meta["attempts"] = attempt + 1
@@ -200,10 +215,12 @@ class SGLangClient:
         rid_prefix: str | None = None,
         weight_version: int | None = None,
         first_index: int = 0,
+        routes_start: Sequence[int] | None = None,
     ) -> list[Completion]:
         """All prompts concurrently (bounded by the semaphore), results in prompt order.
 
         ``first_index``: the index of ``prompts[0]`` in the whole call (rids and sampling seeds follow it).
+        ``routes_start`` (R3): per prompt, the ``routed_experts_start_len`` to ask for (None: no routes).
 
         The first request that fails for good cancels the others and its error is raised.
         """
@@ -211,7 +228,12 @@ class SGLangClient:
         tasks = [
             asyncio.ensure_future(
                 self.generate(
-                    p, params, rid=f"{prefix}-{i}", sampling_seed=seed * 1_000_003 + i, weight_version=weight_version
+                    p,
+                    params,
+                    rid=f"{prefix}-{i}",
+                    sampling_seed=seed * 1_000_003 + i,
+                    weight_version=weight_version,
+                    routed_experts_start_len=routes_start[i - first_index] if routes_start is not None else None,
                 )
             )
             for i, p in enumerate(prompts, start=first_index)

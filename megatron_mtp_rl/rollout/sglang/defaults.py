@@ -37,6 +37,8 @@ CPU_ENGINE_FLAGS: dict[str, str | None] = {
     # SGLang maps a CPU engine's gpu id to a NUMA node to bind its threads: engine i's default
     # --base-gpu-id i would ask for node i, which a one-node machine lacks (the engine dies).
     "--base-gpu-id": "0",
+    # An idle scheduler otherwise busy-polls (half a core measured): the trainer shares the CPUs.
+    "--sleep-on-idle": None,
 }
 # TORCHDYNAMO_DISABLE: SGLang torch.compile's a few helpers (rotary, sampling, top-k); on CPU inductor
 # then compiles C++ during the first requests (minutes on 2 cores). Eager is also what the trainer computes.

@@ -23,14 +23,17 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 
-from megatron_mtp_rl.models.generation import SamplingParams
+from megatron_mtp_rl.models.generation import GroupStop, SamplingParams
+from megatron_mtp_rl.models.routing_replay import route_dtype
 from megatron_mtp_rl.rollout.engine import Completion
+from megatron_mtp_rl.rollout.sglang import schema as S
 from megatron_mtp_rl.rollout.sglang.client import SGLangClient
 from megatron_mtp_rl.rollout.sglang.gpu_only import refuse
+from megatron_mtp_rl.rollout.sglang.partial import generate_until
 from megatron_mtp_rl.rollout.sglang.server import (
     SGLangEngineLost,
     SGLangServerConfig,
-    SGLangServerError,  # noqa: F401  (re-exported: callers catch it from here)
+    SGLangServerError,
     SGLangSupervisor,
 )
 
@@ -69,6 +72,9 @@ class SGLangEngine:
             version_timeout_s=version_timeout_s,
         )
         self.max_concurrency = max_concurrency
+        # R3: (num_hidden_layers, topk, the trunk's MoE layer indices, experts) — answers carry routes,
+        # decoded to [tokens, MoE layers, topk] (models/routing_replay.py); None: no routes asked for
+        self.route_shape: tuple[int, int, list[int], int] | None = None
         self._rid_prefix = uuid.uuid4().hex[:8]
         self._calls = 0
         self._loop = asyncio.new_event_loop()
@@ -158,19 +164,42 @@ class SGLangEngine:
 
     # -- RolloutEngine ----------------------------------------------------------------------
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, *, seed: int, weight_version: int | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        seed: int,
+        weight_version: int | None = None,
+        stop: GroupStop | None = None,
+        routes_start: list[int] | None = None,
     ) -> tuple[list[Completion], dict]:
         """Completions in prompt order, plus throughput and speculative-decoding statistics.
 
         ``weight_version``: only answers from those weights count (rollout/weight_version.py).
+        ``stop``: partial rollouts, the rest aborted by rid once enough groups are done (sglang/partial.py).
+        ``routes_start`` (R3, multi-turn appends): per prompt, the first position whose route is
+        wanted (the earlier ones are known); default 0.
         """
         if self.supervisor is not None:
             self.supervisor.check()
-        return self._run(self.agenerate(prompts, params, seed=seed, weight_version=weight_version))
+        return self._run(
+            self.agenerate(
+                prompts, params, seed=seed, weight_version=weight_version, stop=stop, routes_start=routes_start
+            )
+        )
 
     async def agenerate(
-        self, prompts: list[list[int]], params: SamplingParams, *, seed: int, weight_version: int | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        seed: int,
+        weight_version: int | None = None,
+        stop: GroupStop | None = None,
+        routes_start: list[int] | None = None,
     ):
+        if self.route_shape is not None and routes_start is None:
+            routes_start = [0] * len(prompts)
         gen, engines = await self._clients()
         gens = [gen] if gen is not None else engines
         self._calls += 1
@@ -179,7 +208,22 @@ class SGLangEngine:
         t0 = time.perf_counter()
         # contiguous shares (a sample's seed follows its index in the call, whichever engine serves it)
         bounds = [len(prompts) * k // len(gens) for k in range(len(gens) + 1)]
-        shares = await asyncio.gather(
+        if stop is not None:
+            prefix = f"{self._rid_prefix}-{self._calls}"
+            outs = await generate_until(gens, prompts, params, stop, seed=seed, rid_prefix=prefix,
+                                        weight_version=weight_version)  # fmt: skip
+            shares = [outs]
+        else:
+            shares = await self._shares(gens, bounds, prompts, params, seed, weight_version, routes_start)
+        outs = [o for share in shares for o in share]
+        if self.route_shape is not None:
+            for o, p, start in zip(outs, prompts, routes_start):
+                o.routes = self._routes(o, len(p) + len(o.response_ids) - 1 - start)
+        seconds = time.perf_counter() - t0
+        return outs, self._stats(gens, outs, seconds, retries0, timeouts0)
+
+    async def _shares(self, gens, bounds, prompts, params, seed, weight_version, routes_start=None):
+        return await asyncio.gather(
             *(
                 g.generate_many(
                     prompts[a:b],
@@ -188,12 +232,13 @@ class SGLangEngine:
                     rid_prefix=f"{self._rid_prefix}-{self._calls}",
                     weight_version=weight_version,
                     first_index=a,
+                    routes_start=routes_start[a:b] if routes_start is not None else None,
                 )  # fmt: skip
                 for g, a, b in zip(gens, bounds, bounds[1:])
             )
         )
-        outs = [o for share in shares for o in share]
-        seconds = time.perf_counter() - t0
+
+    def _stats(self, gens, outs, seconds, retries0, timeouts0) -> dict:
         tokens = sum(len(o.response_ids) for o in outs)
         stats = {
             "rollout/gen_tokens_per_s": tokens / max(seconds, 1e-9),
@@ -206,7 +251,24 @@ class SGLangEngine:
         if spec:
             toks = sum(o.meta.get("completion_tokens", len(o.response_ids)) for o in spec)
             stats["rollout/spec_accept_len"] = toks / sum(o.meta["spec_verify_ct"] for o in spec)
-        return outs, stats
+        return stats
+
+    def _routes(self, out: Completion, rows: int):
+        """The answer's routes of the trunk's MoE layers, compact (uint8/int16)."""
+        b64 = out.meta.pop("routed_experts", None)
+        if b64 is None:
+            raise S.SGLangResponseError(
+                "the engine returned no routed_experts: start SGLang with --enable-return-routed-experts "
+                "(--use-rollout-routing-replay)"
+            )
+        layers, topk, moe, experts = self.route_shape
+        full = S.decode_routed_experts(b64, layers, topk)
+        if full.shape[0] != rows:
+            raise S.SGLangResponseError(f"routed_experts has {full.shape[0]} rows, expected {rows}")
+        routes = full[:, moe]
+        if routes.numel() and (int(routes.min()) < 0 or int(routes.max()) >= experts):
+            raise S.SGLangResponseError(f"routed_experts names an expert outside 0..{experts - 1}")
+        return routes.to(route_dtype(experts))
 
     def sync_weights(self) -> None:
         raise NotImplementedError(

@@ -21,6 +21,13 @@ showed, and this module relies on:
 * Of the routes we use, the router (sglang-router 0.3.2) serves ``/generate``, ``/health`` and
   ``/flush_cache``; abort, pause/continue and the weight-update routes are not in its binary, so
   they must go to every engine directly.
+* MoE routes (R3): a server started with ``--enable-return-routed-experts`` answers a request
+  with ``return_routed_experts`` with ``meta_info.routed_experts``, the base64 of int32
+  ``[seqlen − 1 − routed_experts_start_len, num_hidden_layers, num_experts_per_tok]``
+  (C order; ``state_capturer/routed_experts.py``, ``base.py:get_topk``): the rows of the input
+  tokens from ``routed_experts_start_len`` on (the last sampled token is never fed), every decoder
+  layer (a dense layer's columns are meaningless). ``routed_experts_start_len`` must be ≤ the
+  prompt's length (else the request is aborted); multi-turn appends ask only for the new rows.
 * ``/update_weights_from_tensor`` and ``/update_weights_from_distributed`` are refused unless a
   session is open: ``/begin_weight_update`` before, ``/end_weight_update`` after.
 """
@@ -78,7 +85,16 @@ ROUTE_REQUEST_CLASS: dict[str, str] = {
 
 # The fields we ever send, per request class (a subset of the wheel's; the tests check it).
 FIELDS_USED: dict[str, tuple[str, ...]] = {
-    "GenerateReqInput": ("rid", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "stream"),
+    "GenerateReqInput": (
+        "rid",
+        "input_ids",
+        "sampling_params",
+        "return_logprob",
+        "logprob_start_len",
+        "stream",
+        "return_routed_experts",
+        "routed_experts_start_len",
+    ),
     "SamplingParams": ("max_new_tokens", "temperature", "top_p", "stop_token_ids", "ignore_eos", "sampling_seed"),
     "AbortReq": ("rid", "abort_all"),
     "PauseGenerationReqInput": ("mode",),
@@ -148,14 +164,20 @@ class SGLangAbortedError(RuntimeError):
 
 
 def build_generate_payload(
-    input_ids: list[int], params: SamplingParams, *, rid: str, sampling_seed: int | None = None
+    input_ids: list[int],
+    params: SamplingParams,
+    *,
+    rid: str,
+    sampling_seed: int | None = None,
+    routed_experts_start_len: int | None = None,
 ) -> dict:
     """One non-streaming /generate request for token ids, asking for the output log-probs.
 
     ``eos_id=None`` means "never stop early" in our SamplingParams, so it maps to
     ``ignore_eos``; otherwise EOS goes in ``stop_token_ids`` (SGLang also stops at the model's
     own EOS ids). ``sampling_seed`` only takes effect on servers started with
-    ``--enable-deterministic-inference``; elsewhere SGLang ignores it.
+    ``--enable-deterministic-inference``; elsewhere SGLang ignores it. ``routed_experts_start_len``
+    (not None): ask for the MoE routes of the input tokens from that position on (R3).
     """
     sp: dict = {
         "max_new_tokens": int(params.max_new_tokens),
@@ -168,7 +190,7 @@ def build_generate_payload(
         sp["stop_token_ids"] = [int(t) for t in params.stops]
     if sampling_seed is not None:
         sp["sampling_seed"] = int(sampling_seed) % (2**63)
-    return {
+    out = {
         "rid": rid,
         "input_ids": [int(t) for t in input_ids],
         "sampling_params": sp,
@@ -176,6 +198,24 @@ def build_generate_payload(
         "logprob_start_len": -1,  # log-probs of the output tokens only
         "stream": False,
     }
+    if routed_experts_start_len is not None:
+        out.update(return_routed_experts=True, routed_experts_start_len=int(routed_experts_start_len))
+    return out
+
+
+def decode_routed_experts(b64: str, num_layers: int, topk: int):
+    """``meta_info.routed_experts`` → an int32 tensor ``[rows, num_layers, topk]``."""
+    import base64
+
+    import torch
+
+    raw = base64.b64decode(b64)
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.int32)
+    if flat.numel() % (num_layers * topk):
+        raise SGLangResponseError(
+            f"routed_experts holds {flat.numel()} ids, not a multiple of {num_layers} layers x top-{topk}"
+        )
+    return flat.reshape(-1, num_layers, topk)
 
 
 def finish_type(meta_info: dict) -> str | None:
@@ -188,14 +228,24 @@ def finish_type(meta_info: dict) -> str | None:
     return str(fr)
 
 
-def parse_generate_response(resp: dict, *, rid: str | None = None) -> Completion:
-    """A single-prompt /generate answer as a Completion; raises on abort or a malformed answer."""
+def parse_generate_response(resp: dict, *, rid: str | None = None, partial_ok: bool = False) -> Completion:
+    """A single-prompt /generate answer as a Completion; raises on abort or a malformed answer.
+
+    ``partial_ok`` (partial rollouts): an aborted answer is the tokens generated before the abort,
+    unfinished, with ``meta["aborted"]``."""
     if not isinstance(resp, dict) or not isinstance(resp.get("meta_info"), dict):
         raise SGLangResponseError(f"/generate answer has no meta_info: {str(resp)[:200]}")
     meta = resp["meta_info"]
     if rid is not None and meta.get("id") not in (None, rid):
         raise SGLangResponseError(f"/generate answered request {meta.get('id')!r}, expected {rid!r}")
     kind = finish_type(meta)
+    if kind == "abort" and partial_ok:
+        entries = meta.get("output_token_logprobs") or []
+        ids = [int(t) for t in (resp.get("output_ids") or [e[1] for e in entries])]
+        lps = [float(e[0]) for e in entries][: len(ids)]
+        if len(lps) != len(ids):  # no log-probs for some of them: keep the prefix that has both
+            ids = ids[: len(lps)]
+        return Completion(ids, lps, False, meta={"rid": meta.get("id", rid), "aborted": True})
     if kind == "abort":
         fr = meta.get("finish_reason") or {}
         raise SGLangAbortedError(f"request {rid or meta.get('id')} aborted by the server: {fr.get('message', '')}")
@@ -222,6 +272,8 @@ def parse_generate_response(resp: dict, *, rid: str | None = None) -> Completion
     for key in _META_KEYS:
         if meta.get(key) is not None:
             out_meta[key] = meta[key]
+    if meta.get("routed_experts") is not None:  # decoded by the engine, which knows the model's shape
+        out_meta["routed_experts"] = meta["routed_experts"]
     return Completion(response_ids=ids, logprobs=logprobs, finished=kind == "stop", meta=out_meta)
 
 
@@ -233,6 +285,7 @@ __all__ = [
     "SGLangAbortedError",
     "SGLangResponseError",
     "build_generate_payload",
+    "decode_routed_experts",
     "finish_type",
     "parse_generate_response",
 ]

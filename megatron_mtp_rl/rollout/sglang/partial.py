@@ -1,0 +1,68 @@
+"""Partial rollouts against SGLang: stop once enough groups are done, abort the rest by request id.
+
+Every request is in flight at once (each with its own remaining token budget); as answers come
+back the groups whose samples are all done are counted, and once ``stop.count`` are, every other
+request is aborted with ``/abort_request`` by its rid. SGLang answers an aborted request with the
+tokens it had generated (``finish_reason`` abort), which come back as unfinished completions
+marked ``meta["aborted"]``; the trainer keeps them and continues them at a later step
+(rollout/partial.py). A request still waiting for a connection when the stop comes is never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from megatron_mtp_rl.models.sampling_params import GroupStop, SamplingParams
+from megatron_mtp_rl.rollout.engine import Completion
+
+
+async def generate_until(
+    clients: list, prompts: list[list[int]], params: SamplingParams, stop: GroupStop, *, seed: int,
+    rid_prefix: str, weight_version: int | None = None,
+) -> list[Completion]:  # fmt: skip
+    """Completions in prompt order; requests are dealt to ``clients`` in contiguous shares."""
+    n = len(prompts)
+    limits = stop.limits or (params.max_new_tokens,) * n
+    owner = [clients[i * len(clients) // n] for i in range(n)]
+    rids = [f"{rid_prefix}-{i}" for i in range(n)]
+    tasks = [
+        asyncio.ensure_future(
+            owner[i].generate(
+                prompts[i],
+                replace(params, max_new_tokens=max(1, limits[i])),
+                rid=rids[i],
+                sampling_seed=seed * 1_000_003 + i,
+                weight_version=weight_version,
+                abortable=True,
+            )
+        )
+        for i in range(n)
+    ]
+    index = {t: i for i, t in enumerate(tasks)}
+    left: dict[int, int] = {}
+    for g in stop.groups:
+        left[g] = left.get(g, 0) + 1
+    done_groups = 0
+    pending = set(tasks)
+    try:
+        while pending and done_groups < stop.count:
+            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in finished:
+                t.result()  # a request that failed for good fails the call
+                g = stop.groups[index[t]]
+                left[g] -= 1
+                done_groups += left[g] == 0
+        if pending:
+            for t in pending:
+                owner[index[t]].cancelled.add(rids[index[t]])
+            await asyncio.gather(*(owner[index[t]].abort_request(rids[index[t]]) for t in pending))
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    finally:
+        for i in range(n):
+            owner[i].cancelled.discard(rids[i])

@@ -1,0 +1,236 @@
+"""Partial rollouts: stop between decoding steps, continue later, train each sample once."""
+
+import copy
+
+import pytest
+import torch
+
+from megatron_mtp_rl.models.generation import GroupStop, SamplingParams, generate
+from megatron_mtp_rl.rollout.data import Prompt
+from megatron_mtp_rl.rollout.engine import Completion
+from megatron_mtp_rl.rollout.manager import RolloutManager
+from megatron_mtp_rl.rollout.partial import PartialRollout
+
+EOS = 1
+
+
+class _Stats:
+    errors = 0
+
+
+class _Scorer:
+    stats = _Stats()
+
+    def score(self, items):
+        return [float(len(resp.split())) for _, resp, _ in items]  # rewards differ between samples
+
+
+class _Tok:
+    bos_id = None
+
+    def encode(self, text):
+        return [int(text), 7]  # [length of the answer, marker]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+class _StepEngine:
+    """Decodes one token per live row per step: the answer to [L, 7] is 100, 101, ..., then EOS at
+    length L, whatever was generated before (a deterministic 'model'); honours GroupStop."""
+
+    remote = False
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, params, *, seed, stop=None):
+        self.calls.append(len(prompts))
+        n = len(prompts)
+        limits = list(stop.limits) if stop else [params.max_new_tokens] * n
+        out = [[] for _ in range(n)]
+        done = [False] * n
+        while not all(done):
+            for i, p in enumerate(prompts):
+                if done[i]:
+                    continue
+                pos = len(p) - 2 + len(out[i])  # position in the whole response
+                out[i].append(EOS if pos == p[0] - 1 else 100 + pos)
+                done[i] = out[i][-1] == EOS or len(out[i]) >= limits[i]
+            if stop is not None:
+                groups = {}
+                for g, d in zip(stop.groups, done):
+                    groups[g] = groups.get(g, True) and d
+                if sum(groups.values()) >= stop.count:
+                    break
+        return [
+            Completion(o, [-0.5] * len(o), bool(o) and o[-1] == EOS, meta={} if d else {"aborted": True})
+            for o, d in zip(out, done)
+        ], {}
+
+
+LENGTHS = [2, 6, 9, 3, 5, 2, 8, 4, 3, 7, 2, 2, 5, 3, 6, 2, 4, 2]
+
+
+def _fetch_from(cursor):
+    def fetch(count):
+        out = [Prompt(str(LENGTHS[(cursor[0] + k) % len(LENGTHS)]), None, cursor[0] + k) for k in range(count)]
+        cursor[0] += count
+        return out
+
+    return fetch
+
+
+def _manager(max_new=8):
+    return RolloutManager(
+        _StepEngine(), _Tok(), _Scorer(), n_samples=2, sampling=SamplingParams(max_new_tokens=max_new, eos_id=EOS)
+    )
+
+
+def _steps(pr, manager, steps, start=1, cursor=None, **kw):
+    cursor = cursor or [0]
+    batches = []
+    for step in range(start, start + steps):
+        batches.append(pr(manager, _fetch_from(cursor), num_prompts=1, seed=step, version=step - 1, **kw))
+    return batches, cursor
+
+
+def test_samples_stop_continue_with_new_weights_and_train_once():
+    manager = _manager()
+    pr = PartialRollout(over_sampling=3)
+    batches, _ = _steps(pr, manager, 8)
+    first = batches[0]
+    # step 1: groups of lengths 2, 6, 9 in flight; the first complete group ends generation after 2 steps
+    assert [len(s.response_ids) for s in first.samples] == [2, 2]
+    assert first.metrics["rollout/partial_samples"] == 4.0  # the 6- and 9-long groups, stopped at 2 tokens
+    assert first.metrics["rollout/buffer_size"] == 4.0
+    trained = [s for b in batches for s in b.samples]
+    assert len({id(s) for s in trained}) == len(trained)  # every sample trains once
+    assert all(len(b.samples) == 2 and b.samples[0].prompt is b.samples[1].prompt for b in batches)
+    resumed = [s for s in trained if len(set(s.versions)) > 1]
+    assert resumed and sum(b.metrics["rollout/resumed_samples"] for b in batches) >= len(resumed)
+    for step, b in enumerate(batches, start=1):
+        for s in b.samples:
+            n = min(int(s.prompt.text), 8)
+            # the continued tokens are those of one uninterrupted generation
+            assert s.response_ids == [100 + i for i in range(n - 1)] + (
+                [EOS] if n == int(s.prompt.text) else [100 + n - 1]
+            )
+            assert s.versions == sorted(s.versions) and max(s.versions) <= step - 1
+            assert len(s.logprobs) == len(s.response_ids)
+            assert s.loss_mask is None
+        old = sum(v < step - 1 for s in b.samples for v in s.versions)
+        assert b.metrics["rollout/offpolicy_token_fraction"] == pytest.approx(
+            old / sum(len(s.versions) for s in b.samples)
+        )
+        assert b.metrics["rollout/policy_lag_max"] == max(step - 1 - min(s.versions) for s in b.samples)
+
+
+def test_mask_offpolicy_masks_exactly_the_older_tokens():
+    manager = _manager()
+    pr = PartialRollout(over_sampling=3, mask_offpolicy=True)
+    batches, _ = _steps(pr, manager, 6)
+    seen = 0
+    for step, b in enumerate(batches, start=1):
+        for s in b.samples:
+            expect = [int(v >= step - 1) for v in s.versions]
+            if 0 in expect:
+                seen += 1
+                assert s.loss_mask == expect
+            else:
+                assert s.loss_mask is None
+    assert seen > 0
+
+
+def test_resume_mid_buffer_is_exact():
+    pr = PartialRollout(over_sampling=3)
+    straight, _ = _steps(pr, _manager(), 7)
+    pr2 = PartialRollout(over_sampling=3)
+    head, cursor = _steps(pr2, _manager(), 3)
+    saved = copy.deepcopy((pr2.state_dict(), cursor))
+    assert saved[0]["groups"]  # unfinished samples in the buffer
+    pr3 = PartialRollout(over_sampling=3)
+    pr3.load_state_dict(saved[0])
+    tail, _ = _steps(pr3, _manager(), 4, start=4, cursor=list(saved[1]))
+
+    def view(bs):
+        return [[(s.prompt.index, s.response_ids, s.versions, s.reward) for s in b.samples] for b in bs]
+
+    assert view(head + tail) == view(straight)
+
+
+def test_stale_groups_are_dropped_and_counted():
+    pr = PartialRollout(over_sampling=4, max_lag=1)
+    batches, _ = _steps(pr, _manager(max_new=9), 6)
+    assert sum(b.metrics["rollout/stale_dropped"] for b in batches) > 0
+    assert sum(b.metrics["rollout/wasted_tokens"] for b in batches) > 0
+    for step, b in enumerate(batches, start=1):
+        assert all(step - 1 - min(s.versions) <= 1 for s in b.samples)
+
+
+@pytest.mark.parametrize("speculative", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_aborted_generation_continues_to_the_uninterrupted_tokens(single_process, speculative):
+    """A real model (greedy): rows stopped by a GroupStop, continued from prompt + their tokens with
+    the same weights, give the tokens of one uninterrupted generation."""
+    from megatron_mtp_rl.models import build_model, get_preset
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny-dense").with_overrides(init_method_std=0.3))
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3], [11, 3], [3, 3, 6]]
+    sp = SamplingParams(temperature=0, max_new_tokens=10)
+    full = generate(model, prompts, sp, vocab_size=60, speculative=speculative)
+    # group 0 (rows 0, 1) needs 2 tokens, group 1 (rows 2, 3) 10: one group done stops everything
+    stop = GroupStop(groups=(0, 0, 1, 1), count=1, limits=(2, 2, 10, 10))
+    part = generate(model, prompts, sp, vocab_size=60, stop=stop, speculative=speculative)
+    assert part.aborted[:2] == [False, False] and part.aborted[2:] == [True, True]
+    assert [len(r) for r in part.responses[:2]] == [2, 2]
+    assert all(len(r) < 10 for r in part.responses[2:])
+    rest = [prompts[i] + part.responses[i] for i in (2, 3)]
+    more = generate(
+        model,
+        rest,
+        sp,
+        vocab_size=60,
+        stop=GroupStop((0, 0), 1, tuple(10 - len(part.responses[i]) for i in (2, 3))),
+        speculative=speculative,
+    )
+    for k, i in enumerate((2, 3)):
+        assert part.responses[i] + more.responses[k] == full.responses[i]
+        assert part.responses[i] + more.responses[k] != []
+    assert part.responses[:2] == [r[:2] for r in full.responses[:2]]
+
+
+def test_sglang_stop_aborts_the_rest_by_request_id():
+    """Against the fake SGLang server (the real one is not in this suite): one request is slow, the
+    other's group completes, the slow one is aborted by its rid and comes back unfinished."""
+    import asyncio
+    import time
+
+    from megatron_mtp_rl.rollout.sglang import schema as S
+    from megatron_mtp_rl.rollout.sglang.client import SGLangClient
+    from megatron_mtp_rl.rollout.sglang.partial import generate_until
+    from tests.fake_sglang_server import FakeServer
+
+    async def go(url):
+        async with SGLangClient(url, backoff_s=0.01) as c:
+            stop = GroupStop(groups=(0, 1), count=1, limits=(4, 3))
+            return await generate_until([c], [[1, 2], [3, 4]], SamplingParams(max_new_tokens=6), stop, seed=1,
+                                        rid_prefix="p")  # fmt: skip
+
+    with FakeServer(delay=20.0, delay_first_n=1) as srv:
+        t0 = time.monotonic()
+        outs = asyncio.run(go(srv.url))
+        assert time.monotonic() - t0 < 10.0
+        st = srv.state.snapshot()
+    aborted = [i for i, o in enumerate(outs) if o.meta.get("aborted")]
+    assert len(aborted) == 1 and st["aborted"] == [f"p-{aborted[0]}"]
+    assert outs[aborted[0]].response_ids == [] and not outs[aborted[0]].finished
+    done = 1 - aborted[0]
+    assert len(outs[done].response_ids) == (4, 3)[done]  # each request's own remaining budget
+    # SGLang's answer to an aborted request carries the tokens it had: they are kept
+    body = {"output_ids": [5, 6], "meta_info": {"id": "r", "finish_reason": {"type": "abort"},
+            "output_token_logprobs": [[-0.1, 5, None], [-0.2, 6, None]]}}  # fmt: skip
+    c = S.parse_generate_response(body, rid="r", partial_ok=True)
+    assert (c.response_ids, c.logprobs, c.finished, c.meta["aborted"]) == ([5, 6], [-0.1, -0.2], False, True)
+    with pytest.raises(S.SGLangAbortedError):
+        S.parse_generate_response(body, rid="r")

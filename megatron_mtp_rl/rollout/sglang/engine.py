@@ -33,7 +33,6 @@ from megatron_mtp_rl.rollout.sglang.partial import generate_until
 from megatron_mtp_rl.rollout.sglang.server import (
     SGLangEngineLost,
     SGLangServerConfig,
-    SGLangServerError,
     SGLangSupervisor,
 )
 

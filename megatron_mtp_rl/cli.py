@@ -52,7 +52,7 @@ def _run(job, cfg) -> int:
     ranks: a hung peer).
     """
     from megatron_mtp_rl import platform
-    from megatron_mtp_rl.errors import EngineStartError, TrainerFailed
+    from megatron_mtp_rl.errors import EngineFailed, EngineStartError, TrainerFailed
     from megatron_mtp_rl.platform.distributed import describe_timeout
     from megatron_mtp_rl.rollout.reward_sandbox import RewardError
 
@@ -61,7 +61,7 @@ def _run(job, cfg) -> int:
     except RewardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (EngineStartError, TrainerFailed) as e:
+    except (EngineStartError, EngineFailed, TrainerFailed) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if _peers_waiting():
             sys.stdout.flush()

@@ -1064,6 +1064,10 @@ def validate(
     if ro.local_spec_decode and ro.rollout_engine != "local":
         problems.append("--local-spec-decode is for the local engine; SGLang drafts with --sglang-speculative-*")
     problems += _memory_and_kernel_problems(cfg, cuda)
+    if ro.rollout_engine == "sglang" and ro.rollout_engine_urls is None and not cfg.ray.ray:  # engines started here
+        from megatron_mtp_rl.rollout.sglang.gpu_only import engine_flag_problems
+
+        problems += engine_flag_problems(ro.sglang_engine_flags, cuda=cuda)
     return problems
 
 

@@ -35,6 +35,10 @@ class EngineStartError(RuntimeError):
     """A rollout engine (or its router) could not start; one line: the command, its exit code, its log's last lines."""
 
 
+class EngineFailed(RuntimeError):
+    """A rollout engine went away mid-run and could not be used; one line: which engine, its log."""
+
+
 class TrainerFailed(RuntimeError):
     """A trainer actor (``--ray``) failed or died; one line: its rank, its node and what happened."""
 

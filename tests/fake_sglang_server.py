@@ -67,6 +67,7 @@ class Config:
         self.vocab = 32
         self.spec_accept_length = 0.0  # > 0: report speculative meta_info with this accept length
         self.startup_delay = 0.0  # /health answers 503 for this long after start
+        self.device = "cuda"  # /server_info's device (--device); "cpu": GPU-only requests kill it, as SGLang
         self.health_interval = 0.2  # router: worker health-check period
         self.evict_unhealthy = True  # router: drop workers that fail a health check
         # --enable-return-routed-experts: (num_hidden_layers, num_experts_per_tok, experts) of the model
@@ -101,6 +102,10 @@ class State:
         self.workers: dict[str, dict] = {}  # router: id -> {"url", "is_healthy"}
         self.rr = itertools.count()
         self.workers_healthy_at_start: dict[str, bool] = {}
+        self.ignored_fields: list[str] = []  # unknown top-level /generate fields SGLang would drop
+        self.standalone = False  # run as a process (main()): a request that kills SGLang exits it
+        self.model_path = ""
+        self.model_type, self.architectures = None, None
         for url in worker_urls:
             self.add_worker(url)
 
@@ -128,6 +133,7 @@ class State:
                 "released": sorted(self.released),
                 "weight_version": self.weight_version,
                 "received": list(self.received),
+                "ignored_fields": list(self.ignored_fields),
                 "update_groups": sorted(self.update_groups),
                 "first_healthy_at": self.first_healthy_at,
                 "workers": list(self.workers.values()),
@@ -183,8 +189,12 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _send(self, status: int, payload=None, text: str | None = None) -> None:
-        data = (text if text is not None else json.dumps(payload if payload is not None else {})).encode()
+    def _send(self, status: int, payload=None, text: str | None = None, raw: bytes | None = None) -> None:
+        data = (
+            raw
+            if raw is not None
+            else (text if text is not None else json.dumps(payload if payload is not None else {})).encode()
+        )
         try:
             self.send_response(status)
             self.send_header("Content-Type", "text/plain" if text is not None else "application/json")
@@ -232,8 +242,10 @@ class Handler(BaseHTTPRequestHandler):
         route, query = parsed.path, urllib.parse.parse_qs(parsed.query)
         try:
             body = self._body()
-        except json.JSONDecodeError:
-            return self._send(400, {"error": "body is not JSON"})
+        except json.JSONDecodeError as e:  # SGLang answers an OpenAI-style error object
+            msg = f"JSON decode error: {e}"
+            return self._send(400, {"object": "error", "message": msg, "type": "BadRequestError", "param": None,
+                                    "code": 400})  # fmt: skip
         if route == "/_fake/state":
             return self._send(200, st.snapshot())
         if route == "/_fake/config":
@@ -254,6 +266,10 @@ class Handler(BaseHTTPRequestHandler):
         info = SCHEMA["http_routes"].get(route)
         if info is None:
             return self._send(404, {"detail": "Not Found"})
+        if route in ("/model_info", "/server_info"):
+            if method != "GET":
+                return self._send(405, {"detail": "Method Not Allowed"})
+            return self._send(200, self._model_info() if route == "/model_info" else self._server_info())
         if method not in info["methods"]:
             return self._send(405, {"detail": "Method Not Allowed"})
         cls = info["body"]
@@ -296,10 +312,16 @@ class Handler(BaseHTTPRequestHandler):
             st.paused.clear()
             return self._send(200, {"message": "Generation continued successfully.", "status": "ok"})
         if route in ("/release_memory_occupation", "/resume_memory_occupation"):
+            if st.config.device == "cpu":  # SGLang 0.5.23 on CPU: "Found no NVIDIA driver" tears the server down
+                return self._die(f"{route}: RuntimeError: Found no NVIDIA driver on your system")
             tags = set(body.get("tags") or ("weights", "kv_cache"))
             with st.lock:
                 st.released = st.released | tags if route.startswith("/release") else st.released - tags
-            return self._send(200, {"success": True, "message": "Success"})
+            return self._send(200, None, raw=b"null")  # the handler returns nothing: JSON null
+        if route == "/update_weight_version":
+            st.weight_version = str(body["new_version"])
+            msg = f"Weight version updated to {st.weight_version}"
+            return self._send(200, {"success": True, "message": msg, "new_version": st.weight_version})
         if route == "/begin_weight_update":
             if st.session_open:
                 return self._send(400, {"success": False, "message": "a weight-update session is already open"})
@@ -320,11 +342,11 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 st.update_groups[body["group_name"]] = _join_group(body, st.update_groups)
             except Exception as e:
-                return self._send(200, {"success": False, "message": f"Failed to init custom process group: {e}."})
+                return self._send(400, {"success": False, "message": f"Failed to init custom process group: {e}."})
         if route == "/destroy_weights_update_group":
             pg = st.update_groups.pop(body.get("group_name"), None)
             if pg is None:
-                return self._send(200, {"success": False, "message": "The group to be destroyed does not exist."})
+                return self._send(400, {"success": False, "message": "The group to be destroyed does not exist."})
             import torch.distributed as dist
 
             dist.destroy_process_group(pg)
@@ -344,12 +366,42 @@ class Handler(BaseHTTPRequestHandler):
         content = {"success": True, "message": "Success"}
         if route == "/update_weights_from_disk":
             content["num_paused_requests"] = 0
+            if not Path(body["model_path"]).is_dir():  # SGLang cannot load it: success=false, HTTP 400
+                content.update(success=False, message=f"Failed to get weights iterator: {body['model_path']}")
+                return self._send(400, content)
         return self._send(200, content)
+
+    def _model_info(self) -> dict:
+        """``/model_info`` as SGLang 0.5.23 answers it (values of a generation model without a tokenizer)."""
+        st = self.state
+        return {
+            "model_path": st.model_path, "served_model_name": st.model_path, "tokenizer_path": st.model_path,
+            "is_generation": True, "preferred_sampling_params": None, "weight_version": st.weight_version,
+            "load_format": "auto", "reasoning_parser": None, "tool_call_parser": None, "disaggregation_mode": "null",
+            "has_image_understanding": False, "has_audio_understanding": False,
+            "model_type": st.model_type, "architectures": st.architectures, "embedding": {},
+        }  # fmt: skip
+
+    def _server_info(self) -> dict:
+        """A few of ``/server_info``'s resolved server arguments (the real one lists them all)."""
+        st = self.state
+        return {"device": st.config.device, "model_path": st.model_path, "tp_size": 1, "version": "0.5.23",
+                "launch_command": " ".join(st.argv)}  # fmt: skip
+
+    def _die(self, why: str) -> None:
+        """What SGLang does when a request handler raises: the whole server goes down (the process exits)."""
+        print(f"fake_sglang_server: {why}; the server exits", file=sys.stderr, flush=True)
+        if self.state.standalone:
+            os._exit(1)
+        threading.Thread(target=self.server.shutdown, daemon=True).start()  # in-process: stop serving
+        self.close_connection = True
 
     def _generate(self, body) -> None:
         st, cfg = self.state, self.state.config
-        err = self._check(body, "GenerateReqInput")
-        if not err:
+        err = None if isinstance(body, dict) else "GenerateReqInput: body must be a JSON object"
+        if not err:  # SGLang 0.5.23 drops unknown top-level fields (HTTP 200): noted, so drift still shows
+            with st.lock:
+                st.ignored_fields += sorted(set(body) - set(SCHEMA["request_classes"]["GenerateReqInput"]))
             sp = body.get("sampling_params") or {}
             err = self._check(sp, "SamplingParams", SCHEMA["api_contract"]["SamplingParams"])
         if not err and not (
@@ -360,7 +412,7 @@ class Handler(BaseHTTPRequestHandler):
             err = "this fake needs a string rid"
         if err:
             return self._send(400, {"error": err})
-        rid = body["rid"]
+        rid, t0 = body["rid"], time.monotonic()
         if st.released:  # colocated hand-off: no generation while the memory is the trainer's
             return self._send(
                 400, {"error": f"memory released ({sorted(st.released)}): resume_memory_occupation first"}
@@ -384,18 +436,31 @@ class Handler(BaseHTTPRequestHandler):
                 aborted = True  # as the scheduler does: finished with an abort
             if aborted:
                 toks, lps, reason = [], [], {"type": "abort", "message": "Abort request"}
+            ids = body["input_ids"]
+            lp_start = body.get("logprob_start_len")
+            lp_start = -1 if lp_start is None else int(lp_start)
+            prompt_lps = []  # with logprob_start_len ≥ 0 the prompt's own log-probs (none for token 0)
+            if body.get("return_logprob") and lp_start >= 0:
+                prompt_lps = [
+                    [None if i == 0 else -0.01 * (t + 1), t, None] for i, t in enumerate(ids) if i >= lp_start
+                ]
             meta = {
                 "id": rid,
                 "finish_reason": reason,
-                "prompt_tokens": len(body["input_ids"]),
+                "prompt_tokens": len(ids),
                 "weight_version": st.weight_version,
+                "weight_versions": [{"version": st.weight_version, "start": 0, "end": len(toks)}],
                 "num_retractions": 0,
                 "reasoning_tokens": 0,
                 "completion_tokens": len(toks),
                 "cached_tokens": 0,
-                "input_token_logprobs": [],
+                "cached_tokens_details": None,
+                "dp_rank": None,
+                "input_token_logprobs": prompt_lps,
                 "output_token_logprobs": [[lp, t, None] for lp, t in zip(lps, toks)],
                 "output_token_logprobs_length": len(toks),
+                "e2e_latency": time.monotonic() - t0,
+                "response_sent_to_client_ts": time.time(),
             }
             if body.get("return_routed_experts") and cfg.routes_shape and toks:
                 meta["routed_experts"] = fake_routed_experts(body["input_ids"] + toks, start, cfg.routes_shape)
@@ -408,7 +473,10 @@ class Handler(BaseHTTPRequestHandler):
                     spec_num_correct_drafts=len(toks) - vct,
                     spec_num_proposed_drafts=vct * 3,
                 )
-            return self._send(200, {"text": "", "output_ids": toks, "meta_info": meta})
+            answer = {"output_ids": toks, "meta_info": meta}
+            if "--skip-tokenizer-init" not in st.argv:  # SGLang detokenizes only when it has a tokenizer
+                answer = {"text": "", **answer}
+            return self._send(200, answer)
         finally:
             with st.lock:
                 st.inflight -= 1
@@ -576,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.router and not a.model_path:
         print("fake_sglang_server: --model-path is required", file=sys.stderr)
         return 2
-    vocab = 32
+    vocab, hf = 32, {}
     cfg_path = Path(a.model_path or "", "config.json")
     routes_shape = None
     if a.model_path and cfg_path.exists():  # generate ids the model's tokenizer knows
@@ -585,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         experts = hf.get("n_routed_experts") or hf.get("num_experts")
         if "--enable-return-routed-experts" in argv and experts:
             routes_shape = (int(hf["num_hidden_layers"]), int(hf["num_experts_per_tok"]), int(experts))
+    device = next((rest[i + 1] for i, t in enumerate(rest[:-1]) if t == "--device"), None)
+    device = next((t.split("=", 1)[1] for t in rest if t.startswith("--device=")), device)
     server = FakeServer(
         a.port,
         a.host,
@@ -600,8 +670,13 @@ def main(argv: list[str] | None = None) -> int:
         health_interval=a.fake_health_interval,
         evict_unhealthy=not a.fake_keep_unhealthy,
         vocab=vocab,
+        device=device or "cuda",
         routes_shape=routes_shape,
-    ).start()
+    )
+    st = server.state
+    st.standalone, st.model_path = True, a.model_path or ""
+    st.model_type, st.architectures = hf.get("model_type"), hf.get("architectures")
+    server.start()
     print(f"fake {'router' if a.router else 'engine'} listening on {server.url}", flush=True)
     dump_dir = os.environ.get("FAKE_SGLANG_STATE_DIR")  # tests: what it was asked, written when it stops
     if dump_dir:

@@ -393,6 +393,8 @@ class WeightSync:
         store = bound_tcp_store(host, 0, world, datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
         port = store.port
         backend = "nccl" if cuda_available() else "gloo"
+        if backend == "nccl":
+            self.engine.refuse_on_cpu("an NCCL weight-update group (--weight-sync-mode distributed from GPUs)")
 
         async def engines_join():
             _, clients = await self.engine._clients()

@@ -60,6 +60,8 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
             "EAGLE",
             "--sglang-speculative-num-steps",
             "2",
+            "--sglang-device",  # the fake stands in for a GPU engine (speculative decoding is GPU-only)
+            "cuda",
             "--metrics-jsonl",
             str(tmp_path / "m.jsonl"),
         ]  # fmt: skip
@@ -88,6 +90,7 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
     assert [h["rollout/weight_version"] for h in hist] == [1.0, 2.0]
     for st in states:
         assert st["weight_version"] == "2"
+        assert st["ignored_fields"] == []  # every /generate field is one SGLang knows (it drops unknown ones)
         routes = [r["route"] for r in st["log"] if not r["route"].startswith(("/health", "/_fake"))]
         assert routes.count("/continue_generation") == 2
         i = routes.index("/pause_generation")

@@ -5,6 +5,7 @@ away exactly while the engine generates."""
 import asyncio
 import json
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,8 @@ from megatron_mtp_rl.rollout.sglang.client import SGLangHTTPError
 from megatron_mtp_rl.rollout.sglang.engine import SGLangEngine
 from tests.fake_sglang_server import FakeServer
 from tests.unit.test_offload import _model_and_optimizer
+
+HERE = str(Path(__file__).parent)  # a directory the fake engine can "load"
 
 
 def _log(url):
@@ -36,7 +39,7 @@ def test_one_step_order_and_no_generation_while_released(single_process):
 
             async def update(clients):
                 await asyncio.gather(
-                    *(c.update_weights_from_disk("m", weight_version=str(version[0])) for c in clients)
+                    *(c.update_weights_from_disk(HERE, weight_version=str(version[0])) for c in clients)
                 )
 
             client.pause_flush_update_continue(update, weight_update_session=False)

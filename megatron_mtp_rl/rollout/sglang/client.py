@@ -21,8 +21,9 @@ Weight updates (payloads as in SGLang 0.5.23's io_struct):
   restricted unpickler (allowed globals listed in the test fixture) and, for CUDA tensors, maps
   the device field through its patched ``rebuild_cuda_tensor``, which accepts a device index
   or a GPU UUID string; we send the UUID (sender and receiver may number GPUs differently).
-  Verified here for CPU tensors (the pickle uses only allowed globals); the CUDA-IPC path and
-  SGLang's ``flattened_bucket`` format (which pickles SGLang's own classes) are not verified.
+  CPU tensors go as ``file_system`` shared memory (``shm.py``): accepted by the real SGLang 0.5.23 on
+  CPU; the CUDA-IPC path and SGLang's ``flattened_bucket`` format (which pickles SGLang's own
+  classes) are not verified here.
 * In 0.5.23 the tensor and distributed updates are refused outside a
   ``begin_weight_update`` / ``end_weight_update`` session.
 """
@@ -295,6 +296,27 @@ class SGLangClient:
         except (TimeoutError, aiohttp.ClientError):
             return False
 
+    async def model_info(self) -> dict:
+        return await self._control(S.MODEL_INFO, method="GET")
+
+    async def server_info(self) -> dict:
+        return await self._control(S.SERVER_INFO, method="GET")
+
+    async def device(self) -> str | None:
+        """The device the engine serves on (its ``/server_info``), asked once; None when it does not say."""
+        if not hasattr(self, "_device"):
+            try:
+                info = await self.server_info()
+            except (SGLangHTTPError, aiohttp.ClientError, TimeoutError):
+                return None  # not known (yet): asked again next time
+            self._device = info.get("device") if isinstance(info, dict) else None
+        return self._device
+
+    async def update_weight_version(self, new_version: str, *, abort_all_requests: bool = False) -> dict:
+        """Relabel the served weights (``meta_info.weight_version``) without loading any."""
+        body = {"new_version": str(new_version), "abort_all_requests": abort_all_requests}
+        return await self._control(S.UPDATE_WEIGHT_VERSION, body)
+
     async def flush_cache(self, timeout_s: float = 0.0) -> None:
         """Drop the radix (prefix) cache; SGLang waits up to ``timeout_s`` for running requests."""
         await self._control(S.FLUSH_CACHE, params={"timeout": str(float(timeout_s))})
@@ -447,15 +469,20 @@ def _put_optional(body: dict, **kw) -> None:
 def serialize_named_tensors(named_tensors, *, device_uuid: bool = True) -> str:
     """base64(ForkingPickler dump of [(name, tensor)]), the element format SGLang decodes.
 
-    CPU tensors go through shared memory, CUDA tensors as IPC handles whose device field is
-    replaced by the GPU's UUID when ``device_uuid`` (SGLang's rebuild accepts either). The
-    sending process must keep the tensors alive until SGLang has loaded them.
+    CPU tensors travel as POSIX shared-memory files SGLang's scheduler maps (``shm.py``: copied there
+    unless made by :func:`~megatron_mtp_rl.rollout.sglang.shm.shared_copy`; the ``file_system``
+    strategy, since the default one kills SGLang's scheduler), CUDA tensors as IPC handles whose
+    device field is replaced by the GPU's UUID when ``device_uuid`` (SGLang's rebuild accepts either).
+    Each call takes its own reference on the CPU files: one payload per receiving rank. The sending
+    process must keep CUDA tensors alive until SGLang has loaded them.
     """
     import inspect
     from multiprocessing.reduction import ForkingPickler
 
     import torch
     import torch.multiprocessing.reductions as reductions  # registers torch's reducers
+
+    from megatron_mtp_rl.rollout.sglang.shm import file_system_sharing, shared_copy
 
     device_pos = list(inspect.signature(reductions.rebuild_cuda_tensor).parameters).index("storage_device")
 
@@ -469,8 +496,10 @@ def serialize_named_tensors(named_tensors, *, device_uuid: bool = True) -> str:
                 return fn, args
             return NotImplemented
 
+    payload = [(str(n), shared_copy(t).detach()) for n, t in named_tensors]
     buf = io.BytesIO()
-    _Pickler(buf).dump([(str(n), t.detach()) for n, t in named_tensors])
+    with file_system_sharing():
+        _Pickler(buf).dump(payload)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -28,8 +28,13 @@ from megatron_mtp_rl.models.routing_replay import route_dtype
 from megatron_mtp_rl.rollout.engine import Completion
 from megatron_mtp_rl.rollout.sglang import schema as S
 from megatron_mtp_rl.rollout.sglang.client import SGLangClient
+from megatron_mtp_rl.rollout.sglang.gpu_only import refuse
 from megatron_mtp_rl.rollout.sglang.partial import generate_until
-from megatron_mtp_rl.rollout.sglang.server import SGLangServerConfig, SGLangServerError, SGLangSupervisor
+from megatron_mtp_rl.rollout.sglang.server import (
+    SGLangEngineLost,
+    SGLangServerConfig,
+    SGLangSupervisor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -291,14 +296,41 @@ class SGLangEngine:
             elif isinstance(r, BaseException):
                 raise r
         if len(self.unreachable) >= len(engines):
-            raise SGLangServerError(f"no SGLang engine can be reached: {sorted(self.unreachable)}")
+            raise SGLangEngineLost(self._lost_message(sorted(self.unreachable)))
         return [r for r in results if not isinstance(r, BaseException)]
+
+    def _lost_message(self, urls: list[str]) -> str:
+        """One line: which engines went away and where their logs are (the supervisor's, when it started them)."""
+        parts = []
+        for url in urls:
+            proc = next((p for p in self.supervisor.engines if p.url == url), None) if self.supervisor else None
+            if proc is None:
+                parts.append(f"{url} (started elsewhere: see its own log)")
+                continue
+            log_path = self.supervisor.log_dir / f"{proc.name}.log" if self.supervisor.log_dir else None
+            last = self.supervisor.last_log_line(proc) if log_path else ""
+            parts.append(f"{proc.name} at {url}, log {log_path}" + (f" (last line: {last})" if last else ""))
+        return "SGLang engine(s) went away during a control request: " + "; ".join(parts)
+
+    async def cpu_engines(self) -> list[str]:
+        """The engines that serve on CPU, by their own ``/server_info`` (GPU-only requests are refused there)."""
+        _, engines = await self._clients()
+        devices = await asyncio.gather(*(c.device() for c in engines))
+        return [c.url for c, d in zip(engines, devices) if d == "cpu"]
+
+    def refuse_on_cpu(self, what: str) -> None:
+        """Raise a one-line :class:`~megatron_mtp_rl.rollout.sglang.gpu_only.GPUOnlyError` when an engine is on CPU."""
+        cpu = self._run(self.cpu_engines())
+        if cpu:
+            refuse(what, cpu)
 
     # -- colocated memory hand-off (every engine) ------------------------------------------
     def release_memory(self, tags: list[str] | None = None) -> None:
+        self.refuse_on_cpu("/release_memory_occupation (the colocated memory hand-off)")
         self._run(self._each(lambda c: c.release_memory_occupation(tags)))
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
+        self.refuse_on_cpu("/resume_memory_occupation (the colocated memory hand-off)")
         self._run(self._each(lambda c: c.resume_memory_occupation(tags)))
 
     # -- weight-update frame ----------------------------------------------------------------
@@ -335,9 +367,18 @@ class SGLangEngine:
         self._run(go())
 
     def push_bucket(self, bucket: list, weight_version: str) -> None:
-        """Send one bucket of named tensors to every engine (``/update_weights_from_tensor``), inside an open frame."""
+        """Send one bucket of named tensors to every engine (``/update_weights_from_tensor``), inside an open frame.
+
+        CPU tensors are copied into shared memory once for all engines (``shm.py``); the copy is freed
+        when every engine has answered.
+        """
+        from megatron_mtp_rl.rollout.sglang.shm import shared_bucket
+
+        if any(t.is_cuda for _, t in bucket):
+            self.refuse_on_cpu("a CUDA-IPC tensor push (/update_weights_from_tensor of GPU tensors)")
+        shared = shared_bucket(bucket)
         self._run(
-            self._each(lambda c: c.update_weights_from_tensor(bucket, flush_cache=False, weight_version=weight_version))
+            self._each(lambda c: c.update_weights_from_tensor(shared, flush_cache=False, weight_version=weight_version))
         )
 
     def pause_flush_update_continue(self, update: UpdateFn, **kw):

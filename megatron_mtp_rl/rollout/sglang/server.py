@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # The --sglang-* passthrough is split off the command line in flags.py (torch-free, before argparse).
-from megatron_mtp_rl.errors import EngineStartError
+from megatron_mtp_rl.errors import EngineFailed, EngineStartError
 from megatron_mtp_rl.flags import ENGINE_PREFIX, ROUTER_PREFIX, split_passthrough_args  # noqa: F401
 from megatron_mtp_rl.rollout.sglang import schema as S
 
@@ -57,6 +57,10 @@ class SGLangServerError(RuntimeError):
 
 class SGLangStartError(SGLangServerError, EngineStartError):
     """An engine or the router exited before it answered /health (one line: command, exit code, log)."""
+
+
+class SGLangEngineLost(SGLangServerError, EngineFailed):
+    """Every engine went away in the middle of a request (one line: the engines, their logs)."""
 
 
 def _flag_given(flags: Sequence[str], *names: str) -> bool:
@@ -224,7 +228,7 @@ class SGLangSupervisor:
         """Raise if an engine could not be brought back (called before each rollout)."""
         failed = [e.name for e in self.engines if e.failed]
         if failed:
-            raise SGLangServerError(
+            raise SGLangEngineLost(  # one line at the CLI (errors.EngineFailed), not a traceback
                 f"SGLang engine(s) {failed} died and could not be restarted; logs in {self.log_dir}"
             )
 
@@ -253,6 +257,11 @@ class SGLangSupervisor:
         except OSError:
             return ""
         return "\n".join(lines[-n:])
+
+    def last_log_line(self, p: _Proc) -> str:
+        """The last non-empty line of ``p``'s log (for one-line errors)."""
+        lines = [line.strip() for line in self._log_tail(p, 5).splitlines() if line.strip()]
+        return lines[-1] if lines else ""
 
     def _wait_healthy(self, p: _Proc, deadline: float) -> None:
         while True:
@@ -387,4 +396,4 @@ class SGLangSupervisor:
         return added
 
 
-__all__ = ["SGLangServerConfig", "SGLangServerError", "SGLangSupervisor", "split_passthrough_args"]
+__all__ = ["SGLangEngineLost", "SGLangServerConfig", "SGLangServerError", "SGLangSupervisor", "split_passthrough_args"]

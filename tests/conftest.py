@@ -113,6 +113,8 @@ def real_sglang(real_sglang_server):
     """The session's real SGLang engine, alive (restarted on its model if a previous test killed it)."""
     real_sglang_server.ensure_alive()
     return real_sglang_server
+
+
 # -- process groups: what a test makes, it destroys ---------------------------------------------
 def _own_groups() -> dict:
     """Groups beside the shared in-process state (the default group, megatron-core's): named by a test.

@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 import pytest
 
@@ -178,6 +179,12 @@ def _check_gloo_threads(session, file: str) -> None:
 
             release_graphs(*[o for o in gc.get_objects() if isinstance(o, torch.nn.Module)])
             gc.collect()
+            now = _gloo_threads()
+        # A destroyed group's worker threads end on their own schedule (seconds on a loaded machine):
+        # what is still there after a short wait is a leak.
+        deadline = time.monotonic() + 10.0
+        while now > max(was, _GLOO_FLOOR) and time.monotonic() < deadline:
+            time.sleep(0.25)
             now = _gloo_threads()
     session.stash[_GLOO_BEFORE] = now
     if now > max(was, _GLOO_FLOOR):

@@ -111,9 +111,11 @@ def test_r2_update_pass_replays_the_old_pass_routes_and_the_router_learns(moe, s
     _old_pass(moe, mbs, record_to="r2_routes")
     assert all(b.r2_routes is not None for b in mbs)
     assert all(torch.equal(b.r2_routes >= 0, b.tokens[..., None, None].expand_as(b.r2_routes) >= 0) for b in mbs)
+    routers = [layer.mlp.router.weight for layer in moe.decoder.layers]
+    saved = [w.detach().clone() for w in routers]  # the module's model is shared: put the routers back after
     with torch.no_grad():  # move the weights a little: live routing would now differ from the old pass
-        for layer in moe.decoder.layers:
-            layer.mlp.router.weight.add_(torch.randn_like(layer.mlp.router.weight) * 0.5)
+        for w in routers:
+            w.add_(torch.randn_like(w) * 0.5)
     moe.route_replay.configure(source="r2_routes")
     seen, handles = _routing_maps(moe)
     moe.zero_grad(set_to_none=True)
@@ -124,6 +126,9 @@ def test_r2_update_pass_replays_the_old_pass_routes_and_the_router_learns(moe, s
         for h in handles:
             h.remove()
         moe.route_replay.configure()
+        with torch.no_grad():
+            for w, s in zip(routers, saved):
+                w.copy_(s)
     for idx, maps in seen.items():
         for b, routing_map in zip(mbs, maps):
             want = token_layout(b.r2_routes, moe)[:, idx].long()

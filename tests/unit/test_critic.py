@@ -52,6 +52,8 @@ def critic_and_policy(single_process):
     critic = create_critic(_args(), lr=3e-2, value_clip=0.5)
     copy_trunk(policy, critic.gpt)
     critic.optimizer.reload_model_params()
+    # the critic as built, before another test of this file (in any order) updates it
+    critic.initial = {n: p.detach().clone() for n, p in critic.gpt.named_parameters()}
     return critic, policy
 
 
@@ -61,7 +63,7 @@ def test_value_model_is_the_policy_trunk_with_a_scalar_head(critic_and_policy):
     names = [n for n, _ in critic.gpt.named_parameters()]
     assert not any(n.startswith("mtp.") for n in names)
     assert critic.gpt.output_layer.weight.shape == (1, 64)
-    for n, p in critic.gpt.named_parameters():
+    for n, p in critic.initial.items():
         if not n.startswith("output_layer."):
             assert torch.equal(p, mine[n]), n
     (values,) = critic.values(_batches())

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_mtp_rl.models.bucketing import iter_buckets
 from megatron_mtp_rl.models.mtp_forward import unwrap
 from megatron_mtp_rl.train.checkpoint import CheckpointError
 
@@ -117,20 +118,6 @@ def _swap_in(model: torch.nn.Module, name: str, tensor: torch.Tensor | None) -> 
     return old
 
 
-def _groups(named: list[tuple[str, torch.Tensor]], group_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    group: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, t in named:
-        n = t.numel() * t.element_size()
-        if group and size + n > group_bytes:
-            yield group
-            group, size = [], 0
-        group.append((name, t))
-        size += n
-    if group:
-        yield group
-
-
 def stream_checkpoint(
     model: torch.nn.Module, path: str | Path, named: Iterable[tuple[str, torch.Tensor]], group_bytes: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -142,7 +129,7 @@ def stream_checkpoint(
     """
     gpt = unwrap(model)
     strategy = _RegionLoad(Path(path))
-    for group in _groups(list(named), group_bytes):
+    for group in iter_buckets(list(named), group_bytes):
         names = [n for n, _ in group]
         metas = {n: _swap_in(gpt, n, None) for n in names}
         try:

@@ -97,13 +97,14 @@ def _rl_steps_per_s(argv: list[str], steps: int, async_rollout: bool) -> tuple[f
 # The long-tailed task of the --partial-rollout bench (flags after the bench's own override these).
 SKEWED = [
     "--preset", "tiny-dense", "--arith-digits", "1", "--arith-max-digits", "3", "--arith-ops", "+*",
-    "--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--rollout-max-response-len", "32",
-    "--seq-length", "48", "--global-batch-size", "32", "--micro-batch-size", "16", "--num-eval-prompts", "8",
-    "--reward-workers", "0", "--lr", "1e-3", "--stop-token-ids", "17",
+    "--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--rollout-max-response-len", "96",
+    "--seq-length", "112", "--global-batch-size", "32", "--micro-batch-size", "16", "--num-eval-prompts", "8",
+    "--reward-workers", "0", "--lr", "1e-3",
 ]  # fmt: skip
-# Without --load the model is untrained: its response lengths are those of sampling until EOS or the
-# extra stop id 17 (the space; 2 of 18 ids): geometric, mean ≈ 9 tokens, ~3% run to the 32-token limit. With
-# --load of a warm start on this task they follow the answers' lengths (1 to 6 digits) instead.
+# Without --load the model is untrained: its response lengths are those of sampling until EOS (1 of 18 ids):
+# geometric, mean ≈ 18 tokens, and the longest of a step's 32 samples ≈ 70 or the 96-token limit, so a step
+# that waits for every sample decodes 4× the mean length, and generation outweighs training. With --load of a
+# warm start on this task they follow the answers' lengths (1 to 6 digits) instead.
 
 PARTIAL_MODES = [  # (name, flags)
     ("wait for all", []),
@@ -118,13 +119,16 @@ PARTIAL_MODES = [  # (name, flags)
 
 
 def _partial_run(argv: list[str], flags: list[str], steps: int) -> dict:
-    """One run: mean step time over steps 2.., tokens generated / wasted per step, lag histogram."""
+    """One run of ``steps`` steps: mean step time, tokens generated / wasted per step, lag histogram.
+
+    The mean is over the whole run, so every batch trained is generated inside the timed window: with K ahead,
+    step 1 generates K batches and the last K steps generate none (a window of steady steps only would credit
+    K > 1 with the batches generated before it)."""
     from megatron_mtp_rl.config import parse_config
     from megatron_mtp_rl.train.loop import run_training
 
-    cfg = parse_config(["--quiet", *SKEWED, *argv, "--num-steps", str(steps + 1), "--eval-interval", "1000000", *flags])
-    hist = [h for h in run_training(cfg) if h["step"] >= 1]
-    rows = hist[1:]
+    cfg = parse_config(["--quiet", *SKEWED, *argv, "--num-steps", str(steps), "--eval-interval", "1000000", *flags])
+    hist = rows = [h for h in run_training(cfg) if h["step"] >= 1]
     per_batch = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
     lags: dict[int, float] = {}
     for h in hist:
@@ -139,6 +143,7 @@ def _partial_run(argv: list[str], flags: list[str], steps: int) -> dict:
     waste = [h.get("rollout/wasted_tokens", 0.0) for h in hist]
     return {
         "step_time": statistics.mean(h["perf/step_time"] for h in rows),
+        "wait_time": statistics.mean(h.get("perf/rollout_wait_time", 0.0) for h in rows),
         "generated": sum(gen) / len(gen),
         "wasted": sum(waste) / len(waste),
         "buffered": hist[-1].get("rollout/buffer_size", 0.0),
@@ -158,18 +163,26 @@ def partial_bench(argv: list[str], steps: int, reps: int, only: str | None = Non
             platform.destroy()
     results = {}
     for name, rs in runs.items():  # the median step time; the rest is the same in every repetition
-        results[name] = dict(rs[0], step_time=statistics.median(r["step_time"] for r in rs))
-    base = results["wait for all"]["step_time"]
+        results[name] = dict(
+            rs[0],
+            step_time=statistics.median(r["step_time"] for r in rs),
+            wait_time=statistics.median(r["wait_time"] for r in rs),
+        )
+    base = results.get("wait for all", next(iter(results.values())))["step_time"]  # else: vs the first mode
     print(
-        f"long-tailed arith ({' '.join(SKEWED + argv)}), {steps} steady steps timed per mode (wall clock), "
+        f"long-tailed arith ({' '.join(SKEWED + argv)}), {steps} steps timed per run (wall clock), "
         f"median of {reps} interleaved runs"
     )
-    print("mode         | step s | vs wait | gen tok/step | wasted tok/step | wasted % | trained len | lag histogram")
+    print(
+        "mode         | step s | vs wait | waited s | gen tok/step | wasted tok/step | wasted % | trained len | "
+        "lag histogram"
+    )
     for name, r in results.items():
         hist = " ".join(f"{k}:{int(v)}" for k, v in sorted(r["lags"].items()))
         frac = r["wasted"] / max(r["generated"], 1e-9)
         print(
-            f"{name:12s} | {r['step_time']:6.2f} | {r['step_time'] / base:6.2f}x | {r['generated']:12.1f} | "
+            f"{name:12s} | {r['step_time']:6.2f} | {r['step_time'] / base:6.2f}x | {r['wait_time']:8.2f} | "
+            f"{r['generated']:12.1f} | "
             f"{r['wasted']:15.1f} | {100 * frac:7.1f}% | {r['response_len']:11.1f} | {hist}"
         )
     if "partial" in results:
@@ -178,6 +191,9 @@ def partial_bench(argv: list[str], steps: int, reps: int, only: str | None = Non
         print(f"partial_wasted_fraction={p['wasted'] / max(p['generated'], 1e-9):.3f}")
     if "K=1" in results and "K=2" in results:
         print(f"k2_vs_k1_step_time={results['K=2']['step_time'] / results['K=1']['step_time']:.2f}")
+    if "partial K=1" in results and "partial K=2" in results:
+        ratio = results["partial K=2"]["step_time"] / results["partial K=1"]["step_time"]
+        print(f"partial_k2_vs_k1_step_time={ratio:.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,10 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rl-reps", type=int, default=2, help="(sync, async) run pairs (medians reported)")
     ap.add_argument("--partial-rollout", action="store_true", help="bench long generations (see above)")
     ap.add_argument("--modes", default=None, help="--partial-rollout: comma-separated subset of the modes")
+    ap.add_argument("--partial-steps", type=int, default=10, help="--partial-rollout: RL steps per run, all timed")
     own, rest = ap.parse_known_args(argv)
     torch.set_num_threads(own.threads)
     if own.partial_rollout:
-        partial_bench(rest, own.rl_steps, own.rl_reps, own.modes)
+        partial_bench(rest, own.partial_steps, own.rl_reps, own.modes)
         return
 
     from megatron_mtp_rl import platform

@@ -6,15 +6,21 @@ slime's asynchronous trainer, for any engine that generates outside the trainer'
 depth K (AReaL's ``max_head_offpolicyness``). The order is fixed so the run stays deterministic
 and resumable:
 
-    step n:  take batch n (ready)  →  start batch n+K in a thread (engine holds θ_{n-1})
-             → train on batch n → θ_n  →  wait for batch n+K  →  push θ_n to the engine
+    step n:  take batch n  →  queue batch n+K (the engine holds θ_{n-1})
+             → train on batch n → θ_n  →  queue the push of θ_n after batch n+K
 
 Batch n+K is generated entirely by θ_{n-1} and trained at step n+K from θ_old = θ_{n+K-1}: a policy
 lag of K steps (less for the first K batches, which the first step generates with θ_0). K = 1 is
 ``--async-rollout``. Old log-probs are recomputed by the trainer, so the PPO ratio stays that of the
-policy being updated; with K > 1 the loss also weights by π_old/π_behaviour (rl/loss.py). The
-generated, not yet trained batches are saved with a checkpoint, so a resumed run trains on exactly
-what the uninterrupted run would have.
+policy being updated; with K > 1 the loss also weights by π_old/π_behaviour (rl/loss.py).
+
+The jobs (generate a batch, push weights) run one after another on background threads, in the order
+the trainer queued them. Where the engine can take a push later (a copy of the weights staged now,
+``stage_weights``), the trainer queues it and goes on: it waits only for a batch it is about to train
+on, so with K > 1 a slow batch is absorbed by the ones generated ahead. Elsewhere the push waits for
+the batch in generation (a collective push needs every rank at once). The generated, not yet trained
+batches are saved with a checkpoint, so a resumed run trains on exactly what the uninterrupted run
+would have.
 """
 
 from __future__ import annotations
@@ -36,71 +42,122 @@ class OneStepAhead:
         self.batches: dict[int, list] = {}
         self.next_step = 1  # the first batch not submitted yet
         self.gen_cursor: int | None = None  # the data cursor after the last settled batch (None: the loop's)
-        self._thread: threading.Thread | None = None
-        self._running: int | None = None
-        self._error: BaseException | None = None
+        self._last: threading.Thread | None = None  # the last job queued; each job first joins the one before
+        self._producing: dict[int, threading.Thread] = {}  # step -> the job generating its batch
+        self._errors: list[tuple[int | None, BaseException]] = []  # (step or None for a push, error)
+        self._lock = threading.Lock()
 
     @property
     def step(self) -> int | None:
         """The oldest pending batch's step (None: nothing pending)."""
-        return min(self.batches, default=None)
+        with self._lock:
+            return min([*self.batches, *self._producing], default=None)
 
-    def submit(self, step: int, weights_step: int, fn: Callable[[], Any]) -> None:
-        """Start generating step ``step``'s batch with ``fn`` in a background thread."""
-        if self._thread is not None:
-            raise RuntimeError("async rollout: a batch is already being generated")
-        self._running, self._error = step, None
-        self.next_step = step + 1
+    def _queue(self, name: str, job: Callable[[], None], step: int | None) -> threading.Thread:
+        before = self._last
 
         def run() -> None:
+            if before is not None:
+                before.join()
+            with self._lock:
+                if self._errors:  # a job before failed: the rest of the queue does not run
+                    return
             try:
-                self.batches[step] = [weights_step, fn(), None]
-            except BaseException as e:  # re-raised on the trainer's thread by wait()
-                self._error = e
+                job()
+            except BaseException as e:  # re-raised on the trainer's thread by wait()/take()
+                with self._lock:
+                    self._errors.append((step, e))
 
-        self._thread = threading.Thread(target=run, name=f"rollout-step-{step}", daemon=True)
-        self._thread.start()
+        t = threading.Thread(target=run, name=name, daemon=True)
+        self._last = t
+        t.start()
+        return t
 
-    def wait(self) -> None:
-        """Block until the batch in generation is done (before a weight push, a save, eval)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            self.next_step = self._running or self.next_step
-            raise err
+    def submit(self, step: int, weights_step: int, fn: Callable[[], Any]) -> None:
+        """Queue the generation of step ``step``'s batch with ``fn`` (after every job queued before)."""
+        self.next_step = step + 1
+
+        def job() -> None:
+            batch = fn()
+            with self._lock:
+                self.batches[step] = [weights_step, batch, None]
+
+        self._producing[step] = self._queue(f"rollout-step-{step}", job, step)
+
+    def after(self, fn: Callable[[], None], name: str = "rollout-weights") -> None:
+        """Queue ``fn`` (a staged weight push) behind the batches queued so far."""
+        self._queue(name, fn, None)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a queued job is still running."""
+        return self._last is not None and self._last.is_alive()
+
+    def wait(self, step: int | None = None) -> None:
+        """Block until every queued job (or only the one generating ``step``'s batch) is done.
+
+        Before a collective weight push, a save, an evaluation, closing the engine."""
+        t = self._last if step is None else self._producing.get(step)
+        if t is not None:
+            t.join()
+        if step is None:
+            self._last = None
+        self._producing = {s: t for s, t in self._producing.items() if t.is_alive()}
+        with self._lock:
+            if not self._errors:
+                return
+            failed, err = self._errors[0]
+        self.wait_quietly()
+        self._errors.clear()
+        if failed is not None:  # that batch and every one after it are generated again when asked for
+            self.next_step = min(failed, self.next_step)
+        raise err
+
+    def wait_quietly(self) -> None:
+        if self._last is not None:
+            self._last.join()
+        self._last, self._producing = None, {}
 
     def unsettled(self) -> list[int]:
         """Generated batches whose prompt consumption the trainer has not counted yet, oldest first."""
-        return sorted(s for s, e in self.batches.items() if e[2] is None and s != self._running_now())
-
-    def _running_now(self) -> int | None:
-        return self._running if self._thread is not None else None
+        with self._lock:
+            return sorted(s for s, e in self.batches.items() if e[2] is None)
 
     def settle(self, step: int, batch: Any, consumed: int) -> None:
         """Record a generated batch as every rank sees it, and the prompts it consumed."""
-        entry = self.batches[step]
-        entry[1], entry[2] = batch, consumed
-        self.gen_cursor = (self.gen_cursor or 0) + consumed
+        with self._lock:
+            entry = self.batches[step]
+            entry[1], entry[2] = batch, consumed
+            self.gen_cursor = (self.gen_cursor or 0) + consumed
+
+    def cursor(self, local_consumed: Callable[[Any], int]) -> int:
+        """The data cursor for the next batch, from a queued job: the settled cursor plus what the generated,
+        not yet settled batches consumed (``local_consumed(batch)``: this rank's count, the same on every DP
+        rank where the queue runs ahead of the trainer)."""
+        with self._lock:
+            ahead = sum(local_consumed(e[1]) for e in self.batches.values() if e[2] is None)
+            return (self.gen_cursor or 0) + ahead
 
     def take(self, step: int) -> tuple[Any, int] | None:
         """(batch, lag) of step ``step`` when it is pending; None otherwise."""
-        if self._running_now() == step:
-            self.wait()
-        if step not in self.batches:
-            return None
-        weights_step, batch, _ = self.batches.pop(step)
+        if step in self._producing:
+            self.wait(step)
+        with self._lock:
+            if step not in self.batches:
+                return None
+            weights_step, batch, _ = self.batches.pop(step)
         return batch, (step - 1) - weights_step
 
     def consumed(self, step: int) -> int:
-        return self.batches[step][2] or 0
+        with self._lock:
+            return self.batches[step][2] or 0
 
     def state_dict(self) -> dict:
         """The generated, not yet trained batches (call after :meth:`wait`)."""
-        if self._thread is not None:
+        if self.busy:
             raise RuntimeError("async rollout: save while a batch is being generated")
-        return {"batches": dict(self.batches), "next_step": self.next_step, "gen_cursor": self.gen_cursor}
+        with self._lock:
+            return {"batches": dict(self.batches), "next_step": self.next_step, "gen_cursor": self.gen_cursor}
 
     def load_state_dict(self, state: dict | None) -> None:
         if not state:

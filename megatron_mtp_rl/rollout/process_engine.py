@@ -129,12 +129,26 @@ class ProcessEngine:
 
     def sync_weights(self) -> dict:
         """Send the current weights (every rank calls: the gather may be collective)."""
+        push, metrics = self.stage_weights()
+        push()
+        return metrics
+
+    def stage_weights(self) -> tuple[Callable[[], None], dict]:
+        """Copy the current weights now, send them later: (``push()``, metrics).
+
+        Every rank calls (the gather may be collective); ``push()`` touches only the pipe, so it may run on
+        another thread, after the generation in flight (the off-policy queue, rollout/async_rollout.py).
+        The copy lives until the push: one full CPU copy per push not yet sent."""
         self.version += 1
-        state = self.state_fn()
-        if self._conn is not None:
-            cpu = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-            self._ask("weights", cpu, self.version)
-        return {"rollout/weight_version": float(self.version)}
+        version, state = self.version, self.state_fn()
+        cpu = {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if self._conn is not None else None
+
+        def push() -> None:
+            if cpu is not None:
+                self._ask("weights", cpu, version)
+                cpu.clear()
+
+        return push, {"rollout/weight_version": float(version)}
 
     def close(self) -> None:
         if self._proc is None:

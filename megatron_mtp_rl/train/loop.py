@@ -176,7 +176,12 @@ def _save_due(cfg: RunConfig, step: int) -> bool:
 
 # -- evaluation -------------------------------------------------------------------------------
 def evaluate(ctx: StepContext, prompts=None) -> dict:
-    """Greedy accuracy on the held-out prompts (or ``prompts``), split over DP ranks."""
+    """Greedy accuracy on the held-out prompts (or ``prompts``), split over DP ranks.
+
+    With the off-policy queue running, the queued batches and weight pushes finish first: the engine then
+    holds the weights just trained, as without the queue."""
+    if ctx.ahead is not None:
+        ctx.ahead.wait()
     return evaluate_accuracy(ctx.run, ctx.rollout.manager, ctx.engine, prompts)
 
 

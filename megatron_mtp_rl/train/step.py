@@ -110,8 +110,9 @@ def generate(ctx: StepContext, step: int, cursor: int) -> tuple[RolloutBatch, in
     """This DP rank's groups of samples, with rewards; advances the shared data cursor.
 
     ``--async-rollout`` / ``--max-off-policy-steps K``: the batch was generated during step ``step - K``
-    (rollout/async_rollout.py); step ``step + K``'s starts here, in a thread, with the weights the engine
-    holds now.
+    (rollout/async_rollout.py); step ``step + K``'s is queued here, on a thread, with the weights the engine
+    holds once the jobs before it are done (θ_{step-1}). ``perf/rollout_wait_time``: how long this step
+    waited for its batch.
     """
     dp = parallel_state.get_data_parallel_world_size()
     if ctx.ahead is None:
@@ -122,43 +123,75 @@ def generate(ctx: StepContext, step: int, cursor: int) -> tuple[RolloutBatch, in
     ah, last = ctx.ahead, ctx.cfg.num_steps
     if ah.gen_cursor is None:
         ah.gen_cursor = cursor
-    _settle(ctx, ah)
+    if not staged_push(ctx):  # every job is done (the push waited): count them all
+        _settle(ctx, ah)
     while ah.next_step <= min(step + ah.depth - 1, last):  # the run's first step, or a resume without them
         b = ah.next_step
-        ah.submit(b, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, b, ah.gen_cursor, step - 1)))
+        ah.submit(b, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, b, _queued_cursor(ah, dp), step - 1)))
         ah.wait()
         _settle(ctx, ah)
+    t = time.perf_counter()
+    ah.wait(step)  # generated ahead: waits only when generation is behind
+    waited = time.perf_counter() - t
+    _settle(ctx, ah, step)
     consumed = ah.consumed(step)
     batch, lag = ah.take(step)
     cursor += consumed
     if step + ah.depth <= last:  # engine holds θ_{step-1}: batch step+K is K steps off-policy
         b = step + ah.depth
-        ah.submit(b, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, b, ah.gen_cursor, step - 1)))
+        ah.submit(b, step - 1, _leader_only(ctx.engine, _rollout_fn(ctx, b, _queued_cursor(ah, dp), step - 1)))
     batch.metrics.setdefault("rollout/policy_lag", float(lag))
     batch.metrics.setdefault("rollout/policy_lag_max", float(lag))
     batch.metrics.setdefault("rollout/stale_dropped", 0.0)
+    batch.metrics["perf/rollout_wait_time"] = waited
     return batch, cursor
 
 
-def _settle(ctx: StepContext, ah: OneStepAhead) -> None:
-    """Generated batches: every rank of the model-parallel group gets them, the data cursor counts them."""
+def _settle(ctx: StepContext, ah: OneStepAhead, upto: int | None = None) -> None:
+    """Generated batches (up to step ``upto``: the ones every rank has waited for): every rank of the
+    model-parallel group gets them, the data cursor counts them."""
     dp = parallel_state.get_data_parallel_world_size()
     for b in ah.unsettled():
+        if upto is not None and b > upto:
+            break
         batch = _broadcast_from_mp_leader(ctx.engine, ah.batches[b][1])
         ah.settle(b, batch, max_over_dp(batch.prompts_consumed) * dp)
 
 
-def _rollout_fn(ctx: StepContext, step: int, cursor: int, weights_step: int) -> Callable[[], RolloutBatch]:
-    """The ``--rollout-function`` call that generates step ``step``'s batch from ``cursor``.
+def _queued_cursor(ah: OneStepAhead, dp: int) -> Callable[[], int]:
+    """The data cursor of a queued batch, read when its generation starts (the batches before it are done by
+    then, not necessarily settled: with one DP rank this rank's count is the settled one)."""
+    return lambda: ah.cursor(lambda batch: batch.prompts_consumed * dp)
+
+
+def staged_push(ctx: StepContext) -> bool:
+    """Whether the weight push is queued behind the generation in flight instead of waiting for it: the engine
+    takes a staged copy (rollout/process_engine.py) and one DP rank reads the data (the queued batch's cursor
+    is this rank's own count)."""
+    return (
+        ctx.ahead is not None
+        and hasattr(ctx.engine, "stage_weights")
+        and parallel_state.get_data_parallel_world_size() == 1
+    )
+
+
+def _rollout_fn(
+    ctx: StepContext, step: int, cursor: int | Callable[[], int], weights_step: int
+) -> Callable[[], RolloutBatch]:
+    """The ``--rollout-function`` call that generates step ``step``'s batch from ``cursor`` (or from what
+    ``cursor()`` returns when the call starts).
 
     ``weights_step``: trainer steps done when the engine got the weights it generates with (partial
     rollouts number every token's weights with it)."""
     cfg = ctx.cfg
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     consumed = [0]
+    start: list[int] = []
 
     def fetch(count: int):
-        idx = [cursor + (consumed[0] + k) * dp + dp_rank for k in range(count)]
+        if not start:
+            start.append(cursor() if callable(cursor) else cursor)
+        idx = [start[0] + (consumed[0] + k) * dp + dp_rank for k in range(count)]
         consumed[0] += count
         return [p for i in idx for p in ctx.run.source.take(i, 1)]
 
@@ -499,14 +532,20 @@ def average_updates(per_update: list[dict]) -> dict:
 def sync_weights(ctx: StepContext) -> dict:
     """Push the updated weights to the engine (collective; a no-op for the local engine).
 
-    ``--async-rollout``: after the next batch, generated meanwhile with the previous weights, is done.
+    ``--async-rollout``: after the next batch, generated meanwhile with the previous weights, is done; where
+    the engine takes a staged copy (:func:`staged_push`) the push is queued behind that batch and the step
+    goes on.
     """
-    if ctx.ahead is not None:
+    if ctx.ahead is not None and not staged_push(ctx):
         ctx.ahead.wait()
     if not ctx.engine.remote:
         return ctx.engine.sync_weights()
     t = time.perf_counter()
-    metrics = dict(ctx.engine.sync_weights())
+    if staged_push(ctx):
+        push, metrics = ctx.engine.stage_weights()
+        ctx.ahead.after(push)
+    else:
+        metrics = dict(ctx.engine.sync_weights())
     metrics["perf/weight_sync_time"] = time.perf_counter() - t
     return metrics
 

@@ -1,6 +1,7 @@
 """--async-rollout: the local engine in a child process generates step n+1 while step n trains."""
 
 import math
+import threading
 
 import pytest
 
@@ -41,6 +42,21 @@ def straight(tmp_path_factory):
         mp.setattr(step_module, "pack_minibatches", recording_pack)
         hist = _run(tmp_path_factory.mktemp("straight"), "--num-steps", "4")
     return hist, generated, trained
+
+
+def _pipe_requests(monkeypatch) -> list[tuple[str, str]]:
+    """(request, thread) of every request the trainer sends the rollout process, in order."""
+    from megatron_mtp_rl.rollout.process_engine import ProcessEngine
+
+    sent, ask = [], ProcessEngine._ask
+
+    def recording_ask(self, *msg):
+        out = ask(self, *msg)
+        sent.append((msg[0], threading.current_thread().name))
+        return out
+
+    monkeypatch.setattr(ProcessEngine, "_ask", recording_ask)
+    return sent
 
 
 def test_async_run_trains_every_sample_once_one_step_off_policy(straight):
@@ -90,3 +106,24 @@ def test_async_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, st
     assert [r["step"] for r in resumed] == [3, 4]
     assert _strip(done + resumed) == _strip(straight[0][1:])
     assert resumed[0]["rollout/policy_lag"] == 1.0  # the saved batch was trained, not regenerated
+
+
+def test_weight_push_is_queued_behind_the_batch_in_flight_and_changes_nothing(tmp_path, monkeypatch):
+    """The trainer stages θ_n and goes on; a rollout thread pushes it once batch n+1 is generated. The
+    requests reach the rollout process in the order of the run whose push waits, with the same results."""
+    sent = _pipe_requests(monkeypatch)
+    queued = _run(tmp_path / "queued", "--num-steps", "4", "--eval-interval", "2")
+    order = [kind for kind, _ in sent]
+    # initial push, eval (step 0), batch 1, then per step: batch n+1 (none after step 3), the push of θ_n;
+    # eval at steps 2 and 4 once the queue is done
+    assert order == ["weights", "generate", "generate", "generate", "weights", "generate", "weights", "generate",
+                     "generate", "weights", "weights", "generate", "close"]  # fmt: skip
+    pushes = [thread for kind, thread in sent if kind == "weights"]
+    assert pushes[0] == "MainThread" and all(t == "rollout-weights" for t in pushes[1:]), pushes
+    sent.clear()
+    monkeypatch.setattr(step_module, "staged_push", lambda ctx: False)  # the push waits for the batch
+    waited = _run(tmp_path / "waited", "--num-steps", "4", "--eval-interval", "2")
+    assert [kind for kind, _ in sent] == order
+    assert all(t == "MainThread" for kind, t in sent if kind == "weights")
+    assert _strip(queued) == _strip(waited)
+    assert all(r["perf/rollout_wait_time"] >= 0 for r in queued[1:])

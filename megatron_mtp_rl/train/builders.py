@@ -273,6 +273,18 @@ def build_loss(cfg: RunConfig) -> RLLossConfig:
     )
 
 
+def generation_depth(cfg: RunConfig) -> int:
+    """How many batches generation runs ahead of training (0: each step generates its own).
+
+    ``--max-off-policy-steps K`` bounds the lag of every trained token. A carried-over partial sample is one
+    version older than its batch's fresh samples, so with ``--partial-rollout`` fresh samples run K − 1
+    ahead and a sample may be continued once and still train (twice: it is dropped as stale)."""
+    ro = cfg.rollout
+    if ro.max_off_policy_steps:
+        return ro.max_off_policy_steps - 1 if ro.partial_rollout else ro.max_off_policy_steps
+    return 1 if ro.async_rollout else 0
+
+
 def importance_cap(cfg: RunConfig) -> float | None:
     """The truncation of π_old/π_rollout on the policy loss: --tis-cap, else --rollout-is-cap; with
     --max-off-policy-steps K > 1 always on (AReaL's decoupled PPO; untruncated without a cap)."""
@@ -387,7 +399,7 @@ def build_engine(cfg: RunConfig, run: Run, *, rollout_actor=None, engines=None) 
         return _ray_engine(cfg, run, rollout_actor)
     if cfg.rollout.rollout_engine == "sglang":
         return _sglang_engine(cfg, run, engines)
-    if cfg.rollout.async_rollout or cfg.rollout.max_off_policy_steps:
+    if generation_depth(cfg):
         return _process_engine(cfg, run)
     # the model's vocabulary, as the trainer normalises over it (a converted checkpoint may have more rows than
     # its tokenizer has ids): sampler and trainer log-probs then agree

@@ -35,6 +35,7 @@ from megatron_mtp_rl.train.builders import (
     build_rollout,
     build_run,
     build_teacher,
+    generation_depth,
 )
 from megatron_mtp_rl.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from megatron_mtp_rl.train.critic import CRITIC_DIR, build_critic, init_critic
@@ -92,8 +93,9 @@ def prepare(cfg: RunConfig, *, rollout_actor=None, engines=None) -> tuple[StepCo
     ctx.critic = critic
     ctx.teacher = build_teacher(cfg, run)
     ro = cfg.rollout
-    if ro.async_rollout or ro.max_off_policy_steps:
-        ctx.ahead = OneStepAhead(depth=ro.max_off_policy_steps or 1)
+    depth = generation_depth(cfg)
+    if depth:
+        ctx.ahead = OneStepAhead(depth=depth)
         ctx.ahead.load_state_dict(state.pending)
     if ro.partial_rollout:
         over = (

@@ -40,8 +40,9 @@ def straight(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(OneStepAhead, "take", recording_take)
         mp.setattr(step_module, "pack_minibatches", recording_pack)
+        sent = _pipe_requests(mp)
         hist = _run(tmp_path_factory.mktemp("straight"), "--num-steps", "4")
-    return hist, generated, trained
+    return hist, generated, trained, sent
 
 
 def _pipe_requests(monkeypatch) -> list[tuple[str, str]]:
@@ -60,7 +61,7 @@ def _pipe_requests(monkeypatch) -> list[tuple[str, str]]:
 
 
 def test_async_run_trains_every_sample_once_one_step_off_policy(straight):
-    hist, generated, trained = straight
+    hist, generated, trained, _ = straight
     assert [h["step"] for h in hist] == [0, 1, 2, 3, 4]
     # Staleness: the first batch comes from θ_0, every later one from the weights one step old.
     assert [h["rollout/policy_lag"] for h in hist[1:]] == [0.0, 1.0, 1.0, 1.0]
@@ -108,22 +109,21 @@ def test_async_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, st
     assert resumed[0]["rollout/policy_lag"] == 1.0  # the saved batch was trained, not regenerated
 
 
-def test_weight_push_is_queued_behind_the_batch_in_flight_and_changes_nothing(tmp_path, monkeypatch):
+def test_weight_push_is_queued_behind_the_batch_in_flight_and_changes_nothing(tmp_path, monkeypatch, straight):
     """The trainer stages θ_n and goes on; a rollout thread pushes it once batch n+1 is generated. The
     requests reach the rollout process in the order of the run whose push waits, with the same results."""
-    sent = _pipe_requests(monkeypatch)
-    queued = _run(tmp_path / "queued", "--num-steps", "4", "--eval-interval", "2")
+    hist, _, _, sent = straight
     order = [kind for kind, _ in sent]
-    # initial push, eval (step 0), batch 1, then per step: batch n+1 (none after step 3), the push of θ_n;
-    # eval at steps 2 and 4 once the queue is done
+    # initial push, eval (step 0), batch 1, then per step: batch n+1 (none after step 3) and the push of θ_n;
+    # the final eval once the queue is done
     assert order == ["weights", "generate", "generate", "generate", "weights", "generate", "weights", "generate",
-                     "generate", "weights", "weights", "generate", "close"]  # fmt: skip
+                     "weights", "weights", "generate", "close"]  # fmt: skip
     pushes = [thread for kind, thread in sent if kind == "weights"]
     assert pushes[0] == "MainThread" and all(t == "rollout-weights" for t in pushes[1:]), pushes
-    sent.clear()
+    waited_sent = _pipe_requests(monkeypatch)
     monkeypatch.setattr(step_module, "staged_push", lambda ctx: False)  # the push waits for the batch
-    waited = _run(tmp_path / "waited", "--num-steps", "4", "--eval-interval", "2")
-    assert [kind for kind, _ in sent] == order
-    assert all(t == "MainThread" for kind, t in sent if kind == "weights")
-    assert _strip(queued) == _strip(waited)
-    assert all(r["perf/rollout_wait_time"] >= 0 for r in queued[1:])
+    waited = _run(tmp_path, "--num-steps", "4")
+    assert [kind for kind, _ in waited_sent] == order
+    assert all(t == "MainThread" for kind, t in waited_sent if kind == "weights")
+    assert _strip(hist) == _strip(waited)
+    assert all(r["perf/rollout_wait_time"] >= 0 for r in hist[1:])

@@ -915,8 +915,6 @@ def _routing_problems(cfg: RunConfig, m: ModelArgs) -> list[str]:
             out.append("--use-rollout-routing-replay records routes with plain sampling: drop --local-spec-decode")
         if cfg.ray.ray:
             out.append("--use-rollout-routing-replay: the Ray rollout actor does not return routes yet")
-        if ro.partial_rollout:
-            out.append("--use-rollout-routing-replay with --partial-rollout: continued samples carry no routes yet")
     return out
 
 

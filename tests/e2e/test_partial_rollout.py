@@ -142,3 +142,22 @@ def test_partial_rollout_through_fake_sglang_aborts_by_rid(tmp_path):
     assert len(st["aborted"]) >= 2  # the two slow requests (and any still running at the stop), by rid
     assert hist[0]["rollout/buffer_size"] >= 2.0  # kept, continued later
     assert all(m["rollout/generated_samples"] == 4.0 for m in hist)
+
+
+def test_partial_rollout_with_r3_trains_continued_samples_with_one_route_per_token(tmp_path):
+    """--partial-rollout with --use-rollout-routing-replay (tiny-moe, local engine): samples continued
+    across steps reach the trainer with one route row per input token, and the old pass replays them."""
+    import math
+
+    hist, trained = _recorded(tmp_path, "--preset", "tiny-moe", "--use-rollout-routing-replay", "--num-steps", "3")
+    rows = hist[1:]
+    assert sum(r["rollout/resumed_samples"] for r in rows) > 0
+    continued = 0
+    for _, batch in trained:
+        for s in batch:
+            assert s.routes is not None and s.routes.shape[0] == len(s.prompt_ids) + len(s.response_ids) - 1
+            continued += len(set(s.versions)) > 1
+    assert continued > 0
+    for r in rows:
+        assert 0.0 < r["rollout/routing_agreement"] <= 1.0  # the old pass saw the engine's routes
+        assert math.isfinite(r["train/policy_loss"])

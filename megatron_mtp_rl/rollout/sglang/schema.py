@@ -245,7 +245,10 @@ def parse_generate_response(resp: dict, *, rid: str | None = None, partial_ok: b
         lps = [float(e[0]) for e in entries][: len(ids)]
         if len(lps) != len(ids):  # no log-probs for some of them: keep the prefix that has both
             ids = ids[: len(lps)]
-        return Completion(ids, lps, False, meta={"rid": meta.get("id", rid), "aborted": True})
+        out = Completion(ids, lps, False, meta={"rid": meta.get("id", rid), "aborted": True})
+        if meta.get("routed_experts") is not None:  # R3: the routes of what was generated before the abort
+            out.meta["routed_experts"] = meta["routed_experts"]
+        return out
     if kind == "abort":
         fr = meta.get("finish_reason") or {}
         raise SGLangAbortedError(f"request {rid or meta.get('id')} aborted by the server: {fr.get('message', '')}")

@@ -57,7 +57,6 @@ BEGIN_WEIGHT_UPDATE = "/begin_weight_update"
 END_WEIGHT_UPDATE = "/end_weight_update"
 MODEL_INFO = "/model_info"  # GET: model_path, weight_version, architectures, ...
 SERVER_INFO = "/server_info"  # GET: the resolved server arguments (``device`` among them), version, ...
-UPDATE_WEIGHT_VERSION = "/update_weight_version"  # POST {"new_version"}: relabel the served weights
 # Colocated hand-off: free (and take back) the engine's GPU memory; tags "weights" / "kv_cache" (None: both).
 RELEASE_MEMORY_OCCUPATION = "/release_memory_occupation"
 RESUME_MEMORY_OCCUPATION = "/resume_memory_occupation"

@@ -146,7 +146,7 @@ class DataConfig:
         "one below (with '*': answers of 1 to 2·this digits)",
         min=1,
     )
-    num_eval_prompts: int = flag(200, "held-out arith problems for eval/accuracy", min=0)
+    num_eval_prompts: int = flag(200, "held-out arith problems for eval/accuracy (at most half of all)", min=0)
     prompt_data: str | None = flag(None, "JSONL, JSON-array or Parquet prompts (replaces the arith task)")
     eval_data: str | None = flag(None, "JSONL, JSON-array or Parquet held-out prompts for eval/accuracy")
     input_key: str = flag(
@@ -915,8 +915,6 @@ def _routing_problems(cfg: RunConfig, m: ModelArgs) -> list[str]:
             out.append("--use-rollout-routing-replay records routes with plain sampling: drop --local-spec-decode")
         if cfg.ray.ray:
             out.append("--use-rollout-routing-replay: the Ray rollout actor does not return routes yet")
-        if ro.partial_rollout:
-            out.append("--use-rollout-routing-replay with --partial-rollout: continued samples carry no routes yet")
     return out
 
 

@@ -129,6 +129,7 @@ def run_script(url: str, model_dir: str | Path) -> list[tuple[str, int, object]]
          {"model_path": str(model_dir), "flush_cache": True, "abort_all_requests": False,
           "weight_version": "contract-d"})  # fmt: skip
     step("disk missing dir", "POST", "/update_weights_from_disk", {"model_path": str(Path(model_dir) / "missing")})
+    # not the bridge's (every push names its version) but the real-engine fixture's (tests/real_sglang.py)
     step("update_weight_version", "POST", "/update_weight_version",
          {"new_version": "contract-v", "abort_all_requests": False})  # fmt: skip
     status, body = step("model_info after", "GET", "/model_info")

@@ -53,8 +53,7 @@ class ArithTask:
         top = self.max_digits
         self._lengths = list(range(digits, top + 1))
         self._weights = [2.0 ** -(d - digits) for d in self._lengths]
-        space = (10**top) ** 2 * len(ops)
-        if num_eval >= space // 2:
+        if num_eval > self.max_eval(digits, ops, max_digits):
             raise ValueError(f"--num-eval-prompts {num_eval} leaves too few training problems")
         self._eval = []
         seen = set()
@@ -65,6 +64,16 @@ class ArithTask:
                 seen.add(p)
                 self._eval.append(p)
         self._eval_set = seen
+
+    @staticmethod
+    def distinct_problems(digits: int, ops: str, max_digits: int | None = None) -> int:
+        """How many different problems the task has (operands below 10^max_digits, each op)."""
+        return (10 ** (max_digits or digits)) ** 2 * len(ops)
+
+    @classmethod
+    def max_eval(cls, digits: int, ops: str, max_digits: int | None = None) -> int:
+        """The most held-out problems: half of them, so training keeps at least the other half."""
+        return cls.distinct_problems(digits, ops, max_digits) // 2
 
     def _draw(self, rng: random.Random) -> tuple[int, str, int]:
         if self.max_digits == self.digits:

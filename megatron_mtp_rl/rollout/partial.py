@@ -3,8 +3,9 @@
 Reasoning RL waits for its longest generations. Here a step keeps ``--over-sampling-batch-size``
 groups in flight and stops decoding once ``--rollout-batch-size`` groups are complete (and, with
 dynamic sampling, kept by the filter); the unfinished samples stay in a buffer with their tokens,
-log-probs and the weight version of every token, and continue at the next step with the weights
-of then. A group trains only when all its samples are done; every sample trains at most once.
+log-probs, the weight version of every token and (R3) the MoE routes recorded so far, and continue
+at the next step with the weights of then. A group trains only when all its samples are done;
+every sample trains at most once.
 
 Determinism: a step's buffer, prompts and seeds are fixed by the run, so the buffer is saved
 with a checkpoint (``state_dict``) and a resumed run continues exactly. ``max_lag`` (the
@@ -16,6 +17,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+
+from megatron_mtp_rl.models.routing_replay import extend_routes
 from megatron_mtp_rl.models.sampling_params import GroupStop
 from megatron_mtp_rl.rollout.manager import GroupFilter, RolloutBatch, RolloutManager, Sample, kept_groups
 
@@ -29,6 +33,28 @@ def oldest_version(group: list[Sample]) -> int | None:
     """The oldest weight version that generated a token of the group (None: no token yet)."""
     versions = [v for s in group for v in (s.versions or [])]
     return min(versions) if versions else None
+
+
+def continued_routes(
+    prev: torch.Tensor | None, new: torch.Tensor | None, input_len: int, new_tokens: int
+) -> torch.Tensor | None:
+    """A resumed sample's routes (R3): the rows recorded while its earlier tokens were generated,
+    then the continuation's rows from the first position they do not cover.
+
+    ``input_len``: the continuation's request (prompt + the tokens so far); ``new_tokens``: what it
+    generated. The engine's ``new`` covers either every input position (local engine, SGLang asked
+    from 0) or only those from ``prev``'s end on. ``new`` None (an aborted request answered without
+    routes, e.g. never sent): ``prev`` is kept and the next continuation fills the rest.
+    """
+    if new is None or prev is None:
+        return prev if new is None else new
+    start = min(prev.shape[0], input_len - 1)  # known rows: [0, start)
+    full = input_len + new_tokens - 1  # the rows of the whole sample after this continuation
+    if new.shape[0] >= full:
+        new = new[start:full]
+    elif new.shape[0] != full - start:
+        raise ValueError(f"the continuation's routes have {new.shape[0]} rows; expected {full} or {full - start}")
+    return extend_routes(prev, new, start)
 
 
 @dataclass
@@ -106,7 +132,8 @@ class PartialRollout:
         )
         requests = [s.prompt_ids + s.response_ids for _, s in live]
         completions, stats = manager.engine.generate(requests, manager.sampling, seed=seed, stop=stop)
-        for (_, s), comp in zip(live, completions):
+        for (_, s), req, comp in zip(live, requests, completions):
+            s.routes = continued_routes(s.routes, comp.routes, len(req), len(comp.response_ids))
             s.response_ids = s.response_ids + list(comp.response_ids)
             s.logprobs = s.logprobs + list(comp.logprobs)
             s.versions = (s.versions or []) + [version] * len(comp.response_ids)

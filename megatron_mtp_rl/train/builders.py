@@ -163,11 +163,20 @@ def build_data_source(cfg: RunConfig, tokenizer):
         if source.skipped:
             warn(f"--on-bad-row skip dropped {source.skipped} bad prompt row(s); the first: {source.problems[0]}")
         return source
+    num_eval = d.num_eval_prompts
+    cap = ArithTask.max_eval(d.arith_digits, d.arith_ops, d.arith_max_digits)
+    if num_eval > cap:  # e.g. 1-digit '+': 100 problems in all, the default 200 cannot be held out
+        total = ArithTask.distinct_problems(d.arith_digits, d.arith_ops, d.arith_max_digits)
+        warn(
+            f"--num-eval-prompts {num_eval}: the arith task (--arith-digits {d.arith_digits}, --arith-ops "
+            f"{d.arith_ops!r}) has {total} distinct problems; holding out {cap} for eval, the rest train"
+        )
+        num_eval = cap
     return ArithTask(
         seed=cfg.seed,
         digits=d.arith_digits,
         ops=d.arith_ops,
-        num_eval=d.num_eval_prompts,
+        num_eval=num_eval,
         max_digits=d.arith_max_digits,
     )
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,24 +19,41 @@ def sync_grads(group) -> None:
         torch.distributed.all_reduce(torch.ones(4), group=group)
 
 
-def _rank_0_waits_for_a_rank_that_never_comes(rank: int, world: int) -> str | None:
+def _rank_0_waits_for_a_rank_that_never_comes(rank: int, world: int, done: str) -> tuple[str | None, float]:
+    """Rank 0's message and the collective timeout ``initialize`` gave the default group.
+
+    Nothing here races the clock: start-up has a generous timeout (a slow spawn under load cannot
+    trip it), the short one is set after both ranks met, and rank 1 stays alive, never joining,
+    until rank 0 has its message (``done`` appears) — rank 0 can only see a timeout, never a closed
+    connection."""
     import torch.distributed as dist
 
     from megatron_mtp_rl.platform.distributed import describe_timeout, initialize
 
-    initialize(timeout_s=2.0)
+    initialize(timeout_s=120.0)
+    configured = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+    dist.barrier()
+    dist.set_timeout(datetime.timedelta(seconds=2))  # this rank's next collectives only
     if rank == 1:
-        time.sleep(6.0)  # alive (no "connection closed"), but never joins
-        return None
+        deadline = time.monotonic() + 50.0
+        while not Path(done).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return None, configured
     try:
         sync_grads(dist.group.WORLD)
+        msg = "no timeout"
     except Exception as e:  # noqa: BLE001 - the message under test
-        return describe_timeout(e)
-    return "no timeout"
+        msg = describe_timeout(e)
+    finally:
+        Path(done).touch()
+    return msg, configured
 
 
 def test_a_coalesced_grad_sync_timeout_names_the_block_and_the_peer(tmp_path):
-    msg, _ = run_ranks(_rank_0_waits_for_a_rank_that_never_comes, 2, tmp_path, timeout=60)
+    (msg, configured), (_, configured_1) = run_ranks(
+        _rank_0_waits_for_a_rank_that_never_comes, 2, tmp_path, str(tmp_path / "done"), timeout=60
+    )
+    assert configured == configured_1 == 120.0  # initialize's timeout is the collectives' (gloo)
     assert msg is not None and msg.startswith(
         "rank 0 timed out in coalesced collectives opened by sync_grads with ranks [1] (group [0, 1]): "
     ), msg

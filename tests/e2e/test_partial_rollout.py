@@ -142,3 +142,65 @@ def test_partial_rollout_through_fake_sglang_aborts_by_rid(tmp_path):
     assert len(st["aborted"]) >= 2  # the two slow requests (and any still running at the stop), by rid
     assert hist[0]["rollout/buffer_size"] >= 2.0  # kept, continued later
     assert all(m["rollout/generated_samples"] == 4.0 for m in hist)
+
+
+def test_partial_rollout_with_r3_trains_continued_samples_with_one_route_per_token(tmp_path):
+    """--partial-rollout with --use-rollout-routing-replay (tiny-moe, local engine): samples continued
+    across steps reach the trainer with one route row per input token, and the old pass replays them."""
+    import math
+
+    hist, trained = _recorded(tmp_path, "--preset", "tiny-moe", "--use-rollout-routing-replay", "--num-steps", "3")
+    rows = hist[1:]
+    assert sum(r["rollout/resumed_samples"] for r in rows) > 0
+    continued = 0
+    for _, batch in trained:
+        for s in batch:
+            assert s.routes is not None and s.routes.shape[0] == len(s.prompt_ids) + len(s.response_ids) - 1
+            continued += len(set(s.versions)) > 1
+    assert continued > 0
+    for r in rows:
+        assert 0.0 < r["rollout/routing_agreement"] <= 1.0  # the old pass saw the engine's routes
+        assert math.isfinite(r["train/policy_loss"])
+
+
+@pytest.mark.slow
+def test_partial_rollout_with_r3_through_fake_sglang(tmp_path, monkeypatch):
+    """R3 with --partial-rollout against SGLang (the fake server, whose experts follow a fixed rule): the
+    stop path asks for routes, the two slow requests are aborted (answered empty, no routes) and asked
+    again at the next step, and every trained sample carries one route row per input token."""
+    import sys
+    from pathlib import Path
+
+    from megatron_mtp_rl.train.loop import close, prepare
+    from megatron_mtp_rl.train.step import rl_step
+    from tests.dist_utils import free_port
+
+    trained = []
+    pack = step_module.pack_minibatches
+
+    def recording_pack(ctx, samples, adv, step, spans=None):
+        trained.extend(samples)
+        return pack(ctx, samples, adv, step, spans=spans)
+
+    monkeypatch.setattr(step_module, "pack_minibatches", recording_pack)
+    fake = str(Path(__file__).resolve().parents[1] / "fake_sglang_server.py")
+    cfg = parse_config(
+        [*FAST, "--preset", "tiny-moe", "--use-rollout-routing-replay", "--rollout-batch-size", "2",
+         "--over-sampling-batch-size", "4", "--global-batch-size", "4", "--micro-batch-size", "4",
+         "--num-eval-prompts", "0", "--rollout-engine", "sglang",
+         "--rollout-server-cmd", f"{sys.executable} {fake} --fake-delay 30 --fake-delay-first-n 2",
+         "--rollout-base-port", str(free_port(span=11)), "--rollout-hf-dir", str(tmp_path / "hf")]
+    )  # fmt: skip
+    ctx, state = prepare(cfg)
+    try:
+        hist = []
+        for step in (1, 2, 3):
+            m, state.cursor = rl_step(ctx, step, state.cursor)
+            hist.append(m)
+    finally:
+        close(ctx)
+    assert hist[0]["rollout/buffer_size"] >= 2.0  # the slow two, aborted (the fake answers them empty) and kept
+    assert len(trained) == 3 * 4
+    for s in trained:
+        assert s.routes is not None and s.routes.shape[0] == len(s.prompt_ids) + len(s.response_ids) - 1
+    assert all(0.0 <= m["rollout/routing_agreement"] <= 1.0 for m in hist)

@@ -51,6 +51,26 @@ def test_two_rl_steps_on_ray(tmp_path, placement, trainers, mode):
         assert [h["rollout/policy_lag"] for h in hist[1:]] == [0.0, 1.0]
 
 
+@pytest.mark.slow
+def test_bounded_staleness_on_ray(tmp_path):
+    """--max-off-policy-steps 2 with the Ray rollout actor: the first step generates batches 1 and 2 from
+    θ_0, then step n's generates batch n+2 from θ_{n-1}; the lag is 0, 1, then 2 and never above."""
+    cfg = parse_config(
+        [*FAST, "--num-steps", "4", "--ray", "--ray-num-trainers", "1", "--max-off-policy-steps", "2",
+         "--metrics-jsonl", str(tmp_path / "m.jsonl")]
+    )  # fmt: skip
+    try:
+        hist = launch(cfg)
+    finally:
+        ray.shutdown()
+    assert [h["step"] for h in hist] == [0, 1, 2, 3, 4]
+    assert [h["rollout/policy_lag"] for h in hist[1:]] == [0.0, 1.0, 2.0, 2.0]
+    assert all(h["rollout/policy_lag_max"] <= 2 for h in hist[1:])
+    assert [h["rollout/weight_version"] for h in hist[1:]] == [2.0, 3.0, 4.0, 5.0]
+    for h in hist[1:]:
+        assert math.isfinite(h["train/policy_loss"])
+
+
 def test_a_bad_ray_config_fails_in_one_line_before_ray_starts():
     from megatron_mtp_rl.config import validate
     from megatron_mtp_rl.errors import ConfigError

@@ -25,6 +25,26 @@ def test_arith_is_deterministic_and_held_out_is_disjoint():
     assert p.label == str(int(x) + int(y))
 
 
+def test_one_digit_arith_holds_out_half_its_problems_with_a_note(capsys):
+    """1-digit '+' has 100 distinct problems: the default 200 eval prompts cannot be held out, so half
+    are (distinct, never trained on) and a note says so; a direct ask for more is refused."""
+    from megatron_mtp_rl.config import parse_config
+    from megatron_mtp_rl.train.builders import build_data_source
+
+    assert ArithTask.distinct_problems(1, "+") == 100 and ArithTask.max_eval(1, "+*", 2) == 10**4
+    source = build_data_source(parse_config(["--arith-digits", "1"], "pretrain"), None)
+    err = capsys.readouterr().err
+    assert "--num-eval-prompts 200" in err and "100 distinct problems; holding out 50" in err
+    evals = {p.text for p in source.eval_prompts()}
+    assert len(evals) == 50
+    train = {p.text for p in source.take(0, 500)}
+    assert not evals & train and len(train) == 50  # the other half, every one of them drawn
+    build_data_source(parse_config(["--arith-digits", "1", "--num-eval-prompts", "50"], "pretrain"), None)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="--num-eval-prompts 51 leaves too few training problems"):
+        ArithTask(digits=1, num_eval=51)
+
+
 def test_rewards():
     assert exact_match("1+1=", " 2 ", "2") == 1.0
     assert exact_match("1+1=", "3", "2") == 0.0

@@ -200,6 +200,96 @@ def test_aborted_generation_continues_to_the_uninterrupted_tokens(single_process
     assert part.responses[:2] == [r[:2] for r in full.responses[:2]]
 
 
+class _IdsTok:
+    bos_id = None
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("new_weights", [False, True])
+def test_continued_samples_carry_the_routes_of_one_uninterrupted_generation(single_process, new_weights):
+    """R3 with partial rollouts, a real MoE model and the local engine (greedy): samples stopped at one
+    step and continued at later ones train with the tokens and the per-token routes of one
+    uninterrupted generation. With other weights after the stop (``new_weights``: the routers
+    flipped), the earlier tokens keep the routes they were generated with, and the rest are those
+    of the new weights continuing from them."""
+    from megatron_mtp_rl.models import build_model, get_preset
+    from megatron_mtp_rl.models.provider import RuntimeOptions
+    from megatron_mtp_rl.models.routing_replay import trunk_routers
+    from megatron_mtp_rl.rollout.local_engine import LocalEngine
+
+    torch.manual_seed(0)
+    model = build_model(
+        get_preset("tiny-moe").with_overrides(init_method_std=0.3), runtime=RuntimeOptions(routing_replay=True)
+    )
+    engine = LocalEngine(model, vocab_size=model.real_vocab_size, record_routes=True)
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3], [11, 3], [3, 3, 6]]
+    probe, _ = engine.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=2), seed=0)
+    eos = probe[0].response_ids[1]  # prompt 0 ends after 2 tokens: one group done early, the rest stopped
+    assert probe[0].response_ids[0] != eos
+    sp = SamplingParams(temperature=0, max_new_tokens=10, eos_id=eos)
+    full, _ = engine.generate(prompts, sp, seed=0)
+    assert [len(c.response_ids) for c in full][0] == 2 and min(len(c.response_ids) for c in full[1:]) > 2
+
+    cursor = [0]
+
+    def fetch(count):  # the four prompts, then them again (new groups, never compared)
+        out = [Prompt(" ".join(map(str, prompts[(cursor[0] + k) % 4])), None, cursor[0] + k) for k in range(count)]
+        cursor[0] += count
+        return out
+
+    manager = RolloutManager(engine, _IdsTok(), _Scorer(), n_samples=1, sampling=sp)
+    pr = PartialRollout(over_sampling=4)
+    trained = {}
+    for step in range(1, 9):
+        b = pr(manager, fetch, num_prompts=1, seed=step, version=step - 1)
+        trained.update({s.prompt.index: s for s in b.samples if s.prompt.index < 4})
+        if step == 1:
+            assert b.metrics["rollout/partial_samples"] == 3.0  # prompts 1..3 stopped after 2 tokens
+            assert all(s.routes is not None and s.routes.shape[0] == len(s.prompt_ids) + 1 for g in pr.groups
+                       for s in g)  # fmt: skip
+            if new_weights:
+                with torch.no_grad():
+                    for layer in model.decoder.layers:
+                        layer.mlp.router.weight.neg_()
+                assert trunk_routers(model)
+                rest = SamplingParams(temperature=0, max_new_tokens=8, eos_id=eos)  # the 10-token cap, 2 made
+                cont, _ = engine.generate([prompts[i] + full[i].response_ids[:2] for i in (1, 2, 3)], rest, seed=0)
+                for i, c in zip((1, 2, 3), cont):
+                    head = len(prompts[i]) + 1  # the rows recorded at step 1
+                    full[i].response_ids = full[i].response_ids[:2] + c.response_ids
+                    full[i].routes = torch.cat([full[i].routes[:head], c.routes[head:]])
+                    assert not torch.equal(c.routes[:head], full[i].routes[:head])  # the new weights route otherwise
+    assert sorted(trained) == [0, 1, 2, 3]
+    assert sum(len(set(s.versions)) > 1 for s in trained.values()) >= 2  # continued across steps
+    for i, s in trained.items():
+        assert s.response_ids == full[i].response_ids
+        assert s.routes.dtype == full[i].routes.dtype
+        assert s.routes.shape == (len(prompts[i]) + len(s.response_ids) - 1, *full[i].routes.shape[1:])
+        assert torch.equal(s.routes, full[i].routes)
+
+
+def test_continued_routes_joins_full_or_appended_rows():
+    """The engine answers every input position (local) or only the new ones (SGLang asked from the
+    end of the known rows); both give the same sample; an answer without routes keeps the known ones."""
+    from megatron_mtp_rl.rollout.partial import continued_routes
+
+    whole = torch.arange(9 * 2).view(9, 1, 2).to(torch.uint8)  # prompt 4 + 6 tokens − 1
+    prev = whole[:5] + 0  # prompt 4 + the first 2 tokens − 1
+    other = whole + 100  # the continuation's own rows of the known positions (e.g. a re-prefill)
+    assert torch.equal(continued_routes(prev, torch.cat([other[:5], whole[5:]]), 6, 4), whole)
+    assert torch.equal(continued_routes(prev, whole[5:], 6, 4), whole)
+    assert continued_routes(prev, None, 6, 0) is prev
+    assert torch.equal(continued_routes(None, whole, 6, 4), whole)
+    assert torch.equal(continued_routes(prev[:3], other[:9], 6, 4), torch.cat([prev[:3], other[3:9]]))
+    with pytest.raises(ValueError, match="expected 9 or 4"):
+        continued_routes(prev, whole[6:], 6, 4)
+
+
 def test_sglang_stop_aborts_the_rest_by_request_id():
     """Against the fake SGLang server (the real one is not in this suite): one request is slow, the
     other's group completes, the slow one is aborted by its rid and comes back unfinished."""

@@ -72,3 +72,35 @@ def test_a_server_without_the_flag_is_a_clear_error():
                 eng.generate([[1, 2]], SamplingParams(max_new_tokens=2), seed=0)
         finally:
             eng.close()
+
+
+def test_partial_rollout_stop_asks_routes_and_an_abort_keeps_what_it_has():
+    """--partial-rollout with R3: the stop path asks for routes too; an aborted answer with tokens keeps
+    their routes (SGLang routes a running request it aborts), one aborted before it ran has none."""
+    from megatron_mtp_rl.models.sampling_params import GroupStop
+    from tests.fake_sglang_server import fake_routed_experts
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=4, eos_id=None)
+    with FakeServer(routes_shape=(LAYERS, TOPK, EXPERTS), vocab=32, delay=20.0, delay_first_n=1) as srv:
+        eng = SGLangEngine(srv.url)
+        eng.route_shape = (LAYERS, TOPK, [1, 2], EXPERTS)
+        try:
+            prompts = [[5, 9, 2], [7, 1, 4, 4]]
+            outs, _ = eng.generate(prompts, params, seed=1, stop=GroupStop(groups=(0, 1), count=1))
+        finally:
+            eng.close()
+    slow = next(i for i, o in enumerate(outs) if o.meta.get("aborted"))
+    assert outs[slow].response_ids == [] and outs[slow].routes is None
+    done = outs[1 - slow]
+    assert torch.equal(done.routes, _expected(prompts[1 - slow] + done.response_ids, 0))
+    ids = [5, 9, 2, 17, 4]  # an abort after two tokens: their routes come with the answer
+    body = {"output_ids": [17, 4], "meta_info": {"id": "r", "finish_reason": {"type": "abort"},
+            "output_token_logprobs": [[-0.1, 17, None], [-0.2, 4, None]],
+            "routed_experts": fake_routed_experts(ids, 0, (LAYERS, TOPK, EXPERTS))}}  # fmt: skip
+    c = S.parse_generate_response(body, rid="r", partial_ok=True)
+    assert torch.equal(SGLangEngine._routes(eng, c, len(ids) - 1), _expected(ids, 0))
+    # the last token came without its log-prob: the answer keeps one token, and the rows of its input
+    body["meta_info"]["output_token_logprobs"] = body["meta_info"]["output_token_logprobs"][:1]
+    c = S.parse_generate_response(body, rid="r", partial_ok=True)
+    assert c.response_ids == [17]
+    assert torch.equal(SGLangEngine._routes(eng, c, len(ids) - 2), _expected(ids[:-1], 0))

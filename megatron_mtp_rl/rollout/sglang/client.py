@@ -312,11 +312,6 @@ class SGLangClient:
             self._device = info.get("device") if isinstance(info, dict) else None
         return self._device
 
-    async def update_weight_version(self, new_version: str, *, abort_all_requests: bool = False) -> dict:
-        """Relabel the served weights (``meta_info.weight_version``) without loading any."""
-        body = {"new_version": str(new_version), "abort_all_requests": abort_all_requests}
-        return await self._control(S.UPDATE_WEIGHT_VERSION, body)
-
     async def flush_cache(self, timeout_s: float = 0.0) -> None:
         """Drop the radix (prefix) cache; SGLang waits up to ``timeout_s`` for running requests."""
         await self._control(S.FLUSH_CACHE, params={"timeout": str(float(timeout_s))})

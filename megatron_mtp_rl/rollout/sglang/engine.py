@@ -210,7 +210,7 @@ class SGLangEngine:
         if stop is not None:
             prefix = f"{self._rid_prefix}-{self._calls}"
             outs = await generate_until(gens, prompts, params, stop, seed=seed, rid_prefix=prefix,
-                                        weight_version=weight_version)  # fmt: skip
+                                        weight_version=weight_version, routes_start=routes_start)  # fmt: skip
             shares = [outs]
         else:
             shares = await self._shares(gens, bounds, prompts, params, seed, weight_version, routes_start)
@@ -255,6 +255,10 @@ class SGLangEngine:
     def _routes(self, out: Completion, rows: int):
         """The answer's routes of the trunk's MoE layers, compact (uint8/int16)."""
         b64 = out.meta.pop("routed_experts", None)
+        if b64 is None and out.meta.get("aborted"):
+            # stopped before it was routed (never sent, or aborted while queued): a partial rollout's
+            # next continuation routes these positions (rollout/partial.py:continued_routes)
+            return None
         if b64 is None:
             raise S.SGLangResponseError(
                 "the engine returned no routed_experts: start SGLang with --enable-return-routed-experts "
@@ -262,6 +266,8 @@ class SGLangEngine:
             )
         layers, topk, moe, experts = self.route_shape
         full = S.decode_routed_experts(b64, layers, topk)
+        if out.meta.get("aborted") and full.shape[0] > rows:
+            full = full[:rows]  # an aborted answer keeps only the tokens that came with log-probs
         if full.shape[0] != rows:
             raise S.SGLangResponseError(f"routed_experts has {full.shape[0]} rows, expected {rows}")
         routes = full[:, moe]

@@ -19,9 +19,10 @@ from megatron_mtp_rl.rollout.engine import Completion
 
 async def generate_until(
     clients: list, prompts: list[list[int]], params: SamplingParams, stop: GroupStop, *, seed: int,
-    rid_prefix: str, weight_version: int | None = None,
+    rid_prefix: str, weight_version: int | None = None, routes_start: list[int] | None = None,
 ) -> list[Completion]:  # fmt: skip
-    """Completions in prompt order; requests are dealt to ``clients`` in contiguous shares."""
+    """Completions in prompt order; requests are dealt to ``clients`` in contiguous shares.
+    ``routes_start`` (R3): per prompt, the ``routed_experts_start_len`` to ask for (None: no routes)."""
     n = len(prompts)
     limits = stop.limits or (params.max_new_tokens,) * n
     owner = [clients[i * len(clients) // n] for i in range(n)]
@@ -34,6 +35,7 @@ async def generate_until(
                 rid=rids[i],
                 sampling_seed=seed * 1_000_003 + i,
                 weight_version=weight_version,
+                routed_experts_start_len=routes_start[i] if routes_start is not None else None,
                 abortable=True,
             )
         )

@@ -57,7 +57,6 @@ BEGIN_WEIGHT_UPDATE = "/begin_weight_update"
 END_WEIGHT_UPDATE = "/end_weight_update"
 MODEL_INFO = "/model_info"  # GET: model_path, weight_version, architectures, ...
 SERVER_INFO = "/server_info"  # GET: the resolved server arguments (``device`` among them), version, ...
-UPDATE_WEIGHT_VERSION = "/update_weight_version"  # POST {"new_version"}: relabel the served weights
 # Colocated hand-off: free (and take back) the engine's GPU memory; tags "weights" / "kv_cache" (None: both).
 RELEASE_MEMORY_OCCUPATION = "/release_memory_occupation"
 RESUME_MEMORY_OCCUPATION = "/resume_memory_occupation"
@@ -245,7 +244,10 @@ def parse_generate_response(resp: dict, *, rid: str | None = None, partial_ok: b
         lps = [float(e[0]) for e in entries][: len(ids)]
         if len(lps) != len(ids):  # no log-probs for some of them: keep the prefix that has both
             ids = ids[: len(lps)]
-        return Completion(ids, lps, False, meta={"rid": meta.get("id", rid), "aborted": True})
+        out = Completion(ids, lps, False, meta={"rid": meta.get("id", rid), "aborted": True})
+        if meta.get("routed_experts") is not None:  # R3: the routes of what was generated before the abort
+            out.meta["routed_experts"] = meta["routed_experts"]
+        return out
     if kind == "abort":
         fr = meta.get("finish_reason") or {}
         raise SGLangAbortedError(f"request {rid or meta.get('id')} aborted by the server: {fr.get('message', '')}")

@@ -278,6 +278,10 @@ class SGLangClient:
         rule; none: a no-op there, also for a request the engine has not received yet)."""
         await asyncio.gather(*(self._abort_one(u, {"rid": rid}) for u in self.abort_urls))
 
+    def in_flight(self, base_rid: str) -> str | None:
+        """The rid of the attempt of ``base_rid`` sent and not answered yet (None: none is)."""
+        return self._inflight.get(base_rid)
+
     async def abort_base(self, base_rid: str) -> None:
         """Partial rollouts: stop the request ``base_rid`` (``generate(..., abortable=True)``) wherever it
         is: its attempt in flight is aborted by rid and answers with its tokens so far; one not sent

@@ -4,7 +4,9 @@ Greedy, the same weights: a request stopped partway, by a smaller token budget o
 once enough groups are done (``generate_until`` through ``SGLangEngine.generate(stop=...)``), then
 continued from its prompt and its tokens so far with the rest of its budget, gives the tokens and
 log-probs of one uninterrupted generation; every request comes back complete or carried. Aborting one
-request leaves a request whose rid extends its rid alone (SGLang aborts by rid prefix).
+request leaves a request whose rid extends its rid alone (SGLang aborts by rid prefix). Through the
+trainer's partial-rollout buffer (rollout/partial.py) over several steps: every sample trains exactly once,
+with the tokens of an uninterrupted generation.
 """
 
 from __future__ import annotations
@@ -116,3 +118,66 @@ async def _aborted(eng, params):
         return await a
     finally:
         gen.cancelled.discard("x-1")
+
+
+class _Ids:
+    """Prompts are token ids written out ("5 17 42"): the served model's own vocabulary."""
+
+    bos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids) -> str:
+        return " ".join(map(str, ids))
+
+
+class _Scorer:
+    class stats:  # noqa: N801 (the scorer's counters, as RolloutManager reads them)
+        errors = 0
+
+    def score(self, items) -> list[float]:
+        return [float(len(resp.split())) for _, resp, _ in items]
+
+
+@pytest.mark.sglang
+def test_partial_rollout_buffer_on_the_real_engine_trains_every_sample_once(single_process, real_sglang, tmp_path):
+    """Greedy, EOS = 2: the tiny model repeats a prompt's last token, so a prompt ending in 2 is done after one
+    token and the others run to the budget; each step's first such group stops the rest, carried to later steps."""
+    from megatron_mtp_rl.models.sampling_params import SamplingParams
+    from megatron_mtp_rl.rollout.data import Prompt
+    from megatron_mtp_rl.rollout.manager import RolloutManager
+    from megatron_mtp_rl.rollout.partial import PartialRollout
+    from megatron_mtp_rl.rollout.sglang.engine import SGLangEngine
+
+    model_dir = export_family(tmp_path, FAMILY, seed=5)[0]
+    real_sglang.serve(model_dir)
+    params = SamplingParams(max_new_tokens=N, temperature=0.0, eos_id=2)
+    order = [1, 2, 0, 3, 0, 1, 0, 2, 0, 3, 0, 0]  # PROMPTS[0] ends in 2 (EOS); the others do not
+    steps = 6
+    with SGLangEngine(real_sglang.url, backoff_s=0.05) as eng:
+        whole, _ = eng.generate(PROMPTS, params, seed=0)
+        assert whole[0].response_ids == [2] and whole[0].finished
+        assert all(len(w.response_ids) == N and not w.finished for w in whole[1:])
+        manager = RolloutManager(eng, _Ids(), _Scorer(), n_samples=2, sampling=params)
+        pr = PartialRollout(over_sampling=3)
+        cursor = [0]
+
+        def fetch(count):
+            out = [Prompt(" ".join(map(str, PROMPTS[order[cursor[0] + k]])), None, cursor[0] + k) for k in range(count)]
+            cursor[0] += count
+            return out
+
+        batches = [pr(manager, fetch, num_prompts=1, seed=step, version=0) for step in range(1, steps + 1)]
+    trained = [s for b in batches for s in b.samples]
+    assert len(trained) == 2 * steps and len({id(s) for s in trained}) == len(trained)  # each trains once
+    assert len({s.prompt.index for s in trained}) == steps  # whole groups, none twice
+    for s in trained:  # the tokens and log-probs of one uninterrupted generation
+        w = whole[PROMPTS.index([int(t) for t in s.prompt.text.split()])]
+        assert s.response_ids == w.response_ids and s.versions == [0] * len(w.response_ids)
+        assert max(abs(a - b) for a, b in zip(s.logprobs, w.logprobs, strict=True)) <= TOL
+    assert batches[0].metrics["rollout/partial_samples"] >= 4.0  # step 1: two groups stopped by the first
+    assert sum(b.metrics["rollout/resumed_samples"] for b in batches) > 0
+    # what is still in flight was consumed, never trained: the buffer holds the rest of the fetched groups
+    left = {g[0].prompt.index for g in pr.groups}
+    assert left.isdisjoint(s.prompt.index for s in trained) and len(left) + steps == cursor[0]

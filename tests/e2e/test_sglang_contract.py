@@ -1,10 +1,11 @@
 """The fake SGLang engine answers as the real SGLang 0.5.23 does, for every request the bridge sends.
 
 One request script (``tests/sglang_contract.py``: generate with ids and log-probs, health, model and
-server info, flush, abort (a running request, by a prefix of its rid and by a pause: the tokens decoded so
-far come back), pause/continue, the weight-update session with tensor, distributed (gloo) and disk updates,
-update-group init/destroy, the version relabel, malformed requests) goes to the session's real engine and to ``tests/fake_sglang_server.py``; status codes and answer keys (recursively
-inside ``meta_info``) must be the same step for step.
+server info, flush, abort (a running request, by its rid and by a pause: the tokens decoded so far come
+back), pause/continue, the weight-update session with tensor, distributed (gloo) and disk updates,
+update-group init/destroy, the version relabel, malformed requests) goes to the session's real engine
+and to ``tests/fake_sglang_server.py``; status codes and answer keys (recursively inside ``meta_info``)
+must be the same step for step.
 """
 
 from __future__ import annotations

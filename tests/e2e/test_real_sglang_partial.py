@@ -6,7 +6,8 @@ continued from its prompt and its tokens so far with the rest of its budget, giv
 log-probs of one uninterrupted generation; every request comes back complete or carried. Aborting one
 request leaves a request whose rid extends its rid alone (SGLang aborts by rid prefix). Through the
 trainer's partial-rollout buffer (rollout/partial.py) over several steps: every sample trains exactly once,
-with the tokens of an uninterrupted generation.
+with the tokens of an uninterrupted generation. The tiny random model repeats a prompt's last token, so
+the log-probs, which change with every position, are what tell a wrong continuation apart.
 """
 
 from __future__ import annotations

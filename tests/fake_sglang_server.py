@@ -287,12 +287,12 @@ class Handler(BaseHTTPRequestHandler):
                 st.first_healthy_at = st.first_healthy_at or time.time()
             return self._send(200, text="")
         if route == "/abort_request":
-            with st.lock:
-                rids = list(st.events) if body.get("abort_all") else [body.get("rid", "")]
-                for rid in rids:
-                    st.aborted.append(rid)
-                    if rid in st.events:
-                        st.events[rid].set()
+            with st.lock:  # as SGLang 0.5.23's scheduler: every request whose rid starts with the one named
+                named = body.get("rid", "")
+                st.aborted.append("*" if body.get("abort_all") else named)
+                for rid, ev in st.events.items():
+                    if body.get("abort_all") or (named and rid.startswith(named)):
+                        ev.set()
             return self._send(200, text="")
         if route == "/flush_cache":
             deadline = time.monotonic() + float(query.get("timeout", ["0"])[0])
@@ -432,10 +432,12 @@ class Handler(BaseHTTPRequestHandler):
             aborted = ev.wait(delay) if delay > 0 else ev.is_set()
             toks, lps, reason = fake_tokens(body["input_ids"], sp, cfg.vocab)
             start = int(body.get("routed_experts_start_len") or 0)
+            if aborted:  # as SGLang 0.5.23: HTTP 200 with the tokens decoded so far (spread over the delay)
+                k = min(len(toks), int(len(toks) * (time.monotonic() - t0) / delay)) if delay > 0 else 0
+                toks, lps = toks[:k], lps[:k]
+                reason = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
             if body.get("return_routed_experts") and not 0 <= start <= len(body["input_ids"]):
-                aborted = True  # as the scheduler does: finished with an abort
-            if aborted:
-                toks, lps, reason = [], [], {"type": "abort", "message": "Abort request"}
+                toks, lps, reason = [], [], {"type": "abort", "message": "Abort request"}  # as the scheduler does
             ids = body["input_ids"]
             lp_start = body.get("logprob_start_len")
             lp_start = -1 if lp_start is None else int(lp_start)

@@ -114,7 +114,8 @@ def run_script(url: str, model_dir: str | Path) -> list[tuple[str, int, object]]
     step("generate", "POST", "/generate", gen)
     step("flush_cache", "POST", "/flush_cache?timeout=10")
     step("abort unknown rid", "POST", "/abort_request", {"rid": "no-such-request"})
-    step("pause abort", "POST", "/pause_generation", {"mode": "abort"})
+    abort_running(sc, "abort by rid", lambda rid: _call(url, "POST", "/abort_request", {"rid": rid}), 60)
+    abort_running(sc, "pause abort", lambda rid: _call(url, "POST", "/pause_generation", {"mode": "abort"}), 70)
     step("continue", "POST", "/continue_generation", {})
     payload = {"serialized_named_tensors": [serialize_named_tensors([(name, tensor)])], "flush_cache": False}
     step("tensor outside session", "POST", "/update_weights_from_tensor", payload)
@@ -143,6 +144,46 @@ def run_script(url: str, model_dir: str | Path) -> list[tuple[str, int, object]]
     step("malformed json", "POST", "/generate", raw=b"{not json")
     step("unknown route", "POST", "/no_such_route", {})
     return sc.out
+
+
+LONG = 100  # new tokens of the request to abort (within the tiny models' 128 positions)
+
+
+def abort_running(sc: Script, label: str, abort, first: int) -> None:
+    """A request aborted while it decodes: the answer (status, shape) and what it holds.
+
+    ``abort(rid)`` stops it (by its rid, or a pause in abort mode). It is sent after a
+    delay that grows until the request was running and had decoded tokens, but not all of them, when
+    the abort landed (the machine's load decides how long that takes). ``first``: the prompts' first
+    token, one no other step's prompt starts with."""
+    body = {"rid": "", "input_ids": PROMPT, "return_logprob": True, "stream": False,
+            "sampling_params": {"max_new_tokens": LONG, "temperature": 0.0, "ignore_eos": True}}  # fmt: skip
+    for k, delay in enumerate((0.05, 0.1, 0.2, 0.4, 0.8)):
+        # a first token no earlier prompt had: no prefix-cache hit (SGLang would add cached_tokens_details)
+        body = dict(body, rid=f"{label}-{k}".replace(" ", "-"), input_ids=[first + k, *PROMPT])
+        res: dict = {}
+        t = threading.Thread(target=lambda res=res, body=body: res.update(r=_call(sc.url, "POST", "/generate", body)))
+        t.start()
+        t.join(delay)
+        abort(body["rid"])
+        t.join(120)
+        _call(sc.url, "POST", "/continue_generation", {})
+        status, ans = res["r"]
+        meta = ans.get("meta_info", {}) if isinstance(ans, dict) else {}
+        n = len(ans.get("output_ids") or []) if isinstance(ans, dict) else -1
+        if status == 200 and (meta.get("finish_reason") or {}).get("type") == "abort" and 0 < n < LONG:
+            break
+    sc.record(label, status, ans)
+    lps = meta.get("output_token_logprobs") or []
+    held = {
+        "finish_reason": meta.get("finish_reason"),
+        "tokens decoded before the abort": 0 < n < LONG,
+        "completion_tokens = len(output_ids) = len(output_token_logprobs)": meta.get("completion_tokens")
+        == n
+        == len(lps),
+        "output_ids = the log-probs' ids": [e[1] for e in lps] == ans.get("output_ids"),
+    }
+    sc.out.append((f"{label}: what the answer holds", status, held))
 
 
 def _distributed(sc: Script, name: str, tensor) -> None:

@@ -1,10 +1,11 @@
 """The fake SGLang engine answers as the real SGLang 0.5.23 does, for every request the bridge sends.
 
 One request script (``tests/sglang_contract.py``: generate with ids and log-probs, health, model and
-server info, flush, abort, pause/continue, the weight-update session with tensor, distributed (gloo)
-and disk updates, update-group init/destroy, the version relabel, malformed requests) goes to the
-session's real engine and to ``tests/fake_sglang_server.py``; status codes and answer keys (recursively
-inside ``meta_info``) must be the same step for step.
+server info, flush, abort (a running request, by its rid and by a pause: the tokens decoded so far come
+back), pause/continue, the weight-update session with tensor, distributed (gloo) and disk updates,
+update-group init/destroy, the version relabel, malformed requests) goes to the session's real engine
+and to ``tests/fake_sglang_server.py``; status codes and answer keys (recursively inside ``meta_info``)
+must be the same step for step.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def run_on_fake(model_dir: Path, device: str) -> list:
             "--device",
             device,
             "--skip-tokenizer-init",
+            "--fake-delay",
+            "1.0",  # a request decodes for a while, as on the real engine: long enough to abort it
         ],  # as the real engine is started (tests/real_sglang.py)
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stdout=subprocess.DEVNULL,

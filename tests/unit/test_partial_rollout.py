@@ -313,14 +313,21 @@ def test_sglang_stop_aborts_the_rest_by_request_id():
         assert time.monotonic() - t0 < 10.0
         st = srv.state.snapshot()
     aborted = [i for i, o in enumerate(outs) if o.meta.get("aborted")]
-    assert len(aborted) == 1 and st["aborted"] == [f"p-{aborted[0]}"]
+    assert len(aborted) == 1 and st["aborted"] == [f"p-{aborted[0]}/0.0"]  # its attempt in flight
     assert outs[aborted[0]].response_ids == [] and not outs[aborted[0]].finished
     done = 1 - aborted[0]
     assert len(outs[done].response_ids) == (4, 3)[done]  # each request's own remaining budget
     # SGLang's answer to an aborted request carries the tokens it had: they are kept
-    body = {"output_ids": [5, 6], "meta_info": {"id": "r", "finish_reason": {"type": "abort"},
-            "output_token_logprobs": [[-0.1, 5, None], [-0.2, 6, None]]}}  # fmt: skip
-    c = S.parse_generate_response(body, rid="r", partial_ok=True)
+    meta = {"id": "r", "finish_reason": {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None},
+            "output_token_logprobs": [[-0.1, 5, None], [-0.2, 6, None]], "weight_version": "3"}  # fmt: skip
+    body = {"output_ids": [5, 6], "meta_info": meta}
+    c = S.parse_generate_response(body, rid="r", partial_ok=True, stops=(9,))
     assert (c.response_ids, c.logprobs, c.finished, c.meta["aborted"]) == ([5, 6], [-0.1, -0.2], False, True)
+    assert c.meta["weight_version"] == "3"
+    # the abort wins over a stop token decoded in the same step: the sample ends there, finished
+    c = S.parse_generate_response(body, rid="r", partial_ok=True, stops=(5,))
+    assert (c.response_ids, c.logprobs, c.finished, c.meta.get("aborted")) == ([5], [-0.1], True, None)
+    with pytest.raises(S.SGLangResponseError, match="disagree"):
+        S.parse_generate_response(dict(body, output_ids=[5, 7]), rid="r", partial_ok=True)
     with pytest.raises(S.SGLangAbortedError):
         S.parse_generate_response(body, rid="r")

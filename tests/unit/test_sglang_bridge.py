@@ -149,11 +149,11 @@ def test_client_timeout_aborts_then_retries():
         assert time.monotonic() - t0 < 3.0
         st = srv.state.snapshot()
     assert out.meta["attempts"] == 2 and len(out.response_ids) == 4
-    assert st["aborted"] == ["slow"]  # the timed-out attempt was aborted by its rid
+    assert st["aborted"] == ["slow/0.0"]  # the timed-out attempt was aborted by its rid
     gens = [e["body"]["rid"] for e in st["log"] if e["route"] == "/generate"]
-    assert gens == ["slow", "slow.r1"]  # ... and retried under a fresh rid
+    assert gens == ["slow/0.0", "slow/1.0"]  # ... and retried under a fresh rid
     t_abort = next(e["t"] for e in st["log"] if e["route"] == "/abort_request")
-    t_retry = next(e["t"] for e in st["log"] if e["route"] == "/generate" and e["body"]["rid"] == "slow.r1")
+    t_retry = next(e["t"] for e in st["log"] if e["route"] == "/generate" and e["body"]["rid"] == "slow/1.0")
     assert t_abort <= t_retry
 
 
@@ -195,7 +195,7 @@ def test_client_concurrency_limit():
     with FakeServer(delay=0.1) as srv:
         outs = run(go(srv.url))
         assert srv.state.max_inflight == 3
-    assert [o.meta["rid"].rsplit("-", 1)[1] for o in outs] == [str(i) for i in range(12)]  # prompt order
+    assert [o.meta["rid"].rsplit("-", 1)[1].split("/")[0] for o in outs] == [str(i) for i in range(12)]  # prompt order
 
 
 def test_tensor_payload_uses_only_globals_sglang_unpickles():

@@ -2,7 +2,8 @@
 
 Rollouts send one /generate per sample, so a slow or lost request must not stall the step:
 each request has its own deadline, a timed-out request is cancelled on the engines with
-``/abort_request`` (by its ``rid``) before it is retried under a fresh rid, transient failures
+``/abort_request`` (by its ``rid``) before it is retried under a fresh rid (see :func:`attempt_rid`:
+SGLang aborts every request whose rid *starts with* the one named), transient failures
 (connection errors, 5xx/429, server-side aborts) are retried a bounded number of times with
 exponential backoff, and an ``asyncio.Semaphore`` caps how many requests are in flight.
 Client errors (4xx) are not retried: they mean our payload and the server's schema disagree.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -62,6 +64,32 @@ class SGLangHTTPError(RuntimeError):
 
 class SGLangRetriesExhausted(RuntimeError):
     """A request failed on every allowed attempt."""
+
+
+def attempt_rid(base: str, attempt: int = 0, asked_again: int = 0) -> str:
+    """The rid one attempt of the request ``base`` is sent under: ``base/attempt.asked_again``.
+
+    SGLang 0.5.23 forwards ``/abort_request`` only for a rid it holds, and its scheduler then aborts
+    every request whose rid starts with it (``req.rid.startswith(rid)``: aborting "x-1" also aborts
+    "x-10"). Base rids hold no "/", so the attempt in flight is the only request an abort of its rid
+    reaches (one attempt of a base at a time).
+    """
+    if "/" in base:
+        raise ValueError(f"request id {base!r}: a base rid must not contain '/'")
+    return f"{base}/{attempt}.{asked_again}"
+
+
+@contextlib.asynccontextmanager
+async def cancel_on_error(tasks: Sequence[asyncio.Future]):
+    """When the body fails (a request failed for good, or the caller was cancelled), every task is
+    cancelled and awaited before the error propagates: no request outlives the call."""
+    try:
+        yield
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class SGLangClient:
@@ -97,7 +125,8 @@ class SGLangClient:
         self.stats["stale_answers"] = 0
         self._session: aiohttp.ClientSession | None = None
         self._sem: asyncio.Semaphore | None = None
-        self.cancelled: set[str] = set()  # partial rollouts: rids aborted before they were sent
+        self.cancelled: set[str] = set()  # partial rollouts: base rids to stop (abort_base)
+        self._inflight: dict[str, str] = {}  # base rid -> the rid of its attempt the server holds
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> SGLangClient:
@@ -142,7 +171,7 @@ class SGLangClient:
 
         ``abortable`` (partial rollouts): an abort (``/abort_request`` by rid, a pause in abort mode)
         is an answer, the tokens generated so far (rollout/sglang/partial.py); a rid in
-        ``self.cancelled`` before it was sent is answered without asking the server.
+        ``self.cancelled`` (:meth:`abort_base`) before it was sent is answered without asking the server.
 
         ``weight_version``: the weights the answer must come from (rollout/weight_version.py). SGLang's
         request has no such field, so the answer's ``meta_info.weight_version`` is checked: one from
@@ -155,8 +184,7 @@ class SGLangClient:
         attempt = asked_again = 0
         while attempt <= self.max_retries:
             # A fresh rid per attempt: the aborted one may still be known to the server.
-            arid = base_rid if attempt == 0 else f"{base_rid}.r{attempt}"
-            arid += f".v{asked_again}" if asked_again else ""
+            arid = attempt_rid(base_rid, attempt, asked_again)
             payload = S.build_generate_payload(
                 input_ids,
                 params,
@@ -169,9 +197,13 @@ class SGLangClient:
                     if abortable and base_rid in self.cancelled:
                         return Completion([], [], False, meta={"rid": arid, "aborted": True})
                     self.stats["requests"] += 1
-                    async with asyncio.timeout(self.request_timeout_s):
-                        body = await self._post_json(S.GENERATE, payload)
-                out = S.parse_generate_response(body, rid=arid, partial_ok=abortable)
+                    self._inflight[base_rid] = arid
+                    try:
+                        async with asyncio.timeout(self.request_timeout_s):
+                            body = await self._post_json(S.GENERATE, payload)
+                    finally:
+                        self._inflight.pop(base_rid, None)
+                out = S.parse_generate_response(body, rid=arid, partial_ok=abortable, stops=_stops(params))
                 served = out.meta.get("weight_version")
                 if stale_answer(weight_version, served) is None:
                     out.meta["attempts"] = attempt + 1
@@ -238,17 +270,26 @@ class SGLangClient:
             )
             for i, p in enumerate(prompts, start=first_index)
         ]
-        try:
+        async with cancel_on_error(tasks):
             return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
 
     async def abort_request(self, rid: str) -> None:
-        """Best effort: tell every engine to drop ``rid`` (unknown rids are a no-op there)."""
+        """Best effort: tell every engine to drop every request whose rid starts with ``rid`` (SGLang's
+        rule; none: a no-op there, also for a request the engine has not received yet)."""
         await asyncio.gather(*(self._abort_one(u, {"rid": rid}) for u in self.abort_urls))
+
+    def in_flight(self, base_rid: str) -> str | None:
+        """The rid of the attempt of ``base_rid`` sent and not answered yet (None: none is)."""
+        return self._inflight.get(base_rid)
+
+    async def abort_base(self, base_rid: str) -> None:
+        """Partial rollouts: stop the request ``base_rid`` (``generate(..., abortable=True)``) wherever it
+        is: its attempt in flight is aborted by rid and answers with its tokens so far; one not sent
+        yet (or between attempts) is not sent. Not sent before ``self.cancelled.discard(base_rid)``."""
+        self.cancelled.add(base_rid)
+        arid = self._inflight.get(base_rid)
+        if arid is not None:
+            await self.abort_request(arid)
 
     async def abort_all(self) -> None:
         await asyncio.gather(*(self._abort_one(u, {"abort_all": True}) for u in self.abort_urls))
@@ -449,6 +490,11 @@ class SGLangClient:
         await self._request("POST", S.ROUTER_WORKERS, json_body={"url": worker_url})
 
 
+def _stops(params: SamplingParams) -> tuple[int, ...]:
+    """The token ids that end a sample (none when EOS is ignored)."""
+    return () if params.eos_id is None else tuple(int(t) for t in params.stops)
+
+
 def _version_number(served: str | None) -> int:
     """SGLang's weight_version as our push number ("default": the weights it started with, 0)."""
     try:
@@ -509,6 +555,8 @@ async def wait_healthy(client: SGLangClient, deadline_s: float, poll_s: float = 
 
 __all__ = [
     "SGLangClient",
+    "attempt_rid",
+    "cancel_on_error",
     "SGLangHTTPError",
     "SGLangRetriesExhausted",
     "serialize_named_tensors",

@@ -2,10 +2,14 @@
 
 Every request is in flight at once (each with its own remaining token budget); as answers come
 back the groups whose samples are all done are counted, and once ``stop.count`` are, every other
-request is aborted with ``/abort_request`` by its rid. SGLang answers an aborted request with the
-tokens it had generated (``finish_reason`` abort), which come back as unfinished completions
-marked ``meta["aborted"]``; the trainer keeps them and continues them at a later step
-(rollout/partial.py). A request still waiting for a connection when the stop comes is never sent.
+request is aborted with ``/abort_request`` by the rid of its attempt in flight
+(``SGLangClient.abort_base``; rids are prefix-free, as SGLang aborts by prefix: client.attempt_rid).
+SGLang 0.5.23 answers an aborted request with HTTP 200, ``finish_reason`` ``{"type": "abort"}`` and
+the tokens it had generated, with their log-probs (none while it was in the waiting queue): they
+come back as unfinished completions marked ``meta["aborted"]``, which the trainer keeps and continues
+at a later step (rollout/partial.py). A request still waiting for a connection when the stop comes
+is never sent; one the engine had not received yet when the abort came runs to its end. Either way
+every request comes back, complete or carried.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import replace
 
 from megatron_mtp_rl.models.sampling_params import GroupStop, SamplingParams
 from megatron_mtp_rl.rollout.engine import Completion
+from megatron_mtp_rl.rollout.sglang.client import cancel_on_error
 
 
 async def generate_until(
@@ -48,23 +53,17 @@ async def generate_until(
     done_groups = 0
     pending = set(tasks)
     try:
-        while pending and done_groups < stop.count:
-            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for t in finished:
-                t.result()  # a request that failed for good fails the call
-                g = stop.groups[index[t]]
-                left[g] -= 1
-                done_groups += left[g] == 0
-        if pending:
-            for t in pending:
-                owner[index[t]].cancelled.add(rids[index[t]])
-            await asyncio.gather(*(owner[index[t]].abort_request(rids[index[t]]) for t in pending))
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+        async with cancel_on_error(tasks):
+            while pending and done_groups < stop.count:
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in finished:
+                    t.result()  # a request that failed for good fails the call
+                    g = stop.groups[index[t]]
+                    left[g] -= 1
+                    done_groups += left[g] == 0
+            if pending:
+                await asyncio.gather(*(owner[index[t]].abort_base(rids[index[t]]) for t in pending))
+            return list(await asyncio.gather(*tasks))
     finally:
         for i in range(n):
             owner[i].cancelled.discard(rids[i])

@@ -34,6 +34,8 @@ showed, and this module relies on:
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from megatron_mtp_rl.models.sampling_params import SamplingParams
 from megatron_mtp_rl.rollout.engine import Completion
 
@@ -227,11 +229,18 @@ def finish_type(meta_info: dict) -> str | None:
     return str(fr)
 
 
-def parse_generate_response(resp: dict, *, rid: str | None = None, partial_ok: bool = False) -> Completion:
+def parse_generate_response(
+    resp: dict, *, rid: str | None = None, partial_ok: bool = False, stops: Collection[int] = ()
+) -> Completion:
     """A single-prompt /generate answer as a Completion; raises on abort or a malformed answer.
 
     ``partial_ok`` (partial rollouts): an aborted answer is the tokens generated before the abort,
-    unfinished, with ``meta["aborted"]``."""
+    unfinished, with ``meta["aborted"]``. SGLang 0.5.23 answers an abort with HTTP 200,
+    ``finish_reason`` ``{"type": "abort", ...}`` and the tokens (with log-probs) it had generated: none
+    for a request still in its waiting queue. The abort wins over a stop token decoded in the same
+    step, so the tokens may end with (or, with speculative decoding, run past) one of ``stops``: the
+    sample is then cut after it and finished, as SGLang would have answered without the abort.
+    """
     if not isinstance(resp, dict) or not isinstance(resp.get("meta_info"), dict):
         raise SGLangResponseError(f"/generate answer has no meta_info: {str(resp)[:200]}")
     meta = resp["meta_info"]
@@ -239,23 +248,28 @@ def parse_generate_response(resp: dict, *, rid: str | None = None, partial_ok: b
         raise SGLangResponseError(f"/generate answered request {meta.get('id')!r}, expected {rid!r}")
     kind = finish_type(meta)
     if kind == "abort" and partial_ok:
-        entries = meta.get("output_token_logprobs") or []
-        ids = [int(t) for t in (resp.get("output_ids") or [e[1] for e in entries])]
-        lps = [float(e[0]) for e in entries][: len(ids)]
-        if len(lps) != len(ids):  # no log-probs for some of them: keep the prefix that has both
-            ids = ids[: len(lps)]
-        out = Completion(ids, lps, False, meta={"rid": meta.get("id", rid), "aborted": True})
-        if meta.get("routed_experts") is not None:  # R3: the routes of what was generated before the abort
-            out.meta["routed_experts"] = meta["routed_experts"]
-        return out
+        ids, logprobs = _tokens(resp, meta, required=False)
+        cut = next((i + 1 for i, t in enumerate(ids) if t in stops), None)
+        out_meta = _out_meta(meta, rid, "stop" if cut else "abort")
+        if cut is not None:
+            return Completion(ids[:cut], logprobs[:cut], True, meta=out_meta)
+        return Completion(ids, logprobs, False, meta={**out_meta, "aborted": True})
     if kind == "abort":
         fr = meta.get("finish_reason") or {}
         raise SGLangAbortedError(f"request {rid or meta.get('id')} aborted by the server: {fr.get('message', '')}")
     if kind not in ("stop", "length"):
         raise SGLangResponseError(f"/generate answer is not finished (finish_reason={meta.get('finish_reason')!r})")
+    ids, logprobs = _tokens(resp, meta, required=True)
+    return Completion(response_ids=ids, logprobs=logprobs, finished=kind == "stop", meta=_out_meta(meta, rid, kind))
+
+
+def _tokens(resp: dict, meta: dict, *, required: bool) -> tuple[list[int], list[float]]:
+    """(output ids, their log-probs); the two lists SGLang sends must name the same tokens."""
     entries = meta.get("output_token_logprobs")
     if entries is None:
-        raise SGLangResponseError("/generate answer has no output_token_logprobs (return_logprob not honoured)")
+        if required or resp.get("output_ids"):
+            raise SGLangResponseError("/generate answer has no output_token_logprobs (return_logprob not honoured)")
+        entries = []
     try:
         lp_ids = [int(e[1]) for e in entries]
         logprobs = [float(e[0]) for e in entries]
@@ -267,16 +281,20 @@ def parse_generate_response(resp: dict, *, rid: str | None = None, partial_ok: b
         raise SGLangResponseError(
             f"output_ids ({len(ids)} tokens) disagree with output_token_logprobs ({len(lp_ids)} tokens)"
         )
-    out_meta: dict = {"rid": meta.get("id", rid), "finish_reason": kind}
+    return ids, logprobs
+
+
+def _out_meta(meta: dict, rid: str | None, kind: str | None) -> dict:
+    out: dict = {"rid": meta.get("id", rid), "finish_reason": kind}
     fr = meta.get("finish_reason")
     if isinstance(fr, dict) and "matched" in fr:
-        out_meta["matched"] = fr["matched"]
+        out["matched"] = fr["matched"]
     for key in _META_KEYS:
         if meta.get(key) is not None:
-            out_meta[key] = meta[key]
+            out[key] = meta[key]
     if meta.get("routed_experts") is not None:  # decoded by the engine, which knows the model's shape
-        out_meta["routed_experts"] = meta["routed_experts"]
-    return Completion(response_ids=ids, logprobs=logprobs, finished=kind == "stop", meta=out_meta)
+        out["routed_experts"] = meta["routed_experts"]
+    return out
 
 
 __all__ = [

@@ -266,8 +266,6 @@ class SGLangEngine:
             )
         layers, topk, moe, experts = self.route_shape
         full = S.decode_routed_experts(b64, layers, topk)
-        if out.meta.get("aborted") and full.shape[0] > rows:
-            full = full[:rows]  # an aborted answer keeps only the tokens that came with log-probs
         if full.shape[0] != rows:
             raise S.SGLangResponseError(f"routed_experts has {full.shape[0]} rows, expected {rows}")
         routes = full[:, moe]

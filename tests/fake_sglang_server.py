@@ -688,7 +688,17 @@ def main(argv: list[str] | None = None) -> int:
             _dump_state(server, dump)  # first: the supervisor SIGKILLs a server slow to stop
             sys.exit(0)
 
+        def keep_dumping() -> None:  # and while it runs: a SIGKILL on a loaded machine loses nothing told
+            seen = -1
+            while True:
+                time.sleep(0.5)
+                n = len(server.state.snapshot()["log"])
+                if n != seen:
+                    _dump_state(server, dump)
+                    seen = n
+
         signal.signal(signal.SIGTERM, on_sigterm)
+        threading.Thread(target=keep_dumping, daemon=True).start()
     try:
         while True:
             time.sleep(3600)
@@ -711,7 +721,8 @@ def _dump_state(server: FakeServer, path: Path) -> None:
         for r in snap["log"]
     ]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
+    tmp.write_text(
         json.dumps(
             {
                 "url": server.url,
@@ -722,6 +733,7 @@ def _dump_state(server: FakeServer, path: Path) -> None:
             }
         )
     )
+    os.replace(tmp, path)  # whole or not at all: a reader never sees half a file
 
 
 if __name__ == "__main__":

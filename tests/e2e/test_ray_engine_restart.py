@@ -59,9 +59,12 @@ def test_killed_engine_actor_is_restarted_resynced_then_routed(tmp_path, capsys,
     dumps = {p.name: json.loads(p.read_text()) for p in state.glob("*.json")}
     router = next(d for n, d in dumps.items() if n.startswith("router-"))
     engines = [d for n, d in dumps.items() if n.startswith("engine-")]
-    # the killed one wrote nothing; the survivor and the new one did
-    assert len(engines) == 2, (sorted(dumps), [(e["url"], e["generate_count"]) for e in engines], router["workers"])
+    # the fake servers write what they were asked as they run: the killed one, the survivor, the new one
+    assert len(engines) == 3, (sorted(dumps), [(e["url"], e["generate_count"]) for e in engines], router["workers"])
     new = next(e for e in engines if e["url"] not in _initial_workers(router))
+    killed = min((e for e in engines if e is not new), key=lambda e: max(r["t"] for r in e["log"]))
+    assert max(r["t"] for r in killed["log"]) < min(r["t"] for r in new["log"])  # gone before the new one began
+    engines = [e for e in engines if e is not killed]
     log = new["log"]
     first_update = next(r for r in log if r["route"] in UPDATES)
     first_generate = next(r for r in log if r["route"] == "/generate")

@@ -1,5 +1,6 @@
 """DP=2 over gloo: gradients (and advantage whitening) equal a single process's on the same global batch."""
 
+import pytest
 import torch
 
 from tests.dist_utils import run_ranks
@@ -59,6 +60,7 @@ def _whitened(rank, world):
     return {"whitened": out, "whiten_all_reduces": len(calls)}
 
 
+@pytest.mark.slow  # DP=2: test_two_process_job[dp2] and the OCC reducer test are the fast ones
 def test_dp2_gradients_equal_single_process(tmp_path):
     ref = run_ranks(_worker, 1, tmp_path / "dp1", "tiny-dense")[0]
     dp2 = run_ranks(_worker, 2, tmp_path / "dp2", "tiny-dense")

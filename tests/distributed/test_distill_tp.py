@@ -1,5 +1,6 @@
 """vocab_parallel_kl at TP=2 (2 gloo processes) equals the dense kl_div on the full vocabulary."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +38,7 @@ def _worker(rank, world):
     return out
 
 
+@pytest.mark.slow  # TP=2: test_two_process_job[tp2] and the log-prob tests are the fast ones
 def test_vocab_parallel_kl_tp2(tmp_path):
     results = run_ranks(_worker, 2, tmp_path)
     for vocab in (V, 40):

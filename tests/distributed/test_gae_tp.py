@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from tests.dist_utils import run_ranks
 from tests.e2e.test_gae import CRITIC_KEYS, GAE
 from tests.e2e.test_train import FAST
@@ -16,6 +18,7 @@ def _worker(rank, world, out_dir):
     return run_training(cfg)
 
 
+@pytest.mark.slow  # TP=2: test_two_process_job[tp2] and the log-prob tests are the fast ones
 def test_gae_with_tensor_parallel_critic(tmp_path):
     a, b = run_ranks(_worker, 2, tmp_path, str(tmp_path))
     assert [h["step"] for h in a] == [0, 1, 2]

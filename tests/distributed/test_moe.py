@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from tests.dist_utils import run_ranks
@@ -52,5 +53,6 @@ def test_moe_ep2_trains_one_step(tmp_path):
     _check(run_ranks(_worker, 2, tmp_path, 2), experts_per_rank=2)
 
 
+@pytest.mark.slow  # the EP=2 run is the fast one of this layout
 def test_moe_ep1_trains_one_step(tmp_path):
     _check(run_ranks(_worker, 1, tmp_path, 1), experts_per_rank=4)

@@ -6,6 +6,7 @@ import datetime
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.dist_utils import run_ranks
@@ -49,6 +50,7 @@ def _rank_0_waits_for_a_rank_that_never_comes(rank: int, world: int, done: str) 
     return msg, configured
 
 
+@pytest.mark.slow  # a real collective timeout (seconds of waiting by design)
 def test_a_coalesced_grad_sync_timeout_names_the_block_and_the_peer(tmp_path):
     (msg, configured), (_, configured_1) = run_ranks(
         _rank_0_waits_for_a_rank_that_never_comes, 2, tmp_path, str(tmp_path / "done"), timeout=60

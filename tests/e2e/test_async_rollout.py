@@ -85,6 +85,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.slow  # resume with pending batches: test_trainer_state_ranks stays fast
 def test_async_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, straight):
     from megatron_mtp_rl.train import loop
 

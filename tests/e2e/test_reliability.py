@@ -168,6 +168,7 @@ def _cli(tmp_path, *flags, env=None):
     return code, log.read_text()
 
 
+@pytest.mark.slow  # the SIGTERM save-and-resume test stays fast
 def test_crash_during_checkpoint_save_leaves_the_previous_one(tmp_path, straight):
     ckpt = tmp_path / "ckpt"
     fault = {"MTP_RL_FAULTS": "crash_in_save@4"}

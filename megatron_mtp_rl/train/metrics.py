@@ -157,6 +157,12 @@ def progress_line(step: int, total: int, m: dict, regime: str = "occ") -> str:
         parts.append("c " + ",".join(f"{x:.3f}" for x in coefs))
     if "mtp/accept_1" in m:
         parts.append(f"accept₁ {m['mtp/accept_1']:.2f}")
+    if "rollout/policy_lag" in m:  # --async-rollout, --max-off-policy-steps, --partial-rollout
+        parts.append(f"lag {m['rollout/policy_lag']:.2f} (max {int(m.get('rollout/policy_lag_max', 0))})")
+    if "rollout/buffer_size" in m:
+        parts.append(f"buffer {int(m['rollout/buffer_size'])}")
+    if m.get("rollout/stale_dropped"):
+        parts.append(f"stale dropped {int(m['rollout/stale_dropped'])}")
     if m.get("rollout/reward_errors"):  # loud: a failing reward function otherwise trains on zeros
         parts.append(f"reward errors {int(m['rollout/reward_errors'])}")
     parts.append(f"{m.get('perf/step_time', 0.0):.1f}s/step")

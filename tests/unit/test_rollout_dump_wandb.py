@@ -114,3 +114,15 @@ def test_wandb_online_without_a_login_is_refused_before_the_build(tmp_path, monk
     assert not any("W&B" in p for p in validate(parse_config(["--wandb-project", "p", "--wandb-mode", "offline"]), 1))
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
     assert not any("W&B" in p for p in validate(cfg, 1))
+
+
+def test_progress_line_shows_the_lag_and_the_buffer_of_long_generations():
+    from megatron_mtp_rl.train.metrics import progress_line
+
+    plain = progress_line(3, 10, {"rollout/reward_mean": 0.5, "rollout/accuracy": 0.25, "perf/step_time": 1.0})
+    assert "lag" not in plain and "buffer" not in plain
+    m = {"rollout/policy_lag": 1.25, "rollout/policy_lag_max": 2.0, "rollout/buffer_size": 12.0,
+         "rollout/stale_dropped": 4.0, "perf/step_time": 1.0}  # fmt: skip
+    line = progress_line(3, 10, m)
+    assert "lag 1.25 (max 2)" in line and "buffer 12" in line and "stale dropped 4" in line
+    assert "stale" not in progress_line(3, 10, {**m, "rollout/stale_dropped": 0.0})

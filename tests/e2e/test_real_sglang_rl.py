@@ -72,3 +72,31 @@ def test_async_rl_steps_with_two_real_engines_behind_the_router(warm_start, tmp_
     rows = rl_run(tmp_path, warm_start, "--weight-sync-mode", "disk", "--async-rollout")
     assert [r["rollout/policy_lag"] for r in rows] == [0.0, 1.0, 1.0]
     check(rows, tmp_path, lag_free_only=True)
+
+
+@pytest.mark.sglang
+@pytest.mark.slow
+def test_partial_rollout_steps_with_two_real_engines(warm_start, tmp_path, monkeypatch):
+    """--partial-rollout through the trainer and the real engines: 16 groups in flight for 8; once 8 are
+    complete the rest are aborted by rid, kept with their tokens and continued at the next step. Every
+    sample trains exactly once, complete, with no token newer than the weights it trains from."""
+    from megatron_mtp_rl.train import step as step_module
+
+    trained, pack = [], step_module.pack_minibatches
+
+    def recording_pack(ctx, samples, adv, step, spans=None):
+        trained.append((step, list(samples)))
+        return pack(ctx, samples, adv, step, spans=spans)
+
+    monkeypatch.setattr(step_module, "pack_minibatches", recording_pack)
+    rows = rl_run(tmp_path, warm_start, "--weight-sync-mode", "disk", "--partial-rollout",
+                  "--over-sampling-batch-size", "16", "--rollout-temperature", "1.0")  # fmt: skip
+    assert len(rows) == 3, rows
+    assert sum(r["rollout/partial_samples"] for r in rows) > 0, rows  # aborted and kept
+    assert sum(r["rollout/resumed_samples"] for r in rows) > 0, rows  # continued at a later step
+    ids = [id(s) for _, batch in trained for s in batch]
+    assert len(ids) == len(set(ids)) == 3 * 32
+    for step, batch in trained:
+        for s in batch:
+            assert not s.aborted and len(s.versions) == len(s.response_ids) == len(s.logprobs)
+            assert max(s.versions, default=0) <= step - 1

@@ -94,7 +94,9 @@ def _start_fake(port: int) -> subprocess.Popen:
     raise AssertionError("the fake SGLang engine did not start")
 
 
-@pytest.mark.parametrize("layout", ["ep", pytest.param("pp", marks=pytest.mark.slow)])
+# slow: a two-rank EP push lands on the real engine in the fast suite (test_real_sglang_sync.py)
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["ep", "pp"])
 def test_two_ranks_push_distributed_twice_then_rebuild_the_group(tmp_path, layout):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

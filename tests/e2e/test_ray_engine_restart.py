@@ -24,8 +24,8 @@ UPDATES = ("/update_weights_from_tensor", "/update_weights_from_distributed")
 
 # distributed: the re-push rebuilds the update group (WeightSync.reset_group) under a new name at the
 # trainer's node IP; the survivor drops the old group, the new engine joins only the new one
-@pytest.mark.slow  # ~40 s: Ray, three fake servers, a kill; test_engine_recovery covers the restart fast
-@pytest.mark.parametrize("mode", ["tensor", "distributed"])
+# the suite's one Ray + SGLang-engine-actors test (tensor); the distributed variant is slow
+@pytest.mark.parametrize("mode", ["tensor", pytest.param("distributed", marks=pytest.mark.slow)])
 def test_killed_engine_actor_is_restarted_resynced_then_routed(tmp_path, capsys, monkeypatch, mode):
     state = tmp_path / "fake_state"
     monkeypatch.setenv("MTP_RL_FAULTS", "kill_engine_actor@2")

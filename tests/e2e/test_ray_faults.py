@@ -47,13 +47,15 @@ def _alive(procs: list[psutil.Process]) -> list[str]:
     return left
 
 
-@pytest.mark.slow  # 60-145 s on 2 cores: the suite's Ray-engine layout is covered by test_ray_engine_restart
+@pytest.mark.slow  # 60-145 s on 2 cores: the suite's Ray-engine layout is covered by test_ray_engine_restart[tensor]
 def test_a_killed_trainer_ends_the_job_in_one_line_and_its_last_checkpoint_loads(tmp_path):
     save, jsonl, out, err = tmp_path / "ckpt", tmp_path / "m.jsonl", tmp_path / "out.log", tmp_path / "err.log"
     flags = [*FAST, "--num-steps", "50", "--eval-interval", "100", "--save", str(save), "--save-interval", "1",
              "--metrics-jsonl", str(jsonl)]  # fmt: skip
+    # disaggregated: colocated engines would hand GPU memory back and forth, which a CPU engine refuses
     ray_flags = ["--ray", "--ray-num-trainers", "2", "--rollout-engine", "sglang", "--rollout-hf-dir",
-                 str(tmp_path / "hf"), "--rollout-server-cmd", f"{sys.executable} {FAKE}"]  # fmt: skip
+                 str(tmp_path / "hf"), "--rollout-server-cmd", f"{sys.executable} {FAKE}",
+                 "--ray-rollout-placement", "disaggregated"]  # fmt: skip
     with open(out, "w") as fo, open(err, "w") as fe:
         proc = subprocess.Popen([sys.executable, "-m", "megatron_mtp_rl.train", *flags, *ray_flags], cwd=ROOT,
                                 stdout=fo, stderr=fe, start_new_session=True)  # fmt: skip

@@ -25,7 +25,7 @@ sglang:
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.12 found; run 'make sglang PYTHON=/path/to/python3.12'"; exit 1; }
 	@$(PYTHON) tools/install_sglang.py --venv "$(SGLANG_VENV)"
 
-# The suite CI runs (8 min 24 s on 2 quiet cores); `make test-all` adds the `slow` tests (second variants
+# The suite CI runs (7.5 to 8.5 minutes on 2 quiet cores); `make test-all` adds the `slow` tests (second variants
 # of a multi-process layout, minute-long timeouts, tool smoke runs: about 15 minutes).
 # Both run the files, and each file's tests, in a shuffled order from a seed they print
 # ("shuffled order: --shuffle-seed N"): rerun that order with `make test SHUFFLE_SEED=N`.

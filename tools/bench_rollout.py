@@ -128,7 +128,7 @@ def _partial_run(argv: list[str], flags: list[str], steps: int) -> dict:
     from megatron_mtp_rl.train.loop import run_training
 
     cfg = parse_config(["--quiet", *SKEWED, *argv, "--num-steps", str(steps), "--eval-interval", "1000000", *flags])
-    hist = rows = [h for h in run_training(cfg) if h["step"] >= 1]
+    hist = [h for h in run_training(cfg) if h["step"] >= 1]
     per_batch = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
     lags: dict[int, float] = {}
     for h in hist:
@@ -142,8 +142,8 @@ def _partial_run(argv: list[str], flags: list[str], steps: int) -> dict:
     gen = [h.get("rollout/generated_tokens", h["rollout/response_len"] * per_batch) for h in hist]
     waste = [h.get("rollout/wasted_tokens", 0.0) for h in hist]
     return {
-        "step_time": statistics.mean(h["perf/step_time"] for h in rows),
-        "wait_time": statistics.mean(h.get("perf/rollout_wait_time", 0.0) for h in rows),
+        "step_time": statistics.mean(h["perf/step_time"] for h in hist),
+        "wait_time": statistics.mean(h.get("perf/rollout_wait_time", 0.0) for h in hist),
         "generated": sum(gen) / len(gen),
         "wasted": sum(waste) / len(waste),
         "buffered": hist[-1].get("rollout/buffer_size", 0.0),

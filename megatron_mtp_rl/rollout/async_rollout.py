@@ -47,12 +47,6 @@ class OneStepAhead:
         self._errors: list[tuple[int | None, BaseException]] = []  # (step or None for a push, error)
         self._lock = threading.Lock()
 
-    @property
-    def step(self) -> int | None:
-        """The oldest pending batch's step (None: nothing pending)."""
-        with self._lock:
-            return min([*self.batches, *self._producing], default=None)
-
     def _queue(self, name: str, job: Callable[[], None], step: int | None) -> threading.Thread:
         before = self._last
 
@@ -107,13 +101,14 @@ class OneStepAhead:
             if not self._errors:
                 return
             failed, err = self._errors[0]
-        self.wait_quietly()
+        self._drain()
         self._errors.clear()
         if failed is not None:  # that batch and every one after it are generated again when asked for
             self.next_step = min(failed, self.next_step)
         raise err
 
-    def wait_quietly(self) -> None:
+    def _drain(self) -> None:
+        """Let every queued job end (after a failure the rest return at once)."""
         if self._last is not None:
             self._last.join()
         self._last, self._producing = None, {}

@@ -536,12 +536,13 @@ def sync_weights(ctx: StepContext) -> dict:
     the engine takes a staged copy (:func:`staged_push`) the push is queued behind that batch and the step
     goes on.
     """
-    if ctx.ahead is not None and not staged_push(ctx):
+    staged = staged_push(ctx)
+    if ctx.ahead is not None and not staged:
         ctx.ahead.wait()
     if not ctx.engine.remote:
         return ctx.engine.sync_weights()
     t = time.perf_counter()
-    if staged_push(ctx):
+    if staged:
         push, metrics = ctx.engine.stage_weights()
         ctx.ahead.after(push)
     else:

@@ -152,6 +152,33 @@ def _partial_run(argv: list[str], flags: list[str], steps: int) -> dict:
     }
 
 
+def _two_batches_cost(argv: list[str], reps: int = 3) -> float:
+    """Wall time of one engine decoding two batches' rows at once over one batch's (the bench's batch and
+    response limit, no EOS, median of ``reps``): what K > 1 could save per batch if an engine decoded the
+    batches it runs ahead together (1.0: free, 2.0: no saving)."""
+    from megatron_mtp_rl import platform
+    from megatron_mtp_rl.config import parse_config
+    from megatron_mtp_rl.models.generation import SamplingParams, generate
+    from megatron_mtp_rl.train.builders import build_run
+    from megatron_mtp_rl.train.pretrain import Evaluator
+
+    cfg = parse_config(["--quiet", *SKEWED, *argv])
+    run = build_run(cfg)
+    rows = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
+    manager = Evaluator(run.cfg, run).manager
+    prompts = [manager.encode_prompt(p) for p in run.source.eval_prompts()]
+    prompts = (prompts * (2 * rows // max(len(prompts), 1) + 1))[: 2 * rows]
+    params = SamplingParams(temperature=1.0, max_new_tokens=cfg.rollout.rollout_max_response_len)
+    times: dict[int, list[float]] = {rows: [], 2 * rows: []}
+    for _ in range(reps):
+        for n in times:
+            t = time.perf_counter()
+            generate(run.gpt, prompts[:n], params, vocab_size=run.model_args.vocab_size)
+            times[n].append(time.perf_counter() - t)
+    platform.destroy()
+    return statistics.median(times[2 * rows]) / statistics.median(times[rows])
+
+
 def partial_bench(argv: list[str], steps: int, reps: int, only: str | None = None) -> None:
     from megatron_mtp_rl import platform
 
@@ -191,6 +218,8 @@ def partial_bench(argv: list[str], steps: int, reps: int, only: str | None = Non
         print(f"partial_wasted_fraction={p['wasted'] / max(p['generated'], 1e-9):.3f}")
     if "K=1" in results and "K=2" in results:
         print(f"k2_vs_k1_step_time={results['K=2']['step_time'] / results['K=1']['step_time']:.2f}")
+        # one engine, generation the bottleneck: K = 2 could only gain by decoding two batches at once
+        print(f"engine_two_batches_cost={_two_batches_cost(argv):.2f}")
     if "partial K=1" in results and "partial K=2" in results:
         ratio = results["partial K=2"]["step_time"] / results["partial K=1"]["step_time"]
         print(f"partial_k2_vs_k1_step_time={ratio:.2f}")

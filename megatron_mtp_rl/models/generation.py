@@ -258,7 +258,9 @@ def generate(
     if stop is not None and rows > n:  # the stand-ins: one group of their own, done after one token
         extra = max(stop.groups) + 1
         limits = stop.limits or (params.max_new_tokens,) * n
-        stop = GroupStop((*stop.groups, *(extra,) * (rows - n)), stop.count + 1, (*limits, *(1,) * (rows - n)))
+        stop = GroupStop(
+            (*stop.groups, *(extra,) * (rows - n)), stop.count + 1, (*limits, *(1,) * (rows - n)), stop.required
+        )
     t0 = time.perf_counter()
     try:
         # no_grad, not inference_mode: megatron caches buffers it makes lazily (the global memory
@@ -335,11 +337,11 @@ class _Output:
         return bool(self.done.all())
 
     def stopped(self) -> bool:
-        """A :class:`GroupStop` is met: enough groups have every row done."""
+        """A :class:`GroupStop` is met: enough groups have every row done (the required ones among them)."""
         if self.stop is None:
             return False
         pending = torch.zeros(self.n_groups, dtype=torch.long).index_add_(0, self.group, (~self.done).long())
-        return int((pending == 0).sum()) >= self.stop.count
+        return self.stop.met({int(g) for g in torch.nonzero(pending == 0).flatten()})
 
     def result(self, stats: dict) -> GenerationResult:
         stops = self.params.stops

@@ -29,8 +29,15 @@ class GroupStop:
     ``groups[i]`` numbers request ``i``'s group; ``limits[i]`` (optional) is request ``i``'s own
     token budget (a continued sample has used part of ``max_new_tokens`` already). Rows still
     decoding at the stop come back unfinished with the tokens they have (``aborted``).
+    ``required``: groups that must be done too before the stop (with ``--max-off-policy-steps``, a
+    group carried once more would be too old to train: stopping it would waste its tokens).
     """
 
     groups: tuple[int, ...]
     count: int
     limits: tuple[int, ...] | None = None
+    required: tuple[int, ...] = ()
+
+    def met(self, done: set[int]) -> bool:
+        """Whether the groups in ``done`` (every row finished) end the generation."""
+        return len(done) >= self.count and all(g in done for g in self.required)

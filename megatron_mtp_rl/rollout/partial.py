@@ -90,7 +90,7 @@ class PartialRollout:
         train_version = version if train_version is None else train_version
         errors_before = manager.scorer.stats.errors
         pool, self.groups = self.groups, []
-        c = {"consumed": 0, "stale": 0, "wasted": 0, "generated": 0, "filtered": 0}
+        c = {"consumed": 0, "stale": 0, "wasted": 0, "generated": 0, "filtered": 0, "held": 0}
         resumed = sum(1 for g in pool for s in g if s.aborted and s.response_ids)
         kept: list[list[Sample]] = []
         dropped: list[list[Sample]] = []
@@ -99,7 +99,7 @@ class PartialRollout:
         rounds = 0
         while len(kept) < num_prompts and rounds < (max_rounds if group_filter is not None else 1):
             need = num_prompts - len(kept)
-            want = max(self.over_sampling, need) - len(pool)
+            want = self._in_flight(need, num_prompts) - len(pool)
             if want > 0:
                 prompts = fetch(want)
                 c["consumed"] += len(prompts)
@@ -108,7 +108,7 @@ class PartialRollout:
                     pool.append(
                         [Sample(p, ids, [], [], "", False, versions=[], aborted=True) for _ in range(manager.n)]
                     )
-            stats = self._generate(manager, pool, need, seed * 1000 + rounds, version, c)
+            stats = self._generate(manager, pool, need, seed * 1000 + rounds, version, train_version, c)
             pool = self._harvest(manager, pool, kept, dropped, group_filter, train_version, c)
             rounds += 1
         shortfall = max(0, num_prompts - len(kept))
@@ -118,8 +118,11 @@ class PartialRollout:
         self.groups = kept[num_prompts:] + pool
         return self._batch(manager, batch, train_version, resumed, shortfall, stats, c, errors_before, t0)
 
-    def _generate(self, manager: RolloutManager, pool, need: int, seed: int, version: int, c: dict) -> dict:
-        """Continue every unfinished sample of ``pool`` until ``need`` more groups are done."""
+    def _generate(
+        self, manager: RolloutManager, pool, need: int, seed: int, version: int, train_version: int, c: dict
+    ) -> dict:
+        """Continue every unfinished sample of ``pool`` until ``need`` more groups are done, among them the
+        groups that would be too old to train if carried once more (their tokens would all be wasted)."""
         live = [(g, s) for g, grp in enumerate(pool) for s in grp if not sample_done(s)]
         if not live:
             return {}
@@ -129,7 +132,10 @@ class PartialRollout:
             groups=tuple(numbering[g] for g, _ in live),
             count=need,
             limits=tuple(cap - len(s.response_ids) for _, s in live),
+            # the oldest first, no more than the step can train (a group beyond those would go stale anyway)
+            required=tuple(k for g, k in numbering.items() if self._last_chance(pool[g], train_version))[:need],
         )
+        c["held"] += len(stop.required)
         requests = [s.prompt_ids + s.response_ids for _, s in live]
         completions, stats = manager.engine.generate(requests, manager.sampling, seed=seed, stop=stop)
         for (_, s), req, comp in zip(live, requests, completions):
@@ -143,6 +149,19 @@ class PartialRollout:
             ids = s.response_ids
             s.response_text = manager.tokenizer.decode(ids[:-1] if s.finished and ids else ids)
         return stats
+
+    def _in_flight(self, need: int, num_prompts: int) -> int:
+        """How many groups to generate for ``need`` complete ones: ``over_sampling``; under a lag bound, ``need``
+        plus the over-sampling margin, so that no more groups are carried than the next step can train (a
+        step short of few groups would otherwise start many, carry them all, and drop those it cannot fit)."""
+        if self.max_lag is None:
+            return max(self.over_sampling, need)
+        return need + max(self.over_sampling - num_prompts, 0)
+
+    def _last_chance(self, group: list[Sample], train_version: int) -> bool:
+        """Whether ``group`` would be dropped as stale by the next batch (trained one version later)."""
+        old = oldest_version(group)
+        return self.max_lag is not None and old is not None and train_version + 1 - old > self.max_lag
 
     def _harvest(self, manager, pool, kept, dropped, group_filter, train_version: int, c: dict):
         """Move complete groups from ``pool`` to ``kept``/``dropped`` (scored, filtered), and drop stale ones;
@@ -202,6 +221,7 @@ class PartialRollout:
             "rollout/policy_lag": sum(k * v for k, v in lags.items()) / n_lag,
             "rollout/policy_lag_max": float(max(lags, default=0)),
             "rollout/stale_dropped": float(c["stale"]),
+            "rollout/last_chance_groups": float(c["held"]),
             "rollout/generated_tokens": float(c["generated"]),
             "rollout/wasted_tokens": float(c["wasted"]),
             "perf/rollout_time": time.perf_counter() - t0,

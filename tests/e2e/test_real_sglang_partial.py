@@ -3,7 +3,8 @@
 Greedy, the same weights: a request stopped partway, by a smaller token budget or by ``/abort_request``
 once enough groups are done (``generate_until`` through ``SGLangEngine.generate(stop=...)``), then
 continued from its prompt and its tokens so far with the rest of its budget, gives the tokens and
-log-probs of one uninterrupted generation; every request comes back complete or carried. Aborting one
+log-probs of one uninterrupted generation; every request comes back complete or carried; a group the stop
+requires runs to its end. Aborting one
 request leaves a request whose rid extends its rid alone (SGLang aborts by rid prefix). Through the
 trainer's partial-rollout buffer (rollout/partial.py) over several steps: every sample trains exactly once,
 with the tokens of an uninterrupted generation. The tiny random model repeats a prompt's last token, so
@@ -72,6 +73,10 @@ def test_stopped_requests_continue_to_the_uninterrupted_tokens_on_the_real_engin
                                          len(o.response_ids) == limits[i])  # fmt: skip
         assert carried and set(carried) <= set(range(2, len(samples))), carried
         assert outs[0].response_ids == whole[0].response_ids[:1]
+        # a required group (one a further carry would make too old to train) holds the stop until it is done
+        held, _ = eng.generate([PROMPTS[g] for g in samples], params, seed=0, stop=replace(stop, required=(3,)))
+        assert [o.response_ids for o in held[6:]] == [whole[3].response_ids] * 2
+        assert not any(o.meta.get("aborted") for o in held[6:]) and held[0].response_ids == outs[0].response_ids
         # continued, each with the rest of its budget (its own group: none is stopped this time)
         more = [PROMPTS[samples[i]] + outs[i].response_ids for i in carried]
         rest = GroupStop(groups=tuple(range(len(carried))), count=len(carried),

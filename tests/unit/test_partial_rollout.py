@@ -1,6 +1,7 @@
 """Partial rollouts: stop between decoding steps, continue later, train each sample once."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ class _StepEngine:
                 groups = {}
                 for g, d in zip(stop.groups, done):
                     groups[g] = groups.get(g, True) and d
-                if sum(groups.values()) >= stop.count:
+                if stop.met({g for g, d in groups.items() if d}):
                     break
         return [
             Completion(o, [-0.5] * len(o), bool(o) and o[-1] == EOS, meta={} if d else {"aborted": True})
@@ -81,9 +82,9 @@ def _fetch_from(cursor):
     return fetch
 
 
-def _manager(max_new=8):
+def _manager(max_new=8, n=2):
     return RolloutManager(
-        _StepEngine(), _Tok(), _Scorer(), n_samples=2, sampling=SamplingParams(max_new_tokens=max_new, eos_id=EOS)
+        _StepEngine(), _Tok(), _Scorer(), n_samples=n, sampling=SamplingParams(max_new_tokens=max_new, eos_id=EOS)
     )
 
 
@@ -159,13 +160,37 @@ def test_resume_mid_buffer_is_exact():
     assert view(head + tail) == view(straight)
 
 
-def test_stale_groups_are_dropped_and_counted():
-    pr = PartialRollout(over_sampling=4, max_lag=1)
-    batches, _ = _steps(pr, _manager(max_new=9), 6)
-    assert sum(b.metrics["rollout/stale_dropped"] for b in batches) > 0
-    assert sum(b.metrics["rollout/wasted_tokens"] for b in batches) > 0
+def test_a_group_on_its_last_chance_finishes_instead_of_going_stale():
+    """max_lag=1: a group carried once would be too old to train if carried again, so the stop waits for it;
+    nothing is dropped as stale or wasted, and no trained sample is more than one version old."""
+    pr = PartialRollout(over_sampling=2, max_lag=1)
+    batches, _ = _steps(pr, _manager(max_new=9, n=1), 12)
+    assert sum(b.metrics["rollout/last_chance_groups"] for b in batches) > 0
+    assert sum(b.metrics["rollout/stale_dropped"] + b.metrics["rollout/wasted_tokens"] for b in batches) == 0
+    assert sum(b.metrics["rollout/resumed_samples"] for b in batches) > 0
     for step, b in enumerate(batches, start=1):
         assert all(step - 1 - min(s.versions) <= 1 for s in b.samples)
+    # without the bound the same run carries a group over twice (lag 2)
+    free, _ = _steps(PartialRollout(over_sampling=2), _manager(max_new=9, n=1), 12)
+    assert max(b.metrics["rollout/policy_lag_max"] for b in free) >= 2
+    # more groups in flight than two steps can train: the stop waits for no more of them than one step trains
+    over, _ = _steps(PartialRollout(over_sampling=4, max_lag=1), _manager(max_new=9), 6)
+    assert 0 < max(b.metrics["rollout/last_chance_groups"] for b in over) <= 1
+
+
+def test_stale_groups_are_dropped_and_counted():
+    """A buffer with tokens older than the bound (here: loaded from a run with a looser one) is dropped."""
+    manager = _manager(max_new=9)
+    warm = PartialRollout(over_sampling=4)
+    _steps(warm, manager, 2)
+    old = [g for g in warm.groups if any(s.response_ids for s in g)]
+    assert old
+    pr = PartialRollout(over_sampling=4, max_lag=1)
+    pr.load_state_dict(warm.state_dict())
+    (b,), _ = _steps(pr, manager, 1, start=5, cursor=[40])
+    assert b.metrics["rollout/stale_dropped"] == sum(len(g) for g in old)
+    assert b.metrics["rollout/wasted_tokens"] == sum(len(s.response_ids) for g in old for s in g)
+    assert all(4 - min(s.versions) <= 1 for s in b.samples)
 
 
 @pytest.mark.parametrize("speculative", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -198,6 +223,9 @@ def test_aborted_generation_continues_to_the_uninterrupted_tokens(single_process
         assert part.responses[i] + more.responses[k] == full.responses[i]
         assert part.responses[i] + more.responses[k] != []
     assert part.responses[:2] == [r[:2] for r in full.responses[:2]]
+    # a required group holds the stop until it is done too: nothing is aborted here
+    held = generate(model, prompts, sp, vocab_size=60, speculative=speculative, stop=replace(stop, required=(1,)))
+    assert held.aborted == [False] * 4 and held.responses[2:] == full.responses[2:]
 
 
 class _IdsTok:

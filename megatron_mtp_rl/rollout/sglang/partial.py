@@ -1,8 +1,8 @@
 """Partial rollouts against SGLang: stop once enough groups are done, abort the rest by request id.
 
 Every request is in flight at once (each with its own remaining token budget); as answers come
-back the groups whose samples are all done are counted, and once ``stop.count`` are, every other
-request is aborted with ``/abort_request`` by the rid of its attempt in flight
+back the groups whose samples are all done are counted, and once ``stop.count`` are (``stop.required``
+among them), every other request is aborted with ``/abort_request`` by the rid of its attempt in flight
 (``SGLangClient.abort_base``; rids are prefix-free, as SGLang aborts by prefix: client.attempt_rid).
 SGLang 0.5.23 answers an aborted request with HTTP 200, ``finish_reason`` ``{"type": "abort"}`` and
 the tokens it had generated, with their log-probs (none while it was in the waiting queue): they
@@ -50,17 +50,18 @@ async def generate_until(
     left: dict[int, int] = {}
     for g in stop.groups:
         left[g] = left.get(g, 0) + 1
-    done_groups = 0
+    done_groups: set[int] = set()
     pending = set(tasks)
     try:
         async with cancel_on_error(tasks):
-            while pending and done_groups < stop.count:
+            while pending and not stop.met(done_groups):
                 finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for t in finished:
                     t.result()  # a request that failed for good fails the call
                     g = stop.groups[index[t]]
                     left[g] -= 1
-                    done_groups += left[g] == 0
+                    if left[g] == 0:
+                        done_groups.add(g)
             if pending:
                 await asyncio.gather(*(owner[index[t]].abort_base(rids[index[t]]) for t in pending))
             return list(await asyncio.gather(*tasks))

@@ -6,7 +6,7 @@ Three backends (built by ``train/builders.py:build_engine``):
   training model itself; ``sync_weights`` has nothing to do.
 - SGLang and a Ray rollout actor (:class:`RemoteEngine`): a client that generates elsewhere,
   plus the trainer-side push that sends the current weights there (``WeightSync`` for SGLang,
-  a full-tensor push for the Ray actor).
+  a full-tensor push for the Ray actor, which may be staged: :class:`StagedRemoteEngine`).
 """
 
 from __future__ import annotations
@@ -98,4 +98,30 @@ class RemoteEngine:
         self.client = None
 
 
-__all__ = ["Completion", "RemoteEngine", "RolloutEngine", "SamplingParams"]
+class StagedRemoteEngine(RemoteEngine):
+    """A :class:`RemoteEngine` whose push splits in two (the Ray actor): ``stage()`` copies the weights now
+    (collective) and returns ``(send, metrics)``; ``send()`` hands them over later, on the off-policy queue's
+    thread behind the batch in generation (rollout/async_rollout.py). Requests name the version last sent,
+    so a batch queued before a push is generated with the weights before it."""
+
+    def __init__(self, client, stage: Callable[[], tuple[Callable[[], None], dict]], *, name: str):
+        super().__init__(client, self._push_now, name=name)
+        self.stage = stage
+
+    def _push_now(self) -> dict:
+        send, metrics = self.stage_weights()
+        send()
+        return metrics
+
+    def stage_weights(self) -> tuple[Callable[[], None], dict]:
+        send, metrics = self.stage()
+        version = int(metrics["rollout/weight_version"])
+
+        def push() -> None:
+            send()
+            self.version = version
+
+        return push, metrics
+
+
+__all__ = ["Completion", "RemoteEngine", "RolloutEngine", "SamplingParams", "StagedRemoteEngine"]

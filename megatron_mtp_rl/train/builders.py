@@ -30,7 +30,7 @@ from megatron_mtp_rl.rl.regimes import get_regime
 from megatron_mtp_rl.rl.rollout_correction import RolloutCorrection
 from megatron_mtp_rl.rollout.chat import prompt_format
 from megatron_mtp_rl.rollout.data import ArithTask, FilePromptSource
-from megatron_mtp_rl.rollout.engine import RemoteEngine, RolloutEngine
+from megatron_mtp_rl.rollout.engine import RemoteEngine, RolloutEngine, StagedRemoteEngine
 from megatron_mtp_rl.rollout.local_engine import LocalEngine
 from megatron_mtp_rl.rollout.manager import RolloutManager
 from megatron_mtp_rl.rollout.reward_sandbox import build_scorer
@@ -460,17 +460,24 @@ def _ray_engine(cfg: RunConfig, run: Run, actor) -> RolloutEngine:
 
     version = [0]
 
-    def push() -> dict:
-        """Gather full tensors (collective on every rank); rank 0 sends them to the actor."""
+    def stage() -> tuple[Callable[[], None], dict]:
+        """Gather full tensors now (collective on every rank), copied; ``send()`` (rank 0) hands them to the
+        actor, later where the off-policy queue runs it behind the batch in generation."""
         version[0] += 1
-        state = gather_full_state(unwrap(run.model))
+        v, state = version[0], gather_full_state(unwrap(run.model))
+        cpu = None
         if not dist.is_initialized() or dist.get_rank() == 0:
-            cpu = {k: v.detach().cpu() for k, v in state.items()}
-            ray.get(actor.load_weights.remote(cpu, version[0]))
-        return {"rollout/weight_version": float(version[0])}
+            cpu = {k: t.detach().to("cpu", copy=True) for k, t in state.items()}
+
+        def send() -> None:
+            if cpu is not None:
+                ray.get(actor.load_weights.remote(cpu, v))
+                cpu.clear()
+
+        return send, {"rollout/weight_version": float(v)}
 
     client = RayRolloutClient(actor, version_timeout_s=cfg.rollout.rollout_version_timeout)
-    engine = RemoteEngine(client, push, name="ray")
+    engine = StagedRemoteEngine(client, stage, name="ray")
     engine.sync_weights()
     return engine
 

@@ -80,3 +80,32 @@ def test_sglang_client_drops_answers_from_older_weights_and_refuses_newer():
             asyncio.run(generate(srv.url, 1))
         with pytest.raises(WeightVersionError, match="still served with weight version 2, expected 3 after 0.2s"):
             asyncio.run(generate(srv.url, 3, version_timeout_s=0.2))
+
+
+def test_a_staged_push_names_its_version_only_once_sent():
+    """The Ray actor's push split in two (rollout/engine.py:StagedRemoteEngine): a request made between the
+    copy and the send names the weights before the push; one after the send names the new ones."""
+    from megatron_mtp_rl.rollout.engine import StagedRemoteEngine
+
+    sent, asked = [], []
+
+    class Client:
+        def generate(self, prompts, params, *, seed, weight_version=None):
+            asked.append(weight_version)
+            return [], {}
+
+    count = [0]
+
+    def stage():
+        count[0] += 1
+        v = count[0]
+        return (lambda: sent.append(v)), {"rollout/weight_version": float(v)}
+
+    eng = StagedRemoteEngine(Client(), stage, name="ray")
+    assert eng.sync_weights() == {"rollout/weight_version": 1.0} and sent == [1] and eng.version == 1
+    push, metrics = eng.stage_weights()
+    assert metrics == {"rollout/weight_version": 2.0} and sent == [1]  # copied, not sent
+    eng.generate([[1]], SamplingParams(), seed=0)  # the batch in generation: the weights before the push
+    push()
+    eng.generate([[1]], SamplingParams(), seed=0)
+    assert sent == [1, 2] and asked == [1, 2]

@@ -100,3 +100,14 @@ def test_partial_rollout_steps_with_two_real_engines(warm_start, tmp_path, monke
         for s in batch:
             assert not s.aborted and len(s.versions) == len(s.response_ids) == len(s.logprobs)
             assert max(s.versions, default=0) <= step - 1
+
+
+@pytest.mark.sglang
+@pytest.mark.slow
+def test_bounded_staleness_with_two_real_engines(warm_start, tmp_path):
+    """--max-off-policy-steps 2 with the real engines: step 1 generates batches 1 and 2 from θ_0, step n's
+    batch n+2 is generated from θ_{n-1} (the push waits for it), each request naming its weight version."""
+    rows = rl_run(tmp_path, warm_start, "--weight-sync-mode", "disk", "--max-off-policy-steps", "2")
+    assert [r["rollout/policy_lag"] for r in rows] == [0.0, 1.0, 2.0]
+    assert [r["rollout/weight_version"] for r in rows] == [1.0, 2.0, 3.0]  # the engines start from the export
+    check(rows, tmp_path, lag_free_only=True)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -295,21 +296,46 @@ class WeightSync:
         _, clients = await self.engine._clients()
         await asyncio.gather(*(c.destroy_weights_update_group(name) for c in clients), return_exceptions=True)
 
+    def stage_weights(self) -> tuple[Callable[[], None], dict]:
+        """The next version's push in two parts (disk mode): the export now (all ranks call it, collective), and
+        ``send()``, the engines' reload, to run later (rank 0; the off-policy queue runs it behind the batch in
+        generation, rollout/async_rollout.py). The copy lives on disk, not in memory, whatever the model's size."""
+        if self.mode != "disk":
+            raise ValueError(f"--weight-sync-mode {self.mode}: a push streams from the live weights, it is not staged")
+        self.version += 1
+        return self._disk(self.version)
+
+    def _disk(self, version: int) -> tuple[Callable[[], None], dict]:
+        path = export_hf(self.model, self.model_args, self.export_dir / f"v{version}", self.flavour,
+                         self.max_shard_size)  # fmt: skip
+
+        def send() -> None:
+            if not self.is_opener:
+                return
+            self.engine.pause_flush_update_continue(
+                lambda clients: _gather(
+                    c.update_weights_from_disk(str(path), weight_version=str(version)) for c in clients
+                ),  # fmt: skip
+                weight_update_session=False,
+            )
+            self._last_payload = ("disk", path, version)
+            self._drop_exports_before(version)
+
+        return send, {"rollout/weight_version": float(version)}
+
+    def _drop_exports_before(self, version: int) -> None:
+        """Delete the exports of older versions once the engines hold ``version`` (one full copy of the model per
+        step otherwise piles up on disk); a restarted engine reloads the one kept."""
+        for old in self.export_dir.glob("v*"):
+            if old.name[1:].isdigit() and int(old.name[1:]) < version:
+                shutil.rmtree(old, ignore_errors=True)
+
     def _push(self) -> dict:
         """Push ``self.version`` to every engine (all ranks call it)."""
         if self.mode == "disk":
-            path = export_hf(
-                self.model, self.model_args, self.export_dir / f"v{self.version}", self.flavour, self.max_shard_size
-            )
-            if self.is_opener:
-                self.engine.pause_flush_update_continue(
-                    lambda clients: _gather(
-                        c.update_weights_from_disk(str(path), weight_version=str(self.version)) for c in clients
-                    ),  # fmt: skip
-                    weight_update_session=False,
-                )
-                self._last_payload = ("disk", path, self.version)
-            return {"rollout/weight_version": float(self.version)}
+            send, metrics = self._disk(self.version)
+            send()
+            return metrics
         if self.mode == "distributed" and self._any_engine_restarted():
             self.reset_group()
         if self.is_opener:

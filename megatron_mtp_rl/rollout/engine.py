@@ -99,19 +99,16 @@ class RemoteEngine:
 
 
 class StagedRemoteEngine(RemoteEngine):
-    """A :class:`RemoteEngine` whose push splits in two (the Ray actor): ``stage()`` copies the weights now
-    (collective) and returns ``(send, metrics)``; ``send()`` hands them over later, on the off-policy queue's
-    thread behind the batch in generation (rollout/async_rollout.py). Requests name the version last sent,
-    so a batch queued before a push is generated with the weights before it."""
+    """A :class:`RemoteEngine` whose push may also run in two parts (the Ray actor, SGLang with disk sync):
+    ``stage()`` copies the weights now (collective; to memory or disk) and returns ``(send, metrics)``;
+    ``send()`` hands them over later, on the off-policy queue's thread behind the batch in generation
+    (rollout/async_rollout.py). Requests name the version last sent, so a batch queued before a push is
+    generated with the weights before it."""
 
-    def __init__(self, client, stage: Callable[[], tuple[Callable[[], None], dict]], *, name: str):
-        super().__init__(client, self._push_now, name=name)
+    def __init__(self, client, push: Callable[[], dict], stage: Callable[[], tuple[Callable[[], None], dict]], *,
+                 name: str):  # fmt: skip
+        super().__init__(client, push, name=name)
         self.stage = stage
-
-    def _push_now(self) -> dict:
-        send, metrics = self.stage_weights()
-        send()
-        return metrics
 
     def stage_weights(self) -> tuple[Callable[[], None], dict]:
         send, metrics = self.stage()

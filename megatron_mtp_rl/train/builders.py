@@ -476,8 +476,13 @@ def _ray_engine(cfg: RunConfig, run: Run, actor) -> RolloutEngine:
 
         return send, {"rollout/weight_version": float(v)}
 
+    def push() -> dict:
+        send, metrics = stage()
+        send()
+        return metrics
+
     client = RayRolloutClient(actor, version_timeout_s=cfg.rollout.rollout_version_timeout)
-    engine = StagedRemoteEngine(client, stage, name="ray")
+    engine = StagedRemoteEngine(client, push, stage, name="ray")
     engine.sync_weights()
     return engine
 
@@ -547,7 +552,10 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
         client.route_shape = (len(pattern), run.model_args.moe_router_topk, moe, run.model_args.num_experts)
     if client is not None and client.supervisor is not None:
         client.supervisor.on_restart = lambda url: resync_engine(sync, url)
-    engine = RemoteEngine(client, sync, name="sglang")
+    if ro.weight_sync_mode == "disk":  # the export is the staged copy: the reload can wait for the batch in flight
+        engine = StagedRemoteEngine(client, sync, sync.stage_weights, name="sglang")
+    else:
+        engine = RemoteEngine(client, sync, name="sglang")
     if ray_engines is not None and ray_engines.colocated:  # the engines share the trainers' GPUs: take turns
         from megatron_mtp_rl.cluster.colocated import ColocatedEngine
         from megatron_mtp_rl.cluster.offload import TrainerOffload

@@ -64,6 +64,8 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
             "cuda",
             "--metrics-jsonl",
             str(tmp_path / "m.jsonl"),
+            # disk: the export is the staged copy, so with K = 2 the reload is queued behind the batch in flight
+            *(["--max-off-policy-steps", "2"] if mode == "disk" else []),
         ]  # fmt: skip
     )
     ctx, state = prepare(cfg)
@@ -73,6 +75,10 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
         for step in (1, 2):
             m, state.cursor = rl_step(ctx, step, state.cursor)
             hist.append(m)
+        if ctx.ahead is not None:
+            assert ctx.ahead.busy or ctx.engine.version == 2  # the last reload queued, or sent already
+            ctx.ahead.wait()
+            assert ctx.engine.version == 2
         states = [_state(u) for u in engine_urls]
         # the whole-model payload the sync used to build in one dict: the streamed one must equal it
         from megatron_mtp_rl.cluster.weight_sync import hf_tensors
@@ -104,6 +110,8 @@ def test_two_steps_through_fake_sglang_with_weight_sync(tmp_path, mode):
         assert routes.count(route) == 2 * hist[0]["rollout/weight_buckets"]
     if mode == "disk":
         assert (tmp_path / "hf/sync/v2/model.safetensors").exists()
+        assert not (tmp_path / "hf/sync/v1").exists()  # dropped once the engines held v2
+        assert [h["rollout/policy_lag"] for h in hist] == [0.0, 1.0]  # step 1 generated batches 1 and 2
         return
     assert hist[0]["rollout/weight_buckets"] > 1  # 64 KiB buckets: several per sync
     names = [n for b in ctx.engine.push.last_buckets for n in b]

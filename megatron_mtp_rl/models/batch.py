@@ -186,3 +186,14 @@ def mtp_targets(batch: TokenBatch, depth: int) -> tuple[torch.Tensor, torch.Tens
 def aligned_mtp_mask(batch: TokenBatch, depth: int) -> torch.Tensor:
     """Validity of depth ``depth`` in the label frame: index ``i`` scores ``labels[i]``."""
     return shift_right(mtp_targets(batch, depth)[1], depth, fill=False)
+
+
+def supervised_mtp_mask(batch: TokenBatch, depth: int) -> torch.Tensor:
+    """Depth ``depth``'s validity for supervised training (the warm start), in the label frame: the target is
+    masked in and in the same packed sequence as its source, which may be a prompt position (megatron-core's
+    MTP loss masks by the target alone). Supervised MTP learns from every answer token, the first ones
+    included, drafted from the prompt; RL keeps :func:`mtp_targets`' rule, the drafts decoding makes."""
+    if depth < 1:
+        raise ValueError(f"MTP depth is 1-based, got {depth}")
+    source_segment = shift_right(batch.segment_ids, depth, fill=-1)
+    return batch.loss_mask & (source_segment == batch.segment_ids) & (batch.segment_ids > 0)

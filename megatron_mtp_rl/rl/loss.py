@@ -8,6 +8,7 @@ ranks (absent when nothing was counted), a share of the step loss is Σsum.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -115,13 +116,16 @@ class StepDenominators:
     mtp: list[Denominators] = field(default_factory=list)
 
 
-def step_denominators(batches: list[TokenBatch], num_depths: int, group=None) -> StepDenominators:
-    """Count valid tokens and sequences over this rank's micro-batches, all-reduced over DP."""
+def step_denominators(
+    batches: list[TokenBatch], num_depths: int, group=None, mtp_mask: Callable = aligned_mtp_mask
+) -> StepDenominators:
+    """Count valid tokens and sequences over this rank's micro-batches, all-reduced over DP. ``mtp_mask(batch,
+    k)``: depth k's valid positions in the label frame (the warm start counts the supervised ones)."""
     rows = []
     for k in range(num_depths + 1):
         tok = seq = 0.0
         for b in batches:
-            mask = b.loss_mask if k == 0 else aligned_mtp_mask(b, k)
+            mask = b.loss_mask if k == 0 else mtp_mask(b, k)
             d = local_denominators(mask, sequence_index(b.segment_ids))
             tok += d.tokens
             seq += d.sequences

@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 
 from megatron_mtp_rl.config import RunConfig
 from megatron_mtp_rl.models import pack_sequences
+from megatron_mtp_rl.models.batch import supervised_mtp_mask
 from megatron_mtp_rl.rl.loss import step_denominators
 from megatron_mtp_rl.rl.metric_values import summed
 from megatron_mtp_rl.rollout.local_engine import LocalEngine
@@ -33,12 +34,18 @@ TRAIN_OFFSET = 10_000_000  # supervised problems: disjoint from the RL prompt st
 
 
 def ce_loss(den, mtp_weight: float):
+    """Main CE over the answer tokens; each MTP depth's CE over every answer token it can reach, from the
+    prompt's positions too (:func:`~megatron_mtp_rl.models.batch.supervised_mtp_mask`): RL's rule (a draft
+    only from an answer position) leaves depth k nothing to learn of the first k answer tokens, and on a
+    short-answer task the warm start then took over 1,500 steps instead of ~600."""
+
     def fn(batch, out):
         main = -(out.logprobs * batch.loss_mask).sum() / max(den.main.tokens, 1.0)
         loss = main
         metrics = {"pretrain/main_ce": summed(main.detach())}
         for k in range(out.num_depths):
-            ce = -(out.mtp_logprobs[k] * out.mtp_mask[k]).sum() / max(den.mtp[k].tokens, 1.0)
+            mask = supervised_mtp_mask(batch, k + 1)
+            ce = -(out.mtp_logprobs[k] * mask).sum() / max(den.mtp[k].tokens, 1.0)
             loss = loss + mtp_weight * ce
             metrics[f"pretrain/mtp_ce_{k + 1}"] = summed(ce.detach())
         return loss, metrics
@@ -121,7 +128,7 @@ def _pretrain_steps(cfg, run, evaluate, writer, first: int, stop: GracefulStop) 
             pack_sequences(seqs[i : i + op.micro_batch_size], cfg.data.seq_length)[0]
             for i in range(0, len(seqs), op.micro_batch_size)
         ]
-        den = step_denominators(mbs, depths, group=dp_group)
+        den = step_denominators(mbs, depths, group=dp_group, mtp_mask=supervised_mtp_mask)
         run.model.zero_grad_buffer()
         run.optimizer.zero_grad()
         res = forward_backward(run.model, mbs, ce_loss(den, 1.0 / max(depths, 1)), with_mtp=depths > 0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megatron_mtp_rl.models import aligned_mtp_mask
+from megatron_mtp_rl.models.batch import supervised_mtp_mask
 from megatron_mtp_rl.models.mtp_forward import HeadLogProbs
 from megatron_mtp_rl.rl import OCCConfig, OCCEstimator, RLLoss, RLLossConfig
 from megatron_mtp_rl.rl.loss import step_denominators
@@ -82,6 +83,12 @@ def test_alignment_rule_and_packing_keep_tool_tokens_out():
     assert (plain.loss_mask & ~masked.loss_mask).nonzero().tolist() == [[0, TOOL_INDEX]]
     for k, want in EXPECTED_MTP.items():
         assert aligned_mtp_mask(masked, k)[0].nonzero().flatten().tolist() == want
+    # the warm start's supervised rule: the target alone, so depth k also learns the first answer tokens
+    # (drafted from the prompt: labels[1] from position 0, labels[9] from B's prompt at 8) and the tokens
+    # after a tool span (labels[4] from the tool position 3); never across sequences (labels[8] from A's 7)
+    supervised = {1: [1, 2, 4, 5, 6, 9, 10], 2: [2, 4, 5, 6, 10]}
+    for k, want in supervised.items():
+        assert supervised_mtp_mask(masked, k)[0].nonzero().flatten().tolist() == want
     bad = _samples(True)
     bad[0].loss_mask = [1, 0]
     with pytest.raises(ValueError, match="loss_mask has 2 entries for 6 response tokens"):

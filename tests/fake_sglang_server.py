@@ -73,6 +73,10 @@ class Config:
         # --enable-return-routed-experts: (num_hidden_layers, num_experts_per_tok, experts) of the model
         # (its config.json), None: the server answers no routes (SGLang without the flag)
         self.routes_shape: tuple[int, int, int] | None = None
+        # the model's max_position_embeddings (its config.json; None: no limit). As SGLang 0.5.23 (KV capacity
+        # aside): an input of context − 6 tokens or more is refused (HTTP 400), and an output is capped so the
+        # request holds at most context − 2 tokens
+        self.context_length: int | None = None
         for k, v in kw.items():
             if not hasattr(self, k):
                 raise ValueError(f"unknown fake knob {k}")
@@ -412,6 +416,13 @@ class Handler(BaseHTTPRequestHandler):
             err = "this fake needs a string rid"
         if err:
             return self._send(400, {"error": err})
+        if cfg.context_length:  # srt/managers: validate_input_length, init_req_max_new_tokens
+            n_in, max_req_len = len(body["input_ids"]), cfg.context_length - 1
+            if n_in >= max_req_len - 5:
+                msg = (f"Input length ({n_in} tokens) exceeds the maximum allowed length ({max_req_len - 5} tokens). "
+                       "Use a shorter input or enable --allow-auto-truncate.")  # fmt: skip
+                return self._send(400, {"error": {"message": msg}})
+            sp = dict(sp, max_new_tokens=max(0, min(int(sp.get("max_new_tokens", 128)), max_req_len - n_in - 1)))
         rid, t0 = body["rid"], time.monotonic()
         if st.released:  # colocated hand-off: no generation while the memory is the trainer's
             return self._send(
@@ -646,12 +657,13 @@ def main(argv: list[str] | None = None) -> int:
     if not a.router and not a.model_path:
         print("fake_sglang_server: --model-path is required", file=sys.stderr)
         return 2
-    vocab, hf = 32, {}
+    vocab, hf, context = 32, {}, None
     cfg_path = Path(a.model_path or "", "config.json")
     routes_shape = None
     if a.model_path and cfg_path.exists():  # generate ids the model's tokenizer knows
         hf = json.loads(cfg_path.read_text())
         vocab = int(hf.get("vocab_size", vocab))
+        context = hf.get("max_position_embeddings")
         experts = hf.get("n_routed_experts") or hf.get("num_experts")
         if "--enable-return-routed-experts" in argv and experts:
             routes_shape = (int(hf["num_hidden_layers"]), int(hf["num_experts_per_tok"]), int(experts))
@@ -674,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab=vocab,
         device=device or "cuda",
         routes_shape=routes_shape,
+        context_length=int(context) if context else None,
     )
     st = server.state
     st.standalone, st.model_path = True, a.model_path or ""

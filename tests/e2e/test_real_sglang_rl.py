@@ -79,7 +79,11 @@ def test_async_rl_steps_with_two_real_engines_behind_the_router(warm_start, tmp_
 def test_partial_rollout_steps_with_two_real_engines(warm_start, tmp_path, monkeypatch):
     """--partial-rollout through the trainer and the real engines: 16 groups in flight for 8; once 8 are
     complete the rest are aborted by rid, kept with their tokens and continued at the next step. Every
-    sample trains exactly once, complete, with no token newer than the weights it trains from."""
+    sample trains exactly once, complete, with no token newer than the weights it trains from.
+
+    Each engine runs 8 requests at a time (``--sglang-max-running-requests 8``): the warm start answers in
+    2-3 tokens, so with every request running at once all would end within a step of each other and the
+    abort would rarely find one midway; in waves, the requests after the first complete groups are."""
     from megatron_mtp_rl.train import step as step_module
 
     trained, pack = [], step_module.pack_minibatches
@@ -89,8 +93,8 @@ def test_partial_rollout_steps_with_two_real_engines(warm_start, tmp_path, monke
         return pack(ctx, samples, adv, step, spans=spans)
 
     monkeypatch.setattr(step_module, "pack_minibatches", recording_pack)
-    rows = rl_run(tmp_path, warm_start, "--weight-sync-mode", "disk", "--partial-rollout",
-                  "--over-sampling-batch-size", "16", "--rollout-temperature", "1.0")  # fmt: skip
+    rows = rl_run(tmp_path, warm_start, "--weight-sync-mode", "disk", "--partial-rollout", "--over-sampling-batch-size",
+                  "16", "--rollout-temperature", "1.0", "--sglang-max-running-requests", "8")  # fmt: skip
     assert len(rows) == 3, rows
     assert sum(r["rollout/partial_samples"] for r in rows) > 0, rows  # aborted and kept
     assert sum(r["rollout/resumed_samples"] for r in rows) > 0, rows  # continued at a later step

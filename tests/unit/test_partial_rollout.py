@@ -359,3 +359,29 @@ def test_sglang_stop_aborts_the_rest_by_request_id():
         S.parse_generate_response(dict(body, output_ids=[5, 7]), rid="r", partial_ok=True)
     with pytest.raises(S.SGLangAbortedError):
         S.parse_generate_response(body, rid="r")
+
+
+def test_sglang_continuation_too_long_for_the_engine_ends_at_the_length_limit():
+    """SGLang 0.5.23 refuses an input of context − 6 tokens or more (HTTP 400) and caps a request at context − 2
+    tokens in all (the fake does the same): a continued sample it would refuse ends where it stopped,
+    unfinished; a fresh prompt that long is the user's error and fails the call."""
+    import asyncio
+
+    from megatron_mtp_rl.rollout.sglang.client import SGLangClient, SGLangHTTPError
+    from megatron_mtp_rl.rollout.sglang.partial import generate_until
+    from tests.fake_sglang_server import FakeServer
+
+    params = SamplingParams(max_new_tokens=12)
+
+    async def go(url, prompts, limits):
+        async with SGLangClient(url, backoff_s=0.01) as c:
+            stop = GroupStop(groups=tuple(range(len(prompts))), count=len(prompts), limits=limits)
+            return await generate_until([c], prompts, params, stop, seed=1, rid_prefix="p")
+
+    with FakeServer(context_length=16) as srv:
+        fresh, continued = [1, 2, 3, 4, 5, 6], list(range(1, 11))  # 6 and 10 input tokens
+        outs = asyncio.run(go(srv.url, [fresh, continued], (12, 3)))
+        assert len(outs[0].response_ids) == 16 - 1 - 6 - 1  # capped by the context
+        assert outs[1].response_ids == [] and not outs[1].finished and outs[1].meta == {"input_too_long": True}
+        with pytest.raises(SGLangHTTPError, match=r"Input length \(10 tokens\) exceeds the maximum allowed length"):
+            asyncio.run(go(srv.url, [continued], (12,)))

@@ -9,7 +9,8 @@ the tokens it had generated, with their log-probs (none while it was in the wait
 come back as unfinished completions marked ``meta["aborted"]``, which the trainer keeps and continues
 at a later step (rollout/partial.py). A request still waiting for a connection when the stop comes
 is never sent; one the engine had not received yet when the abort came runs to its end. Either way
-every request comes back, complete or carried.
+every request comes back, complete or carried. A continued sample too long for SGLang to take as input
+(:func:`input_too_long`) ends where it stopped, at the length limit, as it would have a few tokens later.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from dataclasses import replace
 
 from megatron_mtp_rl.models.sampling_params import GroupStop, SamplingParams
 from megatron_mtp_rl.rollout.engine import Completion
-from megatron_mtp_rl.rollout.sglang.client import cancel_on_error
+from megatron_mtp_rl.rollout.sglang.client import SGLangHTTPError, cancel_on_error
+
+
+def input_too_long(e: SGLangHTTPError) -> bool:
+    """SGLang 0.5.23's refusal of an input of ``min(context length − 1, KV capacity − 1) − 5`` tokens or more
+    (``srt/managers/utils.py:validate_input_length``: HTTP 400, "Input length (N tokens) exceeds the maximum
+    allowed length (M tokens)"). A fresh request's output is capped silently at that context length − 2
+    tokens in all, but a continuation is refused 5 tokens earlier."""
+    return e.status == 400 and "exceeds the maximum allowed length" in e.body
 
 
 async def generate_until(
@@ -32,9 +41,10 @@ async def generate_until(
     limits = stop.limits or (params.max_new_tokens,) * n
     owner = [clients[i * len(clients) // n] for i in range(n)]
     rids = [f"{rid_prefix}-{i}" for i in range(n)]
-    tasks = [
-        asyncio.ensure_future(
-            owner[i].generate(
+
+    async def one(i: int) -> Completion:
+        try:
+            return await owner[i].generate(
                 prompts[i],
                 replace(params, max_new_tokens=max(1, limits[i])),
                 rid=rids[i],
@@ -43,9 +53,12 @@ async def generate_until(
                 routed_experts_start_len=routes_start[i] if routes_start is not None else None,
                 abortable=True,
             )
-        )
-        for i in range(n)
-    ]
+        except SGLangHTTPError as e:
+            if limits[i] < params.max_new_tokens and input_too_long(e):  # a continuation: it ends here
+                return Completion([], [], False, meta={"input_too_long": True})
+            raise
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
     index = {t: i for i, t in enumerate(tasks)}
     left: dict[int, int] = {}
     for g in stop.groups:

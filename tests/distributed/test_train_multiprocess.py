@@ -51,7 +51,12 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("extra", list(LAYOUTS.values()), ids=list(LAYOUTS))
+# DP=2 alone is slow: the OCC reducer and the NaN-step tests keep a fast two-rank data-parallel run
+@pytest.mark.parametrize(
+    "extra",
+    [pytest.param(v, marks=pytest.mark.slow) if k == "dp2" else v for k, v in LAYOUTS.items()],
+    ids=list(LAYOUTS),
+)
 def test_two_process_job(tmp_path, extra):
     (a, gen_a), (b, gen_b) = run_ranks(_worker, 2, tmp_path, extra, str(tmp_path))
     assert [h["step"] for h in a] == [0, 1, 2]

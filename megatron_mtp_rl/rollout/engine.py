@@ -105,10 +105,18 @@ class StagedRemoteEngine(RemoteEngine):
     (rollout/async_rollout.py). Requests name the version last sent, so a batch queued before a push is
     generated with the weights before it."""
 
-    def __init__(self, client, push: Callable[[], dict], stage: Callable[[], tuple[Callable[[], None], dict]], *,
-                 name: str):  # fmt: skip
-        super().__init__(client, push, name=name)
+    def __init__(self, client, stage: Callable[[], tuple[Callable[[], None], dict]], *, name: str,
+                 push: Callable[[], dict] | None = None):  # fmt: skip
+        """``push``: the immediate push, when it is more than staging and sending at once (SGLang's
+        ``WeightSync``, whose object the engine keeps); by default :meth:`push_now`."""
+        super().__init__(client, push if push is not None else self.push_now, name=name)
         self.stage = stage
+
+    def push_now(self) -> dict:
+        """Stage and send at once (the metrics of the push)."""
+        send, metrics = self.stage()
+        send()
+        return metrics
 
     def stage_weights(self) -> tuple[Callable[[], None], dict]:
         send, metrics = self.stage()

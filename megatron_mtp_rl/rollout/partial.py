@@ -158,18 +158,21 @@ class PartialRollout:
             return max(self.over_sampling, need)
         return need + max(self.over_sampling - num_prompts, 0)
 
+    def _too_old(self, group: list[Sample], train_version: int) -> bool:
+        """Whether ``group`` holds a token more than ``max_lag`` versions older than ``train_version``."""
+        old = oldest_version(group)
+        return self.max_lag is not None and old is not None and train_version - old > self.max_lag
+
     def _last_chance(self, group: list[Sample], train_version: int) -> bool:
         """Whether ``group`` would be dropped as stale by the next batch (trained one version later)."""
-        old = oldest_version(group)
-        return self.max_lag is not None and old is not None and train_version + 1 - old > self.max_lag
+        return self._too_old(group, train_version + 1)
 
     def _harvest(self, manager, pool, kept, dropped, group_filter, train_version: int, c: dict):
         """Move complete groups from ``pool`` to ``kept``/``dropped`` (scored, filtered), and drop stale ones;
         returns the groups still in flight."""
         rest, complete = [], []
         for grp in pool:
-            old = oldest_version(grp)
-            if self.max_lag is not None and old is not None and train_version - old > self.max_lag:
+            if self._too_old(grp, train_version):
                 c["stale"] += len(grp)
                 c["wasted"] += sum(len(s.response_ids) for s in grp)
                 continue

@@ -476,13 +476,8 @@ def _ray_engine(cfg: RunConfig, run: Run, actor) -> RolloutEngine:
 
         return send, {"rollout/weight_version": float(v)}
 
-    def push() -> dict:
-        send, metrics = stage()
-        send()
-        return metrics
-
     client = RayRolloutClient(actor, version_timeout_s=cfg.rollout.rollout_version_timeout)
-    engine = StagedRemoteEngine(client, push, stage, name="ray")
+    engine = StagedRemoteEngine(client, stage, name="ray")
     engine.sync_weights()
     return engine
 
@@ -553,7 +548,7 @@ def _sglang_engine(cfg: RunConfig, run: Run, ray_engines=None) -> RolloutEngine:
     if client is not None and client.supervisor is not None:
         client.supervisor.on_restart = lambda url: resync_engine(sync, url)
     if ro.weight_sync_mode == "disk":  # the export is the staged copy: the reload can wait for the batch in flight
-        engine = StagedRemoteEngine(client, sync, sync.stage_weights, name="sglang")
+        engine = StagedRemoteEngine(client, sync.stage_weights, name="sglang", push=sync)
     else:
         engine = RemoteEngine(client, sync, name="sglang")
     if ray_engines is not None and ray_engines.colocated:  # the engines share the trainers' GPUs: take turns

@@ -166,8 +166,8 @@ def _queued_cursor(ah: OneStepAhead, dp: int) -> Callable[[], int]:
 
 def staged_push(ctx: StepContext) -> bool:
     """Whether the weight push is queued behind the generation in flight instead of waiting for it: the engine
-    takes a staged copy (the local engine's child process, the Ray actor) and one DP rank reads the data (the
-    queued batch's cursor is this rank's own count)."""
+    takes a staged copy (the local engine's child process, the Ray actor, SGLang with disk sync) and one DP rank
+    reads the data (the queued batch's cursor is this rank's own count)."""
     return (
         ctx.ahead is not None
         and hasattr(ctx.engine, "stage_weights")

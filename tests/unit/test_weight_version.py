@@ -101,12 +101,7 @@ def test_a_staged_push_names_its_version_only_once_sent():
         v = count[0]
         return (lambda: sent.append(v)), {"rollout/weight_version": float(v)}
 
-    def push():
-        send, metrics = stage()
-        send()
-        return metrics
-
-    eng = StagedRemoteEngine(Client(), push, stage, name="ray")
+    eng = StagedRemoteEngine(Client(), stage, name="ray")
     assert eng.sync_weights() == {"rollout/weight_version": 1.0} and sent == [1] and eng.version == 1
     push, metrics = eng.stage_weights()
     assert metrics == {"rollout/weight_version": 2.0} and sent == [1]  # copied, not sent
